@@ -1,0 +1,85 @@
+"""The `cirflow eval` job: a checkpoint on dataset splits -> metrics.json, tables, example sheets.
+
+Splits with targets get metrics for composed queries and both baselines; CIRR splits without targets
+(test1) get the two test-server submission files instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.checkpoint import load_checkpoint
+from models.data.loaders import load_split
+from models.evaluation import QUERY_MODES, build_eval_set, embed_eval_set, score_embeddings
+from models.metrics import average_fashioniq, cirr_submission
+from models.report import format_table, save_example_sheet
+
+log = logging.getLogger(__name__)
+
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+@dataclass(frozen=True)
+class EvalJobConfig:
+    checkpoint: Path
+    out_dir: Path
+    kind: str | None = None  # dataset kind; None = the one the checkpoint was trained on
+    root: Path | None = None
+    splits: tuple[str, ...] = ()  # () = the training config's eval_splits
+    sheet_queries: int = 8  # example queries drawn per split
+    seed: int = 0  # picks the example queries
+
+
+def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluate and write `metrics.json` (split -> query mode -> metric) into out_dir; returns it."""
+    ckpt = load_checkpoint(config.checkpoint)
+    kind = config.kind or ckpt.config.data.kind
+    root = config.root or Path(ckpt.config.data.root)
+    splits = config.splits or ckpt.config.data.eval_splits
+    # "fashioniq" evaluates every category and their average, as the published tables report it.
+    kinds = [f"fashioniq/{c}" for c in FASHIONIQ_CATEGORIES] if kind == "fashioniq" else [kind]
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for split_name in splits:
+        for k in kinds:
+            split = load_split(k, root, split_name)
+            data = build_eval_set(split, ckpt.config.preprocess)
+            emb = embed_eval_set(ckpt.model, data, ckpt.tokenizer, ckpt.config.preprocess)
+            if not split.has_targets:
+                _write_submission(split.name, emb.queries["composed"] @ emb.gallery.T, split, data.names,
+                                  config.out_dir)
+                continue
+            result = score_embeddings(emb, data)
+            results[split.name] = result.metrics
+            rng = np.random.default_rng(config.seed)
+            picks = sorted(rng.choice(len(split.queries), min(config.sheet_queries, len(split.queries)),
+                                      replace=False).tolist())
+            sheet = config.out_dir / f"examples-{split.name.replace('/', '-')}.png"
+            save_example_sheet(split, data.names, result.top_k, picks, sheet)
+            print(format_table(result.metrics, f"{split.name} ({len(split.queries)} queries)"))
+        if kind == "fashioniq" and all(f"{k}/{split_name}" in results for k in kinds):
+            avg = {m: average_fashioniq({k: results[f"{k}/{split_name}"][m] for k in kinds}) for m in QUERY_MODES}
+            results[f"fashioniq/average/{split_name}"] = avg
+            print(format_table(avg, f"fashioniq average ({split_name})"))
+    _write_json(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results})
+    return results
+
+
+def _write_submission(name: str, scores: np.ndarray, split, names: list[str], out_dir: Path) -> None:
+    recall, subset = cirr_submission(scores, split, names)
+    stem = name.replace("/", "-")
+    _write_json(out_dir / f"submission-{stem}-recall.json", recall)
+    _write_json(out_dir / f"submission-{stem}-recall_subset.json", subset)
+    log.info("%s has no targets: wrote test-server submission files to %s", name, out_dir)
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,30 @@
+"""Contrastive losses shared by every training recipe."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """InfoNCE(a, b; s): cross-entropy over logits s * <a_i, k_j>; query i's positive is key i.
+
+    `keys` may hold more rows than `queries` (extra hard negatives after the B positives).
+    """
+    logits = scale * queries @ keys.T  # (B, K)
+    return F.cross_entropy(logits, torch.arange(queries.shape[0], device=queries.device))
+
+
+class LogitScale(nn.Module):
+    """A learned InfoNCE scale kept in log space and clamped, as in CLIP; fixed when not learned."""
+
+    def __init__(self, init: float, learn: bool, maximum: float) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learn)
+        self.maximum = maximum
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.maximum)

@@ -1,0 +1,43 @@
+"""Small transformer text encoder over the trained WordPiece tokenizer; token 0 is [CLS]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.layers import Block
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    vocab_size: int = 1000  # set from the trained tokenizer when the model is built
+    max_length: int = 32
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    embed_dim: int = 128
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.pos = nn.Parameter(torch.randn(1, config.max_length, config.dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(config.dim, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.layers)
+        )
+        self.ln = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.embed_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask (B, L) -> tokens (B, L, dim) and pooled [CLS] vector (B, embed_dim), not normalised."""
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]  # (B, L, dim)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.ln(x)
+        return x, self.head(x[:, 0])

@@ -1,0 +1,263 @@
+"""The training recipe: QTM InfoNCE with AdamW and a warmup + cosine schedule, one- or two-stage, resumable.
+
+`train(config, run_dir)` is the entry point. A run directory holds the resolved config, the tokenizer,
+`checkpoints/last.pt` (with optimiser state, for resuming) and, once finished, `checkpoints/model.pt` plus
+`metrics.json`. Rerunning on a finished run directory returns at once; on an unfinished one it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import yaml
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.cir_model import CIRModel, build_model, count_parameters
+from models.composers import ComposerConfig, SumComposer
+from models.config_io import to_dict
+from models.data.loaders import load_split
+from models.data.types import CIRSplit
+from models.evaluation import EvalSet, build_eval_set, evaluate
+from models.losses import LogitScale, info_nce
+from models.tokenizer import train_tokenizer, tokenizer_from_json
+from models.train_config import OptimConfig, TrainConfig
+from models.train_data import Batch, TripletBatches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str
+    optim: OptimConfig
+    composer: nn.Module | None  # None = the model's own composer
+    trainable: list[nn.Parameter]
+
+
+def train(config: TrainConfig, run_dir: Path) -> Path:
+    """Train (or resume, or return a finished run) in `run_dir`; returns the final checkpoint's path."""
+    final = run_dir / "checkpoints" / "model.pt"
+    if final.exists():
+        log.info("run %s is already finished: %s", run_dir, final)
+        return final
+    torch.manual_seed(config.seed)
+    train_split = load_split(config.data.kind, Path(config.data.root), config.data.train_split)
+    tokenizer = _tokenizer(config, train_split, run_dir)
+    config = replace(config, model=replace(
+        config.model, text=replace(config.model.text, vocab_size=tokenizer.get_vocab_size())))
+    _write_config(config, run_dir)
+
+    model = build_model(config.model)
+    scale = LogitScale(config.loss.logit_scale, config.loss.learn_logit_scale, config.loss.max_logit_scale)
+    log.info("model: %d parameters (%s composer), recipe %s", count_parameters(model),
+             config.model.composer.name, config.recipe)
+    batches = TripletBatches(train_split, tokenizer, config.preprocess, config.loss.hard_negatives,
+                             config.data.max_train_queries)
+    val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
+                         config.preprocess)
+    stages = _stages(config, model, scale)
+
+    state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0}
+    last = run_dir / "checkpoints" / "last.pt"
+    resume = None
+    if last.exists():
+        resume = load_checkpoint(last).payload
+        model.load_state_dict(torch.load(last, map_location="cpu", weights_only=True)["model"])
+        scale.load_state_dict(resume["scale"])
+        state = resume["state"]
+        torch.set_rng_state(resume["torch_rng"])
+        log.info("resuming %s at stage %d step %d", run_dir, state["stage"], state["step"])
+
+    for i in range(state["stage"], len(stages)):
+        stage = stages[i]
+        optimizer = _optimizer(stage)
+        if resume is not None and i == resume["state"]["stage"]:
+            optimizer.load_state_dict(resume["optimizer"])
+        _run_stage(config, stage, model, scale, optimizer, batches, val, tokenizer, state, run_dir, i)
+        state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
+
+    result = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",))
+    metrics = {"val": result.metrics["composed"], "history": state["history"],
+               "parameters": count_parameters(model), "train_samples": state["samples"],
+               "train_seconds": sum(h["train_seconds"] for h in state["history"] if "train_seconds" in h),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    metrics["samples_per_s"] = metrics["train_samples"] / max(metrics["train_seconds"], 1e-9)
+    save_checkpoint(final, model, tokenizer, config, metrics=metrics)
+    _write_json(run_dir / "metrics.json", metrics)
+    return final
+
+
+def _tokenizer(config: TrainConfig, split: CIRSplit, run_dir: Path) -> Tokenizer:
+    path = run_dir / "tokenizer.json"
+    if path.exists():  # resuming: the vocabulary must not change under the embedding table
+        return tokenizer_from_json(path.read_text())
+    captions = [c for q in split.queries for c in (q.train_captions or (q.caption,))]
+    tokenizer = train_tokenizer(captions, config.tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(path, tokenizer.to_str())
+    return tokenizer
+
+
+def _stages(config: TrainConfig, model: CIRModel, scale: LogitScale) -> list[Stage]:
+    encoders = [*model.image_encoder.parameters(), *model.text_encoder.parameters()]
+    if config.recipe == "one_stage":
+        return [Stage("train", config.optim, None, [*model.parameters(), *scale.parameters()])]
+    # CLIP4Cir: stage 1 fine-tunes the encoders through q = normalize(v + t); stage 2 freezes them and
+    # trains the composer alone (a fresh temperature for the new task).
+    return [Stage("stage1", config.optim, SumComposer(model.embed_dim, ComposerConfig(name="sum")),
+                  [*encoders, *scale.parameters()]),
+            Stage("stage2", config.stage2, None, [*model.composer.parameters(), *scale.parameters()])]
+
+
+def _optimizer(stage: Stage) -> torch.optim.Optimizer:
+    # Weight decay on matrices only: decaying norms, biases and embeddings' scale terms hurts small models.
+    decay = [p for p in stage.trainable if p.ndim >= 2]
+    rest = [p for p in stage.trainable if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": stage.optim.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=stage.optim.lr)
+
+
+def _progress(optim: OptimConfig, step: int, elapsed: float) -> float:
+    """Fraction of the stage done: the larger of the step and the time fractions."""
+    fractions = []
+    if optim.max_steps:
+        fractions.append(step / optim.max_steps)
+    if optim.max_minutes:
+        fractions.append(elapsed / (60 * optim.max_minutes))
+    if not fractions:
+        raise ValueError("an optim stage needs max_steps or max_minutes > 0")
+    return max(fractions)
+
+
+def _lr(optim: OptimConfig, step: int, progress: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, optim.warmup_steps))
+    return optim.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> torch.Tensor:
+    f = model.features(batch.reference, batch.ids, batch.mask)
+    q = model.compose_features(f, stage.composer)
+    images = batch.target if batch.negatives is None else torch.cat([batch.target, batch.negatives])
+    g = model.encode_image(images)  # (B [+ B*k], D): targets first, so query i's positive is row i
+    return info_nce(q, g, scale())
+
+
+def _batches(batches: TripletBatches, config: TrainConfig, state: dict, batch_size: int) -> Iterator[Batch]:
+    while True:
+        for batch in batches.epoch(config.seed, state["epoch"], batch_size, skip=state["batch"]):
+            state["batch"] += 1
+            yield batch
+        state.update(epoch=state["epoch"] + 1, batch=0)
+
+
+def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitScale,
+               optimizer: torch.optim.Optimizer, batches: TripletBatches, val: EvalSet, tokenizer: Tokenizer,
+               state: dict, run_dir: Path, index: int) -> None:
+    optim = stage.optim
+    if len(batches) < optim.batch_size:
+        raise ValueError(f"batch_size={optim.batch_size} exceeds the {len(batches)} training triplets")
+    frozen = {id(p) for p in stage.trainable}
+    for p in [*model.parameters(), *scale.parameters()]:
+        p.requires_grad_(id(p) in frozen and (p is not scale.log_scale or config.loss.learn_logit_scale))
+    model.train()
+    if stage.composer is None and index > 0:
+        # Frozen encoders: eval mode keeps BatchNorm statistics fixed; only the composer trains.
+        model.image_encoder.eval()
+        model.text_encoder.eval()
+    last_val = last_ckpt = time.monotonic()
+    bar = tqdm(desc=stage.name, unit="step", disable=not sys.stderr.isatty(), initial=state["step"])
+    log_path = run_dir / "train_log.jsonl"
+    window_start, window_samples = time.monotonic(), 0
+    for batch in _batches(batches, config, state, optim.batch_size):
+        progress = _progress(optim, state["step"], state["elapsed"])
+        if progress >= 1.0:
+            break
+        t0 = time.monotonic()
+        lr = _lr(optim, state["step"], progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = _loss(model, scale, stage, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if optim.grad_clip:
+            nn.utils.clip_grad_norm_(stage.trainable, optim.grad_clip)
+        optimizer.step()
+        state["elapsed"] += time.monotonic() - t0
+        state["step"] += 1
+        state["samples"] += optim.batch_size
+        window_samples += optim.batch_size
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if state["step"] % 20 == 0:
+            rate = window_samples / (time.monotonic() - window_start)
+            _append_json(log_path, {"stage": stage.name, "step": state["step"], "loss": loss.item(), "lr": lr,
+                                    "scale": scale().item(), "samples_per_s": rate, "elapsed": state["elapsed"]})
+            log.info("%s step %d loss %.4f lr %.2e scale %.1f %.0f samples/s", stage.name, state["step"],
+                     loss.item(), lr, scale().item(), rate)
+            window_start, window_samples = time.monotonic(), 0
+        now = time.monotonic()
+        if config.val_every_minutes and now - last_val >= 60 * config.val_every_minutes:
+            _validate(model, val, tokenizer, config, state, stage.name)
+            last_val = time.monotonic()
+        if now - last_ckpt >= 60 * config.checkpoint_every_minutes:
+            _save_last(run_dir, model, tokenizer, config, scale, optimizer, state)
+            last_ckpt = time.monotonic()
+    bar.close()
+    _validate(model, val, tokenizer, config, state, stage.name)
+    state["history"][-1]["train_seconds"] = state["elapsed"]
+    _save_last(run_dir, model, tokenizer, config, scale, optimizer, state)
+
+
+def _validate(model: CIRModel, val: EvalSet, tokenizer: Tokenizer, config: TrainConfig, state: dict,
+              stage: str) -> None:
+    m = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",)).metrics["composed"]
+    state["history"].append({"stage": stage, "step": state["step"], "minutes": state["elapsed"] / 60, **m})
+    log.info("val %s step %d (%.1f min): R@1 %.4f R@5 %.4f Rsubset@1 %.4f", stage, state["step"],
+             state["elapsed"] / 60, m["R@1"], m["R@5"], m["Rsubset@1"])
+    model.train()
+
+
+def _save_last(run_dir: Path, model: CIRModel, tokenizer: Tokenizer, config: TrainConfig, scale: LogitScale,
+               optimizer: torch.optim.Optimizer, state: dict) -> None:
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", model, tokenizer, config, state=dict(state),
+                    scale=scale.state_dict(), optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state())
+
+
+def _write_config(config: TrainConfig, run_dir: Path) -> None:
+    _write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=_json_default))
+
+
+def _append_json(path: Path, data: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(data) + "\n")
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,70 @@
+"""The training job's configuration: one typed tree, loaded strictly from YAML (see configs/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.cir_model import ModelConfig
+from models.preprocess import PreprocessConfig
+from models.tokenizer import TokenizerConfig
+
+RECIPES = ("one_stage", "two_stage")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: str = "shapes"  # a loader of models.data.loaders.LOADERS
+    root: str = "workdir/data/shapes"  # dataset directory (shapes: generated there when missing)
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_splits: tuple[str, ...] = ("test", "novel")
+    max_train_queries: int = 0  # 0 = every training triplet; >0 keeps the first N (smaller regimes)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-3  # AdamW peak learning rate; from-scratch tiny transformers tolerate a high one
+    weight_decay: float = 0.05  # CaLa/CLIP4Cir's AdamW value
+    batch_size: int = 256  # in-batch negatives: larger batches give a harder contrastive task
+    warmup_steps: int = 100
+    max_minutes: float = 9.0  # wall-clock budget of optimisation (validation excluded); 0 = none
+    max_steps: int = 0  # 0 = none; the schedule ends at whichever limit comes first
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # InfoNCE temperature: learned, starting at 1/0.07 as in CLIP, capped at 100 (the sum composer's scale).
+    logit_scale: float = 14.3
+    learn_logit_scale: bool = True
+    max_logit_scale: float = 100.0
+    # Siblings (img_set members other than reference and target) added per query as hard negatives:
+    # in-batch negatives rarely differ from the target in one attribute, and Recall_subset measures exactly that.
+    hard_negatives: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    recipe: str = "one_stage"  # one_stage: everything with the configured composer; two_stage: CLIP4Cir's
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the only stage, or two_stage's stage 1
+    stage2: OptimConfig = field(default_factory=lambda: OptimConfig(max_minutes=2.0, lr=1e-3))  # combiner only
+    loss: LossConfig = field(default_factory=LossConfig)
+    val_every_minutes: float = 3.0  # periodic validation on the val split (its time is not budgeted)
+    checkpoint_every_minutes: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r} is not one of {list(RECIPES)}")
+        if self.recipe == "two_stage" and self.model.composer.name == "sum":
+            raise ValueError("recipe=two_stage trains a composer in stage 2; model.composer.name must not be 'sum'")
+        if self.preprocess.size != self.model.image.image_size:
+            raise ValueError(f"preprocess.size={self.preprocess.size} != model.image.image_size="
+                             f"{self.model.image.image_size}")
+        if self.tokenizer.max_length > self.model.text.max_length:
+            raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
+                             f"{self.model.text.max_length}")

@@ -1,0 +1,70 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from models.config_io import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from models.train_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Inner:
+    size: int = 3
+    ratio: float = 0.5
+    names: tuple[str, ...] = ("a",)
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    label: str | None = None
+
+
+def test_nested_roundtrip_and_int_to_float() -> None:
+    cfg = from_dict(Outer, {"inner": {"size": 5, "ratio": 1, "names": ["x", "y"]}, "label": "z"})
+    assert cfg == Outer(Inner(5, 1.0, ("x", "y")), "z")
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match=r"config\.inner: unknown key\(s\) \['sise'\]; valid keys: \['names', 'ratio', 'size'\]"):
+        from_dict(Outer, {"inner": {"sise": 4}})
+
+
+def test_wrong_type_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"config\.inner\.size: expected int, got 'big'"):
+        from_dict(Outer, {"inner": {"size": "big"}})
+    with pytest.raises(ConfigError, match="expected int, got True"):
+        from_dict(Outer, {"inner": {"size": True}})
+
+
+def test_float_without_dot_is_a_float() -> None:
+    assert load_config(TrainConfig, None, ["optim.lr=3e-3"]).optim.lr == 0.003
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got 'fast'"):
+        load_config(TrainConfig, None, ["optim.lr=fast"])
+
+
+def test_overrides_parse_yaml_values() -> None:
+    out = apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=[1, 2]", "d=text"])
+    assert out == {"a": {"b": 2, "c": [1, 2]}, "d": "text"}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_load_config_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("# cirflow train --config job.yaml\noptim:\n  lr: 0.01\nmodel:\n  composer:\n    name: sum\n")
+    cfg = load_config(TrainConfig, path, ["optim.batch_size=8"])
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.model.composer.name) == (0.01, 8, "sum")
+    assert cfg.optim.max_minutes == TrainConfig().optim.max_minutes  # untouched defaults stay
+
+
+def test_load_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, bad)
+    with pytest.raises(ConfigError, match="recipe='three_stage' is not one of"):
+        load_config(TrainConfig, None, ["recipe=three_stage"])

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from models.cir_model import ModelConfig, build_model
+from models.composers import COMPOSERS, ComposerConfig, build_composer
+from models.image_encoder import ImageEncoderConfig
+from models.losses import LogitScale, info_nce
+from models.text_encoder import TextEncoderConfig
+
+
+def tiny(composer: str) -> ModelConfig:
+    return ModelConfig(ImageEncoderConfig(widths=(8, 16, 32), dim=32, layers=1, heads=2, embed_dim=24),
+                       TextEncoderConfig(vocab_size=50, dim=32, layers=1, heads=2, embed_dim=24),
+                       ComposerConfig(name=composer))
+
+
+@pytest.mark.parametrize("composer", sorted(COMPOSERS))
+def test_surfaces_return_unit_vectors(composer: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(composer)).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    ids = torch.randint(4, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    for out in (model.encode_image(pixels), model.encode_text(ids, mask), model.compose(pixels, ids, mask)):
+        assert out.shape == (3, 24)
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    f = model.features(pixels, ids, mask)
+    assert f.image_tokens.shape == (3, 1 + 4 * 4, 32) and f.text_tokens.shape == (3, 7, 32)
+
+
+def test_padding_does_not_change_text_vector() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny("sum")).eval()
+    ids = torch.randint(4, 50, (1, 5))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 3)], dim=1).long()
+    torch.testing.assert_close(model.encode_text(ids, torch.ones(1, 5, dtype=torch.long)),
+                               model.encode_text(padded, mask), atol=1e-5, rtol=0)
+
+
+def test_sum_composer_is_normalised_sum() -> None:
+    v, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    q = build_composer(2, ComposerConfig(name="sum"))(v, t, None, None, None)
+    torch.testing.assert_close(q, torch.tensor([[1.0, 1.0]]) / math.sqrt(2))
+
+
+def test_unknown_composer_lists_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown composer 'concat'; choose one of \['combiner', 'sum'\]"):
+        build_composer(8, ComposerConfig(name="concat"))
+
+
+def test_embed_dims_must_match() -> None:
+    with pytest.raises(ValueError, match="one space"):
+        ModelConfig(ImageEncoderConfig(embed_dim=8), TextEncoderConfig(embed_dim=16))
+
+
+def test_info_nce_matches_hand_computation() -> None:
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]])  # two positives, then one extra negative
+    # Row 0 logits 2*[1, 0.6, 0] -> -log(e^2 / (e^2 + e^1.2 + 1)); row 1: 2*[0, 0.8, -1], positive is 1.6.
+    row0 = -math.log(math.exp(2) / (math.exp(2) + math.exp(1.2) + 1))
+    row1 = -math.log(math.exp(1.6) / (1 + math.exp(1.6) + math.exp(-2)))
+    assert info_nce(q, k, 2.0).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_logit_scale_is_clamped_and_optionally_frozen() -> None:
+    s = LogitScale(200.0, learn=False, maximum=100.0)
+    assert s().item() == pytest.approx(100.0) and not s.log_scale.requires_grad

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.preprocess import ImageError, PreprocessConfig, load_image, load_uint8_images, normalize_uint8
+from models.tokenizer import TokenizerConfig, encode_texts, tokenizer_from_json, train_tokenizer
+
+CAPTIONS = ["make the red circle blue", "add a small green square on the left", "remove the big triangle"]
+
+
+def test_tokenizer_pads_truncates_and_roundtrips() -> None:
+    tok = train_tokenizer(CAPTIONS * 5, TokenizerConfig(vocab_size=200, max_length=6))
+    ids, mask = encode_texts(tok, ["make the circle blue", "remove the"])
+    assert ids.shape == mask.shape == (2, 6) and ids.dtype == np.int64
+    assert ids[0, 0] == tok.token_to_id("[CLS]") and ids[0, -1] == tok.token_to_id("[SEP]")  # truncated
+    assert mask[1].tolist() == [1, 1, 1, 1, 0, 0] and ids[1, 4:].tolist() == [0, 0]  # [PAD] is id 0
+    again = tokenizer_from_json(tok.to_str())
+    assert np.array_equal(encode_texts(again, ["MAKE the Circle"])[0], encode_texts(tok, ["make the circle"])[0])
+
+
+def test_vocabulary_is_deterministic_and_spells_unseen_words() -> None:
+    config = TokenizerConfig(vocab_size=80)
+    texts = [tok.to_str() for tok in (train_tokenizer(CAPTIONS, config) for _ in range(3))]
+    assert texts[0] == texts[1] == texts[2]  # tokenizers' own WordPiece trainer failed this
+    tok = train_tokenizer(CAPTIONS, config)
+    ids, _ = encode_texts(tok, ["make the circle crimson"])
+    assert tok.token_to_id("[UNK]") not in ids[0]  # unseen word -> character pieces
+    assert tok.decode(ids[0].tolist(), skip_special_tokens=True) == "make the circle crimson"
+    with pytest.raises(ValueError, match="vocab_size=10 is below"):
+        train_tokenizer(CAPTIONS, TokenizerConfig(vocab_size=10))
+
+
+def test_load_image_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="broken.png: cannot decode"):
+        load_image(bad)
+    with pytest.raises(ImageError, match="missing.png: file not found"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_load_converts_modes_and_resizes(tmp_path: Path) -> None:
+    Image.new("L", (100, 80), 200).save(tmp_path / "gray.png")
+    Image.new("RGBA", (64, 64), (10, 20, 30, 255)).save(tmp_path / "rgba.png")
+    px = load_uint8_images([tmp_path / "gray.png", tmp_path / "rgba.png"], PreprocessConfig(size=64))
+    assert px.shape == (2, 64, 64, 3) and px.dtype == np.uint8
+    assert px[1, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_normalize_checks_layout() -> None:
+    cfg = PreprocessConfig(size=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    out = normalize_uint8(np.full((1, 4, 4, 3), 255, np.uint8), cfg)
+    assert out.shape == (1, 3, 4, 4) and np.allclose(out, 1.0)
+    with pytest.raises(ImageError, match="uint8"):
+        normalize_uint8(np.zeros((1, 4, 4, 3), np.float32), cfg)
+    with pytest.raises(ImageError, match="expected 4x4 pixels, got 5x5"):
+        normalize_uint8(np.zeros((1, 5, 5, 3), np.uint8), cfg)
+    with pytest.raises(ValueError, match="resize='area' is not one of"):
+        PreprocessConfig(resize="area")
