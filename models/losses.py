@@ -28,3 +28,18 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.maximum)
+
+
+def batch_contrastive(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor,
+                      excluded: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """InfoNCE of each query against every distinct image of the batch.
+
+    queries (B, D); keys (U, D); positive (B,) and excluded (B,) rows of `keys`. The excluded key (the query's
+    own reference, which the CIRR protocol removes from rankings) is masked out; an image that is the target of
+    several queries appears once in `keys`, so it is never a false negative.
+    """
+    logits = scale * queries @ keys.T  # (B, U)
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    masked = (excluded != positive)  # a reference that is also the target stays the positive
+    logits = logits.index_put((rows[masked], excluded[masked]), torch.tensor(float("-inf")))
+    return F.cross_entropy(logits, positive)

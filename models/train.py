@@ -20,19 +20,20 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.cir_model import CIRModel, build_model, count_parameters
+from models.cir_model import CIRModel, Features, build_model, count_parameters
 from models.composers import ComposerConfig, SumComposer
 from models.config_io import to_dict
 from models.data.loaders import load_split
 from models.data.types import CIRSplit
 from models.evaluation import EvalSet, build_eval_set, evaluate
-from models.losses import LogitScale, info_nce
+from models.losses import LogitScale, batch_contrastive
 from models.tokenizer import train_tokenizer, tokenizer_from_json
 from models.train_config import OptimConfig, TrainConfig
 from models.train_data import Batch, TripletBatches
@@ -66,7 +67,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     log.info("model: %d parameters (%s composer), recipe %s", count_parameters(model),
              config.model.composer.name, config.recipe)
     batches = TripletBatches(train_split, tokenizer, config.preprocess, config.loss.hard_negatives,
-                             config.data.max_train_queries)
+                             config.data.max_train_queries, config.loss.group_by_set)
     val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
                          config.preprocess)
     stages = _stages(config, model, scale)
@@ -149,11 +150,13 @@ def _lr(optim: OptimConfig, step: int, progress: float) -> float:
 
 
 def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> torch.Tensor:
-    f = model.features(batch.reference, batch.ids, batch.mask)
+    image_tokens, pooled = model.image_encoder(batch.images)  # each distinct image once: (U, N, d), (U, D)
+    g = F.normalize(pooled, dim=-1)
+    text_tokens, t = model.text_encoder(batch.ids, batch.mask)
+    f = Features(image_tokens[batch.reference], g[batch.reference], text_tokens, batch.mask,
+                 F.normalize(t, dim=-1))
     q = model.compose_features(f, stage.composer)
-    images = batch.target if batch.negatives is None else torch.cat([batch.target, batch.negatives])
-    g = model.encode_image(images)  # (B [+ B*k], D): targets first, so query i's positive is row i
-    return info_nce(q, g, scale())
+    return batch_contrastive(q, g, batch.target, batch.reference, scale())
 
 
 def _batches(batches: TripletBatches, config: TrainConfig, state: dict, batch_size: int) -> Iterator[Batch]:

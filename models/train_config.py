@@ -38,9 +38,10 @@ class LossConfig:
     logit_scale: float = 14.3
     learn_logit_scale: bool = True
     max_logit_scale: float = 100.0
-    # Siblings (img_set members other than reference and target) added per query as hard negatives:
-    # in-batch negatives rarely differ from the target in one attribute, and Recall_subset measures exactly that.
-    hard_negatives: int = 1
+    # Extra siblings (img_set members other than reference and target) drawn per query as hard negatives.
+    # Batches built from whole image sets already hold most siblings (as the other queries' targets).
+    hard_negatives: int = 0
+    group_by_set: bool = True  # build batches from whole image sets (see models/train_data.py)
 
 
 @dataclass(frozen=True)

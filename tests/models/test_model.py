@@ -69,3 +69,16 @@ def test_info_nce_matches_hand_computation() -> None:
 def test_logit_scale_is_clamped_and_optionally_frozen() -> None:
     s = LogitScale(200.0, learn=False, maximum=100.0)
     assert s().item() == pytest.approx(100.0) and not s.log_scale.requires_grad
+
+
+def test_batch_contrastive_masks_own_reference_and_dedupes() -> None:
+    from models.losses import batch_contrastive
+
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # distinct images of the batch
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Query 0: reference row 0 (masked), target row 2 -> logits over rows 1, 2: [0, 0.6].
+    # Query 1: reference row 0 (masked), target row 1 -> logits over rows 1, 2: [1, 0.8].
+    row0 = -math.log(math.exp(0.6) / (1 + math.exp(0.6)))
+    row1 = -math.log(math.exp(1.0) / (math.exp(1.0) + math.exp(0.8)))
+    loss = batch_contrastive(q, keys, torch.tensor([2, 1]), torch.tensor([0, 0]), 1.0)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)

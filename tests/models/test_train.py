@@ -34,7 +34,8 @@ def test_training_learns_and_checkpoint_rebuilds(tiny_overrides: list[str], tmp_
 
 def test_killed_run_resumes_to_identical_weights(tiny_overrides: list[str], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = config(tiny_overrides, "optim.max_steps=8", "checkpoint_every_minutes=0", "loss.hard_negatives=2")
+    cfg = config(tiny_overrides, "optim.max_steps=8", "checkpoint_every_minutes=0", "loss.hard_negatives=2",
+                 "optim.batch_size=8")
     straight = load_checkpoint(train(cfg, tmp_path / "straight")).model.state_dict()
 
     real_loss, calls = train_module._loss, {"n": 0}
