@@ -27,6 +27,9 @@ class ModelConfig:
         if self.image.embed_dim != self.text.embed_dim:
             raise ValueError(f"image.embed_dim={self.image.embed_dim} != text.embed_dim={self.text.embed_dim}: "
                              "both towers must embed into one space")
+        if self.image.dim != self.text.dim:
+            raise ValueError(f"image.dim={self.image.dim} != text.dim={self.text.dim}: token-level modules "
+                             "(atf, CaLa, DRA) mix the two token sequences")
 
 
 @dataclass
@@ -46,7 +49,7 @@ class CIRModel(nn.Module):
         self.config = config
         self.image_encoder = ImageEncoder(config.image)
         self.text_encoder = TextEncoder(config.text)
-        self.composer = build_composer(config.image.embed_dim, config.composer)
+        self.composer = build_composer(config.image.embed_dim, config.image.dim, config.composer)
 
     @property
     def embed_dim(self) -> int:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.atf import AdaptiveTokenFusion
+
 
 @dataclass(frozen=True)
 class ComposerConfig:
@@ -21,12 +23,19 @@ class ComposerConfig:
     projection_ratio: float = 2.0
     hidden_ratio: float = 4.0
     dropout: float = 0.5  # CLIP4Cir's value; it regularises the over-parameterised fusion MLP
+    # ATF (models/atf.py, our design): a text token merges into a visual token when their cosine exceeds
+    # atf_threshold (the paper sweeps this; > 1 disables merging); merge weights are softmax(S / temperature).
+    atf_threshold: float = 0.2
+    atf_temperature: float = 0.1  # sharp enough that the best-matching text token dominates a merge
+    atf_heads: int = 4  # the one pooling Block's attention heads (must divide the token width)
+    atf_mlp_ratio: float = 2.0  # as the built-in encoders' blocks
+    atf_dropout: float = 0.1  # light: the Block is small and sits after the (undropped) merge
 
 
 class SumComposer(nn.Module):
     """q = normalize(v + t): the element-wise-sum baseline (CLIP4Cir stage 1, CaLa's BLIP-2 runs)."""
 
-    def __init__(self, embed_dim: int, config: ComposerConfig) -> None:
+    def __init__(self, embed_dim: int, token_dim: int, config: ComposerConfig) -> None:
         super().__init__()
 
     def forward(self, v: torch.Tensor, t: torch.Tensor, image_tokens: torch.Tensor,
@@ -37,7 +46,7 @@ class SumComposer(nn.Module):
 class Combiner(nn.Module):
     """CLIP4Cir's Combiner: an MLP over both projections plus a learned convex mix of v and t."""
 
-    def __init__(self, embed_dim: int, config: ComposerConfig) -> None:
+    def __init__(self, embed_dim: int, token_dim: int, config: ComposerConfig) -> None:
         super().__init__()
         p = int(embed_dim * config.projection_ratio)
         h = int(embed_dim * config.hidden_ratio)
@@ -55,10 +64,11 @@ class Combiner(nn.Module):
         return F.normalize(self.out(self.hidden(both)) + lam * t + (1 - lam) * v, dim=-1)
 
 
-COMPOSERS: dict[str, type[nn.Module]] = {"sum": SumComposer, "combiner": Combiner}
+COMPOSERS: dict[str, type[nn.Module]] = {"sum": SumComposer, "combiner": Combiner, "atf": AdaptiveTokenFusion}
 
 
-def build_composer(embed_dim: int, config: ComposerConfig) -> nn.Module:
+def build_composer(embed_dim: int, token_dim: int, config: ComposerConfig) -> nn.Module:
+    """`embed_dim`: size of v, t and q; `token_dim`: width of the token sequences (token-level composers)."""
     if config.name not in COMPOSERS:
         raise ValueError(f"unknown composer {config.name!r}; choose one of {sorted(COMPOSERS)}")
-    return COMPOSERS[config.name](embed_dim, config)
+    return COMPOSERS[config.name](embed_dim, token_dim, config)

@@ -43,13 +43,13 @@ def test_padding_does_not_change_text_vector() -> None:
 
 def test_sum_composer_is_normalised_sum() -> None:
     v, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    q = build_composer(2, ComposerConfig(name="sum"))(v, t, None, None, None)
+    q = build_composer(2, 2, ComposerConfig(name="sum"))(v, t, None, None, None)
     torch.testing.assert_close(q, torch.tensor([[1.0, 1.0]]) / math.sqrt(2))
 
 
 def test_unknown_composer_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown composer 'concat'; choose one of \['combiner', 'sum'\]"):
-        build_composer(8, ComposerConfig(name="concat"))
+    with pytest.raises(ValueError, match=r"unknown composer 'concat'; choose one of \['atf', 'combiner', 'sum'\]"):
+        build_composer(8, 8, ComposerConfig(name="concat"))
 
 
 def test_embed_dims_must_match() -> None:
@@ -82,3 +82,17 @@ def test_batch_contrastive_masks_own_reference_and_dedupes() -> None:
     row1 = -math.log(math.exp(1.0) / (math.exp(1.0) + math.exp(0.8)))
     loss = batch_contrastive(q, keys, torch.tensor([2, 1]), torch.tensor([0, 0]), 1.0)
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_symmetric_contrastive_adds_reverse_direction() -> None:
+    from models.losses import batch_contrastive
+
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positive, excluded = torch.tensor([2, 1]), torch.tensor([0, 0])
+    forward = batch_contrastive(q, keys, positive, excluded, 1.0)
+    # Reverse: key 2 against queries [0.6, 0.8] -> label 0; key 1 against queries [0, 1] -> label 1.
+    rev0 = -math.log(math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)))
+    rev1 = -math.log(math.exp(1.0) / (1 + math.exp(1.0)))
+    both = batch_contrastive(q, keys, positive, excluded, 1.0, symmetric=True)
+    assert both.item() == pytest.approx((forward.item() + (rev0 + rev1) / 2) / 2, rel=1e-6)

@@ -1,0 +1,84 @@
+"""What every training method shares: the batch's encoder outputs, the Method interface and the base QTM loss.
+
+A Method owns the training-only parameters of its auxiliary branches (HCA, TAC, a temperature) and never the
+CIRModel's: the model is passed to `loss`, not stored, so the exported encoders and `model.state_dict()` are
+identical whichever method trained them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cir_model import CIRModel, Features
+from models.losses import batch_contrastive
+
+
+@dataclass
+class BatchFeatures:
+    """Encoder outputs of one training batch (images de-duplicated as in models.train_data.Batch)."""
+
+    ref: Features  # the B queries: reference tokens/v (rows of the batch images) and text tokens/mask/t
+    image_tokens: torch.Tensor  # (U, N, d) tokens of every distinct batch image
+    g: torch.Tensor  # (U, D) their normalised pooled vectors
+    target: torch.Tensor  # (B,) rows of each query's target in image_tokens / g
+    reference: torch.Tensor  # (B,) rows of each query's reference
+    target_pixels: torch.Tensor  # (U, 3, H, W) the batch images themselves (pseudo-target generators), same rows
+
+
+def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
+                 ids: torch.Tensor, mask: torch.Tensor) -> BatchFeatures:
+    """Encode each distinct image once and the B captions: the input of every Method.loss."""
+    image_tokens, pooled = model.image_encoder(images)  # (U, N, d), (U, D)
+    g = F.normalize(pooled, dim=-1)
+    text_tokens, t = model.text_encoder(ids, mask)  # (B, L, d), (B, D)
+    ref = Features(image_tokens[reference], g[reference], text_tokens, mask, F.normalize(t, dim=-1))
+    return BatchFeatures(ref, image_tokens, g, target, reference, images)
+
+
+def qtm(model: CIRModel, f: BatchFeatures, composer: nn.Module | None,
+        scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query vectors q (B, D) and L_QTM: InfoNCE of q against every distinct batch image, own reference masked."""
+    q = model.compose_features(f.ref, composer)
+    return q, batch_contrastive(q, f.g, f.target, f.reference, scale)
+
+
+def token_projection(token_dim: int, embed_dim: int) -> nn.Module:
+    """Token width d -> retrieval size D for an auxiliary branch's output: a training-only Linear, or the
+    identity when the widths already agree (the branch's own value/output projections then do the mapping)."""
+    return nn.Identity() if token_dim == embed_dim else nn.Linear(token_dim, embed_dim)
+
+
+def diagonal_ce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a (B, B) logit matrix whose positives are on the diagonal."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+class Method(nn.Module):
+    """Training-only parameters live here, never in CIRModel, so exported encoders are identical."""
+
+    name = "method"
+
+    @property
+    def label(self) -> str:
+        """How reports name what trained the model (TMCIR adds its pseudo-target generator)."""
+        return self.name
+
+    def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
+             scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss and its named terms (floats, for logging). `composer` overrides the model's."""
+        raise NotImplementedError
+
+
+class BaseMethod(Method):
+    """QTM only: L = InfoNCE(q, g_target) over the batch's distinct images."""
+
+    name = "base"
+
+    def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
+             scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        _, l_qtm = qtm(model, batch_features, composer, scale)
+        return l_qtm, {"qtm": l_qtm.item()}

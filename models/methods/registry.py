@@ -1,0 +1,115 @@
+"""Method configuration and registry: `build_method(config, model)` turns a MethodConfig into a Method."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from models.cir_model import CIRModel
+from models.methods.base import BatchFeatures, BaseMethod, Method  # noqa: F401  (re-exported)
+from models.methods.cala import LOSS_FORMS, CaLa
+from models.methods.dra import DRA
+from models.methods.tmcir import GENERATORS, TMCIR, DiffusionGenerator, OracleGenerator, PseudoTargetGenerator
+from models.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "base"  # a key of METHODS: base | cala | dra | tmcir
+    # CaLa (official code's values unless noted)
+    tbia: bool = True  # text-bridged image alignment through HCA
+    ctr: bool = True  # complementary text reasoning through TAC
+    loss_form: str = "paper"  # "paper": L_QTM + alpha*L_TBIA + beta*L_CTR; "official": the code's logit mix
+    alpha: float = 1.0  # paper form: weight of L_TBIA
+    beta: float = 1.0  # paper form: weight of L_CTR
+    w_hca: float = 0.1  # official form: weight of CE(S_TBIA)
+    w_tac: float = 0.45  # official form: share of S_CTR in the mixed logits
+    aux_scale: float = 10.0  # InfoNCE scale of the auxiliary losses (CaLa's 10; DRA's L_imp too)
+    tac_steps: int = 4  # TAC applies each attention block this many times
+    attn_dropout: float = 0.1  # HCA's dropout on its attention probabilities
+    tac_dropout: float = 0.0  # TAC's attention dropout (0 in the official code)
+    # DRA
+    lambda_imp: float = 1.0  # weight of L_imp = InfoNCE(t, TAC(V_r, V_t))
+    lambda_aug: float = 1.0  # weight of L_aug, QTM with the compensated text t + c
+    # TMCIR
+    generator: str = "oracle"  # a key of GENERATORS: oracle (upper bound) | diffusion
+    diffusion_path: str = ""  # local pipeline directory; never downloads
+    iacma_steps: int = 0  # length of the intent-aware alignment stage before ATF training (0 = skip)
+    iacma_logit_scale: float = 14.3  # IACMA's learnable temperature starts at CLIP's 1/0.07
+    iacma_max_logit_scale: float = 100.0  # and is capped like the QTM scale
+    diffusion_steps: int = 20  # denoising steps per edit; InstructPix2Pix's default of 100 is 5x slower
+    diffusion_image_guidance: float = 1.5  # InstructPix2Pix defaults: faithfulness to the reference
+    diffusion_text_guidance: float = 7.5  # and to the instruction
+    diffusion_device: str = "cpu"  # where the pipeline runs ("cuda" on a GPU worker)
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {sorted(METHODS)}")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form={self.loss_form!r} is not one of {list(LOSS_FORMS)}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"unknown generator {self.generator!r}; choose one of {sorted(GENERATORS)}")
+        if self.tac_steps < 1:
+            raise ValueError(f"tac_steps must be >= 1, got {self.tac_steps}")
+        if self.iacma_steps < 0:
+            raise ValueError(f"iacma_steps must be >= 0, got {self.iacma_steps}")
+        for key in ("w_hca", "w_tac", "attn_dropout", "tac_dropout"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}={getattr(self, key)} must lie in [0, 1]")
+        if self.aux_scale <= 0 or self.iacma_logit_scale <= 0:
+            raise ValueError("aux_scale and iacma_logit_scale must be positive")
+
+
+def _base(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+    return BaseMethod()
+
+
+def _cala(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+    return CaLa(model.config.image.dim, model.config.text.dim, model.embed_dim, tbia=config.tbia, ctr=config.ctr,
+                loss_form=config.loss_form, alpha=config.alpha, beta=config.beta, w_hca=config.w_hca,
+                w_tac=config.w_tac, aux_scale=config.aux_scale, tac_steps=config.tac_steps,
+                hca_dropout=config.attn_dropout, tac_dropout=config.tac_dropout)
+
+
+def _dra(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+    return DRA(model.config.image.dim, model.embed_dim, lambda_imp=config.lambda_imp, lambda_aug=config.lambda_aug,
+               aux_scale=config.aux_scale, tac_steps=config.tac_steps, tac_dropout=config.tac_dropout)
+
+
+def build_generator(config: MethodConfig, preprocess: PreprocessConfig | None) -> PseudoTargetGenerator:
+    if config.generator == "oracle":
+        return OracleGenerator()
+    if preprocess is None:
+        raise ValueError("generator=diffusion needs the PreprocessConfig (build_method(..., preprocess=...)) "
+                         "to turn encoder pixels into images and back")
+    return DiffusionGenerator(config.diffusion_path, preprocess, config.diffusion_steps,
+                              config.diffusion_image_guidance, config.diffusion_text_guidance,
+                              config.diffusion_device)
+
+
+def _tmcir(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+    if model.config.composer.name != "atf":
+        log.warning("method tmcir with composer %r: TMCIR's composer is atf (model.composer.name=atf)",
+                    model.config.composer.name)
+    # The generator (a whole diffusion pipeline, maybe) is only built when there is an IACMA stage to feed.
+    generator = build_generator(config, preprocess) if config.iacma_steps > 0 else None
+    return TMCIR(generator, config.iacma_logit_scale, config.iacma_max_logit_scale)
+
+
+METHODS: dict[str, Callable[[MethodConfig, CIRModel, PreprocessConfig | None], Method]] = {
+    "base": _base, "cala": _cala, "dra": _dra, "tmcir": _tmcir,
+}
+
+
+def build_method(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None = None) -> Method:
+    """The training method for `model`. Its parameters are its own (never the model's): hand
+    `method.parameters()` to the optimiser and save `method.state_dict()` with resumable checkpoints only.
+    `preprocess` is needed by the diffusion generator alone."""
+    if config.name not in METHODS:
+        raise ValueError(f"unknown method {config.name!r}; choose one of {sorted(METHODS)}")
+    method = METHODS[config.name](config, model, preprocess)
+    log.info("method %s: %d training-only parameters", method.label, sum(p.numel() for p in method.parameters()))
+    return method
