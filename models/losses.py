@@ -31,15 +31,23 @@ class LogitScale(nn.Module):
 
 
 def batch_contrastive(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor,
-                      excluded: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+                      excluded: torch.Tensor, scale: torch.Tensor | float, symmetric: bool = False) -> torch.Tensor:
     """InfoNCE of each query against every distinct image of the batch.
 
     queries (B, D); keys (U, D); positive (B,) and excluded (B,) rows of `keys`. The excluded key (the query's
     own reference, which the CIRR protocol removes from rankings) is masked out; an image that is the target of
     several queries appears once in `keys`, so it is never a false negative.
+    `symmetric` adds the target -> query direction: each query's target must pick its query among the batch's
+    queries (those sharing the target masked), which asks the text side to tell siblings' captions apart.
     """
     logits = scale * queries @ keys.T  # (B, U)
     rows = torch.arange(queries.shape[0], device=queries.device)
     masked = (excluded != positive)  # a reference that is also the target stays the positive
     logits = logits.index_put((rows[masked], excluded[masked]), torch.tensor(float("-inf")))
-    return F.cross_entropy(logits, positive)
+    loss = F.cross_entropy(logits, positive)
+    if not symmetric:
+        return loss
+    reverse = logits[:, positive].T  # (B, B): row i = query i's target against every query
+    same_target = (positive[:, None] == positive[None, :]) & ~torch.eye(len(rows), dtype=torch.bool)
+    reverse = reverse.masked_fill(same_target, float("-inf"))
+    return (loss + F.cross_entropy(reverse, rows)) / 2

@@ -55,6 +55,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     if final.exists():
         log.info("run %s is already finished: %s", run_dir, final)
         return final
+    started = time.monotonic()
     torch.manual_seed(config.seed)
     train_split = load_split(config.data.kind, Path(config.data.root), config.data.train_split)
     tokenizer = _tokenizer(config, train_split, run_dir)
@@ -72,7 +73,8 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
                          config.preprocess)
     stages = _stages(config, model, scale)
 
-    state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0}
+    state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0,
+             "wall": 0.0}
     last = run_dir / "checkpoints" / "last.pt"
     resume = None
     if last.exists():
@@ -80,6 +82,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         model.load_state_dict(torch.load(last, map_location="cpu", weights_only=True)["model"])
         scale.load_state_dict(resume["scale"])
         state = resume["state"]
+        started -= state["wall"]  # wall time of the earlier attempts counts too
         torch.set_rng_state(resume["torch_rng"])
         log.info("resuming %s at stage %d step %d", run_dir, state["stage"], state["step"])
 
@@ -88,14 +91,15 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         optimizer = _optimizer(stage)
         if resume is not None and i == resume["state"]["stage"]:
             optimizer.load_state_dict(resume["optimizer"])
-        _run_stage(config, stage, model, scale, optimizer, batches, val, tokenizer, state, run_dir, i)
+        _run_stage(config, stage, model, scale, optimizer, batches, val, tokenizer, state, run_dir, i, started)
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
 
     result = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",))
     metrics = {"val": result.metrics["composed"], "history": state["history"],
                "parameters": count_parameters(model), "train_samples": state["samples"],
                "train_seconds": sum(h["train_seconds"] for h in state["history"] if "train_seconds" in h),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "wall_seconds": time.monotonic() - started}  # the whole job: decoding and validation too
     metrics["samples_per_s"] = metrics["train_samples"] / max(metrics["train_seconds"], 1e-9)
     save_checkpoint(final, model, tokenizer, config, metrics=metrics)
     _write_json(run_dir / "metrics.json", metrics)
@@ -119,7 +123,7 @@ def _stages(config: TrainConfig, model: CIRModel, scale: LogitScale) -> list[Sta
         return [Stage("train", config.optim, None, [*model.parameters(), *scale.parameters()])]
     # CLIP4Cir: stage 1 fine-tunes the encoders through q = normalize(v + t); stage 2 freezes them and
     # trains the composer alone (a fresh temperature for the new task).
-    return [Stage("stage1", config.optim, SumComposer(model.embed_dim, ComposerConfig(name="sum")),
+    return [Stage("stage1", config.optim, SumComposer(model.embed_dim, model.config.image.dim, ComposerConfig(name="sum")),
                   [*encoders, *scale.parameters()]),
             Stage("stage2", config.stage2, None, [*model.composer.parameters(), *scale.parameters()])]
 
@@ -149,14 +153,14 @@ def _lr(optim: OptimConfig, step: int, progress: float) -> float:
     return optim.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> torch.Tensor:
+def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch, symmetric: bool) -> torch.Tensor:
     image_tokens, pooled = model.image_encoder(batch.images)  # each distinct image once: (U, N, d), (U, D)
     g = F.normalize(pooled, dim=-1)
     text_tokens, t = model.text_encoder(batch.ids, batch.mask)
     f = Features(image_tokens[batch.reference], g[batch.reference], text_tokens, batch.mask,
                  F.normalize(t, dim=-1))
     q = model.compose_features(f, stage.composer)
-    return batch_contrastive(q, g, batch.target, batch.reference, scale())
+    return batch_contrastive(q, g, batch.target, batch.reference, scale(), symmetric)
 
 
 def _batches(batches: TripletBatches, config: TrainConfig, state: dict, batch_size: int) -> Iterator[Batch]:
@@ -169,7 +173,7 @@ def _batches(batches: TripletBatches, config: TrainConfig, state: dict, batch_si
 
 def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitScale,
                optimizer: torch.optim.Optimizer, batches: TripletBatches, val: EvalSet, tokenizer: Tokenizer,
-               state: dict, run_dir: Path, index: int) -> None:
+               state: dict, run_dir: Path, index: int, started: float) -> None:
     optim = stage.optim
     if len(batches) < optim.batch_size:
         raise ValueError(f"batch_size={optim.batch_size} exceeds the {len(batches)} training triplets")
@@ -193,7 +197,7 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
         lr = _lr(optim, state["step"], progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = _loss(model, scale, stage, batch)
+        loss = _loss(model, scale, stage, batch, config.loss.symmetric)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip:
@@ -217,11 +221,13 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
             _validate(model, val, tokenizer, config, state, stage.name)
             last_val = time.monotonic()
         if now - last_ckpt >= 60 * config.checkpoint_every_minutes:
+            state["wall"] = now - started
             _save_last(run_dir, model, tokenizer, config, scale, optimizer, state)
             last_ckpt = time.monotonic()
     bar.close()
     _validate(model, val, tokenizer, config, state, stage.name)
     state["history"][-1]["train_seconds"] = state["elapsed"]
+    state["wall"] = time.monotonic() - started
     _save_last(run_dir, model, tokenizer, config, scale, optimizer, state)
 
 

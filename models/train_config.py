@@ -42,6 +42,7 @@ class LossConfig:
     # Batches built from whole image sets already hold most siblings (as the other queries' targets).
     hard_negatives: int = 0
     group_by_set: bool = True  # build batches from whole image sets (see models/train_data.py)
+    symmetric: bool = False  # add the target -> query InfoNCE direction (models.losses.batch_contrastive)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ def test_training_learns_and_checkpoint_rebuilds(tiny_overrides: list[str], tmp_
     assert log[-1]["loss"] < log[0]["loss"] - 0.3  # the contrastive loss falls clearly
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train_samples"] == 40 * 16 and metrics["samples_per_s"] > 0 and metrics["peak_rss_mb"] > 0
+    assert metrics["wall_seconds"] >= metrics["train_seconds"] > 0
     # 40 val queries over a small gallery: chance R@1 is ~1/60; a model that learned anything beats 3x that.
     assert metrics["val"]["R@1"] > 0.05
     ckpt = load_checkpoint(final)
