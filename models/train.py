@@ -20,20 +20,21 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.cir_model import CIRModel, Features, build_model, count_parameters
+from models.cir_model import CIRModel, build_model, count_parameters
 from models.composers import ComposerConfig, SumComposer
 from models.config_io import to_dict
 from models.data.loaders import load_split
 from models.data.types import CIRSplit
 from models.evaluation import EvalSet, build_eval_set, evaluate
-from models.losses import LogitScale, batch_contrastive
+from models.losses import LogitScale
+from models.methods.base import BaseMethod, Method, encode_batch
+from models.methods.registry import build_method
 from models.tokenizer import train_tokenizer, tokenizer_from_json
 from models.train_config import OptimConfig, TrainConfig
 from models.train_data import Batch, TripletBatches
@@ -47,6 +48,8 @@ class Stage:
     optim: OptimConfig
     composer: nn.Module | None  # None = the model's own composer
     trainable: list[nn.Parameter]
+    method: Method  # the loss; two_stage's stage 2 trains the composer with plain QTM
+    iacma: bool = False  # TMCIR's intent-aware alignment stage (image(pseudo-target) vs text)
 
 
 def train(config: TrainConfig, run_dir: Path) -> Path:
@@ -64,22 +67,25 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     _write_config(config, run_dir)
 
     model = build_model(config.model)
+    method = build_method(config.method, model, config.preprocess)
     scale = LogitScale(config.loss.logit_scale, config.loss.learn_logit_scale, config.loss.max_logit_scale)
-    log.info("model: %d parameters (%s composer), recipe %s", count_parameters(model),
-             config.model.composer.name, config.recipe)
+    log.info("model: %d parameters (%s composer), method %s (+%d training-only parameters), recipe %s",
+             count_parameters(model), config.model.composer.name, method.label, count_parameters(method),
+             config.recipe)
     batches = TripletBatches(train_split, tokenizer, config.preprocess, config.loss.hard_negatives,
                              config.data.max_train_queries, config.loss.group_by_set)
     val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
                          config.preprocess)
-    stages = _stages(config, model, scale)
+    stages = _stages(config, model, method, scale)
 
     state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0,
              "wall": 0.0}
     last = run_dir / "checkpoints" / "last.pt"
     resume = None
     if last.exists():
-        resume = load_checkpoint(last).payload
-        model.load_state_dict(torch.load(last, map_location="cpu", weights_only=True)["model"])
+        resume = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(resume["model"])
+        method.load_state_dict(resume["method"])
         scale.load_state_dict(resume["scale"])
         state = resume["state"]
         started -= state["wall"]  # wall time of the earlier attempts counts too
@@ -95,7 +101,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
 
     result = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",))
-    metrics = {"val": result.metrics["composed"], "history": state["history"],
+    metrics = {"val": result.metrics["composed"], "method": method.label, "history": state["history"],
                "parameters": count_parameters(model), "train_samples": state["samples"],
                "train_seconds": sum(h["train_seconds"] for h in state["history"] if "train_seconds" in h),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -117,15 +123,22 @@ def _tokenizer(config: TrainConfig, split: CIRSplit, run_dir: Path) -> Tokenizer
     return tokenizer
 
 
-def _stages(config: TrainConfig, model: CIRModel, scale: LogitScale) -> list[Stage]:
+def _stages(config: TrainConfig, model: CIRModel, method: Method, scale: LogitScale) -> list[Stage]:
     encoders = [*model.image_encoder.parameters(), *model.text_encoder.parameters()]
+    stages = []
+    if config.method.iacma_steps:
+        # TMCIR: align image(pseudo-target) with the text first; only the towers and IACMA's temperature train.
+        stages.append(Stage("iacma", replace(config.optim, max_steps=config.method.iacma_steps, max_minutes=0),
+                            None, [*encoders, *method.parameters()], method, iacma=True))
     if config.recipe == "one_stage":
-        return [Stage("train", config.optim, None, [*model.parameters(), *scale.parameters()])]
-    # CLIP4Cir: stage 1 fine-tunes the encoders through q = normalize(v + t); stage 2 freezes them and
-    # trains the composer alone (a fresh temperature for the new task).
-    return [Stage("stage1", config.optim, SumComposer(model.embed_dim, model.config.image.dim, ComposerConfig(name="sum")),
-                  [*encoders, *scale.parameters()]),
-            Stage("stage2", config.stage2, None, [*model.composer.parameters(), *scale.parameters()])]
+        return stages + [Stage("train", config.optim, None, [*model.parameters(), *method.parameters(),
+                                                              *scale.parameters()], method)]
+    # CLIP4Cir: stage 1 fine-tunes the encoders (and the method's branches) through q = normalize(v + t);
+    # stage 2 freezes them and trains the composer alone with plain QTM.
+    sum_composer = SumComposer(model.embed_dim, model.config.image.dim, ComposerConfig(name="sum"))
+    return stages + [
+        Stage("stage1", config.optim, sum_composer, [*encoders, *method.parameters(), *scale.parameters()], method),
+        Stage("stage2", config.stage2, None, [*model.composer.parameters(), *scale.parameters()], BaseMethod())]
 
 
 def _optimizer(stage: Stage) -> torch.optim.Optimizer:
@@ -153,14 +166,11 @@ def _lr(optim: OptimConfig, step: int, progress: float) -> float:
     return optim.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch, symmetric: bool) -> torch.Tensor:
-    image_tokens, pooled = model.image_encoder(batch.images)  # each distinct image once: (U, N, d), (U, D)
-    g = F.normalize(pooled, dim=-1)
-    text_tokens, t = model.text_encoder(batch.ids, batch.mask)
-    f = Features(image_tokens[batch.reference], g[batch.reference], text_tokens, batch.mask,
-                 F.normalize(t, dim=-1))
-    q = model.compose_features(f, stage.composer)
-    return batch_contrastive(q, g, batch.target, batch.reference, scale(), symmetric)
+def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict]:
+    if stage.iacma:
+        return stage.method.iacma_loss(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask)
+    f = encode_batch(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask)
+    return stage.method.loss(model, f, stage.composer, scale())
 
 
 def _batches(batches: TripletBatches, config: TrainConfig, state: dict, batch_size: int) -> Iterator[Batch]:
@@ -177,10 +187,11 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
     optim = stage.optim
     if len(batches) < optim.batch_size:
         raise ValueError(f"batch_size={optim.batch_size} exceeds the {len(batches)} training triplets")
-    frozen = {id(p) for p in stage.trainable}
-    for p in [*model.parameters(), *scale.parameters()]:
-        p.requires_grad_(id(p) in frozen and (p is not scale.log_scale or config.loss.learn_logit_scale))
+    trainable = {id(p) for p in stage.trainable}
+    for p in [*model.parameters(), *stage.method.parameters(), *scale.parameters()]:
+        p.requires_grad_(id(p) in trainable and (p is not scale.log_scale or config.loss.learn_logit_scale))
     model.train()
+    stage.method.train()
     if stage.composer is None and index > 0:
         # Frozen encoders: eval mode keeps BatchNorm statistics fixed; only the composer trains.
         model.image_encoder.eval()
@@ -197,7 +208,7 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
         lr = _lr(optim, state["step"], progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = _loss(model, scale, stage, batch, config.loss.symmetric)
+        loss, terms = _loss(model, scale, stage, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip:
@@ -209,10 +220,11 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
         window_samples += optim.batch_size
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        if state["step"] % 20 == 0:
+        if state["step"] % config.log_every_steps == 0:
             rate = window_samples / (time.monotonic() - window_start)
             _append_json(log_path, {"stage": stage.name, "step": state["step"], "loss": loss.item(), "lr": lr,
-                                    "scale": scale().item(), "samples_per_s": rate, "elapsed": state["elapsed"]})
+                                    "scale": scale().item(), "samples_per_s": rate, "elapsed": state["elapsed"],
+                                    **terms})
             log.info("%s step %d loss %.4f lr %.2e scale %.1f %.0f samples/s", stage.name, state["step"],
                      loss.item(), lr, scale().item(), rate)
             window_start, window_samples = time.monotonic(), 0
@@ -222,13 +234,13 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
             last_val = time.monotonic()
         if now - last_ckpt >= 60 * config.checkpoint_every_minutes:
             state["wall"] = now - started
-            _save_last(run_dir, model, tokenizer, config, scale, optimizer, state)
+            _save_last(run_dir, model, stage.method, tokenizer, config, scale, optimizer, state)
             last_ckpt = time.monotonic()
     bar.close()
     _validate(model, val, tokenizer, config, state, stage.name)
     state["history"][-1]["train_seconds"] = state["elapsed"]
     state["wall"] = time.monotonic() - started
-    _save_last(run_dir, model, tokenizer, config, scale, optimizer, state)
+    _save_last(run_dir, model, stage.method, tokenizer, config, scale, optimizer, state)
 
 
 def _validate(model: CIRModel, val: EvalSet, tokenizer: Tokenizer, config: TrainConfig, state: dict,
@@ -240,10 +252,11 @@ def _validate(model: CIRModel, val: EvalSet, tokenizer: Tokenizer, config: Train
     model.train()
 
 
-def _save_last(run_dir: Path, model: CIRModel, tokenizer: Tokenizer, config: TrainConfig, scale: LogitScale,
-               optimizer: torch.optim.Optimizer, state: dict) -> None:
+def _save_last(run_dir: Path, model: CIRModel, method: Method, tokenizer: Tokenizer, config: TrainConfig,
+               scale: LogitScale, optimizer: torch.optim.Optimizer, state: dict) -> None:
     save_checkpoint(run_dir / "checkpoints" / "last.pt", model, tokenizer, config, state=dict(state),
-                    scale=scale.state_dict(), optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state())
+                    method=method.state_dict(), scale=scale.state_dict(), optimizer=optimizer.state_dict(),
+                    torch_rng=torch.get_rng_state())
 
 
 def _write_config(config: TrainConfig, run_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.cir_model import ModelConfig
+from models.methods.registry import MethodConfig
 from models.preprocess import PreprocessConfig
 from models.tokenizer import TokenizerConfig
 
@@ -56,8 +57,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # the only stage, or two_stage's stage 1
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(max_minutes=2.0, lr=1e-3))  # combiner only
     loss: LossConfig = field(default_factory=LossConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)  # base | cala | dra | tmcir (models/methods)
     val_every_minutes: float = 3.0  # periodic validation on the val split (its time is not budgeted)
     checkpoint_every_minutes: float = 1.0
+    log_every_steps: int = 20  # train_log.jsonl and log lines
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -67,6 +70,9 @@ class TrainConfig:
         if self.preprocess.size != self.model.image.image_size:
             raise ValueError(f"preprocess.size={self.preprocess.size} != model.image.image_size="
                              f"{self.model.image.image_size}")
+        if self.method.iacma_steps and self.method.name != "tmcir":
+            raise ValueError(f"method.iacma_steps={self.method.iacma_steps} belongs to method tmcir, "
+                             f"not {self.method.name!r}")
         if self.tokenizer.max_length > self.model.text.max_length:
             raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
                              f"{self.model.text.max_length}")

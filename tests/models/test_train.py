@@ -81,3 +81,26 @@ def test_bad_inputs_give_clear_errors(tiny_overrides: list[str], tmp_path: Path)
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("cala", ["method.loss_form=official"]),
+    ("dra", ["recipe=two_stage", "stage2.max_steps=2", "stage2.max_minutes=0", "stage2.batch_size=16"]),
+    ("tmcir", ["model.composer.name=atf", "model.composer.atf_heads=2", "method.iacma_steps=2"]),
+])
+def test_methods_train_through_the_recipe(method: str, extra: list[str], tiny_overrides: list[str],
+                                          tmp_path: Path) -> None:
+    cfg = config(tiny_overrides, f"method.name={method}", "optim.max_steps=3", "log_every_steps=1", *extra)
+    ckpt = load_checkpoint(train(cfg, tmp_path / method))
+    log = [json.loads(line) for line in (tmp_path / method / "train_log.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert metrics["method"].startswith(method)
+    # The final checkpoint holds the inference model only: the same keys as a base model's.
+    base = load_checkpoint(train(config(tiny_overrides, "optim.max_steps=1", *[e for e in extra if "composer" in e]),
+                                 tmp_path / f"base-{method}"))
+    assert ckpt.model.state_dict().keys() == base.model.state_dict().keys()
+    if method == "tmcir":
+        assert "UPPER BOUND" in metrics["method"]
+        assert [h["stage"] for h in metrics["history"]] == ["iacma", "train"]
+    terms = {"cala": {"qtm", "tbia", "ctr"}, "dra": {"qtm", "imp", "aug"}, "tmcir": {"iacma"}}[method]
+    assert terms <= set(log[0]), log[0]
