@@ -37,6 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--root", type=Path, help="dataset directory (default: the training one)")
     ev.add_argument("--splits", help="comma-separated splits (default: the config's eval_splits)")
 
+    exp = sub.add_parser("export", help="export a checkpoint to a model bundle (ONNX); 'export trt' builds engines")
+    exp.add_argument("--checkpoint", type=Path, help="checkpoint to export (e.g. RUN/checkpoints/model.pt)")
+    exp.add_argument("--out", type=Path, help="bundle directory to write (e.g. workdir/bundles/NAME)")
+    exp_sub = exp.add_subparsers(dest="export_command")
+    trt = exp_sub.add_parser("trt", help="build TensorRT engines inside an existing bundle (GPU + tensorrt)")
+    trt.add_argument("--bundle", type=Path, required=True)
+    trt.add_argument("--fp32", action="store_true", help="build fp32 engines (default: fp16)")
+    trt.add_argument("--max-batch", type=int, default=64)
+    trt.add_argument("--max-seq", type=int, help="default: the bundle's max_text_length")
+
     demo = sub.add_parser("demo", help="the main job end to end on the built-in shapes benchmark")
     demo.add_argument("--workdir", type=Path, default=Path("workdir"))
     demo.add_argument("--config", type=Path, help="training YAML (default: built-in defaults)")
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError) as e:
-        # Bad input (config, dataset, checkpoint): one clear line, no traceback.
+        # Bad input (config, dataset, checkpoint, bundle): one clear line, no traceback.
         logging.getLogger("cirflow").error("%s", e)
         return 2
 
@@ -69,6 +79,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = args.out or args.checkpoint.parent.parent / "eval"
         splits = tuple(s for s in (args.splits or "").split(",") if s)
         run_eval(EvalJobConfig(args.checkpoint, out, args.kind, args.root, splits))
+    elif args.command == "export" and args.export_command == "trt":
+        from export.tensorrt import TensorRTUnavailable, build_engines
+
+        try:
+            build_engines(args.bundle, fp16=not args.fp32, max_batch=args.max_batch, max_seq=args.max_seq)
+        except TensorRTUnavailable as e:  # no GPU or no TensorRT here: say so, with its own exit code
+            logging.getLogger("cirflow").error("%s", e)
+            return 3
+        print(args.bundle)
+    elif args.command == "export":
+        if args.checkpoint is None or args.out is None:
+            raise ValueError("cirflow export needs --checkpoint CKPT and --out BUNDLE "
+                             "(or: cirflow export trt --bundle BUNDLE)")
+        from export.bundle import export_bundle
+
+        print(export_bundle(args.checkpoint, args.out))
     elif args.command == "demo":
         from flows.demo import DemoConfig, run_demo
 

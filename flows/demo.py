@@ -1,6 +1,7 @@
-"""The main job on the built-in default: generate shapes, train, evaluate, print the results table.
+"""The main job on the built-in default: generate shapes, train, evaluate, export, evaluate the bundle.
 
-Later stages (export, embedding, indexing, search) join this pipeline as they land.
+It prints the PyTorch results per split (composed and both baselines), then the exported bundle's results
+through ONNX Runtime beside the PyTorch ones. Later stages (embedding, indexing, search) join as they land.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from export.bundle import export_bundle
+from export.evaluate_bundle import evaluate_bundle
 from models.config_io import load_config, to_dict
+from models.data.shapes import ShapesConfig, generate_shapes
 from models.eval_job import EvalJobConfig, run_eval
+from models.report import format_table
 from models.train import train
 from models.train_config import TrainConfig
 
@@ -42,12 +47,16 @@ def train_run(config_path: Path | None, overrides: list[str] | tuple[str, ...], 
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from models.data.shapes import ShapesConfig, generate_shapes
-
     data_dir = config.workdir / "data" / ("shapes" if config.scale == 1.0 else f"shapes-x{config.scale:g}")
     generate_shapes(ShapesConfig(scale=config.scale), data_dir)
     overrides = (f"data.root={data_dir}", "data.kind=shapes", *config.overrides)
     checkpoint = train_run(config.train_config, overrides, config.workdir)
-    results = run_eval(EvalJobConfig(checkpoint, checkpoint.parent.parent / "eval"))
-    log.info("demo finished: run %s", checkpoint.parent.parent)
-    return results
+    run_dir = checkpoint.parent.parent
+    results = run_eval(EvalJobConfig(checkpoint, run_dir / "eval"))
+    bundle = export_bundle(checkpoint, config.workdir / "bundles" / run_dir.name)
+    ort = evaluate_bundle(bundle, "shapes", data_dir, tuple(s.split("/")[-1] for s in results))
+    for split, modes in ort.items():
+        rows = {"pytorch": results[split]["composed"], "onnxruntime": modes["composed"]}
+        print(format_table(rows, f"{split}: composed queries, PyTorch checkpoint vs exported bundle (ORT)"))
+    log.info("demo finished: run %s, bundle %s", run_dir, bundle)
+    return {"pytorch": results, "onnxruntime": ort}

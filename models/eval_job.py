@@ -16,7 +16,7 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint
 from models.data.loaders import load_split
-from models.evaluation import QUERY_MODES, build_eval_set, embed_eval_set, score_embeddings
+from models.evaluation import QUERY_MODES, TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
 from models.metrics import average_fashioniq, cirr_submission
 from models.report import format_table, save_example_sheet
 
@@ -50,7 +50,7 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
         for k in kinds:
             split = load_split(k, root, split_name)
             data = build_eval_set(split, ckpt.config.preprocess)
-            emb = embed_eval_set(ckpt.model, data, ckpt.tokenizer, ckpt.config.preprocess)
+            emb = embed_eval_set(TorchEncoders(ckpt.model), data, ckpt.tokenizer, ckpt.config.preprocess)
             if not split.has_targets:
                 _write_submission(split.name, emb.queries["composed"] @ emb.gallery.T, split, data.names,
                                   config.out_dir)

@@ -1,13 +1,16 @@
-"""Evaluate a model on a loaded split: composed queries and the image-only / text-only baselines.
+"""Evaluate encoders on a loaded split: composed queries and the image-only / text-only baselines.
 
 Everything goes through one path: encode gallery and queries, score by cosine, then `models.metrics`.
-The baselines use the same evaluator with q = v (reference image) and q = t (text).
+The baselines use the same evaluator with q = v (reference image) and q = t (text). The encoders are anything
+with `encode_images` and `encode_queries` on numpy arrays: the PyTorch model (`TorchEncoders`) or an exported
+bundle's ONNX Runtime session (export.runtime.BundleRuntime), so both are measured by the same code.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,6 +25,32 @@ from models.tokenizer import encode_texts
 log = logging.getLogger(__name__)
 
 QUERY_MODES = ("composed", "image-only", "text-only")
+
+
+class Encoders(Protocol):
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...  # (B, 3, H, W) -> (B, D) unit vectors
+
+    def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray,
+                       attention_mask: np.ndarray) -> np.ndarray: ...  # -> (B, D) unit query vectors
+
+
+class TorchEncoders:
+    """The PyTorch model behind the Encoders protocol (eval mode, no autograd); adds the text-only baseline."""
+
+    def __init__(self, model: CIRModel) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.model.eval().encode_image(torch.from_numpy(pixels)).numpy()
+
+    @torch.inference_mode()
+    def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.model.eval().compose(*map(torch.from_numpy, (pixels, input_ids, attention_mask))).numpy()
+
+    @torch.inference_mode()
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.model.eval().encode_text(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
 
 
 @dataclass
@@ -58,25 +87,25 @@ def build_eval_set(split: CIRSplit, preprocess: PreprocessConfig) -> EvalSet:
     return EvalSet(split, names, pixels, np.asarray([row[q.reference] for q in split.queries]))
 
 
-@torch.inference_mode()
-def embed_eval_set(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
-                   batch_size: int = 500) -> Embeddings:
-    was_training = model.training
-    model.eval()
+def embed_eval_set(encoders: Encoders, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
+                   modes: tuple[str, ...] = QUERY_MODES, batch_size: int = 500) -> Embeddings:
+    """Gallery and query vectors for `modes`; text-only only where the encoders can embed text alone."""
     g = len(data.names)
-    gallery = [model.encode_image(_pixels(data.pixels[i:i + batch_size], preprocess))
+    gallery = [encoders.encode_images(normalize_uint8(data.pixels[i:i + batch_size], preprocess))
                for i in range(0, g, batch_size)]
-    out: dict[str, list[torch.Tensor]] = {m: [] for m in QUERY_MODES}
+    text_only = "text-only" in modes and hasattr(encoders, "encode_texts")
+    out: dict[str, list[np.ndarray]] = {m: [] for m in modes if m != "text-only" or text_only}
     queries = data.split.queries
     for i in range(0, len(queries), batch_size):
         ids, mask = encode_texts(tokenizer, [q.caption for q in queries[i:i + batch_size]])
-        f = model.features(_pixels(data.pixels[data.ref_rows[i:i + batch_size]], preprocess),
-                           torch.from_numpy(ids), torch.from_numpy(mask))
-        out["composed"].append(model.compose_features(f))
-        out["image-only"].append(f.v)
-        out["text-only"].append(f.t)
-    model.train(was_training)
-    return Embeddings(torch.cat(gallery).numpy(), {m: torch.cat(v).numpy() for m, v in out.items()})
+        pixels = normalize_uint8(data.pixels[data.ref_rows[i:i + batch_size]], preprocess)
+        if "composed" in out:
+            out["composed"].append(encoders.encode_queries(pixels, ids, mask))
+        if "image-only" in out:
+            out["image-only"].append(encoders.encode_images(pixels))  # q = v: the reference's gallery vector
+        if text_only:
+            out["text-only"].append(encoders.encode_texts(ids, mask))  # type: ignore[attr-defined]
+    return Embeddings(np.concatenate(gallery), {m: np.concatenate(v) for m, v in out.items()})
 
 
 def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QUERY_MODES,
@@ -84,24 +113,25 @@ def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QU
     """Metrics per query mode, computed by the one evaluator in models.metrics."""
     metrics = {}
     top_k = np.zeros((0, k), dtype=np.int64)
-    for mode in modes:
+    for mode in (m for m in modes if m in emb.queries):
         scores = emb.queries[mode] @ emb.gallery.T  # (Q, G) cosine: all vectors are unit length
         metrics[mode] = evaluate_scores(scores, data.split, data.names)
         if mode == "composed":
             exclude = _reference_rows(data) if data.split.remove_reference else None
-            top_k = rank_gallery(scores, exclude, min(k, len(data.names)))
+            available = len(data.names) - (exclude is not None)  # a gallery smaller than k keeps them all
+            top_k = rank_gallery(scores, exclude, min(k, available))
     return EvalResult(metrics, top_k)
 
 
 def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
              modes: tuple[str, ...] = QUERY_MODES) -> EvalResult:
-    return score_embeddings(embed_eval_set(model, data, tokenizer, preprocess), data, modes)
+    """Evaluate the PyTorch model (periodic validation uses this)."""
+    was_training = model.training
+    result = score_embeddings(embed_eval_set(TorchEncoders(model), data, tokenizer, preprocess, modes), data, modes)
+    model.train(was_training)
+    return result
 
 
 def _reference_rows(data: EvalSet) -> np.ndarray:
     g = len(data.names)
     return np.where(data.ref_rows < g, data.ref_rows, -1)
-
-
-def _pixels(rows: np.ndarray, preprocess: PreprocessConfig) -> torch.Tensor:
-    return torch.from_numpy(normalize_uint8(rows, preprocess))

@@ -33,8 +33,8 @@ from models.data.loaders import load_split
 from models.data.types import CIRSplit
 from models.evaluation import EvalSet, build_eval_set, evaluate
 from models.losses import LogitScale
-from models.methods.base import BaseMethod, Method, encode_batch
-from models.methods.registry import build_method
+from models.methods.base import Method, encode_batch
+from models.methods.registry import MethodConfig, build_method
 from models.tokenizer import train_tokenizer, tokenizer_from_json
 from models.train_config import OptimConfig, TrainConfig
 from models.train_data import Batch, TripletBatches
@@ -67,7 +67,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     _write_config(config, run_dir)
 
     model = build_model(config.model)
-    method = build_method(config.method, model, config.preprocess)
+    method = build_method(config.method, model, config.preprocess, config.loss.symmetric)
     scale = LogitScale(config.loss.logit_scale, config.loss.learn_logit_scale, config.loss.max_logit_scale)
     log.info("model: %d parameters (%s composer), method %s (+%d training-only parameters), recipe %s",
              count_parameters(model), config.model.composer.name, method.label, count_parameters(method),
@@ -138,7 +138,8 @@ def _stages(config: TrainConfig, model: CIRModel, method: Method, scale: LogitSc
     sum_composer = SumComposer(model.embed_dim, model.config.image.dim, ComposerConfig(name="sum"))
     return stages + [
         Stage("stage1", config.optim, sum_composer, [*encoders, *method.parameters(), *scale.parameters()], method),
-        Stage("stage2", config.stage2, None, [*model.composer.parameters(), *scale.parameters()], BaseMethod())]
+        Stage("stage2", config.stage2, None, [*model.composer.parameters(), *scale.parameters()],
+              build_method(MethodConfig(), model, symmetric=config.loss.symmetric))]
 
 
 def _optimizer(stage: Stage) -> torch.optim.Optimizer:

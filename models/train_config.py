@@ -43,7 +43,9 @@ class LossConfig:
     # Batches built from whole image sets already hold most siblings (as the other queries' targets).
     hard_negatives: int = 0
     group_by_set: bool = True  # build batches from whole image sets (see models/train_data.py)
-    symmetric: bool = False  # add the target -> query InfoNCE direction (models.losses.batch_contrastive)
+    # Add the target -> query InfoNCE direction (models.losses.batch_contrastive): free, and at equal steps
+    # it gave val R@1 0.799 vs 0.777 and Rsubset@1 0.849 vs 0.837 (one seed, 461 steps).
+    symmetric: bool = True
 
 
 @dataclass(frozen=True)

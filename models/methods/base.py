@@ -39,11 +39,12 @@ def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor,
     return BatchFeatures(ref, image_tokens, g, target, reference, images)
 
 
-def qtm(model: CIRModel, f: BatchFeatures, composer: nn.Module | None,
-        scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query vectors q (B, D) and L_QTM: InfoNCE of q against every distinct batch image, own reference masked."""
+def qtm(model: CIRModel, f: BatchFeatures, composer: nn.Module | None, scale: torch.Tensor,
+        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query vectors q (B, D) and L_QTM: InfoNCE of q against every distinct batch image, own reference masked
+    (`symmetric`: averaged with the target -> query direction, see models.losses.batch_contrastive)."""
     q = model.compose_features(f.ref, composer)
-    return q, batch_contrastive(q, f.g, f.target, f.reference, scale)
+    return q, batch_contrastive(q, f.g, f.target, f.reference, scale, symmetric)
 
 
 def token_projection(token_dim: int, embed_dim: int) -> nn.Module:
@@ -61,6 +62,7 @@ class Method(nn.Module):
     """Training-only parameters live here, never in CIRModel, so exported encoders are identical."""
 
     name = "method"
+    symmetric = False  # QTM in both directions (TrainConfig.loss.symmetric); set by build_method
 
     @property
     def label(self) -> str:
@@ -80,5 +82,5 @@ class BaseMethod(Method):
 
     def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
              scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        _, l_qtm = qtm(model, batch_features, composer, scale)
+        _, l_qtm = qtm(model, batch_features, composer, scale, self.symmetric)
         return l_qtm, {"qtm": l_qtm.item()}

@@ -60,7 +60,7 @@ class CaLa(Method):
     def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
              scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         f = batch_features
-        q, l_qtm = qtm(model, f, composer, scale)
+        q, l_qtm = qtm(model, f, composer, scale, self.symmetric)
         terms = {"qtm": l_qtm}
         p = c = None
         if self.hca is not None:

@@ -104,12 +104,14 @@ METHODS: dict[str, Callable[[MethodConfig, CIRModel, PreprocessConfig | None], M
 }
 
 
-def build_method(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None = None) -> Method:
+def build_method(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None = None,
+                 symmetric: bool = False) -> Method:
     """The training method for `model`. Its parameters are its own (never the model's): hand
     `method.parameters()` to the optimiser and save `method.state_dict()` with resumable checkpoints only.
-    `preprocess` is needed by the diffusion generator alone."""
+    `preprocess` is needed by the diffusion generator alone; `symmetric` makes every QTM term two-way."""
     if config.name not in METHODS:
         raise ValueError(f"unknown method {config.name!r}; choose one of {sorted(METHODS)}")
     method = METHODS[config.name](config, model, preprocess)
+    method.symmetric = symmetric
     log.info("method %s: %d training-only parameters", method.label, sum(p.numel() for p in method.parameters()))
     return method

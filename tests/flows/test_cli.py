@@ -42,3 +42,19 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path, caplog: pytest.LogCa
     assert "unknown key(s) ['learning_rate']" in caplog.text and "valid keys" in caplog.text
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "none.pt not found" in caplog.text
+
+
+def test_demo_end_to_end_matches_onnxruntime(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.demo import DemoConfig, run_demo
+
+    results = run_demo(DemoConfig(tmp_path, scale=0.01, overrides=(*TINY_MODEL, "optim.max_steps=5")))
+    out = capsys.readouterr().out
+    assert "shapes/test: composed queries, PyTorch checkpoint vs exported bundle (ORT)" in out
+    bundles = list((tmp_path / "bundles").iterdir())
+    assert len(bundles) == 1 and (bundles[0] / "manifest.json").exists()
+    for split in ("shapes/test", "shapes/novel"):
+        n = 20  # queries per split at scale 0.01: a flip of one near-tied ranking moves a recall by 1/n
+        for mode in ("composed", "image-only"):
+            torch_m, ort_m = results["pytorch"][split][mode], results["onnxruntime"][split][mode]
+            for metric, value in torch_m.items():
+                assert abs(value - ort_m[metric]) <= 1 / n + 1e-9, (split, mode, metric)

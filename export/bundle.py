@@ -1,0 +1,143 @@
+"""Checkpoint -> model bundle: two ONNX encoders, the tokenizer, the preprocessing and a manifest.
+
+    query_encoder.onnx (+ .onnx.data)   pixel_values (B,3,H,W) f32, input_ids (B,L) i64, attention_mask (B,L) i64
+                                        -> query (B, D) unit length
+    image_encoder.onnx (+ .onnx.data)   pixel_values (B,3,H,W) f32 -> embedding (B, D) unit length
+    tokenizer.json, preprocess.json     the checkpoint's tokenizer and PreprocessConfig (training's code reads both)
+    manifest.json                       bundle_id (content hash), dims, versions, source checkpoint + metrics,
+                                        sha256 of every file
+
+The bundle is built in a temp directory beside `out_dir` and renamed into place, so `out_dir` is either absent
+or complete. An existing bundle at `out_dir` is kept when it holds the same content and refused otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.manifest import (FORMAT, GRAPHS, MANIFEST, PREPROCESS, TOKENIZER, BundleError, content_id,
+                             describe_files, read_manifest, sha256_file, verify_bundle, write_json_atomic)
+from export.onnx_export import (ImageEncoder, QueryEncoder, check_graph, example_inputs, export_graph,
+                                graph_versions, max_abs_diff)
+from models.checkpoint import LoadedCheckpoint, load_checkpoint
+from models.config_io import to_dict
+
+log = logging.getLogger(__name__)
+
+PARITY_ATOL = 1e-4  # ORT vs PyTorch on the export-time check; the dynamo exporter matches to ~1e-7 here
+
+
+def export_bundle(checkpoint: Path, out_dir: Path) -> Path:
+    """Write the bundle of `checkpoint` to `out_dir` and return `out_dir`.
+
+    Rerunning with the same checkpoint file returns at once; another checkpoint with the same weights leaves
+    the existing bundle untouched; different content at `out_dir` raises BundleError (never overwritten).
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_file():
+        raise BundleError(f"checkpoint {checkpoint} not found")
+    source_sha = sha256_file(checkpoint)
+    if _occupied(out_dir) and _existing_bundle(out_dir).get("source", {}).get("sha256") == source_sha:
+        log.info("bundle %s is already the export of %s; nothing to do", out_dir, checkpoint)
+        return out_dir
+
+    loaded = load_checkpoint(checkpoint)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier export by this pid
+    tmp.mkdir()
+    try:
+        manifest = _build(loaded, checkpoint, source_sha, tmp)
+        return _publish(tmp, out_dir, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _occupied(out_dir: Path) -> bool:
+    """Anything but an empty directory (which the rename replaces, so `mkdir` before export is fine)."""
+    return out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir()))
+
+
+def _existing_bundle(out_dir: Path) -> dict[str, Any]:
+    try:
+        return verify_bundle(out_dir)
+    except BundleError as e:
+        raise BundleError(f"{out_dir} exists but is not a valid bundle ({e}); remove it or choose another "
+                          "output directory") from e
+
+
+def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Path) -> dict[str, Any]:
+    model, config = loaded.model.eval(), loaded.config
+    max_length = config.model.text.max_length  # the graph's bound on the sequence axis
+    tokenizer_length = (loaded.tokenizer.truncation or {}).get("max_length", config.tokenizer.max_length)
+    # Batch 2 and a mid length at trace time, so the exporter cannot specialise either axis to 0/1 or the max.
+    trace = example_inputs(model, batch=2, length=min(7, max_length))
+    check = example_inputs(model, batch=3, length=max(1, min(5, max_length - 1)), seed=1)
+    versions = {}
+    for name, module in (("query_encoder", QueryEncoder(model)), ("image_encoder", ImageEncoder(model))):
+        spec = GRAPHS[name]
+        path = export_graph(module, spec, trace, max_length, out)
+        try:
+            session = check_graph(path)
+        except Exception as e:  # checker and ORT raise several unrelated types
+            raise BundleError(f"exported {spec.file} is not a valid ONNX model: {e}") from e
+        # A cheap end-to-end check at other shapes than the traced ones: catches axes the exporter fixed.
+        diff = max_abs_diff(session, module, spec, check)
+        if not diff <= PARITY_ATOL:
+            raise BundleError(f"exported {spec.file} differs from PyTorch by {diff:.2e} > {PARITY_ATOL:g}")
+        versions[name] = graph_versions(path)
+
+    (out / TOKENIZER).write_text(loaded.tokenizer.to_str())
+    write_json_atomic(out / PREPROCESS, to_dict(config.preprocess))
+    names = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = describe_files(out, names)
+    payload = loaded.payload
+    manifest = {
+        "format": FORMAT,
+        "bundle_id": content_id(files),
+        "embed_dim": model.embed_dim,
+        "image_size": config.preprocess.size,
+        "max_text_length": tokenizer_length,  # tokens the tokenizer keeps ([CLS]/[SEP] included)
+        "max_sequence_length": max_length,  # the graphs' upper bound on L
+        "vocab_size": config.model.text.vocab_size,
+        "composer": config.model.composer.name,
+        "opset": versions["query_encoder"]["opset"],
+        "ir_version": versions["query_encoder"]["ir_version"],
+        "graphs": {name: {"file": spec.file, "inputs": list(spec.inputs), "output": spec.output}
+                   for name, spec in GRAPHS.items()},
+        "files": files,
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_sha,
+                   "step": payload.get("step"), "metrics": payload.get("metrics")},
+        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _publish(tmp: Path, out_dir: Path, manifest: dict[str, Any]) -> Path:
+    new_id = manifest["bundle_id"]
+    error: OSError | None = None
+    for _ in range(2):  # a second pass only when another process published between our check and rename
+        if _occupied(out_dir):
+            old_id = read_manifest(out_dir).get("bundle_id")
+            if old_id == new_id:
+                log.info("bundle %s already holds bundle_id %s; kept as is", out_dir, new_id)
+                return out_dir
+            raise BundleError(f"refusing to overwrite bundle {out_dir} (bundle_id {old_id}) with different content "
+                              f"(bundle_id {new_id}); remove it or choose another output directory")
+        try:
+            os.rename(tmp, out_dir)  # atomic (also over an empty directory): no bundle or a complete one
+        except OSError as e:
+            error = e
+            continue
+        log.info("wrote bundle %s (bundle_id %s)", out_dir, new_id)
+        return out_dir
+    raise BundleError(f"cannot move the new bundle into {out_dir}: {error}") from error

@@ -1,0 +1,84 @@
+"""bench/ablation.py: row definitions, the generated reading, and the --quick smoke run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_ablation():
+    spec = importlib.util.spec_from_file_location("bench_ablation", ROOT / "bench" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = _load_ablation()
+
+
+def test_tiny_model_matches_the_test_suites() -> None:
+    assert ablation.TINY_MODEL == TINY_MODEL
+
+
+def test_rows_share_one_step_budget() -> None:
+    rows = ablation.build_rows(200, [0.1, 0.3, 0.5], 0.25)
+    assert [r.name for r in rows] == ["base", "cala-tbia", "cala-ctr", "cala", "dra", "atf0.3",
+                                      "tmcir-atf0.1", "tmcir-atf0.3", "tmcir-atf0.5"]
+    for row in rows:
+        assert row.upper_bound == row.name.startswith("tmcir")
+        if row.upper_bound:
+            assert "UPPER BOUND" in row.label
+            kv = dict(o.split("=", 1) for o in row.overrides)
+            assert int(kv["method.iacma_steps"]) + int(kv["optim.max_steps"]) == 200
+            assert kv["method.generator"] == "oracle"
+    with pytest.raises(ValueError, match="no ATF steps"):
+        ablation.build_rows(3, [0.1], 1.0)
+
+
+def test_doc_defaults_keep_quick_runs_out_of_the_real_section(tmp_path: Path) -> None:
+    assert ablation.parse_args([]).doc == ablation.DOC
+    quick = ablation.parse_args(["--quick", "--workdir", str(tmp_path)])
+    assert quick.doc == tmp_path / "ablation-quick.md" and quick.steps == 3 and quick.seeds == [0]
+
+
+def _run(r1: float, sub1: float) -> dict:
+    metrics = {"R@1": r1, "Rsubset@1": sub1}
+    return {"results": {split: {"composed": metrics} for split in ablation.SPLITS.values()}}
+
+
+def test_reading_compares_to_base_against_seed_noise() -> None:
+    rows = ablation.build_rows(10, [0.1], 0.5)[:2] + ablation.build_rows(10, [0.1], 0.5)[-1:]
+    runs = {"base": [_run(0.50, 0.70), _run(0.52, 0.72)],  # std 0.014
+            "cala-tbia": [_run(0.60, 0.70), _run(0.62, 0.74)],  # R@1 +0.10: beyond noise; Rsubset@1 +0.01: not
+            "tmcir-atf0.1": [_run(0.51, 0.71)]}
+    text = "\n".join(ablation.reading(rows, runs))
+    tbia, tmcir = [line for line in text.splitlines() if line.startswith("- ")]
+    assert "R@1 +0.100" in tbia and "exceeds seed noise" in tbia and "within seed noise" in tbia
+    assert "UPPER BOUND" in tmcir and math.isfinite(ablation.mean_std([0.5, 0.6])[1])
+
+
+def test_quick_run_writes_every_row(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ablation.py"), "--quick", "--workdir",
+                           str(tmp_path / "work"), "--doc", str(doc)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = doc.read_text()
+    assert "<!-- begin ablation -->" in text and "<!-- end ablation -->" in text
+    names = [r.name for r in ablation.build_rows(3, [0.1, 0.3, 0.5], 0.25)]
+    for table in text.split("### ")[1:3]:  # test, then novel phrasing
+        lines = [line for line in table.splitlines() if line.startswith("| ") and "R@1" not in line]
+        assert [line.split(" | ")[0].removeprefix("| ").split(" ")[0] for line in lines] == names
+        for line in lines:
+            assert ("UPPER BOUND" in line) == line.startswith("| tmcir")
+    assert "Reading (generated)" in text and text.count("UPPER BOUND") >= 3 * 4

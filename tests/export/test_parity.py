@@ -1,0 +1,77 @@
+"""ORT bundle vs eager PyTorch, for every registered composer (new composers are covered automatically)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.runtime import BundleRuntime
+from models.checkpoint import load_checkpoint
+from models.composers import COMPOSERS
+from models.preprocess import PreprocessConfig, normalize_uint8, preprocess_images
+from models.tokenizer import encode_texts
+from tests.export.conftest import CAPTIONS, assert_same_top_k, random_images
+
+ATOL = 1e-4
+
+
+def _tokens(batch: int, length: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids with [CLS]-like first tokens and ragged padding (row i keeps 1 + i % length tokens)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, (batch, length), dtype=np.int64)
+    keep = 1 + np.arange(batch) % length
+    mask = (np.arange(length)[None, :] < keep[:, None]).astype(np.int64)
+    return ids * mask, mask  # padded positions hold [PAD] = 0, as the tokenizer writes them
+
+
+@pytest.mark.parametrize("composer", sorted(COMPOSERS))
+def test_encoders_match_pytorch(composer: str, bundle_for) -> None:
+    ckpt, bundle = bundle_for(composer)
+    loaded = load_checkpoint(ckpt)
+    model, pre = loaded.model, loaded.config.preprocess
+    runtime = BundleRuntime.load(bundle, providers="cpu")
+    vocab = loaded.config.model.text.vocab_size
+    for batch in (1, 33):
+        pixels = normalize_uint8(random_images(batch, pre.size, seed=batch), pre)
+        with torch.inference_mode():
+            expected = model.encode_image(torch.from_numpy(pixels)).numpy()
+        np.testing.assert_allclose(runtime.encode_images(pixels), expected, atol=ATOL, rtol=0)
+        for length in (3, 9, 32):
+            ids, mask = _tokens(batch, length, vocab, seed=length)
+            with torch.inference_mode():
+                expected = model.compose(*(torch.from_numpy(a) for a in (pixels, ids, mask))).numpy()
+            got = runtime.encode_queries(pixels, ids, mask)
+            assert got.shape == (batch, model.embed_dim) and got.dtype == np.float32
+            np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0, err_msg=f"B={batch} L={length}")
+            np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("composer", sorted(COMPOSERS))
+def test_retrieval_top10_matches_pytorch(composer: str, bundle_for) -> None:
+    """Images and texts through the runtime's convenience path (training's preprocessing and tokenizer)
+    retrieve the same top-10 from a small gallery as the PyTorch model does."""
+    ckpt, bundle = bundle_for(composer)
+    loaded = load_checkpoint(ckpt)
+    model, pre, tok = loaded.model, loaded.config.preprocess, loaded.tokenizer
+    runtime = BundleRuntime.load(bundle, providers="cpu")
+    gallery = [Image.fromarray(a) for a in random_images(80, 48, seed=1)]  # 48 px: the runtime resizes to 64
+    refs = [Image.fromarray(a) for a in random_images(len(CAPTIONS) * 3, 72, seed=2)]
+    texts = [CAPTIONS[i % len(CAPTIONS)] + " " * (i % 2) for i in range(len(refs))]
+
+    g_ort, q_ort = runtime.embed_images(gallery), runtime.embed_queries(refs, texts)
+    with torch.inference_mode():
+        g_pt = model.encode_image(torch.from_numpy(preprocess_images(gallery, pre))).numpy()
+        ids, mask = encode_texts(tok, texts)
+        q_pt = model.compose(torch.from_numpy(preprocess_images(refs, pre)), torch.from_numpy(ids),
+                             torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(q_ort, q_pt, atol=ATOL, rtol=0)
+    assert_same_top_k(q_ort @ g_ort.T, q_pt @ g_pt.T, k=10)
+
+
+def test_preprocess_config_travels_with_the_bundle(bundle_for) -> None:
+    ckpt, bundle = bundle_for(sorted(COMPOSERS)[0])
+    runtime = BundleRuntime.load(bundle, providers="cpu")
+    assert runtime.preprocess == load_checkpoint(ckpt).config.preprocess
+    assert isinstance(runtime.preprocess, PreprocessConfig)
