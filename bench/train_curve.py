@@ -29,7 +29,7 @@ def run(cmd: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, nargs="+", default=[2.0, 5.0, 9.0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[2.0, 5.0, 8.5])
     parser.add_argument("--workdir", type=Path, default=Path("workdir"))
     parser.add_argument("--data", type=Path, default=Path("workdir/data/shapes"))
     args = parser.parse_args()

@@ -9,11 +9,11 @@ Every malformed input raises `DatasetError` naming the file, the entry (index an
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from models.data.json_files import read_json
 from models.data.types import CIRSplit, DatasetError, Query
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def load_cirr(root: Path, split: str, *, dataset: str | None = None) -> CIRSplit
     captions_path = root / "captions" / f"cap.rc2.{split}.json"
     images_path = root / "image_splits" / f"split.rc2.{split}.json"
     images = _read_image_split(images_path, root)
-    entries = _read_json(captions_path)
+    entries = read_json(captions_path)
     if not isinstance(entries, list):
         raise DatasetError(f"{captions_path}: top level must be a list of entries, got {type(entries).__name__}")
 
@@ -52,20 +52,10 @@ def load_cirr(root: Path, split: str, *, dataset: str | None = None) -> CIRSplit
     return CIRSplit(name=name, queries=queries, images=images, remove_reference=True, protocol="cirr")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the file ({e.strerror or e})") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-
 
 def _read_image_split(path: Path, root: Path) -> dict[str, Path]:
     """Name -> absolute path, checking that every file exists (one stat per image)."""
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: top level must be an object {{name: relative path}}, got {type(raw).__name__}")
     images: dict[str, Path] = {}
