@@ -25,8 +25,9 @@ def test_training_learns_and_checkpoint_rebuilds(tiny_overrides: list[str], tmp_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train_samples"] == 40 * 16 and metrics["samples_per_s"] > 0 and metrics["peak_rss_mb"] > 0
     assert metrics["wall_seconds"] >= metrics["train_seconds"] > 0
-    # 40 val queries over a small gallery: chance R@1 is ~1/60; a model that learned anything beats 3x that.
-    assert metrics["val"]["R@1"] > 0.05
+    # 40 val queries over a ~60-image gallery: R@1 moves in steps of 0.025, too coarse to judge. R@10 is not:
+    # an untrained model scores 0.10 (chance ~0.17), this run 0.425 (measured 2026-11-23).
+    assert metrics["val"]["R@10"] > 0.3
     ckpt = load_checkpoint(final)
     assert ckpt.config.model.text.vocab_size == ckpt.tokenizer.get_vocab_size()
     assert ckpt.payload["metrics"]["val"] == metrics["val"]
