@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import save_checkpoint
 from models.cir_model import CIRModel, build_model, count_parameters
 from models.composers import ComposerConfig, SumComposer
 from models.config_io import to_dict
