@@ -125,10 +125,15 @@ def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QU
 
 def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
              modes: tuple[str, ...] = QUERY_MODES) -> EvalResult:
-    """Evaluate the PyTorch model (periodic validation uses this)."""
-    was_training = model.training
+    """Evaluate the PyTorch model (periodic validation uses this).
+
+    Each submodule gets back its own mode afterwards: `model.train()` would also switch encoders that a
+    training stage froze (kept in eval mode) back to train mode, and their BatchNorm statistics would drift.
+    """
+    modes_before = [(m, m.training) for m in model.modules()]
     result = score_embeddings(embed_eval_set(TorchEncoders(model), data, tokenizer, preprocess, modes), data, modes)
-    model.train(was_training)
+    for module, training in modes_before:
+        module.training = training
     return result
 
 

@@ -250,7 +250,6 @@ def _validate(model: CIRModel, val: EvalSet, tokenizer: Tokenizer, config: Train
     state["history"].append({"stage": stage, "step": state["step"], "minutes": state["elapsed"] / 60, **m})
     log.info("val %s step %d (%.1f min): R@1 %.4f R@5 %.4f Rsubset@1 %.4f", stage, state["step"],
              state["elapsed"] / 60, m["R@1"], m["R@5"], m["Rsubset@1"])
-    model.train()
 
 
 def _save_last(run_dir: Path, model: CIRModel, method: Method, tokenizer: Tokenizer, config: TrainConfig,

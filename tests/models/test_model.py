@@ -96,3 +96,22 @@ def test_symmetric_contrastive_adds_reverse_direction() -> None:
     rev1 = -math.log(math.exp(1.0) / (1 + math.exp(1.0)))
     both = batch_contrastive(q, keys, positive, excluded, 1.0, symmetric=True)
     assert both.item() == pytest.approx((forward.item() + (rev0 + rev1) / 2) / 2, rel=1e-6)
+
+
+def test_evaluation_restores_each_submodules_mode(tiny_shapes) -> None:
+    from models.data.loaders import load_split
+    from models.evaluation import build_eval_set, evaluate
+    from models.preprocess import PreprocessConfig
+    from models.tokenizer import TokenizerConfig, train_tokenizer
+
+    split = load_split("shapes", tiny_shapes, "val")
+    tokenizer = train_tokenizer([q.caption for q in split.queries], TokenizerConfig(vocab_size=200))
+    from dataclasses import replace
+
+    cfg = tiny("combiner")
+    model = build_model(replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.get_vocab_size())))
+    model.train()
+    model.image_encoder.eval()  # as in a frozen-encoder stage
+    evaluate(model, build_eval_set(split, PreprocessConfig()), tokenizer, PreprocessConfig())
+    assert model.composer.training and model.text_encoder.training
+    assert not any(m.training for m in model.image_encoder.modules())
