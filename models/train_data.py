@@ -43,7 +43,9 @@ class TripletBatches:
         if max_queries:
             queries = queries[:max_queries]
         self.tokenizer, self.preprocess, self.k = tokenizer, preprocess, hard_negatives
-        siblings = [[m for m in q.subset if m not in (q.reference, q.target)] for q in queries]
+        # Siblings are only ever used as drawn hard negatives: without those, decoding them is wasted work.
+        siblings = [[m for m in q.subset if m not in (q.reference, q.target)] if hard_negatives else []
+                    for q in queries]
         if hard_negatives and min(len(s) for s in siblings) < hard_negatives:
             raise DatasetError(f"{split.name}: hard_negatives={hard_negatives} needs that many img_set siblings "
                                "per query (FashionIQ has none: set loss.hard_negatives=0)")

@@ -44,3 +44,10 @@ def test_epochs_are_seeded_and_resumable(tiny_shapes: Path) -> None:
     other = next(data.epoch(seed=3, epoch=2, batch_size=16))
     assert not torch.equal(other.ids, full[0].ids)
     assert np.array_equal(sorted(np.concatenate(data.groups)), np.arange(len(data)))
+
+
+def test_siblings_are_decoded_only_for_hard_negatives(tiny_shapes: Path) -> None:
+    split = load_split("shapes", tiny_shapes, "train")
+    needed = {n for q in split.queries for n in (q.reference, q.target)}
+    assert len(batches(tiny_shapes, hard_negatives=0).pixels) == len(needed)
+    assert len(batches(tiny_shapes, hard_negatives=1).pixels) > len(needed)
