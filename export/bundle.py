@@ -24,9 +24,10 @@ import onnxruntime as ort
 import torch
 
 from export.manifest import (FORMAT, GRAPHS, MANIFEST, PREPROCESS, TOKENIZER, BundleError, content_id,
-                             describe_files, read_manifest, sha256_file, verify_bundle, write_json_atomic)
+                             describe_files, read_manifest, sha256_file, verify_bundle)
 from export.onnx_export import (ImageEncoder, QueryEncoder, check_graph, example_inputs, export_graph,
                                 graph_versions, max_abs_diff)
+from models.atomic_write import write_json_atomic
 from models.checkpoint import LoadedCheckpoint, load_checkpoint
 from models.config_io import to_dict
 
@@ -96,7 +97,7 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
         versions[name] = graph_versions(path)
 
     (out / TOKENIZER).write_text(loaded.tokenizer.to_str())
-    write_json_atomic(out / PREPROCESS, to_dict(config.preprocess))
+    write_json_atomic(out / PREPROCESS, to_dict(config.preprocess), sort_keys=True)
     names = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     files = describe_files(out, names)
     payload = loaded.payload
@@ -118,7 +119,7 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
                    "step": payload.get("step"), "metrics": payload.get("metrics")},
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest, sort_keys=True)
     return manifest
 
 

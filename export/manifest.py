@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,13 +56,6 @@ def content_id(files: dict[str, dict[str, Any]]) -> str:
     for name in sorted(files):
         digest.update(f"{name}\t{files[name]['sha256']}\n".encode())
     return digest.hexdigest()[:ID_LENGTH]
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Sorted keys and a trailing newline: the same content always gives the same bytes."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:

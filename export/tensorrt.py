@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from export.fp16 import convert_to_fp16
-from export.manifest import GRAPHS, MANIFEST, read_manifest, sha256_file, verify_bundle, write_json_atomic
+from export.manifest import GRAPHS, MANIFEST, read_manifest, sha256_file, verify_bundle
+from models.atomic_write import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def build_engines(bundle_dir: Path, fp16: bool = True, max_batch: int = 64, max_
                "fp16_method": method, "max_batch": max_batch, "max_seq": max_seq, "engines": engines}
     manifest = read_manifest(bundle_dir)  # re-read: only the engines section changes
     manifest["engines"] = section
-    write_json_atomic(bundle_dir / MANIFEST, manifest)
+    write_json_atomic(bundle_dir / MANIFEST, manifest, sort_keys=True)
     log.info("TensorRT engines for bundle %s written to %s", manifest["bundle_id"], bundle_dir)
     return section
 

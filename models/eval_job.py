@@ -6,14 +6,13 @@ Splits with targets get metrics for composed queries and both baselines; CIRR sp
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from models.atomic_write import write_json_atomic
 from models.checkpoint import load_checkpoint
 from models.data.loaders import load_split
 from models.evaluation import QUERY_MODES, TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
@@ -67,19 +66,13 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
             avg = {m: average_fashioniq({k: results[f"{k}/{split_name}"][m] for k in kinds}) for m in QUERY_MODES}
             results[f"fashioniq/average/{split_name}"] = avg
             print(format_table(avg, f"fashioniq average ({split_name})"))
-    _write_json(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results})
+    write_json_atomic(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results})
     return results
 
 
 def _write_submission(name: str, scores: np.ndarray, split, names: list[str], out_dir: Path) -> None:
     recall, subset = cirr_submission(scores, split, names)
     stem = name.replace("/", "-")
-    _write_json(out_dir / f"submission-{stem}-recall.json", recall)
-    _write_json(out_dir / f"submission-{stem}-recall_subset.json", subset)
+    write_json_atomic(out_dir / f"submission-{stem}-recall.json", recall)
+    write_json_atomic(out_dir / f"submission-{stem}-recall_subset.json", subset)
     log.info("%s has no targets: wrote test-server submission files to %s", name, out_dir)
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

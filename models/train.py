@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
@@ -18,13 +17,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 import yaml
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from models.atomic_write import write_json_atomic, write_text_atomic
 from models.checkpoint import save_checkpoint
 from models.cir_model import CIRModel, build_model, count_parameters
 from models.composers import ComposerConfig, SumComposer
@@ -108,7 +107,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
                "wall_seconds": time.monotonic() - started}  # the whole job: decoding and validation too
     metrics["samples_per_s"] = metrics["train_samples"] / max(metrics["train_seconds"], 1e-9)
     save_checkpoint(final, model, tokenizer, config, metrics=metrics)
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json_atomic(run_dir / "metrics.json", metrics)
     return final
 
 
@@ -119,7 +118,7 @@ def _tokenizer(config: TrainConfig, split: CIRSplit, run_dir: Path) -> Tokenizer
     captions = [c for q in split.queries for c in (q.train_captions or (q.caption,))]
     tokenizer = train_tokenizer(captions, config.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(path, tokenizer.to_str())
+    write_text_atomic(path, tokenizer.to_str())
     return tokenizer
 
 
@@ -260,26 +259,9 @@ def _save_last(run_dir: Path, model: CIRModel, method: Method, tokenizer: Tokeni
 
 
 def _write_config(config: TrainConfig, run_dir: Path) -> None:
-    _write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=_json_default))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _append_json(path: Path, data: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(data) + "\n")
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
