@@ -1,0 +1,171 @@
+"""The embedding-run format: Parquet shards with an explicit schema, an errors table, and the run manifest.
+
+An embedding run lives in `embeddings/<catalog>/<bundle_id>/`:
+
+    part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
+    errors.parquet           id int64, uri string, reason string (written when the run completes)
+    _errors/part-00000.parquet   the same rows, per shard, while the run is in progress
+    manifest.json            catalog fingerprint, bundle id, shard plan, finished shards (rows, sha256), complete
+
+Shard k holds the catalog entries k*rows_per_shard ... (k+1)*rows_per_shard - 1 in id order, so a shard's
+membership never depends on scheduling: a rerun redoes exactly the shards the manifest does not list as
+finished, and the union of rows is the same whatever was interrupted. Every file is written under a temp name
+and renamed; the manifest is updated after the shard's files are in place, so it never lists a missing file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from export.manifest import sha256_file
+from models.atomic_write import write_json_atomic
+from models.data.json_files import read_json
+
+FORMAT = "cirflow-embeddings-v1"
+MANIFEST = "manifest.json"
+ERRORS = "errors.parquet"
+SHARD_ERRORS_DIR = "_errors"
+ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string())])
+
+
+class EmbeddingsError(ValueError):
+    """An embedding run is missing, incomplete, damaged or from another bundle; the message names the file."""
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    return pa.schema([("id", pa.int64()), ("uri", pa.string()),
+                      ("embedding", pa.list_(pa.float32(), dim)), ("bundle_id", pa.string())])
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def embedding_table(ids: np.ndarray, uris: list[str], vectors: np.ndarray, bundle_id: str) -> pa.Table:
+    """Rows sorted by id, in the explicit schema (fixed-size lists, not Ray's tensor extension type)."""
+    order = np.argsort(ids, kind="stable")
+    vectors = np.ascontiguousarray(vectors[order], dtype=np.float32)
+    n, dim = vectors.shape
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+    return pa.table([pa.array(ids[order], pa.int64()), pa.array([uris[i] for i in order], pa.string()),
+                     embedding, pa.array([bundle_id] * n, pa.string())], schema=embedding_schema(dim))
+
+
+def error_table(ids: np.ndarray, uris: list[str], reasons: list[str]) -> pa.Table:
+    order = np.argsort(ids, kind="stable")
+    return pa.table([pa.array(ids[order], pa.int64()), pa.array([uris[i] for i in order], pa.string()),
+                     pa.array([reasons[i] for i in order], pa.string())], schema=ERROR_SCHEMA)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> dict[str, Any]:
+    """Write under a temp name, rename into place; returns {"rows", "bytes", "sha256"} of the final file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in flight
+    os.replace(tmp, path)
+    return {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def new_manifest(bundle_id: str, dim: int, catalog: dict[str, Any], rows_per_shard: int,
+                 num_shards: int) -> dict[str, Any]:
+    """The manifest of a run that has not finished a shard. `catalog`: name, source, entries, fingerprint."""
+    return {"format": FORMAT, "bundle_id": bundle_id, "embed_dim": dim, "catalog": catalog,
+            "rows_per_shard": rows_per_shard, "num_shards": num_shards, "shards": {}, "rows": 0, "errors": 0,
+            "complete": False}
+
+
+def record_shard(manifest: dict[str, Any], name: str, info: dict[str, Any], errors: int) -> None:
+    """Add a finished shard ({"rows", "bytes", "sha256"} of its Parquet file, and its error count)."""
+    manifest["shards"][name] = {**info, "errors": errors}
+    manifest["rows"] = sum(s["rows"] for s in manifest["shards"].values())
+    manifest["errors"] = sum(s["errors"] for s in manifest["shards"].values())
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / MANIFEST, manifest, sort_keys=True)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's manifest, or None when the run has not started."""
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT:
+        raise EmbeddingsError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class EmbeddingRun:
+    """A complete, verified embedding run: what index building and search read."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def shard_files(self) -> list[Path]:
+        return [self.run_dir / name for name in sorted(self.manifest["shards"])]
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """(ids int64 (n,), vectors float32 (n, D), uris) per shard, in shard order."""
+        for path in self.shard_files:
+            yield read_shard(path, self.dim)
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        parts = list(self.iter_shards())
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), []
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                [u for p in parts for u in p[2]])
+
+
+def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
+    """Open a finished run; `verify` checks every shard's size and sha256 against the manifest."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise EmbeddingsError(f"{run_dir}: no {MANIFEST}; run the embedding job first")
+    if not manifest.get("complete"):
+        done, total = len(manifest.get("shards", {})), manifest.get("num_shards")
+        raise EmbeddingsError(f"{run_dir}: the embedding run is incomplete ({done}/{total} shards); rerun the "
+                              "embedding job to finish it")
+    if verify:
+        for name, info in sorted(manifest["shards"].items()):
+            path = run_dir / name
+            if not path.exists():
+                raise EmbeddingsError(f"{path}: listed in {MANIFEST} but missing")
+            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+                raise EmbeddingsError(f"{path}: size or sha256 differs from {MANIFEST} (damaged or replaced)")
+    return EmbeddingRun(run_dir, manifest)
+
+
+def read_shard(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    table = pq.read_table(path, columns=["id", "uri", "embedding"])
+    column = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != dim:
+        raise EmbeddingsError(f"{path}: embedding column is {column.type}, expected fixed_size_list<float, {dim}>")
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return table.column("id").to_numpy(), vectors, table.column("uri").to_pylist()
+
