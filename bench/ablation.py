@@ -182,11 +182,14 @@ def render(args: argparse.Namespace, rows: list[Row], runs: dict[str, list[dict]
             lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### Cost and row definitions", "",
-              "| row | training samples/s | train minutes | train process wall minutes | method | overrides |",
+              "Samples/s are wall-clock rates of the optimisation loop: other jobs on the cores lower them, so the "
+              "table gives the median over seeds and the best seed (the least disturbed run).", "",
+              "| row | training samples/s, median (best) | train minutes | train process wall minutes | method | overrides |",
               "|---|---|---|---|---|---|"]
     for row in rows:
         rs = runs[row.name]
-        lines.append(f"| {row.label} | {cell([r['samples_per_s'] for r in rs], 0)} | "
+        speeds = [r["samples_per_s"] for r in rs]
+        lines.append(f"| {row.label} | {statistics.median(speeds):.0f} ({max(speeds):.0f}) | "
                      f"{cell([r['train_minutes'] for r in rs], 2)} | {cell([r['wall_minutes'] for r in rs], 2)} | "
                      f"{rs[0]['method']} | "
                      f"`{' '.join(row.overrides)}` |")

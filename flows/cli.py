@@ -47,6 +47,33 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--max-batch", type=int, default=64)
     trt.add_argument("--max-seq", type=int, help="default: the bundle's max_text_length")
 
+    embed = sub.add_parser("embed", help="embed a catalog with a bundle (Ray Data): Parquet shards + errors table")
+    embed.add_argument("--config", type=Path, help="YAML file (keys: indexing.embed.EmbedConfig)")
+    embed.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. catalog.folder=images/")
+
+    index = sub.add_parser("index", help="FAISS indexes: query vectors, build, search").add_subparsers(
+        dest="index_command", required=True)
+    queries = index.add_parser("queries", help="encode a CIR split's composed queries (for tuning an index)")
+    queries.add_argument("--bundle", type=Path, required=True)
+    queries.add_argument("--kind", default="shapes", help="dataset kind (shapes, cirr, fashioniq/<category>)")
+    queries.add_argument("--root", type=Path, required=True, help="dataset directory")
+    queries.add_argument("--split", default="val")
+    queries.add_argument("--out", type=Path, required=True, help="queries Parquet file to write")
+    build = index.add_parser("build", help="build, tune and publish a FAISS index from an embedding run")
+    build.add_argument("--embeddings", type=Path, required=True, help="WORKDIR/embeddings/<catalog>/<bundle_id>")
+    build.add_argument("--queries", type=Path, required=True, help="real composed query vectors (index queries)")
+    build.add_argument("--out", type=Path, default=Path("workdir/indexes"), help="indexes root")
+    build.add_argument("--config", type=Path, help="YAML file (keys: indexing.index_plan.IndexConfig)")
+    build.add_argument("--no-publish", action="store_true", help="do not point the catalog's CURRENT at it")
+    build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. index_type=hnsw")
+    search = index.add_parser("search", help="one composed query against an index")
+    search.add_argument("--index", type=Path, required=True, help="index directory, or catalog directory (CURRENT)")
+    search.add_argument("--bundle", type=Path, required=True)
+    search.add_argument("--image", type=Path, required=True, help="reference image file")
+    search.add_argument("--text", required=True, help="modification text")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--exclude-id", type=int, help="catalog id to leave out (the reference's own)")
+
     demo = sub.add_parser("demo", help="the main job end to end on the built-in shapes benchmark")
     demo.add_argument("--workdir", type=Path, default=Path("workdir"))
     demo.add_argument("--config", type=Path, help="training YAML (default: built-in defaults)")
@@ -95,10 +122,52 @@ def _dispatch(args: argparse.Namespace) -> int:
         from export.bundle import export_bundle
 
         print(export_bundle(args.checkpoint, args.out))
+    elif args.command == "embed":
+        from indexing.embed import EmbedConfig, run_embed
+        from models.config_io import load_config
+
+        print(run_embed(load_config(EmbedConfig, args.config, args.overrides)))
+    elif args.command == "index":
+        return _index(args)
     elif args.command == "demo":
         from flows.demo import DemoConfig, run_demo
 
         run_demo(DemoConfig(args.workdir, args.config, args.scale, tuple(args.overrides)))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    import json
+
+    from export.runtime import BundleRuntime
+
+    if args.index_command == "queries":
+        from indexing.queries import encode_query_split, write_queries
+
+        runtime = BundleRuntime.load(args.bundle)
+        vectors, _, _ = encode_query_split(runtime, args.kind, args.root, args.split)
+        print(write_queries(args.out, vectors, runtime.bundle_id))
+    elif args.index_command == "build":
+        from indexing.index_build import build_index, publish_index
+        from indexing.index_plan import IndexConfig
+        from indexing.queries import read_queries
+        from indexing.shards import open_run
+        from models.config_io import load_config
+
+        run = open_run(args.embeddings)
+        config = load_config(IndexConfig, args.config, args.overrides)
+        index_dir = build_index(run, read_queries(args.queries, run.bundle_id), args.out, config)
+        if not args.no_publish:
+            publish_index(index_dir)
+        manifest = json.loads((index_dir / "manifest.json").read_text())
+        logging.getLogger("cirflow").info("%s: %s", manifest["type"], manifest["reason"])
+        print(index_dir)
+    elif args.index_command == "search":
+        from indexing.search import Searcher
+
+        result = Searcher.load(args.index, args.bundle).search(args.image, args.text, args.k, args.exclude_id)
+        for rank, (i, score, uri) in enumerate(zip(result.ids, result.scores, result.uris), 1):
+            print(f"{rank}\t{i}\t{score:.4f}\t{uri}")
     return 0
 
 

@@ -1,7 +1,10 @@
-"""The main job on the built-in default: generate shapes, train, evaluate, export, evaluate the bundle.
+"""The main job on the built-in default: generate shapes, train, evaluate, export, evaluate the bundle, then
+treat the shapes test gallery as a shop catalog: embed it with the Ray job, build and publish an index, and
+run the test queries through the search library.
 
-It prints the PyTorch results per split (composed and both baselines), then the exported bundle's results
-through ONNX Runtime beside the PyTorch ones. Later stages (embedding, indexing, search) join as they land.
+It prints the PyTorch results per split (composed and both baselines), the exported bundle's results through
+ONNX Runtime beside them, and the recall of the one query path (search library) beside the evaluator's: the
+two must be equal, and the demo fails if they are not.
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ from pathlib import Path
 
 from export.bundle import export_bundle
 from export.evaluate_bundle import evaluate_bundle
+from export.runtime import BundleRuntime
+from indexing.catalog import CatalogConfig
+from indexing.embed import EmbedConfig, run_embed
+from indexing.index_build import build_index, publish_index
+from indexing.index_plan import IndexConfig
+from indexing.queries import encode_query_split
+from indexing.search import Searcher, VectorIndex
+from indexing.search_eval import recall_through_search
+from indexing.shards import open_run
 from models.config_io import load_config, to_dict
 from models.data.shapes import ShapesConfig, generate_shapes
 from models.eval_job import EvalJobConfig, run_eval
@@ -58,5 +70,24 @@ def run_demo(config: DemoConfig) -> dict:
     for split, modes in ort.items():
         rows = {"pytorch": results[split]["composed"], "onnxruntime": modes["composed"]}
         print(format_table(rows, f"{split}: composed queries, PyTorch checkpoint vs exported bundle (ORT)"))
+    search = search_catalog(config, data_dir, bundle)
+    evaluator = {k: ort["shapes/test"]["composed"][k] for k in search}
+    print(format_table({"evaluator (ORT)": evaluator, "search library": search},
+                       "shapes/test as a catalog: Ray embedding job -> FAISS index -> search library"))
+    # Equal counts of hits; the tolerance only absorbs float32 vs float64 means.
+    if any(abs(search[k] - evaluator[k]) > 1e-6 for k in search):
+        raise RuntimeError(f"recall through the search library {search} differs from the evaluator's {evaluator}")
     log.info("demo finished: run %s, bundle %s", run_dir, bundle)
-    return {"pytorch": results, "onnxruntime": ort}
+    return {"pytorch": results, "onnxruntime": ort, "search": search}
+
+
+def search_catalog(config: DemoConfig, data_dir: Path, bundle: Path) -> dict[str, float]:
+    """Embed the test gallery (Ray), index it (tuned with the val split's composed queries), search it."""
+    catalog = CatalogConfig(name="shapes-test", folder=str(data_dir / "images" / "test"))
+    run_dir = run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(config.workdir)))
+    runtime = BundleRuntime.load(bundle)
+    tuning, _, _ = encode_query_split(runtime, "shapes", data_dir, "val")
+    index_dir = build_index(open_run(run_dir), tuning, config.workdir / "indexes", IndexConfig())
+    publish_index(index_dir)
+    searcher = Searcher(VectorIndex.load(index_dir.parent), runtime)  # the published one, through CURRENT
+    return recall_through_search(searcher, "shapes", data_dir, "test")

@@ -1,0 +1,141 @@
+"""Catalogs: what to embed, as a table of (id, uri) rows with stable ids, and how to read one entry's bytes.
+
+Two sources: an image folder (every regular, non-hidden file under it; the id is a hash of the path relative
+to the folder, so it survives re-listing, catalog growth and re-embedding) or a manifest (Parquet or CSV with
+`id` and `uri` columns: the ids are the shop's own). Ids are never row numbers.
+
+URIs are local paths (relative ones in a manifest are relative to the manifest's folder), `file://` URIs, or
+any fsspec URI whose scheme's package is installed (s3fs for s3://, gcsfs for gs://, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
+
+
+class CatalogError(ValueError):
+    """A catalog source is missing or malformed; the message names the file, row or id."""
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    name: str = ""  # the catalog's name in embeddings/<name>/ and indexes/<name>/
+    folder: str | None = None  # an image folder ...
+    manifest: str | None = None  # ... or a Parquet/CSV file with `id` and `uri` columns (exactly one of the two)
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"catalog name {self.name!r} must be a non-empty directory name")
+        if (self.folder is None) == (self.manifest is None):
+            raise ValueError("give exactly one of catalog.folder and catalog.manifest")
+
+    @property
+    def source(self) -> str:
+        return str(Path(self.folder or self.manifest or "").resolve())
+
+
+def stable_id(key: str) -> int:
+    """A 63-bit non-negative id from a key string: independent of listing order, machine and run."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def load_catalog(config: CatalogConfig) -> pa.Table:
+    """(id int64, uri string) rows sorted by id; ids unique. Raises CatalogError naming what is wrong."""
+    config.check()
+    table = _list_folder(Path(config.folder)) if config.folder else _read_manifest(Path(config.manifest or ""))
+    if table.num_rows == 0:
+        raise CatalogError(f"catalog {config.name!r} ({config.source}) has no entries")
+    table = table.sort_by("id")
+    ids = table.column("id").to_numpy()
+    dup = np.flatnonzero(ids[1:] == ids[:-1])
+    if len(dup):
+        i = int(dup[0])
+        uris = table.column("uri")
+        raise CatalogError(f"catalog {config.name!r}: id {ids[i]} appears more than once ({uris[i]} and "
+                           f"{uris[i + 1]}); ids must be unique")
+    return table
+
+
+def fingerprint(table: pa.Table) -> str:
+    """A hash of the (id, uri) rows: a resumed run must embed the very same catalog."""
+    digest = hashlib.sha256()
+    for column in ("id", "uri"):
+        for buffer in table.column(column).combine_chunks().buffers():
+            if buffer is not None:
+                digest.update(buffer)
+    return digest.hexdigest()[:16]
+
+
+def folder_entries(folder: Path, paths: list[Path]) -> pa.Table:
+    """The (id, uri) rows a folder catalog gives these files: ids from their paths relative to `folder`."""
+    folder = folder.resolve()
+    keys = [p.resolve().relative_to(folder).as_posix() for p in paths]
+    return pa.table([pa.array([stable_id(k) for k in keys], pa.int64()),
+                     pa.array([str(folder / k) for k in keys], pa.string())], schema=CATALOG_SCHEMA)
+
+
+def _list_folder(folder: Path) -> pa.Table:
+    if not folder.is_dir():
+        raise CatalogError(f"catalog folder {folder} does not exist or is not a directory")
+    # Non-image files are listed on purpose: the job records them in the errors table instead of hiding them.
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    return folder_entries(folder, paths)
+
+
+def _read_manifest(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise CatalogError(f"catalog manifest {path} does not exist")
+    try:
+        if path.suffix == ".csv":
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                column_types={"id": pa.int64(), "uri": pa.string()}))
+        elif path.suffix == ".parquet":
+            table = pq.read_table(path)
+        else:
+            raise CatalogError(f"catalog manifest {path}: expected a .parquet or .csv file")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CatalogError(f"catalog manifest {path}: cannot read ({e})") from e
+    missing = sorted({"id", "uri"} - set(table.column_names))
+    if missing:
+        raise CatalogError(f"catalog manifest {path}: missing column(s) {missing}; has {table.column_names}")
+    ids, uris = table.column("id"), table.column("uri")
+    if not pa.types.is_integer(ids.type):
+        raise CatalogError(f"catalog manifest {path}: column id is {ids.type}, expected integers")
+    if not (pa.types.is_string(uris.type) or pa.types.is_large_string(uris.type)):
+        raise CatalogError(f"catalog manifest {path}: column uri is {uris.type}, expected strings")
+    for name, missing in (("id", pc.is_null(ids)), ("uri", pc.or_(pc.is_null(uris), pc.equal(uris, "")))):
+        row = pc.index(missing, True).as_py()
+        if row >= 0:
+            raise CatalogError(f"catalog manifest {path}: row {row} has no {name}")
+    if len(ids) and pc.min(ids).as_py() < 0:
+        raise CatalogError(f"catalog manifest {path}: ids must be non-negative (FAISS reserves -1)")
+    base = path.resolve().parent
+    resolved = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in uris.to_pylist()]
+    return pa.table([ids.cast(pa.int64()), pa.array(resolved, pa.string())], schema=CATALOG_SCHEMA)
+
+
+def read_bytes(uri: str) -> bytes:
+    """One entry's bytes. Local paths and file:// directly; other schemes through fsspec when installed."""
+    if "://" not in uri:
+        return Path(uri).read_bytes()
+    scheme = uri.split("://", 1)[0]
+    if scheme == "file":
+        return Path(unquote(urlparse(uri).path)).read_bytes()
+    try:
+        import fsspec
+    except ImportError as e:
+        raise CatalogError(f"uri {uri}: scheme {scheme!r} needs fsspec (and its {scheme} package)") from e
+    with fsspec.open(uri, "rb") as f:
+        return f.read()

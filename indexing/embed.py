@@ -1,0 +1,244 @@
+"""The catalog embedding job: a catalog + a model bundle -> Parquet embedding shards, an errors table, a manifest.
+
+    python -m indexing.embed --config FILE [key.path=value ...]                        # local Ray
+    ray job submit --working-dir . -- python -m indexing.embed --config FILE        # a running cluster
+
+Ray Data reads and decodes in tasks, and embeds in a fixed pool of actors (one bundle runtime each); the
+driver gathers each shard's rows and writes the shard (temp name, rename) once every entry of it is accounted
+for, embedded or recorded as an error. Shards are cut from the id-sorted catalog (indexing/shards.py), so a
+rerun after a kill redoes only the unfinished shards and ends with exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from export.manifest import PREPROCESS, verify_bundle
+from indexing import shards
+from indexing.catalog import CatalogConfig, fingerprint, load_catalog
+from indexing.embed_stages import ImageEmbedder, decode_batch
+from models.config_io import from_dict, load_config, to_dict
+from models.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+
+class EmbedError(ValueError):
+    """The job cannot run as configured (resources, a changed catalog, a lost shard); the message says why."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # None: RAY_ADDRESS (set by `ray job submit`) or a cluster started on this machine, else a new local one.
+    address: str | None = None
+    num_cpus: int | None = None  # CPUs of a new local cluster (None: all of this machine's)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    bundle: str = ""  # model bundle directory (export stage)
+    workdir: str = "workdir"  # the run goes to WORKDIR/embeddings/<catalog.name>/<bundle_id>/
+    rows_per_shard: int = 8192  # resume granularity; ~4 MB of Parquet per shard at 128 dims
+    batch_size: int = 64  # images per read/decode/encode task (and per encoder call)
+    # Encoder copies, each holding one ONNX Runtime session pair; 0: as many as the cluster's CPUs (or GPUs, with
+    # num_gpus) allow. Ray fuses the read/decode stage into these actors (same CPU request), so each actor
+    # reads, decodes and embeds its own batches and pixels never travel through the object store.
+    num_actors: int = 0
+    cpus_per_actor: int = 1  # also the actor's ONNX Runtime thread count
+    num_gpus: float = 0.0  # GPUs per actor; > 0 runs the encoder on CUDA and fails fast where there is none
+    providers: str = "auto"  # ONNX Runtime providers when num_gpus == 0 (see export.runtime)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def run_embed(config: EmbedConfig) -> Path:
+    """Embed the catalog (resuming an interrupted run); returns the run directory."""
+    if not config.bundle:
+        raise EmbedError("bundle is not set: give the model bundle directory (cirflow export --out ...)")
+    if min(config.rows_per_shard, config.batch_size, config.cpus_per_actor) <= 0:
+        raise EmbedError("rows_per_shard, batch_size and cpus_per_actor must be positive")
+    if config.num_actors < 0 or config.num_gpus < 0:
+        raise EmbedError("num_actors and num_gpus must not be negative")
+    bundle_dir = Path(config.bundle)
+    bundle = verify_bundle(bundle_dir)
+    preprocess = from_dict(PreprocessConfig, json.loads((bundle_dir / PREPROCESS).read_text()), PREPROCESS)
+    catalog = load_catalog(config.catalog)
+    run_dir = Path(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
+    num_shards = math.ceil(catalog.num_rows / config.rows_per_shard)
+    described = {"name": config.catalog.name, "source": config.catalog.source, "entries": catalog.num_rows,
+                 "fingerprint": fingerprint(catalog)}
+    manifest = _resume_or_start(run_dir, bundle, described, config.rows_per_shard, num_shards)
+    if manifest["complete"]:
+        log.info("embedding run %s is complete (%d rows, %d errors); nothing to do", run_dir, manifest["rows"],
+                 manifest["errors"])
+        return run_dir
+    pending = [k for k in range(num_shards) if shards.shard_name(k) not in manifest["shards"]]
+    log.info("embedding %d of %d shards of catalog %r (%d entries) into %s", len(pending), num_shards,
+             config.catalog.name, catalog.num_rows, run_dir)
+    started = time.perf_counter()
+    rows = _embed_shards(config, catalog, pending, preprocess, run_dir, manifest)
+    seconds = time.perf_counter() - started
+    _finish(run_dir, manifest, {"config": to_dict(config), "shards": len(pending), "entries": rows, "seconds": round(seconds, 2),
+                                "entries_per_s": round(rows / seconds, 1) if seconds else None})
+    log.info("embedding run complete: %d rows, %d errors, %.1f s (%.0f entries/s this run)", manifest["rows"],
+             manifest["errors"], seconds, rows / max(seconds, 1e-9))
+    return run_dir
+
+
+def _resume_or_start(run_dir: Path, bundle: dict[str, Any], catalog: dict[str, Any], rows_per_shard: int,
+                     num_shards: int) -> dict[str, Any]:
+    manifest = shards.read_manifest(run_dir)
+    if manifest is None:
+        manifest = shards.new_manifest(bundle["bundle_id"], int(bundle["embed_dim"]), catalog, rows_per_shard,
+                                       num_shards)
+        shards.write_manifest(run_dir, manifest)
+        return manifest
+    before = (manifest["catalog"]["fingerprint"], manifest["catalog"]["entries"], manifest["rows_per_shard"])
+    if before != (catalog["fingerprint"], catalog["entries"], rows_per_shard):
+        raise EmbedError(f"{run_dir} holds a run of a different catalog or shard size (fingerprint, entries, "
+                         f"rows_per_shard {before} != {(catalog['fingerprint'], catalog['entries'], rows_per_shard)}"
+                         "); use another workdir or catalog name, or delete the old run")
+    log.info("resuming %s: %d of %d shards already done", run_dir, len(manifest["shards"]), num_shards)
+    return manifest
+
+
+def _embed_shards(config: EmbedConfig, catalog: pa.Table, pending: list[int], preprocess: PreprocessConfig,
+                  run_dir: Path, manifest: dict[str, Any]) -> int:
+    import ray
+
+    _connect(config.ray)
+    num_actors = _pool_size(config, ray.cluster_resources())
+    per_shard = config.rows_per_shard
+    parts = [catalog.slice(k * per_shard, per_shard) for k in pending]
+    table = pa.concat_tables([p.append_column("shard", pa.array(np.full(p.num_rows, k, np.int64)))
+                              for k, p in zip(pending, parts)])
+    expected = {k: p.num_rows for k, p in zip(pending, parts)}
+    blocks = [table.slice(i, config.batch_size) for i in range(0, table.num_rows, config.batch_size)]
+
+    context = ray.data.DataContext.get_current()
+    # In-order output lets the driver finish shards one after another, holding about one shard in memory.
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = sys.stderr.isatty()
+    ds = ray.data.from_arrow(blocks).map_batches(decode_batch, fn_kwargs={"preprocess": preprocess},
+                                                 batch_size=None, batch_format="numpy")
+    use_gpu = config.num_gpus > 0
+    ds = ds.map_batches(
+        ImageEmbedder, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"bundle_dir": str(Path(config.bundle).resolve()),
+                               "providers": "cuda" if use_gpu else config.providers, "require_gpu": use_gpu,
+                               "threads": config.cpus_per_actor},
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=config.cpus_per_actor,
+        num_gpus=config.num_gpus if use_gpu else None)
+
+    buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+    seen: dict[int, int] = defaultdict(int)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in np.unique(batch["shard"]).tolist():
+            rows = batch["shard"] == k
+            buffers[k].append({key: value[rows] for key, value in batch.items()})
+            seen[k] += int(rows.sum())
+            if seen[k] == expected[k]:
+                _write_shard(run_dir, k, buffers.pop(k), manifest)
+    lost = {k: (seen[k], n) for k, n in expected.items() if shards.shard_name(k) not in manifest["shards"]}
+    if lost:
+        raise EmbedError(f"shards {sorted(lost)} came back incomplete (rows seen, expected: {lost}); rerun to "
+                         "redo them")
+    return table.num_rows
+
+
+def _connect(config: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=config.address)
+    else:
+        ray.init(num_cpus=config.num_cpus, include_dashboard=False)
+
+
+def _pool_size(config: EmbedConfig, resources: dict[str, float]) -> int:
+    """The number of actors; fails now on requests the cluster cannot meet (Ray would wait for them forever)."""
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if config.num_gpus > 0:
+        n = config.num_actors or int(gpus // config.num_gpus)
+        if n == 0 or n * config.num_gpus > gpus:
+            raise EmbedError(f"num_gpus={config.num_gpus:g} per actor x {max(n, 1)} actors needs "
+                             f"{max(n, 1) * config.num_gpus:g} GPUs, but the Ray cluster has {gpus:g}; set "
+                             "num_gpus: 0 to embed on CPUs")
+    else:
+        n = config.num_actors or int(cpus // config.cpus_per_actor)
+    if n == 0 or n * config.cpus_per_actor > cpus:
+        raise EmbedError(f"cpus_per_actor={config.cpus_per_actor} x {max(n, 1)} actors needs "
+                         f"{max(n, 1) * config.cpus_per_actor} CPUs, but the Ray cluster has {cpus:g}; lower them")
+    log.info("%d encoder actor(s), %d CPU(s)%s each", n, config.cpus_per_actor,
+             f" and {config.num_gpus:g} GPU" if config.num_gpus else "")
+    return n
+
+
+def _write_shard(run_dir: Path, k: int, parts: list[dict[str, np.ndarray]], manifest: dict[str, Any]) -> None:
+    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    failed = np.array([bool(e) for e in rows["error"]], dtype=bool)
+    ok = ~failed
+    uris = [str(u) for u in rows["uri"]]
+    name = shards.shard_name(k)
+    table = shards.embedding_table(rows["id"][ok], [u for u, good in zip(uris, ok) if good],
+                                   rows["embedding"][ok], manifest["bundle_id"])
+    info = shards.write_parquet_atomic(table, run_dir / name)
+    errors_path = run_dir / shards.SHARD_ERRORS_DIR / name
+    if failed.any():
+        errors = shards.error_table(rows["id"][failed], [u for u, bad in zip(uris, failed) if bad],
+                                    [str(e) for e in rows["error"][failed]])
+        shards.write_parquet_atomic(errors, errors_path)
+        for uri, reason in zip(errors.column("uri").to_pylist()[:5], errors.column("reason").to_pylist()):
+            log.warning("skipped %s: %s", uri, reason)
+    else:
+        errors_path.unlink(missing_ok=True)  # a killed earlier attempt may have left one
+    shards.record_shard(manifest, name, info, int(failed.sum()))
+    shards.write_manifest(run_dir, manifest)
+    log.info("shard %s: %d rows, %d errors (%d/%d shards)", name, info["rows"], int(failed.sum()),
+             len(manifest["shards"]), manifest["num_shards"])
+
+
+def _finish(run_dir: Path, manifest: dict[str, Any], this_run: dict[str, Any]) -> None:
+    tables = [pq.read_table(p) for name in sorted(manifest["shards"])
+              if (p := run_dir / shards.SHARD_ERRORS_DIR / name).exists()]
+    errors = pa.concat_tables(tables).sort_by("id") if tables else shards.ERROR_SCHEMA.empty_table()
+    manifest["errors_file"] = {shards.ERRORS: shards.write_parquet_atomic(errors, run_dir / shards.ERRORS)}
+    manifest["last_run"] = this_run
+    manifest["complete"] = True
+    shards.write_manifest(run_dir, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m indexing.embed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML file (keys: indexing.embed.EmbedConfig)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. catalog.folder=images/")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(EmbedConfig, args.config, args.overrides)
+        print(run_embed(config))
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

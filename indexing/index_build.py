@@ -1,0 +1,269 @@
+"""Build a FAISS index from an embedding run: plan, train once on a sample, add shard by shard, merge, tune.
+
+    build_index(run, queries, indexes_root, config) -> indexes/<catalog>/<index_id>/
+
+The index_id hashes everything the index depends on (the embedding shards' sha256s, the configuration, the
+tuning queries), so a rerun with the same inputs finds the verified directory and returns it untouched. The
+directory is assembled under a temp name beside its final place and renamed whole; the manifest, written
+last, records the plan and its reason, the tuned search setting and the recall measured there with real
+composed queries, timings, sizes and the sha256 of every file. `publish_index` then moves CURRENT to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
+
+from export.manifest import ID_LENGTH
+from indexing import index_store as store
+from indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
+from indexing.index_plan import IndexConfig, IndexPlan, plan_index
+from indexing.shards import EmbeddingRun
+from indexing.tuning import TRUTH_DEPTH, ef_search_candidates, exact_knn, nprobe_candidates, tune_setting
+
+log = logging.getLogger(__name__)
+
+# Unit vectors from the query encoder; a looser norm means vectors from elsewhere (or unnormalised).
+NORM_TOLERANCE = 1e-3
+
+
+class IndexBuildError(ValueError):
+    """The inputs cannot make an index (empty catalog, bad queries, unnamed catalog); the message says which."""
+
+
+def build_index(run: EmbeddingRun, queries: np.ndarray, indexes_root: Path,
+                config: IndexConfig = IndexConfig()) -> Path:
+    """Build (or find, when already built) the index of `run` tuned on `queries`; returns its directory.
+
+    queries: (Q, D) real composed query vectors from the run's bundle (encode_query_split, or a logged queries
+    file); never catalog vectors. The directory is not published: call `publish_index` for that.
+    """
+    queries = check_queries(queries, run.dim)
+    if run.rows == 0:
+        raise IndexBuildError(f"{run.run_dir}: the embedding run holds no vectors (empty catalog, or every image "
+                              f"failed: {run.manifest.get('errors', 0)} errors)")
+    catalog = run.manifest.get("catalog", {}).get("name")
+    if not catalog or "/" in catalog or catalog.startswith("."):
+        raise IndexBuildError(f"{run.run_dir}: the run's catalog name {catalog!r} cannot name a directory")
+    final = Path(indexes_root) / catalog / index_id(run, queries, config)
+    if (final / store.MANIFEST).exists():
+        try:
+            store.verify_index(final)
+        except store.IndexFormatError as e:
+            raise IndexBuildError(f"{final} exists but is damaged ({e}); remove it to rebuild") from e
+        log.info("index %s is up to date (same shards, configuration and queries)", final)
+        return final
+
+    plan = plan_index(run.rows, run.dim, config)
+    log.info("index plan for %s: %s", catalog, plan.reason)
+    for warning in plan.warnings:
+        log.warning("index plan: %s", warning)
+    on_gpu = resolve_gpu(config.use_gpu, plan.index_type, "build")
+    tmp = store.temp_dir_beside(final)
+    try:
+        started = time.perf_counter()
+        trained = _train(plan, run, config, on_gpu)
+        trained_at = time.perf_counter()
+        layout, files, ids = _add(plan, trained, run, tmp, config.merge, on_gpu)
+        added_at = time.perf_counter()
+        manifest = {"format": store.FORMAT, "index_id": final.name, "catalog": catalog, "bundle_id": run.bundle_id,
+                    "embed_dim": run.dim, "metric": "inner_product", "type": plan.index_type,
+                    "factory": plan.factory, "params": plan.params, "reason": plan.reason,
+                    "plan_warnings": list(plan.warnings), "layout": layout, "index_files": files,
+                    "estimated_bytes": plan.estimated_bytes}
+        tuning = _tune(tmp, manifest, plan, run, queries, config, on_gpu)
+        tuned_at = time.perf_counter()
+        index_bytes = sum((tmp / name).stat().st_size for name in files)
+        if layout == "ondisk":
+            index_bytes += (tmp / store.IVFDATA).stat().st_size
+        manifest.update({
+            "embeddings": {"run_dir": str(run.run_dir), "shards": len(run.shard_files), "rows": run.rows},
+            "counts": {"vectors": int(len(ids)), "shards": len(run.shard_files), "index_files": len(files)},
+            "id_range": [int(ids.min()), int(ids.max())],
+            "search": {"param": tuning.pop("param"), "value": tuning.pop("value")},
+            "recall": tuning,
+            "build_seconds": {"train": round(trained_at - started, 3), "add": round(added_at - trained_at, 3),
+                              "tune": round(tuned_at - added_at, 3), "total": round(tuned_at - started, 3)},
+            "device": "gpu" if on_gpu else "cpu", "faiss_version": faiss.__version__,
+            "bytes_on_disk": index_bytes, "bytes_per_vector": round(index_bytes / len(ids), 2),
+            "queries_sha256": _queries_digest(queries), "config": dataclasses.asdict(config)})
+        store.write_manifest(tmp, manifest)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / store.MANIFEST).exists():
+                raise
+            log.info("index %s was built concurrently by another process; keeping that one", final)
+            store.verify_index(final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_index(index_dir: Path) -> Path:
+    """Make `index_dir` its catalog's CURRENT index (atomic rename of the pointer); returns the pointer file."""
+    pointer = store.publish(index_dir)
+    log.info("published %s as %s", index_dir.name, pointer)
+    return pointer
+
+
+def index_id(run: EmbeddingRun, queries: np.ndarray, config: IndexConfig) -> str:
+    """Hash of the shards' sha256s, the configuration (all but where it runs) and the tuning queries."""
+    recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
+              "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
+              "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},
+              "queries": _queries_digest(queries)}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
+
+
+def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """(Q, D) float32 unit query vectors, Q >= 2 (half tunes, half measures), or IndexBuildError."""
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise IndexBuildError(f"queries must be (Q, {dim}) to match the catalog's dimension, got {queries.shape}")
+    if len(queries) < 2:
+        raise IndexBuildError(f"tuning needs at least 2 queries (a few hundred measure recall well), got "
+                              f"{len(queries)}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if not np.isfinite(queries).all():
+        raise IndexBuildError("queries contain NaN or inf")
+    norms = np.linalg.norm(queries, axis=1)
+    if np.abs(norms - 1).max() > NORM_TOLERANCE:
+        raise IndexBuildError(f"queries must be unit vectors from the bundle's query encoder; norms range "
+                              f"{norms.min():.4f}..{norms.max():.4f}")
+    return queries
+
+
+def _queries_digest(queries: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(queries, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _train(plan: IndexPlan, run: EmbeddingRun, config: IndexConfig, on_gpu: bool) -> faiss.Index:
+    """The empty index, trained (IVF: centroids, and PQ codebooks) on a seeded sample of the catalog."""
+    index = faiss.index_factory(run.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.index_type == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efConstruction = config.hnsw_ef_construction
+    if not plan.train_points:
+        return index
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.seed = config.seed
+    if plan.index_type == "ivf_pq":
+        ivf.pq.cp.seed = config.seed
+        # index_factory turns on polysemous training (a slow annealing of code order for Hamming filtering,
+        # seconds even on tiny data); search never uses polysemous codes.
+        ivf.do_polysemous_training = False
+    sample = _sample(run, plan.train_points, config.seed)
+    log.info("training %s on %d sampled vectors", plan.factory, len(sample))
+    if not on_gpu:
+        index.train(sample)
+        return index
+    # faiss's way to train IVF on GPU: the k-means assignment runs on a GPU flat index while the trained index
+    # stays a CPU object (keeping its seeds). The pointer is not owned: `clustering` keeps the GPU index alive,
+    # and the pointer is cleared before it dies (clones and files must not carry it).
+    clustering = to_gpu(faiss.IndexFlatIP(run.dim), "flat")
+    ivf.clustering_index = clustering
+    try:
+        index.train(sample)
+    finally:
+        ivf.clustering_index = None
+    return index
+
+
+def _sample(run: EmbeddingRun, count: int, seed: int) -> np.ndarray:
+    """`count` catalog vectors drawn without replacement (seeded), read shard by shard."""
+    rows = np.sort(np.random.default_rng(seed).choice(run.rows, size=count, replace=False))
+    parts, offset = [], 0
+    for _, vectors, _ in run.iter_shards():
+        lo, hi = np.searchsorted(rows, [offset, offset + len(vectors)])
+        parts.append(vectors[rows[lo:hi] - offset])
+        offset += len(vectors)
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, merge: bool,
+         on_gpu: bool) -> tuple[str, list[str], np.ndarray]:
+    """Add the shards with their catalog ids; returns (layout, FAISS file names, all ids). Writes uris.parquet."""
+    ivf = plan.index_type in ("ivf_flat", "ivf_pq")
+    whole = trained if merge and not ivf else None  # Flat/HNSW merged: one index grows shard by shard
+    parts_dir = out / "_parts" if merge and ivf else out
+    parts_dir.mkdir(exist_ok=True)
+    files, all_ids, all_uris, offset = [], [], [], 0
+    for shard, (ids, vectors, uris) in enumerate(run.iter_shards()):
+        offset += len(ids)
+        if len(ids) == 0:
+            continue
+        all_ids.append(ids)
+        all_uris.extend(uris)
+        if whole is not None:
+            whole.add_with_ids(vectors, ids)
+            continue
+        part = faiss.clone_index(trained)
+        if on_gpu and ivf:  # Flat adds are copies and HNSW has no GPU version
+            gpu_part = to_gpu(part, plan.index_type)
+            gpu_part.add_with_ids(vectors, ids)
+            part = to_cpu(gpu_part)
+        else:
+            part.add_with_ids(vectors, ids)
+        faiss.write_index(part, str(parts_dir / store.shard_file(shard)))
+        files.append(store.shard_file(shard))
+        log.info("shard %d: %d vectors added (%d/%d)", shard, len(ids), offset, run.rows)
+    if offset != run.rows:
+        raise IndexBuildError(f"{run.run_dir}: the shards hold {offset} rows, the manifest says {run.rows}")
+    ids = np.concatenate(all_ids)
+    store.write_uris(out, ids, all_uris)
+    if whole is not None:
+        faiss.write_index(whole, str(out / store.INDEX_FILE))
+        return "single", [store.INDEX_FILE], ids
+    if not merge:
+        return "shards", files, ids
+    merged = faiss.clone_index(trained)
+    merge_ondisk(merged, [str(parts_dir / name) for name in files], str(out / store.IVFDATA))
+    faiss.write_index(merged, str(out / store.INDEX_FILE))
+    shutil.rmtree(parts_dir)
+    return "ondisk", [store.INDEX_FILE], ids
+
+
+def _tune(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingRun, queries: np.ndarray,
+          config: IndexConfig, on_gpu: bool) -> dict[str, Any]:
+    """Sweep the search setting on the written index (opened as search will open it); returns the manifest's
+    recall section plus "param" and "value"."""
+    index = store.open_index(index_dir, manifest, mmap=True, on_gpu=on_gpu)
+    k = min(config.recall_k, run.rows)
+    truth = exact_knn(queries, ((ids, vectors) for ids, vectors, _ in run.iter_shards()), k * TRUTH_DEPTH)
+
+    param = plan.search_param
+
+    def search(q: np.ndarray, kk: int, value: int | None) -> np.ndarray:
+        if param is not None and value is not None:
+            set_search_param(index, param, value, on_gpu)
+        return index.search(q, kk)[1]
+
+    if plan.index_type == "hnsw":
+        candidates = ef_search_candidates(k, run.rows)
+    elif param == "nprobe":
+        candidates = nprobe_candidates(plan.params["nlist"], GPU_MAX_K if on_gpu else None)
+    else:
+        candidates = []
+    result = tune_setting(search, param, candidates, queries, truth, k, config.recall_target,
+                          config.tune_fraction, config.seed)
+    log.info("tuned %s=%s: recall@%d %.4f on %d held-out composed queries (target %.3f%s)", result.param,
+             result.value, k, result.recall, result.queries_held_out, result.target,
+             "" if result.target_met else ", NOT MET")
+    return {"param": result.param, "value": result.value, "k": k, "target": result.target,
+            "target_met": result.target_met, "held_out": round(result.recall, 5),
+            "tuning": round(result.tuning_recall, 5),
+            "sweep": [[value, round(recall, 5)] for value, recall in result.sweep],
+            "measured_with": (f"{len(queries)} real composed query vectors, split (seed {config.seed}) into "
+                              f"{result.queries_tuning} that chose the setting and {result.queries_held_out} "
+                              f"held out; k-recall@{k} against exact inner-product search over all "
+                              f"{run.rows} catalog vectors, ties within 1e-5 counted as hits")}

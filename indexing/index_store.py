@@ -1,0 +1,165 @@
+"""The index directory on disk: file names, manifest, verification, the CURRENT pointer, and opening FAISS files.
+
+    indexes/<catalog>/<index_id>/
+        index.faiss (+ index.ivfdata)   merge=True: one index; IVF lists merged on disk in index.ivfdata
+        shard-00000.faiss ...           merge=False: one index per embedding shard, searched together
+        uris.parquet                    id int64, uri string, sorted by id
+        manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
+    indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename
+
+Index directories are immutable once renamed into place, so a server may memory-map their files.
+
+Memory mapping in faiss 1.15 (checked in faiss/impl/index_read.cpp and on this machine): IO_FLAG_MMAP_IFC maps
+the vector codes of IndexFlat, the storage of HNSW, and the lists of an IVF file ("ilar") through a
+MappedFileIOReader, instead of reading them into RAM (the IndexIDMap ids, 8 B/vector, are still read). An IVF
+index merged on disk (OnDiskInvertedLists, "ilod") is always memory-mapped; it records the absolute path of its
+.ivfdata, and IO_FLAG_ONDISK_SAME_DIR makes faiss look beside the .faiss file instead, which the temp-then-rename
+build needs. The two cannot be combined: MMAP_IFC refuses on-disk lists.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from export.manifest import describe_files, sha256_file
+from indexing.faiss_device import to_gpu
+from indexing.shards import write_parquet_atomic
+from models.atomic_write import write_json_atomic, write_text_atomic
+from models.data.json_files import read_json
+from models.data.types import DatasetError
+
+FORMAT = "cirflow-index-v1"
+MANIFEST, CURRENT, URIS = "manifest.json", "CURRENT", "uris.parquet"
+INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
+LAYOUTS = ("single", "ondisk", "shards")  # one file; IVF merged on disk; one file per embedding shard
+URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
+
+
+class IndexFormatError(ValueError):
+    """An index directory is missing, incomplete, damaged or of another format; the message names the file."""
+
+
+def shard_file(shard: int) -> str:
+    return f"shard-{shard:05d}.faiss"
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A fresh hidden directory next to `final`, on the same filesystem so that a rename can publish it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    return tmp
+
+
+def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """Record every file of the directory (size, sha256) and write the manifest last."""
+    names = sorted(p.name for p in index_dir.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
+    write_json_atomic(index_dir / MANIFEST, {**manifest, "files": describe_files(index_dir, names)}, sort_keys=True)
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise IndexFormatError(f"{index_dir}: no {MANIFEST}; not a built index directory (build it with "
+                               "`cirflow index build`)")
+    try:
+        manifest = read_json(path)
+    except DatasetError as e:
+        raise IndexFormatError(str(e)) from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                               f" is not {FORMAT!r}")
+    return manifest
+
+
+def verify_index(index_dir: Path, checksums: bool = True) -> dict[str, Any]:
+    """The manifest, after checking every listed file's size (and sha256 with `checksums`)."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    for name, meta in sorted(manifest["files"].items()):
+        path = index_dir / name
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: listed in {MANIFEST} but missing")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise IndexFormatError(f"{path}: {size} bytes, {MANIFEST} records {meta['bytes']} (truncated or "
+                                   "replaced)")
+        if checksums and sha256_file(path) != meta["sha256"]:
+            raise IndexFormatError(f"{path}: sha256 differs from {MANIFEST} (damaged or replaced)")
+    return manifest
+
+
+def resolve_index_dir(path: Path) -> Path:
+    """An index directory as given, or the one a catalog directory's CURRENT names."""
+    path = Path(path)
+    pointer = path / CURRENT
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not name or "/" in name or name.startswith("."):
+            raise IndexFormatError(f"{pointer}: {name!r} is not an index directory name")
+        return path / name
+    if not (path / MANIFEST).is_file():
+        raise IndexFormatError(f"{path}: neither an index directory ({MANIFEST}) nor a catalog directory with "
+                               f"{CURRENT}")
+    return path
+
+
+def publish(index_dir: Path) -> Path:
+    """Point the catalog's CURRENT at `index_dir` (verified first); readers see the old or the new name, whole."""
+    index_dir = Path(index_dir)
+    verify_index(index_dir, checksums=False)
+    pointer = index_dir.parent / CURRENT
+    write_text_atomic(pointer, index_dir.name + "\n")
+    return pointer
+
+
+def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str]) -> None:
+    """id -> uri for the whole catalog, sorted by id; ids must be unique."""
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if len(ids) > 1 and bool((ids[1:] == ids[:-1]).any()):
+        dup = int(ids[1:][ids[1:] == ids[:-1]][0])
+        raise IndexFormatError(f"catalog id {dup} occurs in more than one embedding row; ids must be unique")
+    table = pa.table([pa.array(ids, pa.int64()), pa.array([uris[i] for i in order], pa.string())],
+                     schema=URIS_SCHEMA)
+    write_parquet_atomic(table, index_dir / URIS)
+
+
+def read_uris(index_dir: Path) -> tuple[np.ndarray, pa.StringArray]:
+    """(ids sorted int64, uris in the same order); uris stay an Arrow array, compact for millions of rows."""
+    table = pq.read_table(Path(index_dir) / URIS, columns=["id", "uri"])
+    return table.column("id").to_numpy(), table.column("uri").combine_chunks()
+
+
+def read_faiss(path: Path, layout: str, mmap: bool) -> faiss.Index:
+    """One FAISS file, memory-mapped where the format allows (module docstring)."""
+    if layout == "ondisk":
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # lists are mapped whatever `mmap` says
+    else:
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as e:  # faiss raises RuntimeError for unreadable, truncated or foreign files
+        raise IndexFormatError(f"{path}: faiss cannot read it ({str(e).splitlines()[0]})") from e
+
+
+def open_index(index_dir: Path, manifest: dict[str, Any], mmap: bool = True, on_gpu: bool = False) -> faiss.Index:
+    """The index's FAISS files as one searchable index: shards become a faiss.IndexShards that merges their
+    top-k (threaded, each shard keeping its catalog ids); `on_gpu` copies each onto the GPUs."""
+    parts = [read_faiss(Path(index_dir) / name, manifest["layout"], mmap) for name in manifest["index_files"]]
+    if on_gpu:
+        parts = [to_gpu(part, manifest["type"]) for part in parts]
+    if len(parts) == 1:
+        return parts[0]
+    shards = faiss.IndexShards(int(manifest["embed_dim"]), True, False)
+    for part in parts:
+        shards.add_shard(part)  # faiss's wrapper keeps a reference to each part
+    return shards

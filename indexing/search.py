@@ -1,0 +1,190 @@
+"""The search library: composed queries (reference image + text) in, catalog ids, scores and uris out.
+
+    searcher = Searcher.load("workdir/indexes/shoes", "workdir/bundles/<bundle_id>")  # CURRENT is followed
+    result = searcher.search(Path("ref.jpg"), "make it red", k=10, exclude_id=ref_id)
+
+`VectorIndex` is the index alone (vectors in): what benchmarks time without the encoder. Loading checks every
+index file against the manifest, memory-maps what faiss can map (index_store), and sets the tuned nprobe /
+efSearch. A Searcher refuses an index built from another bundle's vectors: the scores would be meaningless.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from export.runtime import BundleRuntime, ImageInput
+from indexing import index_store as store
+from indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param
+
+log = logging.getLogger(__name__)
+
+VERIFY = ("sha256", "size")
+
+
+class SearchError(ValueError):
+    """A bad search request (k, query shape, exclusion list); the message names the argument."""
+
+
+class IndexMismatchError(ValueError):
+    """The index was built from another bundle's vectors than the bundle given to search it."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    ids: np.ndarray  # (n,) int64 catalog ids, best first; n = k unless the index found fewer
+    scores: np.ndarray  # (n,) float32 inner products = cosine similarities (approximate for IVF-PQ)
+    uris: list[str]
+
+
+class VectorIndex:
+    """A loaded index directory: (Q, D) query vectors in, the top-k catalog ids and scores out."""
+
+    def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index, on_gpu: bool,
+                 ids: np.ndarray, uris: pa.StringArray) -> None:
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self.index = index
+        self.on_gpu = on_gpu
+        self._ids = ids  # sorted catalog ids, aligned with _uris
+        self._uris = uris
+
+    @classmethod
+    def load(cls, index_dir: Path, use_gpu: str = "auto", verify: str = "sha256", mmap: bool = True) -> VectorIndex:
+        """Open an index directory, or the CURRENT index of a catalog directory.
+
+        verify: "sha256" checks every file's checksum (reads each file once), "size" only sizes (fast start on
+        huge indexes). mmap: memory-map the vectors / lists where the index type allows (module docstring of
+        index_store); the pages are shared between processes serving the same index.
+        """
+        if verify not in VERIFY:
+            raise ValueError(f"verify={verify!r} is not one of {list(VERIFY)}")
+        index_dir = store.resolve_index_dir(Path(index_dir))
+        manifest = store.verify_index(index_dir, checksums=verify == "sha256")
+        on_gpu = resolve_gpu(use_gpu, manifest["type"], "search")
+        index = store.open_index(index_dir, manifest, mmap=mmap, on_gpu=on_gpu)
+        setting = manifest["search"]
+        if setting["param"] is not None:
+            set_search_param(index, setting["param"], int(setting["value"]), on_gpu)
+        ids, uris = store.read_uris(index_dir)
+        if len(ids) != index.ntotal:
+            raise store.IndexFormatError(f"{index_dir}: {store.URIS} lists {len(ids)} ids, the index holds "
+                                         f"{index.ntotal} vectors")
+        recall = manifest["recall"]
+        log.info("index %s: %s, %d vectors, %s=%s (recall@%d %.3f held out)%s", index_dir, manifest["type"],
+                 index.ntotal, setting["param"], setting["value"], recall["k"], recall["held_out"],
+                 "" if recall["target_met"] else " RECALL TARGET NOT MET")
+        return cls(index_dir, manifest, index, on_gpu, ids, uris)
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int = 10,
+               exclude_ids: Sequence[int | None] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (Q, k) int64, scores (Q, k) float32), best first; faiss pads with id -1 where it found fewer.
+
+        exclude_ids: per query a catalog id to leave out (the reference's own image), None/-1 for none. One
+        extra neighbour is asked for, so dropping it still returns k whenever the catalog holds k others.
+        """
+        queries = self._check_queries(queries)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise SearchError(f"k must be a positive integer, got {k!r}")
+        exclude = self._check_exclude(exclude_ids, len(queries))
+        excluding = bool((exclude >= 0).any())
+        kk = k + 1 if excluding else k
+        if self.on_gpu and kk > GPU_MAX_K:
+            raise SearchError(f"k={k} is over faiss's GPU limit of {GPU_MAX_K - excluding} results per query")
+        scores, ids = self.index.search(queries, kk)
+        if excluding:
+            hit = ids == exclude[:, None]  # at most one True per row: ids are unique
+            keep = np.argsort(hit, axis=1, kind="stable")[:, :k]  # the others first, in rank order
+            ids, scores = np.take_along_axis(ids, keep, axis=1), np.take_along_axis(scores, keep, axis=1)
+        return ids, scores
+
+    def uris_of(self, ids: np.ndarray) -> list[str]:
+        """The uri of each catalog id (ids the index returned)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.searchsorted(self._ids, ids)
+        if ids.size and (rows.max() >= len(self._ids) or (self._ids[rows] != ids).any()):
+            raise SearchError(f"ids {ids.tolist()} include ids that are not in the catalog")
+        return self._uris.take(pa.array(rows)).to_pylist()
+
+    def results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+        """One SearchResult per row of search()'s output, without faiss's -1 padding."""
+        out = []
+        for row_ids, row_scores in zip(ids, scores):
+            found = row_ids >= 0
+            out.append(SearchResult(row_ids[found], row_scores[found], self.uris_of(row_ids[found])))
+        return out
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise SearchError(f"queries must be (Q, {self.dim}) for this index ({self.index_dir.name}), got "
+                              f"shape {queries.shape}")
+        return np.ascontiguousarray(queries, dtype=np.float32)
+
+    @staticmethod
+    def _check_exclude(exclude_ids: Sequence[int | None] | np.ndarray | None, count: int) -> np.ndarray:
+        if exclude_ids is None:
+            return np.full(count, -1, dtype=np.int64)
+        if len(exclude_ids) != count:
+            raise SearchError(f"exclude_ids has {len(exclude_ids)} entries for {count} queries")
+        try:
+            return np.array([-1 if e is None else int(e) for e in exclude_ids], dtype=np.int64)
+        except (TypeError, ValueError) as e:
+            raise SearchError(f"exclude_ids must hold catalog ids (int) or None: {e}") from e
+
+
+class Searcher:
+    """A bundle's query encoder and an index made from the same bundle's catalog vectors."""
+
+    def __init__(self, index: VectorIndex, runtime: BundleRuntime) -> None:
+        if index.bundle_id != runtime.bundle_id:
+            raise IndexMismatchError(f"index {index.index_dir} was built from vectors of bundle {index.bundle_id}, "
+                                     f"but bundle {runtime.bundle_dir} is {runtime.bundle_id}; search it with "
+                                     f"bundle {index.bundle_id}, or rebuild the index from this bundle's "
+                                     "embeddings")
+        if index.dim != runtime.embed_dim:  # same bundle_id implies the same dim; a hand-edited manifest does not
+            raise IndexMismatchError(f"index {index.index_dir} has dimension {index.dim}, bundle "
+                                     f"{runtime.bundle_dir} encodes {runtime.embed_dim}")
+        self.index = index
+        self.runtime = runtime
+
+    @classmethod
+    def load(cls, index_dir: Path, bundle_dir: Path, providers: str = "auto", use_gpu: str = "auto",
+             verify: str = "sha256", mmap: bool = True) -> Searcher:
+        """An index directory (or catalog directory with CURRENT) and the bundle it was built with."""
+        index = VectorIndex.load(index_dir, use_gpu=use_gpu, verify=verify, mmap=mmap)
+        return cls(index, BundleRuntime.load(bundle_dir, providers=providers))
+
+    def search(self, reference_image: ImageInput, text: str, k: int = 10,
+               exclude_id: int | None = None) -> SearchResult:
+        """The k catalog images that best match the reference image modified by `text`."""
+        return self.search_batch([reference_image], [text], k, None if exclude_id is None else [exclude_id])[0]
+
+    def search_batch(self, images: Sequence[ImageInput], texts: Sequence[str], k: int = 10,
+                     exclude_ids: Sequence[int | None] | None = None) -> list[SearchResult]:
+        """Images: PIL RGB, encoded bytes, Paths or (H, W, 3) uint8 arrays (BundleRuntime.embed_queries)."""
+        return self.search_vectors(self.runtime.embed_queries(images, texts), k, exclude_ids)
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10,
+                       exclude_ids: Sequence[int | None] | np.ndarray | None = None) -> list[SearchResult]:
+        """Already encoded (Q, D) query vectors, e.g. a batch encoded elsewhere."""
+        ids, scores = self.index.search(queries, k, exclude_ids)
+        return self.index.results(ids, scores)

@@ -1,0 +1,162 @@
+"""Recall of an approximate index against exact search, and the smallest search setting that meets a target.
+
+Functions take arrays, iterators and search callables; the caller owns I/O and the index. The queries must be
+real composed query vectors (encoded through the bundle, or logged in production): catalog vectors as queries
+find themselves at rank 1, and random Gaussians have no neighbours, so either would tune to the wrong setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Scores within this of the k-th exact score count as ties: float32 dot products of unit vectors computed by
+# different kernels (BLAS vs faiss's SIMD loops, CPU vs GPU) differ by ~1e-7.
+TIE_TOLERANCE = 1e-5
+# The exact top list is computed this much deeper than k, so that ties across position k are seen.
+TRUTH_DEPTH = 2
+# Below this many held-out queries the measured recall moves by more than a point between runs.
+FEW_QUERIES = 100
+# The sweep gives up on a target once this many successive settings (each about doubling the search cost)
+# together gained less than PLATEAU: IVF-PQ's recall is capped by its codes, and scanning every list of a large
+# catalog for every tuning query would cost minutes to learn nothing.
+PATIENCE, PLATEAU = 2, 1e-3
+
+# ids (Q, k) of the k best catalog ids per query under one setting (None: the index has no setting)
+SearchFn = Callable[[np.ndarray, int, int | None], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    scores: np.ndarray  # (Q, K) float32 inner products, best first; -inf where the catalog has fewer than K
+    ids: np.ndarray  # (Q, K) int64 catalog ids; -1 where the catalog has fewer than K
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    param: str | None  # "nprobe", "efSearch", or None for an exact index
+    value: int | None  # the chosen setting
+    recall: float  # recall@k at `value` on the held-out queries
+    tuning_recall: float  # recall@k at `value` on the queries that chose it
+    target: float
+    target_met: bool  # some setting reached the target on the tuning queries
+    k: int
+    queries_tuning: int
+    queries_held_out: int
+    sweep: tuple[tuple[int | None, float], ...]  # (setting, recall on the tuning queries), in sweep order
+
+
+def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> GroundTruth:
+    """Exact top-k by inner product over `batches` of (ids, vectors), streamed: only one batch in memory."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for ids, vectors in batches:
+        if len(ids) == 0:
+            continue
+        scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(ids)),
+                                 metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.asarray(ids, dtype=np.int64)[rows])
+    heap.finalize()
+    missing = heap.I < 0  # fewer than k vectors in the whole catalog
+    return GroundTruth(np.where(missing, -np.inf, heap.D).astype(np.float32), heap.I)
+
+
+def recall_at_k(found: np.ndarray, truth: GroundTruth, k: int, tol: float = TIE_TOLERANCE) -> float:
+    """Mean share of the exact top-k in `found[:, :k]` (k-recall@k), tie-tolerant: a found id whose exact score
+    equals the k-th best within `tol` counts as a hit, as faiss.contrib.evaluation compares kNN results."""
+    if truth.ids.shape[1] < k:
+        raise ValueError(f"the ground truth holds {truth.ids.shape[1]} neighbours per query, fewer than k={k}")
+    if found.shape[0] != truth.ids.shape[0]:
+        raise ValueError(f"found has {found.shape[0]} rows, the ground truth {truth.ids.shape[0]}")
+    found = found[:, :k]
+    kth = truth.scores[:, k - 1:k]  # (Q, 1)
+    # Every exact neighbour scoring at least the k-th (minus tol) is an acceptable answer.
+    acceptable = np.where(truth.scores >= kth - tol, truth.ids, -1)  # (Q, K)
+    hits = (found[:, :, None] == acceptable[:, None, :]) & (found[:, :, None] >= 0)  # (Q, k, K)
+    # Rows of a catalog with fewer than k vectors are judged on what exists.
+    wanted = np.minimum(k, (truth.ids[:, :k] >= 0).sum(axis=1))
+    return float(np.mean(np.minimum(hits.any(axis=2).sum(axis=1), wanted) / np.maximum(wanted, 1)))
+
+
+def split_queries(count: int, tune_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of query rows into (tuning, held-out), both non-empty and sorted."""
+    if count < 2:
+        raise ValueError(f"tuning needs at least 2 queries (half to choose a setting, half to measure it), got "
+                         f"{count}")
+    order = np.random.default_rng(seed).permutation(count)
+    cut = min(count - 1, max(1, round(count * tune_fraction)))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int], queries: np.ndarray,
+                 truth: GroundTruth, k: int, target: float, tune_fraction: float = 0.5,
+                 seed: int = 0) -> TuningResult:
+    """The smallest of `candidates` (ascending; cost grows with them) whose recall@k on the tuning queries meets
+    `target`, with its recall on the held-out queries. When none meets it (or recall stops rising first), the
+    best setting is kept and a warning says the target was missed. `param=None` (exact index): one measurement."""
+    tune_rows, held_rows = split_queries(len(queries), tune_fraction, seed)
+    tune_truth = GroundTruth(truth.scores[tune_rows], truth.ids[tune_rows])
+    settings: list[int | None] = list(candidates) if param is not None else [None]
+    if not settings:
+        raise ValueError(f"no candidate values to tune {param}")
+    sweep: list[tuple[int | None, float]] = []
+    for value in settings:
+        recall = recall_at_k(search(queries[tune_rows], k, value), tune_truth, k)
+        sweep.append((value, recall))
+        log.debug("%s=%s: recall@%d %.4f on %d tuning queries", param, value, k, recall, len(tune_rows))
+        if recall >= target:
+            break
+        if len(sweep) > PATIENCE and recall - sweep[-1 - PATIENCE][1] < PLATEAU:
+            log.info("%s sweep stopped at %s=%s: recall@%d %.4f has stopped rising", param, param, value, k, recall)
+            break
+    met = sweep[-1][1] >= target
+    value, tuning_recall = sweep[-1] if met else max(sweep, key=lambda s: s[1])  # first best: the cheapest
+    if met and len(sweep) > 1:
+        # Settings double, and so does the search cost: the midpoint below the first passing setting often
+        # passes too, for up to a third less latency.
+        below = sweep[-2][0]
+        assert below is not None and value is not None  # several settings: a parameter is being swept
+        mid = (below + value) // 2
+        if below < mid < value:
+            mid_recall = recall_at_k(search(queries[tune_rows], k, mid), tune_truth, k)
+            sweep.append((mid, mid_recall))
+            if mid_recall >= target:
+                value, tuning_recall = mid, mid_recall
+    held = recall_at_k(search(queries[held_rows], k, value), GroundTruth(truth.scores[held_rows],
+                                                                          truth.ids[held_rows]), k)
+    if not met:
+        log.warning("TARGET NOT MET: recall@%d target %.3f is out of reach; best %s=%s gives %.4f on the tuning "
+                    "queries, %.4f held out (sweep: %s)", k, target, param, value, tuning_recall, held,
+                    [(v, round(r, 4)) for v, r in sweep])
+    elif held < target:
+        log.warning("%s=%s met recall@%d >= %.3f on %d tuning queries but gives %.4f on %d held-out queries "
+                    "(sampling noise; more queries measure it better)", param, value, k, target, len(tune_rows),
+                    held, len(held_rows))
+    if len(held_rows) < FEW_QUERIES:
+        log.warning("recall measured on %d held-out queries only; expect it to move by a point or more",
+                    len(held_rows))
+    return TuningResult(param, value, held, tuning_recall, target, met, k, len(tune_rows), len(held_rows),
+                        tuple(sweep))
+
+
+def nprobe_candidates(nlist: int, limit: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to nlist (nprobe = nlist scans every list: exact up to PQ coding), capped at `limit`."""
+    top = min(nlist, limit) if limit else nlist
+    values = [1 << i for i in range(top.bit_length()) if 1 << i < top]
+    return values + [top]
+
+
+def ef_search_candidates(k: int, ntotal: int) -> list[int]:
+    """16, 32, ... (at least k: HNSW keeps efSearch >= k anyway) until the search list covers the catalog."""
+    values, ef = [], max(16, k)
+    while True:
+        values.append(ef)
+        if ef >= ntotal or ef >= 4096:
+            return values
+        ef *= 2

@@ -1,0 +1,94 @@
+"""Embedding runs with neighbour structure, written through the real run format (indexing.shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.bundle import export_bundle
+from export.runtime import BundleRuntime
+from indexing.index_build import build_index
+from indexing.index_plan import IndexConfig
+from indexing.shards import (EmbeddingRun, embedding_table, new_manifest, open_run, record_shard, shard_name,
+                             write_manifest, write_parquet_atomic)
+from tests.export.conftest import make_checkpoint
+
+BUNDLE_ID = "0123456789abcdef"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 64, spread: float = 0.35) -> np.ndarray:
+    """(n, dim) unit vectors around `clusters` random centres: each has true near neighbours, as embeddings do
+    (random Gaussians in high dimension are all nearly orthogonal, so recall on them means nothing)."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((clusters, dim)))
+    noise = rng.standard_normal((n, dim)) * spread / np.sqrt(dim)
+    return unit(centres[rng.integers(0, clusters, n)] + noise)
+
+
+def query_like(catalog_seed: int, count: int, dim: int, clusters: int = 64, spread: float = 0.35) -> np.ndarray:
+    """Stand-ins for composed queries: fresh points from the catalog's distribution (same centres), never
+    catalog vectors, so that no query finds itself at rank 1."""
+    centres = unit(np.random.default_rng(catalog_seed).standard_normal((clusters, dim)))
+    rng = np.random.default_rng(catalog_seed + 1000)
+    return unit(centres[rng.integers(0, clusters, count)] + rng.standard_normal((count, dim)) * spread / np.sqrt(dim))
+
+
+def write_run(run_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.ndarray | None = None,
+              uris: list[str] | None = None, bundle_id: str = BUNDLE_ID, catalog: str = "toys") -> EmbeddingRun:
+    """A complete embedding run of `vectors` (ids default to 10*row + 3: sparse, not row numbers)."""
+    n, dim = vectors.shape
+    ids = np.arange(n, dtype=np.int64) * 10 + 3 if ids is None else ids
+    uris = [f"mem://{catalog}/{i}.png" for i in ids] if uris is None else uris
+    num_shards = max(1, -(-n // rows_per_shard))
+    manifest = new_manifest(bundle_id, dim, {"name": catalog, "source": "test", "entries": n,
+                                             "fingerprint": "test"}, rows_per_shard, num_shards)
+    for shard in range(num_shards):
+        rows = slice(shard * rows_per_shard, (shard + 1) * rows_per_shard)
+        table = embedding_table(ids[rows], uris[rows], vectors[rows], bundle_id)
+        record_shard(manifest, shard_name(shard), write_parquet_atomic(table, run_dir / shard_name(shard)), 0)
+    manifest["complete"] = True
+    write_manifest(run_dir, manifest)
+    return open_run(run_dir)
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingRun:
+    """6000 clustered 32-d vectors in 3 shards: big enough for IVF (>= 39 points per list) and PQ codebooks."""
+    return write_run(tmp_path_factory.mktemp("run"), clustered(6000, 32, seed=0), rows_per_shard=2000)
+
+
+@pytest.fixture(scope="session")
+def toy_queries() -> np.ndarray:
+    return query_like(0, 400, 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_runtime(tmp_path_factory: pytest.TempPathFactory) -> BundleRuntime:
+    """An exported tiny bundle (untrained weights: parity tests need real graphs, not a good model)."""
+    root = tmp_path_factory.mktemp("bundle")
+    bundle = export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
+    return BundleRuntime.load(bundle, providers="cpu")
+
+
+# One configuration per index type, sized for the toy catalog. IVF-PQ's codes (16 x 6 bits for 32 dims) cap
+# its recall near 0.6 at every nprobe, so its target is set below that; its sweep still has to reach it.
+TYPE_CONFIGS = {
+    "flat": IndexConfig(index_type="flat"),
+    "hnsw": IndexConfig(index_type="hnsw", hnsw_m=16),
+    "ivf_flat": IndexConfig(index_type="ivf_flat"),
+    "ivf_pq": IndexConfig(index_type="ivf_pq", pq_m=16, pq_nbits=6, train_sample=3000, recall_target=0.5),
+}
+
+
+@pytest.fixture(scope="session")
+def built(toy_run: EmbeddingRun, toy_queries: np.ndarray, tmp_path_factory: pytest.TempPathFactory
+          ) -> dict[str, Path]:
+    """index type -> its index directory, built once from the toy run (merge=True)."""
+    root = tmp_path_factory.mktemp("indexes")
+    return {name: build_index(toy_run, toy_queries, root, config) for name, config in TYPE_CONFIGS.items()}

@@ -1,0 +1,180 @@
+"""The Ray embedding job end to end on a real local Ray cluster (num_cpus=2) and a tiny real bundle."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from export.bundle import export_bundle
+from export.runtime import BundleRuntime
+from indexing import shards
+from indexing.catalog import CatalogConfig, folder_entries
+from indexing.embed import EmbedConfig, EmbedError, run_embed
+from tests.export.conftest import make_checkpoint, random_images
+
+ray = pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("embed-bundle")
+    return export_bundle(make_checkpoint(root / "model.pt", "combiner"), root / "bundle")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_images(folder: Path, n: int, seed: int) -> list[Path]:
+    paths = []
+    for i, pixels in enumerate(random_images(n, 64, seed)):
+        path = folder / ("nested" if i % 3 == 0 else "") / f"img-{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(pixels))
+        paths.append(path)
+    return paths
+
+
+def config(name: str, bundle: Path, workdir: Path, **catalog: str) -> EmbedConfig:
+    return EmbedConfig(catalog=CatalogConfig(name=name, **catalog), bundle=str(bundle), workdir=str(workdir),
+                       rows_per_shard=4, batch_size=3)
+
+
+def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    folder = tmp_path / "catalog"
+    good = write_images(folder, 9, seed=1)
+    truncated = png_bytes(random_images(1, 64, seed=2)[0])
+    bad = {"corrupt.png": os.urandom(300), "truncated.png": truncated[: len(truncated) // 2], "empty.jpg": b"",
+           "notes.txt": b"not an image"}
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+
+    run_dir = run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+
+    run = shards.open_run(run_dir)
+    assert run.manifest["complete"] and run.rows == 9 and run.manifest["errors"] == 4
+    assert run.manifest["num_shards"] == 4 and len(run.shard_files) == 4  # 13 entries, 4 per shard
+    assert run.bundle_id == BundleRuntime.load(bundle).bundle_id
+    table = pq.read_table(run.shard_files[0])
+    assert table.schema == shards.embedding_schema(run.dim)  # portable fixed-size lists, not a Ray extension type
+    ids, vectors, uris = run.read_all()
+    expected = folder_entries(folder, good).sort_by("id")
+    np.testing.assert_array_equal(np.sort(ids), expected.column("id").to_numpy())
+    # The same vectors as embedding the files directly through the bundle runtime.
+    runtime = BundleRuntime.load(bundle)
+    direct = runtime.embed_images([Path(u) for u in uris])
+    np.testing.assert_allclose(vectors, direct, atol=1e-5)
+    errors = pq.read_table(run_dir / shards.ERRORS).to_pylist()
+    reasons = {Path(e["uri"]).name: e["reason"] for e in errors}
+    assert set(reasons) == set(bad)
+    assert "empty file" in reasons["empty.jpg"]
+    assert all("cannot decode" in reasons[n] for n in ("corrupt.png", "truncated.png", "notes.txt"))
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+
+    # A rerun of a complete run changes nothing.
+    before = (run_dir / shards.MANIFEST).read_bytes()
+    assert run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder))) == run_dir
+    assert (run_dir / shards.MANIFEST).read_bytes() == before
+
+    # A different catalog under the same name and workdir is refused, not mixed in.
+    write_images(folder / "more", 1, seed=3)
+    with pytest.raises(EmbedError, match="different catalog"):
+        run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+
+
+def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_path: Path) -> None:
+    """A driver killed mid-run resumes to exactly a clean run's rows. The last catalog entry is a FIFO whose
+    read blocks, so the kill lands after two or three of four shards and never after the fourth."""
+    folder = tmp_path / "images"
+    paths = write_images(folder, 14, seed=4)
+    table = folder_entries(folder, paths).sort_by("id")
+    stall = Path(table.column("uri")[13].as_py())  # in the last batch (rows 12-13: shard 3)
+    stall_pixels = stall.read_bytes()
+    stall.unlink()
+    os.mkfifo(stall)
+    manifest = tmp_path / "catalog.csv"
+    pacsv.write_csv(table, manifest)
+    job = config("resumed", bundle, tmp_path / "work", manifest=str(manifest))
+    args = [f"catalog.name={job.catalog.name}", f"catalog.manifest={manifest}", f"bundle={bundle}",
+            f"workdir={job.workdir}", "rows_per_shard=4", "batch_size=2",
+            f"ray.address={cluster}"]
+    proc = subprocess.Popen([sys.executable, "-m", "indexing.embed", "--log-level", "WARNING", *args], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "work" / "embeddings" / "resumed").glob("*/manifest.json"))
+        if found and len(shards.read_manifest(found[0].parent)["shards"]) >= 2:
+            run_dir = found[0].parent
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0].decode(errors="replace")
+    _release(stall)
+    assert run_dir is not None, f"the job never finished two shards:\n{output[-3000:]}"
+    done = sorted(shards.read_manifest(run_dir)["shards"])
+    assert not shards.read_manifest(run_dir)["complete"]
+    assert done in ([shards.shard_name(k) for k in range(n)] for n in (2, 3))  # finished in order
+
+    stall.unlink()
+    stall.write_bytes(stall_pixels)  # the same path: the catalog (ids, uris) is unchanged
+    assert run_embed(job) == run_dir
+    run = shards.open_run(run_dir)
+    assert run.manifest["last_run"]["shards"] == 4 - len(done)  # only unfinished shards were redone
+    ids, vectors, _ = run.read_all()
+
+    clean = run_embed(config("clean", bundle, tmp_path / "work", manifest=str(manifest)))
+    clean_ids, clean_vectors, _ = shards.open_run(clean).read_all()
+    assert len(ids) == len(set(ids.tolist())) == 14
+    np.testing.assert_array_equal(ids, clean_ids)
+    np.testing.assert_allclose(vectors, clean_vectors, atol=1e-6)
+
+
+def _release(fifo: Path) -> None:
+    """Give a reader still blocked on the FIFO (an actor of the killed job) an end of file, so that it frees
+    its CPU for the next job even if Ray has not killed it yet."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+        pass
+
+
+def test_gpu_request_on_a_cpu_cluster_fails_fast(cluster: str, bundle: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "images", 2, seed=5)
+    job = EmbedConfig(catalog=CatalogConfig(name="gpu", folder=str(tmp_path / "images")), bundle=str(bundle),
+                      workdir=str(tmp_path / "work"), num_gpus=1)
+    started = time.monotonic()
+    with pytest.raises(EmbedError, match="needs 1 GPUs, but the Ray cluster has 0"):
+        run_embed(job)
+    assert time.monotonic() - started < 30  # a clear error, not Ray waiting for a GPU forever
+
+
+def test_too_many_actors_fail_fast(cluster: str, bundle: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "images", 2, seed=6)
+    job = EmbedConfig(catalog=CatalogConfig(name="cpu", folder=str(tmp_path / "images")), bundle=str(bundle),
+                      workdir=str(tmp_path / "work"), num_actors=3)
+    with pytest.raises(EmbedError, match="needs 3 CPUs, but the Ray cluster has 2"):
+        run_embed(job)
+

@@ -1,0 +1,168 @@
+"""Index building: every type meets its recall target held out, agrees with brute force, merges or shards,
+reruns as a no-op, publishes atomically, and refuses bad inputs before doing any work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from faiss.contrib.evaluation import check_ref_knn_with_draws
+
+from indexing import index_build
+from indexing.faiss_device import FaissGpuUnavailableError, gpu_count, set_search_param
+from indexing.index_build import IndexBuildError, build_index, index_id, publish_index
+from indexing.index_plan import IndexConfig
+from indexing.index_store import CURRENT, IndexFormatError, verify_index
+from indexing.search import VectorIndex
+from indexing.shards import EmbeddingRun
+from tests.indexing.conftest import TYPE_CONFIGS, write_run
+
+
+def brute_force(run: EmbeddingRun, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the exact top-k by numpy: the reference every index is compared with."""
+    ids, vectors, _ = run.read_all()
+    scores = queries @ vectors.T  # (Q, N)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+@pytest.mark.parametrize("index_type", list(TYPE_CONFIGS))
+def test_every_type_builds_and_meets_its_recall_target_held_out(built: dict[str, Path], toy_run: EmbeddingRun,
+                                                                index_type: str) -> None:
+    index_dir, config = built[index_type], TYPE_CONFIGS[index_type]
+    manifest = verify_index(index_dir)
+    assert (manifest["type"], manifest["bundle_id"], manifest["catalog"]) == (index_type, toy_run.bundle_id, "toys")
+    assert index_dir.name == manifest["index_id"] and index_dir.parent.name == "toys"
+    assert manifest["counts"] == {"vectors": 6000, "shards": 3, "index_files": 1}
+    assert manifest["id_range"] == [3, 59993]
+    recall = manifest["recall"]
+    assert recall["target_met"] and (recall["k"], recall["target"]) == (10, config.recall_target)
+    assert recall["held_out"] >= config.recall_target - 0.03  # 200 held-out queries: a point or two of noise
+    assert "200 held out" in recall["measured_with"]
+    assert [manifest["search"]["value"], recall["tuning"]] in recall["sweep"]
+    ivf = index_type.startswith("ivf")
+    assert manifest["layout"] == ("ondisk" if ivf else "single")
+    files = {"index.faiss", "uris.parquet"} | ({"index.ivfdata"} if ivf else set())
+    assert set(manifest["files"]) == files and {p.name for p in index_dir.iterdir()} == files | {"manifest.json"}
+    assert manifest["bytes_per_vector"] == pytest.approx(manifest["bytes_on_disk"] / 6000, abs=0.01)
+    assert manifest["build_seconds"]["total"] >= manifest["build_seconds"]["train"] >= 0
+    assert manifest["reason"].startswith(f"index_type={index_type!r} forced")
+
+
+def test_bytes_per_vector_rank_the_types(built: dict[str, Path]) -> None:
+    size = {t: verify_index(d, checksums=False)["bytes_per_vector"] for t, d in built.items()}
+    assert 136 <= size["flat"] < 137  # 32 float32 + an int64 id
+    assert size["ivf_pq"] < size["ivf_flat"] / 4 < size["flat"] < size["hnsw"]
+
+
+def test_flat_equals_numpy_brute_force(built: dict[str, Path], toy_run: EmbeddingRun,
+                                       toy_queries: np.ndarray) -> None:
+    ids, scores = VectorIndex.load(built["flat"]).search(toy_queries, 10)
+    check_ref_knn_with_draws(*brute_force(toy_run, toy_queries, 10), scores, ids)
+
+
+def test_ivf_at_every_list_is_exact_and_hnsw_at_large_ef_nearly(built: dict[str, Path], toy_run: EmbeddingRun,
+                                                                toy_queries: np.ndarray) -> None:
+    ref_scores, ref_ids = brute_force(toy_run, toy_queries, 10)
+    ivf = VectorIndex.load(built["ivf_flat"])
+    set_search_param(ivf.index, "nprobe", ivf.manifest["params"]["nlist"], on_gpu=False)
+    ids, scores = ivf.search(toy_queries, 10)
+    check_ref_knn_with_draws(ref_scores, ref_ids, scores, ids)
+    hnsw = VectorIndex.load(built["hnsw"])
+    set_search_param(hnsw.index, "efSearch", 1024, on_gpu=False)
+    found = hnsw.search(toy_queries, 10)[0]
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(found, ref_ids)]) / 10 >= 0.99
+
+
+def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], toy_run: EmbeddingRun,
+                                                      toy_queries: np.ndarray, tmp_path: Path) -> None:
+    sharded_dir = build_index(toy_run, toy_queries, tmp_path, replace(TYPE_CONFIGS["ivf_flat"], merge=False))
+    manifest = verify_index(sharded_dir)
+    assert manifest["layout"] == "shards" and manifest["counts"]["index_files"] == 3
+    assert manifest["index_files"] == ["shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"]
+    merged = VectorIndex.load(built["ivf_flat"])
+    # One trained quantizer: probing the same lists in every shard finds what the merged lists hold.
+    assert manifest["search"] == merged.manifest["search"]
+    (ids, scores), (sharded_ids, sharded_scores) = (merged.search(toy_queries, 10),
+                                                    VectorIndex.load(sharded_dir).search(toy_queries, 10))
+    check_ref_knn_with_draws(scores, ids, sharded_scores, sharded_ids)
+
+
+def test_rerun_with_the_same_inputs_is_a_no_op(built: dict[str, Path], toy_run: EmbeddingRun,
+                                               toy_queries: np.ndarray) -> None:
+    index_dir, config = built["ivf_flat"], TYPE_CONFIGS["ivf_flat"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()}
+    assert build_index(toy_run, toy_queries, index_dir.parent.parent, config) == index_dir
+    assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == stamps
+    assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".")]  # no temp directory left
+    # Where it runs is not part of the identity; what it indexes, how, and what tunes it are.
+    assert index_id(toy_run, toy_queries, replace(config, use_gpu="never")) == index_dir.name
+    assert index_id(toy_run, toy_queries[:-1], config) != index_dir.name
+    assert index_id(toy_run, toy_queries, replace(config, recall_target=0.9)) != index_dir.name
+
+
+def test_damaged_existing_index_is_not_silently_reused(built: dict[str, Path], toy_run: EmbeddingRun,
+                                                      toy_queries: np.ndarray, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(built["flat"], tmp_path / "toys" / built["flat"].name))
+    with open(copy / "index.faiss", "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        f.write(b"\xff")
+    with pytest.raises(IndexBuildError, match="exists but is damaged .*sha256.*; remove it to rebuild"):
+        build_index(toy_run, toy_queries, tmp_path, TYPE_CONFIGS["flat"])
+
+
+def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = tmp_path / "toys"
+    first = Path(shutil.copytree(built["flat"], catalog / built["flat"].name))
+    second = Path(shutil.copytree(built["ivf_flat"], catalog / built["ivf_flat"].name))  # moved: ivfdata beside
+    assert publish_index(first) == catalog / CURRENT
+    assert (catalog / CURRENT).read_text() == first.name + "\n"
+    assert VectorIndex.load(catalog).index_dir == first
+
+    def crash(*args: object) -> None:
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        publish_index(second)
+    assert (catalog / CURRENT).read_text() == first.name + "\n"  # readers still see the old pointer, whole
+    monkeypatch.undo()
+    publish_index(second)
+    loaded = VectorIndex.load(catalog)
+    assert loaded.index_dir == second and loaded.manifest["type"] == "ivf_flat"
+    assert sorted(p.name for p in catalog.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(IndexFormatError, match="no manifest.json"):
+        publish_index(tmp_path / "not-an-index")
+
+
+def test_bad_inputs_are_refused_before_any_work(toy_run: EmbeddingRun, toy_queries: np.ndarray,
+                                                tmp_path: Path) -> None:
+    with pytest.raises(IndexBuildError, match=r"queries must be \(Q, 32\) .* got \(400, 16\)"):
+        build_index(toy_run, toy_queries[:, :16], tmp_path)
+    with pytest.raises(IndexBuildError, match="at least 2 queries"):
+        build_index(toy_run, toy_queries[:1], tmp_path)
+    with pytest.raises(IndexBuildError, match="unit vectors"):
+        build_index(toy_run, toy_queries * 2, tmp_path)
+    empty = write_run(tmp_path / "empty", np.zeros((0, 32), np.float32), rows_per_shard=10)
+    with pytest.raises(IndexBuildError, match="holds no vectors"):
+        build_index(empty, toy_queries, tmp_path)
+    if gpu_count() == 0:
+        with pytest.raises(FaissGpuUnavailableError, match="use_gpu='require' but faiss .* sees no GPU"):
+            build_index(toy_run, toy_queries, tmp_path, IndexConfig(use_gpu="require"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing half-built left behind
+
+
+def test_failed_build_leaves_nothing(toy_run: EmbeddingRun, toy_queries: np.ndarray, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object) -> None:
+        raise RuntimeError("simulated failure while tuning")
+
+    monkeypatch.setattr(index_build, "_tune", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_index(toy_run, toy_queries, tmp_path, TYPE_CONFIGS["ivf_flat"])
+    assert list((tmp_path / "toys").iterdir()) == []

@@ -1,0 +1,77 @@
+"""Index planning: the type chosen by catalog size and memory budget, its parameters, and the reason given."""
+
+from __future__ import annotations
+
+import pytest
+
+from indexing.index_plan import IndexConfig, IndexConfigError, auto_nlist, plan_index
+from models.config_io import ConfigError, from_dict
+
+# (vectors, dim, memory budget MB) -> (type, parameters, phrases the reason must contain)
+CASES = [
+    ((10_000, 128, 4096), "flat", {}, ["10,000 vectors x 128 dims = 4.9 MB raw <= flat limit 16.0 MB"]),
+    ((100_000, 128, 4096), "hnsw", {"hnsw_m": 32},
+     ["48.8 MB raw > flat limit 16.0 MB", "~76.4 MB with the graph", "memory budget 4,096.0 MB"]),
+    ((1_000_000, 128, 1024), "hnsw", {"hnsw_m": 32}, ["~763.7 MB with the graph", "memory budget 1,024.0 MB"]),
+    ((1_000_000, 128, 600), "ivf_flat", {"nlist": 2048},
+     ["HNSW would need ~763.7 MB > memory budget 600.0 MB", "raw vectors + ids ~496.9 MB fit"]),
+    ((3_000_000, 128, 100_000), "ivf_flat", {"nlist": 2048}, ["3,000,000 > 2,000,000 vectors for HNSW"]),
+    ((1_200_000, 128, 512), "ivf_pq", {"nlist": 2048, "pq_m": 64, "pq_nbits": 8},
+     ["1,200,000 vectors x 128 dims = 585.9 MB raw", "~596.1 MB > memory budget 512.0 MB", "m=64 x 8 bits"]),
+    ((1_000_000, 128, 20), "ivf_pq", {"pq_m": 8}, ["m=8 x 8 bits = 8 B/code + 8 B id"]),
+]
+
+
+@pytest.mark.parametrize(("size", "index_type", "params", "phrases"), CASES,
+                         ids=[f"{c[0][0]}x{c[0][1]}-{c[0][2]}MB" for c in CASES])
+def test_plan_follows_size_and_budget(size: tuple[int, int, int], index_type: str, params: dict,
+                                      phrases: list[str]) -> None:
+    n, dim, budget = size
+    plan = plan_index(n, dim, IndexConfig(memory_budget_mb=budget))
+    assert plan.index_type == index_type
+    assert params.items() <= plan.params.items()
+    for phrase in phrases:
+        assert phrase in plan.reason
+    if index_type != "flat" or budget >= plan.estimated_bytes / 2**20:
+        assert plan.estimated_bytes <= budget * 2**20
+    assert not plan.warnings
+
+
+def test_budget_too_small_for_any_index_is_an_error() -> None:
+    with pytest.raises(IndexConfigError, match=r"even IVF-PQ .* needs ~9.6 MB, over memory_budget_mb=5"):
+        plan_index(1_000_000, 128, IndexConfig(memory_budget_mb=5))
+    with pytest.raises(IndexConfigError, match="catalog is empty"):
+        plan_index(0, 128, IndexConfig())
+
+
+def test_nlist_is_a_power_of_two_with_39_training_points_per_list() -> None:
+    assert auto_nlist(1_000_000, 1_000_000) == 4096  # 4 * sqrt(1M) = 4000
+    assert auto_nlist(1_000_000, 100_000) == 2048  # 100k / 39 = 2564 allows no more
+    assert auto_nlist(6000, 6000) == 128  # 4 * sqrt(6000) = 310 -> 256, but 6000 / 39 = 153
+    assert auto_nlist(10, 10) == 1
+
+
+def test_forced_type_is_recorded_and_small_samples_lower_pq_bits() -> None:
+    plan = plan_index(3000, 32, IndexConfig(index_type="ivf_pq"))
+    assert plan.index_type == "ivf_pq" and plan.factory == "IVF64,PQ16x6"
+    assert plan.reason.startswith("index_type='ivf_pq' forced by the configuration; 3,000 vectors x 32 dims")
+    assert plan.warnings == ("pq_nbits lowered from 8 to 6: 3,000 training vectors are too few for 256 "
+                             "centroids per sub-quantizer",)
+    tight = plan_index(3000, 32, IndexConfig(index_type="ivf_pq", memory_budget_mb=0.01))
+    assert tight.params["pq_m"] == 1 and any("over the memory budget" in w for w in tight.warnings)
+    assert plan_index(3000, 32, IndexConfig(index_type="hnsw")).search_param == "efSearch"
+    assert plan_index(3000, 32, IndexConfig(index_type="flat")).search_param is None
+
+
+def test_bad_options_name_the_valid_choices() -> None:
+    with pytest.raises(IndexConfigError, match=r"index_type='ivf' is not one of \['auto', 'flat', 'hnsw'"):
+        IndexConfig(index_type="ivf")
+    with pytest.raises(IndexConfigError, match=r"use_gpu='sometimes' is not one of \['auto', 'never', 'require'\]"):
+        IndexConfig(use_gpu="sometimes")
+    with pytest.raises(IndexConfigError, match="recall_target must lie in"):
+        IndexConfig(recall_target=1.5)
+    with pytest.raises(IndexConfigError, match="pq_m=12 must divide the dimension 128"):
+        plan_index(1_000_000, 128, IndexConfig(index_type="ivf_pq", pq_m=12))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['nprobe'\]; valid keys: .*'nlist'"):
+        from_dict(IndexConfig, {"nprobe": 8})
+    assert from_dict(IndexConfig, {"nlist": None, "index_type": "hnsw"}).nlist is None

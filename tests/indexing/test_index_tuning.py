@@ -1,0 +1,102 @@
+"""Exact ground truth, tie-tolerant recall, and the choice of the smallest search setting that meets a target."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from indexing.tuning import (GroundTruth, ef_search_candidates, exact_knn, nprobe_candidates, recall_at_k,
+                             split_queries, tune_setting)
+from tests.indexing.conftest import clustered, query_like
+
+
+def test_exact_knn_streams_batches_and_returns_catalog_ids() -> None:
+    x, q = clustered(500, 16, seed=3), query_like(3, 20, 16)
+    ids = np.arange(500, dtype=np.int64) * 7 + 1
+    batches = [(ids[:3], x[:3]), (ids[3:3], x[3:3]), (ids[3:200], x[3:200]), (ids[200:], x[200:])]  # one < k
+    truth = exact_knn(q, batches, k=10)
+    scores = q @ x.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(truth.ids, ids[order])
+    np.testing.assert_allclose(truth.scores, np.take_along_axis(scores, order, axis=1), atol=1e-6)
+
+
+def test_exact_knn_pads_a_catalog_smaller_than_k() -> None:
+    x, q = clustered(4, 8, seed=1), query_like(1, 3, 8)
+    truth = exact_knn(q, [(np.arange(4), x)], k=6)
+    assert (truth.ids[:, 4:] == -1).all() and np.isneginf(truth.scores[:, 4:]).all()
+    assert recall_at_k(truth.ids, truth, k=6) == 1.0  # judged on the 4 that exist
+
+
+def test_recall_counts_ties_at_the_kth_score_as_hits() -> None:
+    truth = GroundTruth(np.array([[0.9, 0.8, 0.7, 0.7, 0.1]], np.float32), np.array([[5, 6, 7, 8, 9]]))
+    assert recall_at_k(np.array([[5, 6, 7]]), truth, k=3) == 1.0
+    assert recall_at_k(np.array([[5, 6, 8]]), truth, k=3) == 1.0  # 8 ties with 7 at rank 3
+    assert recall_at_k(np.array([[5, 9, 8]]), truth, k=3) == pytest.approx(2 / 3)
+    assert recall_at_k(np.array([[5, -1, -1]]), truth, k=3) == pytest.approx(1 / 3)  # faiss's padding
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    tune, held = split_queries(101, 0.5, seed=4)
+    assert len(tune) == 50 and len(held) == 51
+    assert sorted(np.concatenate([tune, held])) == list(range(101))
+    np.testing.assert_array_equal(split_queries(101, 0.5, seed=4)[0], tune)
+    with pytest.raises(ValueError, match="at least 2 queries"):
+        split_queries(1, 0.5, seed=0)
+
+
+def _truncating_search(truth: GroundTruth):
+    """A stand-in index whose recall grows with the setting: setting v returns the first min(v, k) true
+    neighbours of each query (the queries are their row numbers)."""
+    def search(q_rows: np.ndarray, k: int, value: int | None) -> np.ndarray:
+        rows = [int(r) for r in q_rows[:, 0]]
+        found = truth.ids[rows, :k].copy()
+        found[:, min(value or k, k):] = -1
+        return found
+    return search
+
+
+def test_tuning_picks_the_smallest_setting_meeting_the_target_and_reports_held_out() -> None:
+    queries = np.arange(40, dtype=np.float32)[:, None]  # the stand-in search reads the row number
+    truth = GroundTruth(np.tile(np.linspace(1, 0, 20, dtype=np.float32), (40, 1)), np.arange(800).reshape(40, 20))
+    result = tune_setting(_truncating_search(truth), "nprobe", [1, 2, 4, 8, 16], queries, truth, k=10, target=0.75)
+    assert (result.value, result.target_met) == (8, True)
+    # Stops at the first that meets it, then tries the midpoint below it (6: recall 0.6, too low).
+    assert [v for v, _ in result.sweep] == [1, 2, 4, 8, 6]
+    assert [r for _, r in result.sweep] == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.6])
+    assert result.recall == pytest.approx(0.8) and result.tuning_recall == pytest.approx(0.8)
+    assert (result.queries_tuning, result.queries_held_out) == (20, 20)
+    cheaper = tune_setting(_truncating_search(truth), "nprobe", [1, 2, 4, 8, 16], queries, truth, k=10, target=0.55)
+    assert (cheaper.value, cheaper.recall) == (6, pytest.approx(0.6))
+
+
+def test_unreachable_target_keeps_the_best_setting_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    queries = np.arange(40, dtype=np.float32)[:, None]
+    truth = GroundTruth(np.tile(np.linspace(1, 0, 20, dtype=np.float32), (40, 1)), np.arange(800).reshape(40, 20))
+    with caplog.at_level(logging.WARNING, logger="indexing.tuning"):
+        result = tune_setting(_truncating_search(truth), "efSearch", [2, 4], queries, truth, k=10, target=0.95)
+    assert (result.value, result.target_met) == (4, False) and result.recall == pytest.approx(0.4)
+    assert "TARGET NOT MET" in caplog.text and "efSearch=4 gives 0.4000" in caplog.text
+
+
+def test_sweep_stops_when_recall_stops_rising() -> None:
+    queries = np.arange(40, dtype=np.float32)[:, None]
+    truth = GroundTruth(np.tile(np.linspace(1, 0, 20, dtype=np.float32), (40, 1)), np.arange(800).reshape(40, 20))
+    capped = _truncating_search(truth)
+
+    def search(q_rows: np.ndarray, k: int, value: int | None) -> np.ndarray:
+        return capped(q_rows, k, min(value or 4, 4))  # like IVF-PQ: codes cap recall, here at 0.4
+
+    result = tune_setting(search, "nprobe", [1, 2, 4, 8, 16, 32, 64], queries, truth, k=10, target=0.95)
+    assert [v for v, _ in result.sweep] == [1, 2, 4, 8, 16]  # 8 and 16 gained nothing over 4: stop
+    assert (result.value, result.target_met) == (4, False)  # the cheapest of the best
+
+
+def test_candidate_settings() -> None:
+    assert nprobe_candidates(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert nprobe_candidates(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert nprobe_candidates(4096, limit=2048)[-1] == 2048
+    assert ef_search_candidates(10, 100) == [16, 32, 64, 128]
+    assert ef_search_candidates(40, 10**7)[0] == 40 and ef_search_candidates(40, 10**7)[-1] <= 4096 * 2

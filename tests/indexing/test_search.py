@@ -1,0 +1,131 @@
+"""The search library: exclusion, uris, memory mapping, verification, refusals, and the one query path
+reproducing the evaluator's recall through a real bundle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.evaluate_bundle import evaluate_bundle
+from export.runtime import BundleRuntime
+from indexing.faiss_device import FaissGpuUnavailableError, gpu_count
+from indexing.index_build import build_index, publish_index
+from indexing.index_plan import IndexConfig
+from indexing.index_store import IndexFormatError
+from indexing.queries import encode_query_split
+from indexing.search import IndexMismatchError, SearchError, Searcher, VectorIndex
+from indexing.shards import EmbeddingRun
+from models.data.loaders import load_split
+from tests.indexing.conftest import write_run
+
+
+def test_exclusion_drops_the_reference_and_still_returns_k(built: dict[str, Path], toy_queries: np.ndarray) -> None:
+    index = VectorIndex.load(built["flat"])
+    ids, scores = index.search(toy_queries, 11)
+    exclude: list[int | None] = [int(i) for i in ids[:, 0]]
+    exclude[1] = None  # a query without a reference in the catalog
+    exclude[2] = int(ids[2, 7])  # the reference ranked further down
+    kept, kept_scores = index.search(toy_queries, 10, exclude_ids=exclude)
+    assert kept.shape == (400, 10) and (kept >= 0).all()
+    np.testing.assert_array_equal(kept[0], ids[0, 1:])
+    np.testing.assert_array_equal(kept[1], ids[1, :10])
+    np.testing.assert_array_equal(kept[2], np.delete(ids[2], 7))
+    np.testing.assert_allclose(kept_scores[0], scores[0, 1:])
+    assert not (kept == np.array([-1 if e is None else e for e in exclude])[:, None]).any()
+
+
+def test_results_carry_uris_and_drop_padding(built: dict[str, Path], toy_queries: np.ndarray,
+                                             tmp_path: Path) -> None:
+    index = VectorIndex.load(built["hnsw"])
+    (result,) = index.results(*index.search(toy_queries[:1], 3))
+    assert result.uris == [f"mem://toys/{i}.png" for i in result.ids] and len(result.scores) == 3
+    small = write_run(tmp_path / "run", toy_queries[:4], rows_per_shard=4)  # four vectors: k=6 pads with -1
+    tiny = VectorIndex.load(build_index(small, toy_queries[4:40], tmp_path / "indexes"))
+    (padded,) = tiny.results(*tiny.search(toy_queries[:1], 6))
+    assert len(padded.ids) == len(padded.uris) == 4
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+def test_memory_mapped_load_gives_the_same_results(built: dict[str, Path], toy_queries: np.ndarray,
+                                                   index_type: str) -> None:
+    mapped = VectorIndex.load(built[index_type], mmap=True)
+    # Memory-mapped files show up in the process's mappings (Linux): IO_FLAG_MMAP_IFC for flat, HNSW storage;
+    # the merged IVF lists (index.ivfdata) are mapped whatever the flag.
+    mapped_file = "index.ivfdata" if index_type.startswith("ivf") else "index.faiss"
+    assert str(built[index_type] / mapped_file) in Path("/proc/self/maps").read_text()
+    loaded = VectorIndex.load(built[index_type], mmap=False)
+    for a, b in zip(mapped.search(toy_queries, 10), loaded.search(toy_queries, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_or_altered_index_files_are_refused(built: dict[str, Path], tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(built["ivf_flat"], tmp_path / "index"))
+    data = copy / "index.ivfdata"
+    original = data.read_bytes()
+    data.write_bytes(original[:-64])
+    with pytest.raises(IndexFormatError, match=r"index\.ivfdata: \d+ bytes, manifest.json records \d+ \(truncated"):
+        VectorIndex.load(copy, verify="size")
+    data.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(IndexFormatError, match=r"index\.ivfdata: sha256 differs"):
+        VectorIndex.load(copy)
+    with pytest.raises(IndexFormatError, match="neither an index directory"):
+        VectorIndex.load(tmp_path)
+
+
+def test_bad_requests_name_the_argument(built: dict[str, Path], toy_queries: np.ndarray) -> None:
+    index = VectorIndex.load(built["flat"], verify="size")
+    with pytest.raises(SearchError, match="k must be a positive integer, got 0"):
+        index.search(toy_queries, 0)
+    with pytest.raises(SearchError, match=r"queries must be \(Q, 32\) .* got shape \(400, 16\)"):
+        index.search(toy_queries[:, :16], 5)
+    with pytest.raises(SearchError, match="exclude_ids has 1 entries for 400 queries"):
+        index.search(toy_queries, 5, exclude_ids=[3])
+    with pytest.raises(ValueError, match=r"verify='md5' is not one of \['sha256', 'size'\]"):
+        VectorIndex.load(built["flat"], verify="md5")
+    if gpu_count() == 0:
+        with pytest.raises(FaissGpuUnavailableError, match="use_gpu='require'"):
+            VectorIndex.load(built["flat"], use_gpu="require")
+
+
+def test_an_index_from_another_bundle_is_refused(built: dict[str, Path], tiny_runtime: BundleRuntime) -> None:
+    index = VectorIndex.load(built["flat"], verify="size")
+    with pytest.raises(IndexMismatchError, match=f"bundle {index.bundle_id}, but bundle .* is "
+                                                 f"{tiny_runtime.bundle_id}"):
+        Searcher(index, tiny_runtime)
+
+
+def embed_gallery(runtime: BundleRuntime, names: list[str], paths: list[Path], run_dir: Path) -> EmbeddingRun:
+    """The split's gallery as an embedding run (ids = gallery rows, uris = image names), by the bundle's image
+    encoder: what the Ray embedding job writes, made in-process."""
+    vectors = runtime.embed_images(paths)
+    return write_run(run_dir, vectors, rows_per_shard=20, ids=np.arange(len(names), dtype=np.int64), uris=names,
+                     bundle_id=runtime.bundle_id, catalog="shapes-test")
+
+
+def test_search_reproduces_the_evaluator_recall(tiny_runtime: BundleRuntime, tiny_shapes: Path,
+                                                tmp_path: Path) -> None:
+    split = load_split("shapes", tiny_shapes, "test")
+    names = list(split.images)  # the evaluator's gallery order
+    run = embed_gallery(tiny_runtime, names, [split.images[n] for n in names], tmp_path / "run")
+    queries, references, targets = encode_query_split(tiny_runtime, "shapes", tiny_shapes, "test")
+    index_dir = build_index(run, queries, tmp_path / "indexes", IndexConfig())
+    publish_index(index_dir)
+    searcher = Searcher(VectorIndex.load(index_dir.parent), tiny_runtime)  # through CURRENT
+    assert searcher.index.manifest["type"] == "flat"  # 54 images: exact scan
+
+    row = {n: i for i, n in enumerate(names)}
+    results = searcher.search_batch([split.images[q.reference] for q in split.queries],
+                                    [q.caption for q in split.queries], k=10,
+                                    exclude_ids=[row[r] for r in references])  # CIRR removes the reference
+    ranks = np.array([list(r.ids).index(row[t]) if row[t] in r.ids else 10 for r, t in zip(results, targets)])
+    ours = {f"R@{k}": float(np.mean(ranks < k)) for k in (1, 5, 10)}
+    theirs = evaluate_bundle(tiny_runtime.bundle_dir, "shapes", tiny_shapes, ("test",), providers="cpu")
+    assert ours == {m: theirs["shapes/test"]["composed"][m] for m in ours}
+    assert all(r.uris == [names[i] for i in r.ids] for r in results)
+
+    one = searcher.search(split.images[split.queries[0].reference], split.queries[0].caption, k=10,
+                          exclude_id=row[references[0]])
+    np.testing.assert_array_equal(one.ids, results[0].ids)
