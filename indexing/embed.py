@@ -120,7 +120,18 @@ def _embed_shards(config: EmbedConfig, catalog: pa.Table, pending: list[int], pr
                   run_dir: Path, manifest: dict[str, Any]) -> int:
     import ray
 
-    _connect(config.ray)
+    started = _connect(config.ray)
+    try:
+        return _run_pipeline(config, catalog, pending, preprocess, run_dir, manifest)
+    finally:
+        if started:  # a cluster this job started ends with it; a caller's or a submitted job's stays
+            ray.shutdown()
+
+
+def _run_pipeline(config: EmbedConfig, catalog: pa.Table, pending: list[int], preprocess: PreprocessConfig,
+                  run_dir: Path, manifest: dict[str, Any]) -> int:
+    import ray
+
     num_actors = _pool_size(config, ray.cluster_resources())
     per_shard = config.rows_per_shard
     parts = [catalog.slice(k * per_shard, per_shard) for k in pending]
@@ -160,15 +171,17 @@ def _embed_shards(config: EmbedConfig, catalog: pa.Table, pending: list[int], pr
     return table.num_rows
 
 
-def _connect(config: RayConfig) -> None:
+def _connect(config: RayConfig) -> bool:
+    """Connect to (or start) a Ray cluster; True when this call started or joined one the caller had not."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if config.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=config.address)
     else:
         ray.init(num_cpus=config.num_cpus, include_dashboard=False)
+    return True
 
 
 def _pool_size(config: EmbedConfig, resources: dict[str, float]) -> int:

@@ -50,6 +50,11 @@ def test_demo_end_to_end_matches_onnxruntime(tmp_path: Path, capsys: pytest.Capt
     results = run_demo(DemoConfig(tmp_path, scale=0.01, overrides=(*TINY_MODEL, "optim.max_steps=5")))
     out = capsys.readouterr().out
     assert "shapes/test: composed queries, PyTorch checkpoint vs exported bundle (ORT)" in out
+    # The test gallery went through the Ray job, an index and the search library: the evaluator's recall.
+    assert "shapes/test as a catalog: Ray embedding job -> FAISS index -> search library" in out
+    evaluator = results["onnxruntime"]["shapes/test"]["composed"]
+    assert results["search"] == pytest.approx({k: evaluator[k] for k in results["search"]}, abs=1e-6)
+    assert (tmp_path / "indexes" / "shapes-test" / "CURRENT").exists()
     bundles = list((tmp_path / "bundles").iterdir())
     assert len(bundles) == 1 and (bundles[0] / "manifest.json").exists()
     for split in ("shapes/test", "shapes/novel"):

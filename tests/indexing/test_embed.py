@@ -178,3 +178,21 @@ def test_too_many_actors_fail_fast(cluster: str, bundle: Path, tmp_path: Path) -
     with pytest.raises(EmbedError, match="needs 3 CPUs, but the Ray cluster has 2"):
         run_embed(job)
 
+
+
+def test_shipped_configs_load_strictly() -> None:
+    """The example config and the RayJob entrypoint's overrides are valid EmbedConfig keys."""
+    import shlex
+
+    import yaml
+
+    from models.config_io import load_config
+
+    example = load_config(EmbedConfig, REPO / "configs" / "embed_catalog.yaml")
+    assert example.catalog.name == "shapes-test" and example.num_gpus == 0
+    rayjob = yaml.safe_load((REPO / "deploy" / "ray" / "rayjob-embed.yaml").read_text())
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "indexing.embed"]
+    overrides = [a for a in argv[3:] if "=" in a]
+    job = load_config(EmbedConfig, REPO / "configs" / "embed_catalog.yaml", overrides)
+    assert job.catalog.folder == "/data/catalog" and job.workdir == "/data/workdir"
