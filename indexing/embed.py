@@ -94,7 +94,7 @@ def run_embed(config: EmbedConfig) -> Path:
     seconds = time.perf_counter() - started
     _finish(run_dir, manifest, {"config": to_dict(config), "shards": len(pending), "entries": rows, "seconds": round(seconds, 2),
                                 "entries_per_s": round(rows / seconds, 1) if seconds else None})
-    log.info("embedding run complete: %d rows, %d errors, %.1f s (%.0f entries/s this run)", manifest["rows"],
+    log.info("embedding run complete: %d rows, %d errors, %.1f s (%.1f entries/s this run)", manifest["rows"],
              manifest["errors"], seconds, rows / max(seconds, 1e-9))
     return run_dir
 
