@@ -49,6 +49,21 @@ def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any
             for name in sorted(names)}
 
 
+def check_files(directory: Path, files: dict[str, dict[str, Any]], checksums: bool = True) -> str | None:
+    """The first listed file that is missing or differs from its recorded size (or sha256), described in a
+    phrase naming the file; None when all match. Bundles, embedding runs and indexes share this check."""
+    for name, meta in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"file {name} listed in the manifest is missing"
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            return f"file {name} has {size} bytes, the manifest records {meta['bytes']}"
+        if checksums and sha256_file(path) != meta["sha256"]:
+            return f"file {name} does not match its sha256 in the manifest"
+    return None
+
+
 def content_id(files: dict[str, dict[str, Any]]) -> str:
     """Hash over (name, sha256) pairs: the same ONNX graphs, weights, tokenizer and preprocessing give the same
     id, whatever checkpoint file or metrics they came from (those live in the manifest, outside the hash)."""
@@ -82,17 +97,9 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"bundle {bundle_dir}: {MANIFEST} lists no files")
-    for name, meta in sorted(files.items()):
-        path = bundle_dir / name
-        if not path.is_file():
-            raise BundleError(f"bundle {bundle_dir}: file {name} listed in {MANIFEST} is missing")
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            raise BundleError(f"bundle {bundle_dir}: file {name} has {size} bytes, the manifest records "
-                              f"{meta['bytes']} (damaged or tampered with)")
-        if sha256_file(path) != meta["sha256"]:
-            raise BundleError(f"bundle {bundle_dir}: file {name} does not match its sha256 in {MANIFEST} "
-                              "(damaged or tampered with)")
+    problem = check_files(bundle_dir, files)
+    if problem:
+        raise BundleError(f"bundle {bundle_dir}: {problem} (damaged or tampered with)")
     if content_id(files) != manifest.get("bundle_id"):
         raise BundleError(f"bundle {bundle_dir}: bundle_id {manifest.get('bundle_id')!r} does not match the "
                           f"checksums of its files ({content_id(files)!r}); {MANIFEST} was edited")

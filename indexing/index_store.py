@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.manifest import describe_files, sha256_file
+from export.manifest import check_files, describe_files
 from indexing.faiss_device import to_gpu
 from indexing.shards import write_parquet_atomic
 from models.atomic_write import write_json_atomic, write_text_atomic
@@ -84,16 +84,9 @@ def verify_index(index_dir: Path, checksums: bool = True) -> dict[str, Any]:
     """The manifest, after checking every listed file's size (and sha256 with `checksums`)."""
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
-    for name, meta in sorted(manifest["files"].items()):
-        path = index_dir / name
-        if not path.is_file():
-            raise IndexFormatError(f"{path}: listed in {MANIFEST} but missing")
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            raise IndexFormatError(f"{path}: {size} bytes, {MANIFEST} records {meta['bytes']} (truncated or "
-                                   "replaced)")
-        if checksums and sha256_file(path) != meta["sha256"]:
-            raise IndexFormatError(f"{path}: sha256 differs from {MANIFEST} (damaged or replaced)")
+    problem = check_files(index_dir, manifest["files"], checksums)
+    if problem:
+        raise IndexFormatError(f"index {index_dir}: {problem} (truncated, damaged or replaced)")
     return manifest
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.manifest import sha256_file
+from export.manifest import check_files, sha256_file
 from models.atomic_write import write_json_atomic
 from models.data.json_files import read_json
 
@@ -151,13 +151,9 @@ def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
         done, total = len(manifest.get("shards", {})), manifest.get("num_shards")
         raise EmbeddingsError(f"{run_dir}: the embedding run is incomplete ({done}/{total} shards); rerun the "
                               "embedding job to finish it")
-    if verify:
-        for name, info in sorted(manifest["shards"].items()):
-            path = run_dir / name
-            if not path.exists():
-                raise EmbeddingsError(f"{path}: listed in {MANIFEST} but missing")
-            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-                raise EmbeddingsError(f"{path}: size or sha256 differs from {MANIFEST} (damaged or replaced)")
+    problem = check_files(run_dir, manifest["shards"]) if verify else None
+    if problem:
+        raise EmbeddingsError(f"embedding run {run_dir}: {problem} (damaged or replaced)")
     return EmbeddingRun(run_dir, manifest)
 
 

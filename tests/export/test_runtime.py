@@ -35,7 +35,7 @@ def bundle_copy(bundle_for, tmp_path: Path) -> Path:
 
 def test_missing_file_is_named(bundle_copy: Path) -> None:
     (bundle_copy / "query_encoder.onnx.data").unlink()
-    with pytest.raises(BundleError, match=r"file query_encoder\.onnx\.data listed in manifest.json is missing"):
+    with pytest.raises(BundleError, match=r"file query_encoder\.onnx\.data listed in the manifest is missing"):
         BundleRuntime.load(bundle_copy)
 
 
