@@ -90,9 +90,10 @@ def run_embed(config: EmbedConfig) -> Path:
     log.info("embedding %d of %d shards of catalog %r (%d entries) into %s", len(pending), num_shards,
              config.catalog.name, catalog.num_rows, run_dir)
     started = time.perf_counter()
-    rows = _embed_shards(config, catalog, pending, preprocess, run_dir, manifest)
+    rows, actors = _embed_shards(config, catalog, pending, preprocess, run_dir, manifest)
     seconds = time.perf_counter() - started
-    _finish(run_dir, manifest, {"config": to_dict(config), "shards": len(pending), "entries": rows, "seconds": round(seconds, 2),
+    _finish(run_dir, manifest, {"config": to_dict(config), "actors": actors, "shards": len(pending), "entries": rows,
+                                "seconds": round(seconds, 2),
                                 "entries_per_s": round(rows / seconds, 1) if seconds else None})
     log.info("embedding run complete: %d rows, %d errors, %.1f s (%.1f entries/s this run)", manifest["rows"],
              manifest["errors"], seconds, rows / max(seconds, 1e-9))
@@ -117,7 +118,8 @@ def _resume_or_start(run_dir: Path, bundle: dict[str, Any], catalog: dict[str, A
 
 
 def _embed_shards(config: EmbedConfig, catalog: pa.Table, pending: list[int], preprocess: PreprocessConfig,
-                  run_dir: Path, manifest: dict[str, Any]) -> int:
+                  run_dir: Path, manifest: dict[str, Any]) -> tuple[int, int]:
+    """Runs the pipeline over the pending shards; returns (catalog entries processed, encoder actors)."""
     import ray
 
     started = _connect(config.ray)
@@ -129,7 +131,7 @@ def _embed_shards(config: EmbedConfig, catalog: pa.Table, pending: list[int], pr
 
 
 def _run_pipeline(config: EmbedConfig, catalog: pa.Table, pending: list[int], preprocess: PreprocessConfig,
-                  run_dir: Path, manifest: dict[str, Any]) -> int:
+                  run_dir: Path, manifest: dict[str, Any]) -> tuple[int, int]:
     import ray
 
     num_actors = _pool_size(config, ray.cluster_resources())
@@ -168,7 +170,7 @@ def _run_pipeline(config: EmbedConfig, catalog: pa.Table, pending: list[int], pr
     if lost:
         raise EmbedError(f"shards {sorted(lost)} came back incomplete (rows seen, expected: {lost}); rerun to "
                          "redo them")
-    return table.num_rows
+    return table.num_rows, num_actors
 
 
 def _connect(config: RayConfig) -> bool:

@@ -139,9 +139,15 @@ def read_faiss(path: Path, layout: str, mmap: bool) -> faiss.Index:
     else:
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
     try:
-        return faiss.read_index(str(path), flags)
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as e:  # faiss raises RuntimeError for unreadable, truncated or foreign files
         raise IndexFormatError(f"{path}: faiss cannot read it ({str(e).splitlines()[0]})") from e
+    if layout == "ondisk":
+        # OnDiskInvertedLists starts prefetch_nthread (32) threads on every search to page lists in; for
+        # single queries that thread start-up dominated (IVF-Flat at 10k: p50 0.44 -> 0.03 ms without it).
+        # The page cache serves a mapped index that fits in memory; one that does not is IO-bound either way.
+        faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).prefetch_nthread = 0
+    return index
 
 
 def open_index(index_dir: Path, manifest: dict[str, Any], mmap: bool = True, on_gpu: bool = False) -> faiss.Index:
