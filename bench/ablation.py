@@ -16,7 +16,8 @@ Regime: the demo's budget nearly saturates shapes (base val R@1 ~0.78 after ~460
 differences between methods; at the default `--steps 200` (~1.9 min per base run on 2 quiet cores) base
 val R@1 is ~0.60, inside the 0.4-0.7 band where methods can move it either way. `--max-train-queries` shrinks
 the training set instead (the same for every row). The default bench is 9 rows x 3 seeds = 27 runs, about 85-90
-minutes on 2 quiet cores (from the 2026-11-23 run's least disturbed rates; an estimate is printed at the start and refined after each run).
+minutes on 2 quiet cores (from the 2026-11-23 run's least disturbed rates; an estimate is printed at the
+start and refined after each run).
 
 Each run is a `cirflow train` process (final validation only) and a `cirflow eval` on test and novel-phrasing
 test. Runs are named by their config hash in the workdir, so an interrupted bench resumes where it stopped
