@@ -256,9 +256,9 @@ def _tune(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: Embed
         candidates = []
     result = tune_setting(search, param, candidates, queries, truth, k, config.recall_target,
                           config.tune_fraction, config.seed)
-    log.info("tuned %s=%s: recall@%d %.4f on %d held-out composed queries (target %.3f%s)", result.param,
-             result.value, k, result.recall, result.queries_held_out, result.target,
-             "" if result.target_met else ", NOT MET")
+    setting = "exact search" if result.param is None else f"tuned {result.param}={result.value}"
+    log.info("%s: recall@%d %.4f on %d held-out composed queries (target %.3f%s)", setting, k, result.recall,
+             result.queries_held_out, result.target, "" if result.target_met else ", NOT MET")
     return {"param": result.param, "value": result.value, "k": k, "target": result.target,
             "target_met": result.target_met, "held_out": round(result.recall, 5),
             "tuning": round(result.tuning_recall, 5),

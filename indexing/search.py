@@ -77,8 +77,9 @@ class VectorIndex:
             raise store.IndexFormatError(f"{index_dir}: {store.URIS} lists {len(ids)} ids, the index holds "
                                          f"{index.ntotal} vectors")
         recall = manifest["recall"]
-        log.info("index %s: %s, %d vectors, %s=%s (recall@%d %.3f held out)%s", index_dir, manifest["type"],
-                 index.ntotal, setting["param"], setting["value"], recall["k"], recall["held_out"],
+        tuned = "exact" if setting["param"] is None else f"{setting['param']}={setting['value']}"
+        log.info("index %s: %s, %d vectors, %s (recall@%d %.3f held out)%s", index_dir, manifest["type"],
+                 index.ntotal, tuned, recall["k"], recall["held_out"],
                  "" if recall["target_met"] else " RECALL TARGET NOT MET")
         return cls(index_dir, manifest, index, on_gpu, ids, uris)
 
