@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.config_io import from_dict
+from models.preprocess import PreprocessConfig
+
 FORMAT = "cirflow-bundle-v1"
 MANIFEST, TOKENIZER, PREPROCESS = "manifest.json", "tokenizer.json", "preprocess.json"
 ID_LENGTH = 16  # hex characters of the sha256 kept as the bundle id: 64 bits, short enough for directory names
@@ -104,3 +107,11 @@ def verify_bundle(bundle_dir: Path) -> dict[str, Any]:
         raise BundleError(f"bundle {bundle_dir}: bundle_id {manifest.get('bundle_id')!r} does not match the "
                           f"checksums of its files ({content_id(files)!r}); {MANIFEST} was edited")
     return manifest
+
+
+def read_preprocess(bundle_dir: Path) -> PreprocessConfig:
+    """The bundle's preprocessing (preprocess.json), for the runtime and for jobs that decode images apart from it."""
+    try:
+        return from_dict(PreprocessConfig, json.loads((bundle_dir / PREPROCESS).read_text()), PREPROCESS)
+    except (ValueError, OSError) as e:  # ConfigError and JSONDecodeError are ValueErrors
+        raise BundleError(f"bundle {bundle_dir}: cannot read {PREPROCESS}: {e}") from e

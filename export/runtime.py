@@ -9,7 +9,6 @@ and evaluation truncate the same way, and the one query path must reproduce the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -21,8 +20,7 @@ import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
-from export.manifest import IMAGE, PREPROCESS, QUERY, TOKENIZER, BundleError, verify_bundle
-from models.config_io import from_dict
+from export.manifest import IMAGE, QUERY, TOKENIZER, BundleError, read_preprocess, verify_bundle
 from models.preprocess import PreprocessConfig, load_image, preprocess_images
 from models.tokenizer import encode_texts, tokenizer_from_json
 
@@ -88,11 +86,11 @@ class BundleRuntime:
             raise GPUUnavailableError(f"a GPU was required but onnxruntime offers no GPU provider for "
                                       f"providers={providers!r} (available: {available}); install onnxruntime-gpu "
                                       "on a machine with a CUDA GPU, or drop require_gpu")
+        preprocess = read_preprocess(bundle_dir)
         try:
-            preprocess = from_dict(PreprocessConfig, json.loads((bundle_dir / PREPROCESS).read_text()), PREPROCESS)
             tokenizer = tokenizer_from_json((bundle_dir / TOKENIZER).read_text())
-        except Exception as e:  # ConfigError, JSONDecodeError, OSError, or tokenizers' own exception type
-            raise BundleError(f"bundle {bundle_dir}: cannot read {PREPROCESS} / {TOKENIZER}: {e}") from e
+        except Exception as e:  # OSError, or tokenizers' own exception type
+            raise BundleError(f"bundle {bundle_dir}: cannot read {TOKENIZER}: {e}") from e
 
         options = ort.SessionOptions()
         # ALL (layout and fusion passes: attention, GELU, LayerNorm) is ORT's current default; stated so that a

@@ -12,7 +12,6 @@ rerun after a kill redoes only the unfinished shards and ends with exactly the s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -27,11 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.manifest import PREPROCESS, verify_bundle
+from export.manifest import read_preprocess, verify_bundle
 from indexing import shards
 from indexing.catalog import CatalogConfig, fingerprint, load_catalog
 from indexing.embed_stages import ImageEmbedder, decode_batch
-from models.config_io import from_dict, load_config, to_dict
+from models.config_io import load_config, to_dict
 from models.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def run_embed(config: EmbedConfig) -> Path:
         raise EmbedError("num_actors and num_gpus must not be negative")
     bundle_dir = Path(config.bundle)
     bundle = verify_bundle(bundle_dir)
-    preprocess = from_dict(PreprocessConfig, json.loads((bundle_dir / PREPROCESS).read_text()), PREPROCESS)
+    preprocess = read_preprocess(bundle_dir)
     catalog = load_catalog(config.catalog)
     run_dir = Path(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
     num_shards = math.ceil(catalog.num_rows / config.rows_per_shard)
