@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -10,20 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.scripts import ROOT, load_bench_script
 from tests.conftest import TINY_MODEL
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_ablation():
-    spec = importlib.util.spec_from_file_location("bench_ablation", ROOT / "bench" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-ablation = _load_ablation()
+ablation = load_bench_script("ablation")
 
 
 def test_tiny_model_matches_the_test_suites() -> None:

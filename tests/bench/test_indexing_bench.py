@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -13,21 +12,11 @@ import numpy as np
 import pytest
 
 from export.bundle import export_bundle
+from tests.bench.scripts import ROOT, load_bench_script
 from tests.export.conftest import make_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
 TYPES = ["flat", "hnsw", "ivf_flat", "ivf_pq"]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_indexing", ROOT / "bench" / "indexing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench_script("indexing")
 
 
 def tables(text: str) -> dict[str, list[dict[str, str]]]:
