@@ -305,27 +305,6 @@ def noisy_copies(ids: np.ndarray, vectors: np.ndarray, uris: list[str], size: in
                [f"{u}#copy{copy}" for u in uris[:rows]])
 
 
-def write_run(run_dir: Path, parts: Iterator[tuple[np.ndarray, np.ndarray, list[str]]], bundle_id: str,
-              catalog: dict[str, Any], rows_per_shard: int, num_shards: int) -> shards.EmbeddingRun:
-    """An embedding run with one shard per part; the manifest, written last, marks it complete."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    seen: set[int] = set()
-    manifest = None
-    for k, (ids, vectors, uris) in enumerate(parts):
-        seen.update(ids.tolist())
-        if manifest is None:
-            manifest = shards.new_manifest(bundle_id, vectors.shape[1], catalog, rows_per_shard, num_shards)
-        table = shards.embedding_table(ids, uris, vectors, bundle_id)
-        shards.record_shard(manifest, shards.shard_name(k), shards.write_parquet_atomic(
-            table, run_dir / shards.shard_name(k)), 0)
-    assert manifest is not None
-    if len(seen) != manifest["rows"]:
-        raise RuntimeError(f"{run_dir}: {manifest['rows'] - len(seen)} duplicate ids among the copies")
-    manifest["complete"] = True
-    shards.write_manifest(run_dir, manifest)
-    return shards.open_run(run_dir)
-
-
 def catalog_run(root: Path, real: tuple[np.ndarray, np.ndarray, list[str]], size: int, scale: float,
                 bundle_id: str, recipe: str) -> shards.EmbeddingRun:
     """The run of `size` vectors made from `real` (reused when a complete one of the same recipe exists)."""
@@ -336,8 +315,9 @@ def catalog_run(root: Path, real: tuple[np.ndarray, np.ndarray, list[str]], size
     ids, vectors, uris = real
     described = {"name": f"bench-{size}", "source": f"bench/indexing.py recipe {recipe}", "entries": size,
                  "fingerprint": recipe}
-    return write_run(run_dir, noisy_copies(ids, vectors, uris, size, scale, SEED), bundle_id, described,
-                     len(ids), math.ceil(size / len(ids)))
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
+    return shards.write_run(run_dir, noisy_copies(ids, vectors, uris, size, scale, SEED), bundle_id, described,
+                            len(ids))
 
 
 # --- part 2: timing -----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +88,28 @@ def record_shard(manifest: dict[str, Any], name: str, info: dict[str, Any], erro
     manifest["shards"][name] = {**info, "errors": errors}
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"].values())
     manifest["errors"] = sum(s["errors"] for s in manifest["shards"].values())
+
+
+def write_run(run_dir: Path, parts: Iterable[tuple[np.ndarray, np.ndarray, list[str]]], bundle_id: str,
+              catalog: dict[str, Any], rows_per_shard: int) -> "EmbeddingRun":
+    """A complete run from vectors already in memory, one shard per (ids, vectors, uris) part: vectors made
+    elsewhere (benchmark catalogs, tests). The manifest, written last, marks it complete; ids must be unique."""
+    manifest = None
+    seen: set[int] = set()
+    for k, (ids, vectors, uris) in enumerate(parts):
+        seen.update(ids.tolist())
+        if manifest is None:
+            manifest = new_manifest(bundle_id, vectors.shape[1], catalog, rows_per_shard, 0)
+        info = write_parquet_atomic(embedding_table(ids, uris, vectors, bundle_id), run_dir / shard_name(k))
+        record_shard(manifest, shard_name(k), info, 0)
+    if manifest is None:
+        raise EmbeddingsError(f"{run_dir}: no parts to write")
+    if len(seen) != manifest["rows"]:
+        raise EmbeddingsError(f"{run_dir}: {manifest['rows'] - len(seen)} duplicate ids among the parts")
+    manifest["num_shards"] = len(manifest["shards"])
+    manifest["complete"] = True
+    write_manifest(run_dir, manifest)
+    return open_run(run_dir)
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:

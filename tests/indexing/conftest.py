@@ -9,10 +9,10 @@ import pytest
 
 from export.bundle import export_bundle
 from export.runtime import BundleRuntime
+from indexing import shards
 from indexing.index_build import build_index
 from indexing.index_plan import IndexConfig
-from indexing.shards import (EmbeddingRun, embedding_table, new_manifest, open_run, record_shard, shard_name,
-                             write_manifest, write_parquet_atomic)
+from indexing.shards import EmbeddingRun
 from tests.export.conftest import make_checkpoint
 
 BUNDLE_ID = "0123456789abcdef"
@@ -42,19 +42,13 @@ def query_like(catalog_seed: int, count: int, dim: int, clusters: int = 64, spre
 def write_run(run_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.ndarray | None = None,
               uris: list[str] | None = None, bundle_id: str = BUNDLE_ID, catalog: str = "toys") -> EmbeddingRun:
     """A complete embedding run of `vectors` (ids default to 10*row + 3: sparse, not row numbers)."""
-    n, dim = vectors.shape
+    n = len(vectors)
     ids = np.arange(n, dtype=np.int64) * 10 + 3 if ids is None else ids
     uris = [f"mem://{catalog}/{i}.png" for i in ids] if uris is None else uris
-    num_shards = max(1, -(-n // rows_per_shard))
-    manifest = new_manifest(bundle_id, dim, {"name": catalog, "source": "test", "entries": n,
-                                             "fingerprint": "test"}, rows_per_shard, num_shards)
-    for shard in range(num_shards):
-        rows = slice(shard * rows_per_shard, (shard + 1) * rows_per_shard)
-        table = embedding_table(ids[rows], uris[rows], vectors[rows], bundle_id)
-        record_shard(manifest, shard_name(shard), write_parquet_atomic(table, run_dir / shard_name(shard)), 0)
-    manifest["complete"] = True
-    write_manifest(run_dir, manifest)
-    return open_run(run_dir)
+    starts = range(0, max(n, 1), rows_per_shard)  # an empty catalog still gets its one (empty) shard
+    parts = ((ids[i:i + rows_per_shard], vectors[i:i + rows_per_shard], uris[i:i + rows_per_shard]) for i in starts)
+    catalog_info = {"name": catalog, "source": "test", "entries": n, "fingerprint": "test"}
+    return shards.write_run(run_dir, parts, bundle_id, catalog_info, rows_per_shard)
 
 
 @pytest.fixture(scope="session")
