@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cirflow demo --workdir workdir
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 clean:

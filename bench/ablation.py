@@ -40,10 +40,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import DOC, machine, today, write_section  # noqa: E402
+from report import DOC, machine, today, write_section
 
-CLI = [sys.executable, "-m", "flows.cli", "--log-level", "WARNING"]
+CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
 SPLITS = {"test": "shapes/test", "novel (novel phrasing)": "shapes/novel"}
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg")
 UPPER_BOUND = "UPPER BOUND (oracle IACMA)"

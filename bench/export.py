@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -25,21 +24,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+from report import machine, today, write_section
 
-# This file is named like the `export` package: drop its own folder from the path (Python puts it first) so that
-# `import export` finds the package, and reach report.py as bench.report from the repository root.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-from bench.report import machine, today, write_section  # noqa: E402
-from export.bundle import export_bundle  # noqa: E402
-from export.runtime import BundleRuntime  # noqa: E402
-from models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from models.cir_model import build_model, count_parameters  # noqa: E402
-from models.config_io import load_config  # noqa: E402
-from models.data.shapes_scene import random_scene, render_scene  # noqa: E402
-from models.preprocess import normalize_uint8  # noqa: E402
-from models.tokenizer import encode_texts, train_tokenizer  # noqa: E402
-from models.train_config import TrainConfig  # noqa: E402
+from cirflow.core.config import load_config
+from cirflow.export.bundle import export_bundle
+from cirflow.export.runtime import BundleRuntime
+from cirflow.models.checkpoint import load_checkpoint, save_checkpoint
+from cirflow.models.cir_model import build_model, count_parameters
+from cirflow.models.data.shapes_scene import random_scene, render_scene
+from cirflow.models.preprocess import normalize_uint8
+from cirflow.models.tokenizer import encode_texts, train_tokenizer
+from cirflow.models.train_config import TrainConfig
 
 CAPTIONS = ["same scene but the red circle is blue", "add a small green square in the top left",
             "remove the large triangle on the right", "move the purple circle to the bottom",
@@ -123,8 +118,10 @@ def main() -> None:
         for batch, n_runs in ((1, runs), (64, rounds)):
             px = pixels(batch, seed=batch)
             ids, mask = texts(batch)
-            cases = {"image encoder": (lambda: torch_image(px), lambda: rt.encode_images(px)),
-                     "query encoder": (lambda: torch_query(px, ids, mask), lambda: rt.encode_queries(px, ids, mask))}
+            # Default arguments bind this iteration's arrays (the lambdas are called within it, but say so).
+            cases = {"image encoder": (lambda px=px: torch_image(px), lambda px=px: rt.encode_images(px)),
+                     "query encoder": (lambda px=px, ids=ids, mask=mask: torch_query(px, ids, mask),
+                                       lambda px=px, ids=ids, mask=mask: rt.encode_queries(px, ids, mask))}
             for name, (pt_fn, ort_fn) in cases.items():
                 t_pt, t_ort = timed_pair(pt_fn, ort_fn, n_runs, warmup if batch == 1 else 1)
                 rows.append((name, batch, np.array(t_pt), np.array(t_ort)))

@@ -81,28 +81,22 @@ from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
+from report import DOC, machine, today, write_section
 
-# This file is named like the `indexing` package: drop its own folder from the path (Python puts it first) so
-# that `import indexing` finds the package, here and in the Ray workers (Ray gives the workers the driver's
-# script folder only while it is on the driver's path), and reach report.py as bench.report from the root.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-from bench.report import DOC, machine, today, write_section  # noqa: E402
-from export.runtime import BundleRuntime  # noqa: E402
-from indexing import shards  # noqa: E402
-from indexing.catalog import CatalogConfig, load_catalog, stable_id  # noqa: E402
-from indexing.embed import EmbedConfig, run_embed  # noqa: E402
-from indexing.embed_stages import read_image  # noqa: E402
-from indexing.index_build import build_index, index_id  # noqa: E402
-from indexing.index_plan import INDEX_TYPES, IndexConfig  # noqa: E402
-from indexing.queries import encode_query_split  # noqa: E402
-from indexing.search import Searcher, VectorIndex  # noqa: E402
-from models.atomic_write import write_json_atomic  # noqa: E402
-from models.data.json_files import read_json  # noqa: E402
-from models.data.loaders import load_split  # noqa: E402
-from models.data.shapes import MANIFEST as SHAPES_MANIFEST  # noqa: E402
-from models.data.shapes import ShapesConfig, generate_shapes  # noqa: E402
-from models.preprocess import normalize_uint8  # noqa: E402
+from cirflow.core.files import read_json, write_json_atomic
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing import shards
+from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
+from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.embed_stages import read_image
+from cirflow.indexing.index_build import build_index, index_id
+from cirflow.indexing.index_plan import INDEX_TYPES, IndexConfig
+from cirflow.indexing.queries import encode_query_split
+from cirflow.indexing.search import Searcher, VectorIndex
+from cirflow.models.data.loaders import load_split
+from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
+from cirflow.models.data.shapes import ShapesConfig, generate_shapes
+from cirflow.models.preprocess import normalize_uint8
 
 K = 10
 SEED = 0

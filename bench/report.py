@@ -8,6 +8,8 @@ import platform
 import re
 from pathlib import Path
 
+from cirflow.core.files import write_text_atomic
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
@@ -38,7 +40,4 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    write_text_atomic(doc, text)

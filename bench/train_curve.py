@@ -16,10 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, today, write_section  # noqa: E402
+from report import machine, today, write_section
 
-CLI = [sys.executable, "-m", "flows.cli", "--log-level", "WARNING"]
+CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
 
 
 def run(cmd: list[str]) -> str:
@@ -46,7 +45,7 @@ def main() -> None:
         results = json.loads((run_dir / "eval" / "metrics.json").read_text())["results"]
         rows.append((minutes, train_metrics["wall_seconds"], train_metrics, results))
 
-    lines = [f"## Training curve and demo run (shapes, default model)", "",
+    lines = ["## Training curve and demo run (shapes, default model)", "",
              f"- date: {today()}; machine: {machine()}",
              f"- command: `.venv/bin/python bench/train_curve.py --minutes {' '.join(f'{m:g}' for m in args.minutes)}`",
              "- each row is its own run with that optimisation budget (own cosine schedule); wall = the whole "

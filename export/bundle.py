@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,29 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.manifest import (FORMAT, GRAPHS, MANIFEST, PREPROCESS, TOKENIZER, BundleError, content_id,
-                             describe_files, read_manifest, sha256_file, verify_bundle)
-from export.onnx_export import (ImageEncoder, QueryEncoder, check_graph, example_inputs, export_graph,
-                                graph_versions, max_abs_diff)
-from models.atomic_write import write_json_atomic
-from models.checkpoint import LoadedCheckpoint, load_checkpoint
-from models.config_io import to_dict
+from cirflow.core.config import to_dict
+from cirflow.core.files import describe_files, sha256_file, temp_dir_beside, write_json_atomic
+from cirflow.export.manifest import (
+    FORMAT,
+    GRAPHS,
+    MANIFEST,
+    PREPROCESS,
+    TOKENIZER,
+    BundleError,
+    content_id,
+    read_manifest,
+    verify_bundle,
+)
+from cirflow.export.onnx_export import (
+    ImageEncoder,
+    QueryEncoder,
+    check_graph,
+    example_inputs,
+    export_graph,
+    graph_versions,
+    max_abs_diff,
+)
+from cirflow.models.checkpoint import LoadedCheckpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +66,9 @@ def export_bundle(checkpoint: Path, out_dir: Path) -> Path:
         return out_dir
 
     loaded = load_checkpoint(checkpoint)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier export by this pid
-    tmp.mkdir()
-    try:
+    with temp_dir_beside(out_dir) as tmp:
         manifest = _build(loaded, checkpoint, source_sha, tmp)
         return _publish(tmp, out_dir, manifest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _occupied(out_dir: Path) -> bool:

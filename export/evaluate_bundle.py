@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.runtime import BundleRuntime
-from models.data.loaders import load_split
-from models.evaluation import build_eval_set, embed_eval_set, score_embeddings
+from cirflow.export.runtime import BundleRuntime
+from cirflow.models.data.loaders import load_split
+from cirflow.models.evaluation import build_eval_set, embed_eval_set, score_embeddings
 
 
 def evaluate_bundle(bundle_dir: Path, kind: str, root: Path, splits: tuple[str, ...],

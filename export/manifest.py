@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.config_io import from_dict
-from models.preprocess import PreprocessConfig
+from cirflow.core.config import from_dict
+from cirflow.core.files import CURRENT, check_files, follow_current, publish_current
+from cirflow.models.preprocess import PreprocessConfig
 
 FORMAT = "cirflow-bundle-v1"
 MANIFEST, TOKENIZER, PREPROCESS = "manifest.json", "tokenizer.json", "preprocess.json"
@@ -38,35 +39,6 @@ class BundleError(ValueError):
     """A bundle is missing, damaged, tampered with, or cannot be written; the message names the file."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """name -> {"sha256", "bytes"} for files inside `directory`, sorted by name."""
-    return {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-            for name in sorted(names)}
-
-
-def check_files(directory: Path, files: dict[str, dict[str, Any]], checksums: bool = True) -> str | None:
-    """The first listed file that is missing or differs from its recorded size (or sha256), described in a
-    phrase naming the file; None when all match. Bundles, embedding runs and indexes share this check."""
-    for name, meta in sorted(files.items()):
-        path = directory / name
-        if not path.is_file():
-            return f"file {name} listed in the manifest is missing"
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            return f"file {name} has {size} bytes, the manifest records {meta['bytes']}"
-        if checksums and sha256_file(path) != meta["sha256"]:
-            return f"file {name} does not match its sha256 in the manifest"
-    return None
-
-
 def content_id(files: dict[str, dict[str, Any]]) -> str:
     """Hash over (name, sha256) pairs: the same ONNX graphs, weights, tokenizer and preprocessing give the same
     id, whatever checkpoint file or metrics they came from (those live in the manifest, outside the hash)."""
@@ -88,6 +60,26 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is not a {FORMAT} manifest")
     return manifest
+
+
+def resolve_bundle_dir(path: Path) -> Path:
+    """A bundle directory as given, or the one a bundles directory's CURRENT names (the registered bundle).
+    Jobs resolve once and pass the result on, so a bundle registered mid-job cannot change what they use."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    current = follow_current(path, BundleError)
+    if current is None:
+        what = "has neither" if path.is_dir() else "does not exist: no"
+        raise BundleError(f"bundle {path} {what} {MANIFEST} nor a {CURRENT} file naming a bundle (cirflow "
+                          "export --out DIR writes a bundle)")
+    return current
+
+
+def register_bundle(bundle_dir: Path) -> Path:
+    """Make `bundle_dir` (verified first) the CURRENT bundle of its parent directory; returns the pointer."""
+    verify_bundle(bundle_dir)
+    return publish_current(bundle_dir)
 
 
 def verify_bundle(bundle_dir: Path) -> dict[str, Any]:

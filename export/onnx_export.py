@@ -18,8 +18,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.manifest import GraphSpec
-from models.cir_model import CIRModel
+from cirflow.export.manifest import GraphSpec
+from cirflow.models.cir_model import CIRModel
 
 log = logging.getLogger(__name__)
 

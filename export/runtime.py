@@ -20,9 +20,17 @@ import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
-from export.manifest import IMAGE, QUERY, TOKENIZER, BundleError, read_preprocess, verify_bundle
-from models.preprocess import PreprocessConfig, load_image, preprocess_images
-from models.tokenizer import encode_texts, tokenizer_from_json
+from cirflow.export.manifest import (
+    IMAGE,
+    QUERY,
+    TOKENIZER,
+    BundleError,
+    read_preprocess,
+    resolve_bundle_dir,
+    verify_bundle,
+)
+from cirflow.models.preprocess import PreprocessConfig, load_image, preprocess_images
+from cirflow.models.tokenizer import encode_texts, tokenizer_from_json
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,7 @@ class BundleRuntime:
         to what the installed onnxruntime offers. require_gpu: raise GPUUnavailableError instead of running on
         the CPU. intra_op_threads: 0 lets ORT choose (one per physical core).
         """
-        bundle_dir = Path(bundle_dir)
+        bundle_dir = resolve_bundle_dir(bundle_dir)
         if require_gpu and providers == "cpu":
             raise ValueError("require_gpu=True contradicts providers='cpu'")
         manifest = verify_bundle(bundle_dir)  # before anything in the directory is parsed or executed

@@ -13,16 +13,15 @@ fp16 first (export/fp16.py) and the network is built as typed.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.fp16 import convert_to_fp16
-from export.manifest import GRAPHS, MANIFEST, read_manifest, sha256_file, verify_bundle
-from models.atomic_write import write_json_atomic
+from cirflow.core.files import sha256_file, write_bytes_atomic, write_json_atomic
+from cirflow.export.fp16 import convert_to_fp16
+from cirflow.export.manifest import GRAPHS, MANIFEST, read_manifest, verify_bundle
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +96,7 @@ def build_engines(bundle_dir: Path, fp16: bool = True, max_batch: int = 64, max_
             plan = _build_plan(trt, builder, logger, onnx_path, shapes[name], fp16_flag=fp16 and major == 10,
                                strongly_typed=major >= 11)
             path = bundle_dir / f"{name}.plan"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(plan)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, plan)
             engines[name] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                              "profile": shapes[name].to_dict()}
     section = {"tensorrt": trt.__version__, "gpu": _gpu_name(), "precision": "fp16" if fp16 else "fp32",

@@ -92,22 +92,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
-        from models.data.shapes import ShapesConfig, generate_shapes
+        from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 
         generate_shapes(ShapesConfig(seed=args.seed, scale=args.scale, workers=args.workers), args.out)
         print(args.out)
     elif args.command == "train":
-        from flows.demo import train_run
+        from cirflow.flows.demo import train_run
 
         print(train_run(args.config, args.overrides, args.workdir, args.run_id))
     elif args.command == "eval":
-        from models.eval_job import EvalJobConfig, run_eval
+        from cirflow.models.eval_job import EvalJobConfig, run_eval
 
         out = args.out or args.checkpoint.parent.parent / "eval"
         splits = tuple(s for s in (args.splits or "").split(",") if s)
         run_eval(EvalJobConfig(args.checkpoint, out, args.kind, args.root, splits))
     elif args.command == "export" and args.export_command == "trt":
-        from export.tensorrt import TensorRTUnavailable, build_engines
+        from cirflow.export.tensorrt import TensorRTUnavailable, build_engines
 
         try:
             build_engines(args.bundle, fp16=not args.fp32, max_batch=args.max_batch, max_seq=args.max_seq)
@@ -119,18 +119,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.checkpoint is None or args.out is None:
             raise ValueError("cirflow export needs --checkpoint CKPT and --out BUNDLE "
                              "(or: cirflow export trt --bundle BUNDLE)")
-        from export.bundle import export_bundle
+        from cirflow.export.bundle import export_bundle
 
         print(export_bundle(args.checkpoint, args.out))
     elif args.command == "embed":
-        from indexing.embed import EmbedConfig, run_embed
-        from models.config_io import load_config
+        from cirflow.core.config import load_config
+        from cirflow.indexing.embed import EmbedConfig, run_embed
 
         print(run_embed(load_config(EmbedConfig, args.config, args.overrides)))
     elif args.command == "index":
         return _index(args)
     elif args.command == "demo":
-        from flows.demo import DemoConfig, run_demo
+        from cirflow.flows.demo import DemoConfig, run_demo
 
         run_demo(DemoConfig(args.workdir, args.config, args.scale, tuple(args.overrides)))
     return 0
@@ -139,20 +139,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _index(args: argparse.Namespace) -> int:
     import json
 
-    from export.runtime import BundleRuntime
+    from cirflow.export.runtime import BundleRuntime
 
     if args.index_command == "queries":
-        from indexing.queries import encode_query_split, write_queries
+        from cirflow.indexing.queries import encode_query_split, write_queries
 
         runtime = BundleRuntime.load(args.bundle)
         vectors, _, _ = encode_query_split(runtime, args.kind, args.root, args.split)
         print(write_queries(args.out, vectors, runtime.bundle_id))
     elif args.index_command == "build":
-        from indexing.index_build import build_index, publish_index
-        from indexing.index_plan import IndexConfig
-        from indexing.queries import read_queries
-        from indexing.shards import open_run
-        from models.config_io import load_config
+        from cirflow.core.config import load_config
+        from cirflow.indexing.index_build import build_index, publish_index
+        from cirflow.indexing.index_plan import IndexConfig
+        from cirflow.indexing.queries import read_queries
+        from cirflow.indexing.shards import open_run
 
         run = open_run(args.embeddings)
         config = load_config(IndexConfig, args.config, args.overrides)
@@ -163,7 +163,7 @@ def _index(args: argparse.Namespace) -> int:
         logging.getLogger("cirflow").info("%s: %s", manifest["type"], manifest["reason"])
         print(index_dir)
     elif args.index_command == "search":
-        from indexing.search import Searcher
+        from cirflow.indexing.search import Searcher
 
         result = Searcher.load(args.index, args.bundle).search(args.image, args.text, args.k, args.exclude_id)
         for rank, (i, score, uri) in enumerate(zip(result.ids, result.scores, result.uris), 1):

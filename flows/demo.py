@@ -12,26 +12,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from export.bundle import export_bundle
-from export.evaluate_bundle import evaluate_bundle
-from export.runtime import BundleRuntime
-from indexing.catalog import CatalogConfig
-from indexing.embed import EmbedConfig, run_embed
-from indexing.index_build import build_index, publish_index
-from indexing.index_plan import IndexConfig
-from indexing.queries import encode_query_split
-from indexing.search import Searcher, VectorIndex
-from indexing.search_eval import recall_through_search
-from indexing.shards import open_run
-from models.config_io import load_config, to_dict
-from models.data.shapes import ShapesConfig, generate_shapes
-from models.eval_job import EvalJobConfig, run_eval
-from models.report import format_table
-from models.train import train
-from models.train_config import TrainConfig
+from cirflow.core.config import load_config, to_dict
+from cirflow.export.bundle import export_bundle
+from cirflow.export.evaluate_bundle import evaluate_bundle
+from cirflow.export.manifest import register_bundle
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing.catalog import CatalogConfig
+from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.index_build import build_index, publish_index
+from cirflow.indexing.index_plan import IndexConfig
+from cirflow.indexing.queries import encode_query_split
+from cirflow.indexing.search import Searcher, VectorIndex
+from cirflow.indexing.search_eval import recall_through_search
+from cirflow.indexing.shards import open_run
+from cirflow.models.data.shapes import ShapesConfig, generate_shapes
+from cirflow.models.eval_job import EvalJobConfig, run_eval
+from cirflow.models.report import format_table
+from cirflow.models.train import train
+from cirflow.models.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def run_demo(config: DemoConfig) -> dict:
     run_dir = checkpoint.parent.parent
     results = run_eval(EvalJobConfig(checkpoint, run_dir / "eval"))
     bundle = export_bundle(checkpoint, config.workdir / "bundles" / run_dir.name)
+    register_bundle(bundle)  # workdir/bundles/CURRENT: what configs/embed_catalog.yaml embeds with
     ort = evaluate_bundle(bundle, "shapes", data_dir, tuple(s.split("/")[-1] for s in results))
     for split, modes in ort.items():
         rows = {"pytorch": results[split]["composed"], "onnxruntime": modes["composed"]}

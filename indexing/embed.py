@@ -26,12 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.manifest import read_preprocess, verify_bundle
-from indexing import shards
-from indexing.catalog import CatalogConfig, fingerprint, load_catalog
-from indexing.embed_stages import ImageEmbedder, decode_batch
-from models.config_io import load_config, to_dict
-from models.preprocess import PreprocessConfig
+from cirflow.core.config import load_config, to_dict
+from cirflow.export.manifest import read_preprocess, verify_bundle
+from cirflow.indexing import shards
+from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog
+from cirflow.indexing.embed_stages import ImageEmbedder, decode_batch
+from cirflow.models.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexing.catalog import read_bytes
-from models.preprocess import ImageError, PreprocessConfig, load_image, normalize_uint8, resize_uint8
+from cirflow.indexing.catalog import read_bytes
+from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, normalize_uint8, resize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ImageEmbedder:
     """Holds one bundle runtime (loaded once per actor) and embeds the decoded rows of each batch."""
 
     def __init__(self, bundle_dir: str, providers: str, require_gpu: bool, threads: int) -> None:
-        from export.runtime import BundleRuntime  # onnxruntime loads in the actor, not in the driver
+        from cirflow.export.runtime import BundleRuntime  # onnxruntime loads in the actor, not in the driver
 
         self.runtime = BundleRuntime.load(Path(bundle_dir), providers=providers, require_gpu=require_gpu,
                                           intra_op_threads=threads)

@@ -11,7 +11,7 @@ import logging
 
 import faiss
 
-from indexing.index_plan import USE_GPU
+from cirflow.indexing.index_plan import USE_GPU
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from export.manifest import ID_LENGTH
-from indexing import index_store as store
-from indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
-from indexing.index_plan import IndexConfig, IndexPlan, plan_index
-from indexing.shards import EmbeddingRun
-from indexing.tuning import TRUTH_DEPTH, ef_search_candidates, exact_knn, nprobe_candidates, tune_setting
+from cirflow.core.files import temp_dir_beside
+from cirflow.export.manifest import ID_LENGTH
+from cirflow.indexing import index_store as store
+from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
+from cirflow.indexing.index_plan import IndexConfig, IndexPlan, plan_index
+from cirflow.indexing.shards import EmbeddingRun
+from cirflow.indexing.tuning import TRUTH_DEPTH, ef_search_candidates, exact_knn, nprobe_candidates, tune_setting
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def build_index(run: EmbeddingRun, queries: np.ndarray, indexes_root: Path,
     for warning in plan.warnings:
         log.warning("index plan: %s", warning)
     on_gpu = resolve_gpu(config.use_gpu, plan.index_type, "build")
-    tmp = store.temp_dir_beside(final)
-    try:
+    with temp_dir_beside(final) as tmp:
         started = time.perf_counter()
         trained = _train(plan, run, config, on_gpu)
         trained_at = time.perf_counter()
@@ -106,8 +106,6 @@ def build_index(run: EmbeddingRun, queries: np.ndarray, indexes_root: Path,
             log.info("index %s was built concurrently by another process; keeping that one", final)
             store.verify_index(final)
         return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_index(index_dir: Path) -> Path:

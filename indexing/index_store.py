@@ -19,8 +19,6 @@ build needs. The two cannot be combined: MMAP_IFC refuses on-disk lists.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +27,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.manifest import check_files, describe_files
-from indexing.faiss_device import to_gpu
-from indexing.shards import write_parquet_atomic
-from models.atomic_write import write_json_atomic, write_text_atomic
-from models.data.json_files import read_json
-from models.data.types import DatasetError
+from cirflow.core.files import (
+    CURRENT,
+    check_files,
+    describe_files,
+    follow_current,
+    publish_current,
+    read_json,
+    write_json_atomic,
+)
+from cirflow.indexing.faiss_device import to_gpu
+from cirflow.indexing.shards import write_parquet_atomic
 
 FORMAT = "cirflow-index-v1"
-MANIFEST, CURRENT, URIS = "manifest.json", "CURRENT", "uris.parquet"
+MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
 LAYOUTS = ("single", "ondisk", "shards")  # one file; IVF merged on disk; one file per embedding shard
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
@@ -51,14 +54,6 @@ def shard_file(shard: int) -> str:
     return f"shard-{shard:05d}.faiss"
 
 
-def temp_dir_beside(final: Path) -> Path:
-    """A fresh hidden directory next to `final`, on the same filesystem so that a rename can publish it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    return tmp
-
-
 def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     """Record every file of the directory (size, sha256) and write the manifest last."""
     names = sorted(p.name for p in index_dir.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
@@ -70,10 +65,7 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise IndexFormatError(f"{index_dir}: no {MANIFEST}; not a built index directory (build it with "
                                "`cirflow index build`)")
-    try:
-        manifest = read_json(path)
-    except DatasetError as e:
-        raise IndexFormatError(str(e)) from e
+    manifest = read_json(path, IndexFormatError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
                                f" is not {FORMAT!r}")
@@ -93,12 +85,9 @@ def verify_index(index_dir: Path, checksums: bool = True) -> dict[str, Any]:
 def resolve_index_dir(path: Path) -> Path:
     """An index directory as given, or the one a catalog directory's CURRENT names."""
     path = Path(path)
-    pointer = path / CURRENT
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if not name or "/" in name or name.startswith("."):
-            raise IndexFormatError(f"{pointer}: {name!r} is not an index directory name")
-        return path / name
+    current = follow_current(path, IndexFormatError)
+    if current is not None:
+        return current
     if not (path / MANIFEST).is_file():
         raise IndexFormatError(f"{path}: neither an index directory ({MANIFEST}) nor a catalog directory with "
                                f"{CURRENT}")
@@ -109,9 +98,7 @@ def publish(index_dir: Path) -> Path:
     """Point the catalog's CURRENT at `index_dir` (verified first); readers see the old or the new name, whole."""
     index_dir = Path(index_dir)
     verify_index(index_dir, checksums=False)
-    pointer = index_dir.parent / CURRENT
-    write_text_atomic(pointer, index_dir.name + "\n")
-    return pointer
+    return publish_current(index_dir)
 
 
 def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str]) -> None:

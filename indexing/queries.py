@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.runtime import BundleRuntime
-from indexing.shards import write_parquet_atomic
-from models.data.loaders import load_split
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing.shards import write_parquet_atomic
+from cirflow.models.data.loaders import load_split
 
 log = logging.getLogger(__name__)
 

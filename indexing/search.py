@@ -19,9 +19,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from export.runtime import BundleRuntime, ImageInput
-from indexing import index_store as store
-from indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param
+from cirflow.export.runtime import BundleRuntime, ImageInput
+from cirflow.indexing import index_store as store
+from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param
 
 log = logging.getLogger(__name__)
 

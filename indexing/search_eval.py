@@ -12,9 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from indexing import index_store
-from indexing.search import Searcher
-from models.data.loaders import load_split
+from cirflow.indexing import index_store
+from cirflow.indexing.search import Searcher
+from cirflow.models.data.loaders import load_split
 
 
 def recall_through_search(searcher: Searcher, kind: str, root: Path, split: str,

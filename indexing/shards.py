@@ -15,7 +15,6 @@ and renamed; the manifest is updated after the shard's files are in place, so it
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -24,9 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export.manifest import check_files, sha256_file
-from models.atomic_write import write_json_atomic
-from models.data.json_files import read_json
+from cirflow.core.files import check_files, read_json, sha256_file, write_atomic, write_json_atomic
 
 FORMAT = "cirflow-embeddings-v1"
 MANIFEST = "manifest.json"
@@ -66,12 +63,7 @@ def error_table(ids: np.ndarray, uris: list[str], reasons: list[str]) -> pa.Tabl
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> dict[str, Any]:
     """Write under a temp name, rename into place; returns {"rows", "bytes", "sha256"} of the final file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in flight
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     return {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -121,9 +113,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         return None
-    manifest = read_json(path)
-    if manifest.get("format") != FORMAT:
-        raise EmbeddingsError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    manifest = read_json(path, EmbeddingsError)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise EmbeddingsError(f"{path}: format {found!r} is not {FORMAT!r}")
     return manifest
 
 

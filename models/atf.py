@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Block
+from cirflow.models.layers import Block
 
 if TYPE_CHECKING:  # models.composers imports this module to register it
-    from models.composers import ComposerConfig
+    from cirflow.models.composers import ComposerConfig
 
 
 def merge_tokens(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,10 +9,11 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from models.cir_model import CIRModel, build_model
-from models.config_io import from_dict, to_dict
-from models.tokenizer import tokenizer_from_json
-from models.train_config import TrainConfig
+from cirflow.core.config import from_dict, to_dict
+from cirflow.core.files import write_atomic
+from cirflow.models.cir_model import CIRModel, build_model
+from cirflow.models.tokenizer import tokenizer_from_json
+from cirflow.models.train_config import TrainConfig
 
 FORMAT = "cirflow-checkpoint-v1"
 
@@ -35,11 +35,7 @@ def save_checkpoint(path: Path, model: CIRModel, tokenizer: Tokenizer, config: T
     """Write atomically (temp name, then rename): a killed save never leaves a half checkpoint."""
     payload = {"format": FORMAT, "config": to_dict(config), "model": model.state_dict(),
                "tokenizer": tokenizer.to_str(), **extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.composers import ComposerConfig, build_composer
-from models.image_encoder import ImageEncoder, ImageEncoderConfig
-from models.text_encoder import TextEncoder, TextEncoderConfig
+from cirflow.models.composers import ComposerConfig, build_composer
+from cirflow.models.image_encoder import ImageEncoder, ImageEncoderConfig
+from cirflow.models.text_encoder import TextEncoder, TextEncoderConfig
 
 
 @dataclass(frozen=True)

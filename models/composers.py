@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.atf import AdaptiveTokenFusion
+from cirflow.models.atf import AdaptiveTokenFusion
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.atomic_write import write_json_atomic
-from models.checkpoint import load_checkpoint
-from models.data.loaders import load_split
-from models.evaluation import QUERY_MODES, TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
-from models.metrics import average_fashioniq, cirr_submission
-from models.report import format_table, save_example_sheet
+from cirflow.core.files import write_json_atomic
+from cirflow.models.checkpoint import load_checkpoint
+from cirflow.models.data.loaders import load_split
+from cirflow.models.evaluation import QUERY_MODES, TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
+from cirflow.models.metrics import average_fashioniq, cirr_submission
+from cirflow.models.report import format_table, save_example_sheet
 
 log = logging.getLogger(__name__)
 

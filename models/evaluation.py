@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from models.cir_model import CIRModel
-from models.data.types import CIRSplit
-from models.metrics import evaluate_scores, rank_gallery
-from models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
-from models.tokenizer import encode_texts
+from cirflow.models.cir_model import CIRModel
+from cirflow.models.data.types import CIRSplit
+from cirflow.models.metrics import evaluate_scores, rank_gallery
+from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
+from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
 

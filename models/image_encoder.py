@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Block
+from cirflow.models.layers import Block
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.data.types import CIRSplit
+from cirflow.models.data.types import CIRSplit
 
 logger = logging.getLogger(__name__)
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from models.data.types import CIRSplit
+from cirflow.core.files import write_atomic
+from cirflow.models.data.types import CIRSplit
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,7 @@ def save_example_sheet(
             _draw_cell(sheet, draw, font, split.images.get(name), (x, y), image_size, colour, f"#{rank}")
             x += cell
 
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out_png)
+    out_png = write_atomic(Path(out_png), lambda tmp: sheet.save(tmp, format="PNG"))
     logger.info("wrote example sheet %s (%d queries)", out_png, len(query_indices))
     return out_png
 

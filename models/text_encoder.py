@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.layers import Block
+from cirflow.models.layers import Block
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ inside every checkpoint and bundle, and is the only tokenisation code path (trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections import Counter
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np

@@ -23,20 +23,20 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from models.atomic_write import write_json_atomic, write_text_atomic
-from models.checkpoint import save_checkpoint
-from models.cir_model import CIRModel, build_model, count_parameters
-from models.composers import ComposerConfig, SumComposer
-from models.config_io import to_dict
-from models.data.loaders import load_split
-from models.data.types import CIRSplit
-from models.evaluation import EvalSet, build_eval_set, evaluate
-from models.losses import LogitScale
-from models.methods.base import Method, encode_batch
-from models.methods.registry import MethodConfig, build_method
-from models.tokenizer import train_tokenizer, tokenizer_from_json
-from models.train_config import OptimConfig, TrainConfig
-from models.train_data import Batch, TripletBatches
+from cirflow.core.config import to_dict
+from cirflow.core.files import write_json_atomic, write_text_atomic
+from cirflow.models.checkpoint import save_checkpoint
+from cirflow.models.cir_model import CIRModel, build_model, count_parameters
+from cirflow.models.composers import ComposerConfig, SumComposer
+from cirflow.models.data.loaders import load_split
+from cirflow.models.data.types import CIRSplit
+from cirflow.models.evaluation import EvalSet, build_eval_set, evaluate
+from cirflow.models.losses import LogitScale
+from cirflow.models.methods.base import Method, encode_batch
+from cirflow.models.methods.registry import MethodConfig, build_method
+from cirflow.models.tokenizer import tokenizer_from_json, train_tokenizer
+from cirflow.models.train_config import OptimConfig, TrainConfig
+from cirflow.models.train_data import Batch, TripletBatches
 
 log = logging.getLogger(__name__)
 

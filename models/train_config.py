@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.cir_model import ModelConfig
-from models.methods.registry import MethodConfig
-from models.preprocess import PreprocessConfig
-from models.tokenizer import TokenizerConfig
+from cirflow.models.cir_model import ModelConfig
+from cirflow.models.methods.registry import MethodConfig
+from cirflow.models.preprocess import PreprocessConfig
+from cirflow.models.tokenizer import TokenizerConfig
 
 RECIPES = ("one_stage", "two_stage")
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from models.data.types import CIRSplit, DatasetError
-from models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
-from models.tokenizer import encode_texts
+from cirflow.models.data.types import CIRSplit, DatasetError
+from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
+from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.data.shapes import ShapesConfig, generate_shapes
+from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 
 TINY_MODEL = [
     "model.image.widths=[8, 16, 32]", "model.image.dim=32", "model.image.layers=1", "model.image.heads=2",

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from models.data.json_files import read_json
-from models.data.types import CIRSplit, DatasetError, Query
+from cirflow.core.files import read_json
+from cirflow.models.data.types import CIRSplit, DatasetError, Query
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_cirr(root: Path, split: str, *, dataset: str | None = None) -> CIRSplit
     captions_path = root / "captions" / f"cap.rc2.{split}.json"
     images_path = root / "image_splits" / f"split.rc2.{split}.json"
     images = _read_image_split(images_path, root)
-    entries = read_json(captions_path)
+    entries = read_json(captions_path, DatasetError)
     if not isinstance(entries, list):
         raise DatasetError(f"{captions_path}: top level must be a list of entries, got {type(entries).__name__}")
 
@@ -55,7 +55,7 @@ def load_cirr(root: Path, split: str, *, dataset: str | None = None) -> CIRSplit
 
 def _read_image_split(path: Path, root: Path) -> dict[str, Path]:
     """Name -> absolute path, checking that every file exists (one stat per image)."""
-    raw = read_json(path)
+    raw = read_json(path, DatasetError)
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: top level must be an object {{name: relative path}}, got {type(raw).__name__}")
     images: dict[str, Path] = {}

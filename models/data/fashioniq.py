@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from models.data.json_files import read_json
-from models.data.types import CIRSplit, DatasetError, Query
+from cirflow.core.files import read_json
+from cirflow.models.data.types import CIRSplit, DatasetError, Query
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def load_fashioniq(root: Path, category: str, split: str) -> CIRSplit:
     captions_path = root / "captions" / f"cap.{category}.{split}.json"
     split_path = root / "image_splits" / f"split.{category}.{split}.json"
     images = _read_image_split(split_path, root / "images")
-    entries = read_json(captions_path)
+    entries = read_json(captions_path, DatasetError)
     if not isinstance(entries, list):
         raise DatasetError(f"{captions_path}: top level must be a list of entries, got {type(entries).__name__}")
     queries = [_parse_entry(entry, index, captions_path, images) for index, entry in enumerate(entries)]
@@ -69,7 +69,7 @@ def training_captions(first: str, second: str) -> tuple[str, str, str, str]:
 
 def _read_image_split(path: Path, image_dir: Path) -> dict[str, Path]:
     """Id -> absolute image path (.jpg or .png, whichever exists), in file order."""
-    ids = read_json(path)
+    ids = read_json(path, DatasetError)
     if not isinstance(ids, list):
         raise DatasetError(f"{path}: top level must be a list of image ids, got {type(ids).__name__}")
     images: dict[str, Path] = {}

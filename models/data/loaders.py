@@ -6,9 +6,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from models.data.cirr import load_cirr
-from models.data.fashioniq import load_fashioniq
-from models.data.types import CIRSplit
+from cirflow.models.data.cirr import load_cirr
+from cirflow.models.data.fashioniq import load_fashioniq
+from cirflow.models.data.types import CIRSplit
 
 # kind -> loader(root, split). The shapes benchmark is written in CIRR's format.
 LOADERS: dict[str, Callable[[Path, str], CIRSplit]] = {

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from models.data.shapes_captions import PHRASINGS, describe_edit
-from models.data.shapes_scene import (
+from cirflow.models.data.shapes_captions import PHRASINGS, describe_edit
+from cirflow.models.data.shapes_scene import (
     CELLS,
     MODIFICATIONS,
     SIZES,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from models.data.shapes_scene import Edit, Scene, object_at
+from cirflow.models.data.shapes_scene import Edit, Scene, object_at
 
 
 @dataclass(frozen=True)

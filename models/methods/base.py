@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cir_model import CIRModel, Features
-from models.losses import batch_contrastive
+from cirflow.models.cir_model import CIRModel, Features
+from cirflow.models.losses import batch_contrastive
 
 
 @dataclass

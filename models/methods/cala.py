@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cir_model import CIRModel
-from models.losses import info_nce
-from models.methods.base import BatchFeatures, Method, diagonal_ce, qtm, token_projection
-from models.methods.hca import HingeCrossAttention
-from models.methods.tac import TwinAttentionCompositor
+from cirflow.models.cir_model import CIRModel
+from cirflow.models.losses import info_nce
+from cirflow.models.methods.base import BatchFeatures, Method, diagonal_ce, qtm, token_projection
+from cirflow.models.methods.hca import HingeCrossAttention
+from cirflow.models.methods.tac import TwinAttentionCompositor
 
 LOSS_FORMS = ("paper", "official")
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cir_model import CIRModel
-from models.losses import batch_contrastive, info_nce
-from models.methods.base import BatchFeatures, Method, qtm, token_projection
-from models.methods.tac import TwinAttentionCompositor
+from cirflow.models.cir_model import CIRModel
+from cirflow.models.losses import batch_contrastive, info_nce
+from cirflow.models.methods.base import BatchFeatures, Method, qtm, token_projection
+from cirflow.models.methods.tac import TwinAttentionCompositor
 
 
 class DRA(Method):

@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from models.cir_model import CIRModel
-from models.methods.base import BatchFeatures, BaseMethod, Method  # noqa: F401  (re-exported)
-from models.methods.cala import LOSS_FORMS, CaLa
-from models.methods.dra import DRA
-from models.methods.tmcir import GENERATORS, TMCIR, DiffusionGenerator, OracleGenerator, PseudoTargetGenerator
-from models.preprocess import PreprocessConfig
+from cirflow.models.cir_model import CIRModel
+from cirflow.models.methods.base import BaseMethod, BatchFeatures, Method  # noqa: F401  (re-exported)
+from cirflow.models.methods.cala import LOSS_FORMS, CaLa
+from cirflow.models.methods.dra import DRA
+from cirflow.models.methods.tmcir import GENERATORS, TMCIR, DiffusionGenerator, OracleGenerator, PseudoTargetGenerator
+from cirflow.models.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.cir_model import CIRModel
-from models.losses import LogitScale, info_nce
-from models.methods.base import BatchFeatures, Method, qtm
-from models.preprocess import PreprocessConfig, preprocess_images
+from cirflow.models.cir_model import CIRModel
+from cirflow.models.losses import LogitScale, info_nce
+from cirflow.models.methods.base import BatchFeatures, Method, qtm
+from cirflow.models.preprocess import PreprocessConfig, preprocess_images
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_bench_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    """bench/<name>.py as the module `bench_<name>`. The scripts import their shared `report` module the way
+    `python bench/X.py` finds it (beside the script), so that one is loaded first under its own name."""
+    if "report" not in sys.modules:
+        _load("report", ROOT / "bench" / "report.py")
+    return _load(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+
+
+def _load(module_name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)

@@ -12,8 +12,6 @@ import pytest
 from tests.bench.scripts import ROOT, load_bench_script
 from tests.conftest import TINY_MODEL
 
-
-
 ablation = load_bench_script("ablation")
 
 

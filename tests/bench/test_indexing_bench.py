@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import export_bundle
+from cirflow.export.bundle import export_bundle
 from tests.bench.scripts import ROOT, load_bench_script
 from tests.export.conftest import make_checkpoint
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle import export_bundle
-from models.checkpoint import save_checkpoint
-from models.cir_model import build_model
-from models.config_io import load_config
-from models.tokenizer import train_tokenizer
-from models.train_config import TrainConfig
+from cirflow.core.config import load_config
+from cirflow.export.bundle import export_bundle
+from cirflow.models.checkpoint import save_checkpoint
+from cirflow.models.cir_model import build_model
+from cirflow.models.tokenizer import train_tokenizer
+from cirflow.models.train_config import TrainConfig
 from tests.conftest import TINY_MODEL
 
 CAPTIONS = ["make the red circle blue", "add a small green square on the left", "remove the large triangle",

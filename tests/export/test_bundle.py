@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.bundle import _publish, export_bundle
-from export.manifest import FORMAT, BundleError, content_id, verify_bundle
-from models.checkpoint import load_checkpoint
-from models.config_io import to_dict
+from cirflow.core.config import to_dict
+from cirflow.export.bundle import _publish, export_bundle
+from cirflow.export.manifest import FORMAT, BundleError, content_id, verify_bundle
+from cirflow.models.checkpoint import load_checkpoint
 from tests.export.conftest import make_checkpoint
 
 COMPOSER = "sum"  # the cheapest bundle; parity for every composer lives in test_parity.py

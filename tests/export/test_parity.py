@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from export.runtime import BundleRuntime
-from models.checkpoint import load_checkpoint
-from models.composers import COMPOSERS
-from models.preprocess import PreprocessConfig, normalize_uint8, preprocess_images
-from models.tokenizer import encode_texts
+from cirflow.export.runtime import BundleRuntime
+from cirflow.models.checkpoint import load_checkpoint
+from cirflow.models.composers import COMPOSERS
+from cirflow.models.preprocess import PreprocessConfig, normalize_uint8, preprocess_images
+from cirflow.models.tokenizer import encode_texts
 from tests.export.conftest import CAPTIONS, assert_same_top_k, random_images
 
 ATOL = 1e-4

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from export import runtime as rt
-from export.manifest import BundleError
-from export.runtime import CPU, CUDA, TRT, BundleRuntime, GPUUnavailableError, InputError, select_providers
+from cirflow.export import runtime as rt
+from cirflow.export.manifest import BundleError
+from cirflow.export.runtime import CPU, CUDA, TRT, BundleRuntime, GPUUnavailableError, InputError, select_providers
 from tests.export.conftest import random_images
 
 COMPOSER = "sum"

@@ -13,10 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.fp16 import convert_to_fp16, to_fp16
-from export.manifest import verify_bundle
-from export.tensorrt import TensorRTUnavailable, build_engines, profiles
-from models.composers import COMPOSERS
+from cirflow.export.fp16 import convert_to_fp16, to_fp16
+from cirflow.export.manifest import verify_bundle
+from cirflow.export.tensorrt import TensorRTUnavailable, build_engines, profiles
+from cirflow.models.composers import COMPOSERS
 from tests.export.conftest import random_images
 
 COMPOSER = "sum"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.cli import main
+from cirflow.flows.cli import main
 from tests.conftest import TINY_MODEL
 
 
@@ -45,7 +45,7 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path, caplog: pytest.LogCa
 
 
 def test_demo_end_to_end_matches_onnxruntime(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.demo import DemoConfig, run_demo
+    from cirflow.flows.demo import DemoConfig, run_demo
 
     results = run_demo(DemoConfig(tmp_path, scale=0.01, overrides=(*TINY_MODEL, "optim.max_steps=5")))
     out = capsys.readouterr().out

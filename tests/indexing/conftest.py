@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import export_bundle
-from export.runtime import BundleRuntime
-from indexing import shards
-from indexing.index_build import build_index
-from indexing.index_plan import IndexConfig
-from indexing.shards import EmbeddingRun
+from cirflow.export.bundle import export_bundle
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing import shards
+from cirflow.indexing.index_build import build_index
+from cirflow.indexing.index_plan import IndexConfig
+from cirflow.indexing.shards import EmbeddingRun
 from tests.export.conftest import make_checkpoint
 
 BUNDLE_ID = "0123456789abcdef"

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.catalog import CatalogConfig, CatalogError, fingerprint, load_catalog, read_bytes, stable_id
+from cirflow.indexing.catalog import CatalogConfig, CatalogError, fingerprint, load_catalog, read_bytes, stable_id
 
 
 def test_folder_ids_are_stable_hashes_of_relative_paths(tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from export.bundle import export_bundle
-from export.runtime import BundleRuntime
-from indexing import shards
-from indexing.catalog import CatalogConfig, folder_entries
-from indexing.embed import EmbedConfig, EmbedError, run_embed
+from cirflow.export.bundle import export_bundle
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing import shards
+from cirflow.indexing.catalog import CatalogConfig, folder_entries
+from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed
 from tests.export.conftest import make_checkpoint, random_images
 
 ray = pytest.importorskip("ray")
@@ -186,7 +186,7 @@ def test_shipped_configs_load_strictly() -> None:
 
     import yaml
 
-    from models.config_io import load_config
+    from cirflow.core.config import load_config
 
     example = load_config(EmbedConfig, REPO / "configs" / "embed_catalog.yaml")
     assert example.catalog.name == "shapes-test" and example.num_gpus == 0

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
-from indexing import index_build
-from indexing.faiss_device import FaissGpuUnavailableError, gpu_count, set_search_param
-from indexing.index_build import IndexBuildError, build_index, index_id, publish_index
-from indexing.index_plan import IndexConfig
-from indexing.index_store import CURRENT, IndexFormatError, verify_index
-from indexing.search import VectorIndex
-from indexing.shards import EmbeddingRun
+from cirflow.core.files import CURRENT
+from cirflow.indexing import index_build
+from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count, set_search_param
+from cirflow.indexing.index_build import IndexBuildError, build_index, index_id, publish_index
+from cirflow.indexing.index_plan import IndexConfig
+from cirflow.indexing.index_store import IndexFormatError, verify_index
+from cirflow.indexing.search import VectorIndex
+from cirflow.indexing.shards import EmbeddingRun
 from tests.indexing.conftest import TYPE_CONFIGS, write_run
 
 

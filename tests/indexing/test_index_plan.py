@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexing.index_plan import IndexConfig, IndexConfigError, auto_nlist, plan_index
-from models.config_io import ConfigError, from_dict
+from cirflow.core.config import ConfigError, from_dict
+from cirflow.indexing.index_plan import IndexConfig, IndexConfigError, auto_nlist, plan_index
 
 # (vectors, dim, memory budget MB) -> (type, parameters, phrases the reason must contain)
 CASES = [

@@ -7,8 +7,15 @@ import logging
 import numpy as np
 import pytest
 
-from indexing.tuning import (GroundTruth, ef_search_candidates, exact_knn, nprobe_candidates, recall_at_k,
-                             split_queries, tune_setting)
+from cirflow.indexing.tuning import (
+    GroundTruth,
+    ef_search_candidates,
+    exact_knn,
+    nprobe_candidates,
+    recall_at_k,
+    split_queries,
+    tune_setting,
+)
 from tests.indexing.conftest import clustered, query_like
 
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from export.runtime import BundleRuntime
-from indexing.queries import QueriesError, encode_query_split, read_queries, write_queries
-from models.data.loaders import load_split
-from models.evaluation import build_eval_set, embed_eval_set
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing.queries import QueriesError, encode_query_split, read_queries, write_queries
+from cirflow.models.data.loaders import load_split
+from cirflow.models.evaluation import build_eval_set, embed_eval_set
 
 
 def test_split_queries_are_the_evaluators_composed_queries(tiny_runtime: BundleRuntime, tiny_shapes: Path) -> None:

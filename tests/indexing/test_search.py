@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.evaluate_bundle import evaluate_bundle
-from export.runtime import BundleRuntime
-from indexing.faiss_device import FaissGpuUnavailableError, gpu_count
-from indexing.index_build import build_index, publish_index
-from indexing.index_plan import IndexConfig
-from indexing.index_store import IndexFormatError
-from indexing.queries import encode_query_split
-from indexing.search import IndexMismatchError, SearchError, Searcher, VectorIndex
-from indexing.shards import EmbeddingRun
-from models.data.loaders import load_split
+from cirflow.export.evaluate_bundle import evaluate_bundle
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count
+from cirflow.indexing.index_build import build_index, publish_index
+from cirflow.indexing.index_plan import IndexConfig
+from cirflow.indexing.index_store import IndexFormatError
+from cirflow.indexing.queries import encode_query_split
+from cirflow.indexing.search import IndexMismatchError, Searcher, SearchError, VectorIndex
+from cirflow.indexing.shards import EmbeddingRun
+from cirflow.models.data.loaders import load_split
 from tests.indexing.conftest import write_run
 
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.atf import AdaptiveTokenFusion, merge_tokens
-from models.composers import COMPOSERS, ComposerConfig, build_composer
+from cirflow.models.atf import AdaptiveTokenFusion, merge_tokens
+from cirflow.models.composers import COMPOSERS, ComposerConfig, build_composer
 
 DIM, EMBED = 16, 12
 

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from models.data.cirr import load_cirr
-from models.data.loaders import load_split
-from models.data.types import DatasetError, Query
+from cirflow.models.data.cirr import load_cirr
+from cirflow.models.data.loaders import load_split
+from cirflow.models.data.types import DatasetError, Query
 
 NAMES = [f"img{i}" for i in range(8)]
 

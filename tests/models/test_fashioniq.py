@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from models.data.fashioniq import join_captions, load_fashioniq, training_captions
-from models.data.loaders import load_split
-from models.data.types import DatasetError, Query
+from cirflow.models.data.fashioniq import join_captions, load_fashioniq, training_captions
+from cirflow.models.data.loaders import load_split
+from cirflow.models.data.types import DatasetError, Query
 
 IDS = ["B001", "B002", "B003", "B004"]
 

@@ -7,18 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cir_model import CIRModel, Features, ModelConfig, build_model
-from models.composers import ComposerConfig, SumComposer
-from models.image_encoder import ImageEncoderConfig
-from models.losses import batch_contrastive, info_nce
-from models.methods import METHODS, TMCIR, BatchFeatures, MethodConfig, build_method, encode_batch
-from models.methods.cala import CaLa
-from models.methods.dra import DRA
-from models.methods.hca import HingeCrossAttention
-from models.methods.tac import TwinAttentionCompositor
-from models.methods.tmcir import DiffusionGenerator, OracleGenerator
-from models.preprocess import PreprocessConfig
-from models.text_encoder import TextEncoderConfig
+from cirflow.models.cir_model import CIRModel, Features, ModelConfig, build_model
+from cirflow.models.composers import ComposerConfig, SumComposer
+from cirflow.models.image_encoder import ImageEncoderConfig
+from cirflow.models.losses import batch_contrastive, info_nce
+from cirflow.models.methods import METHODS, TMCIR, BatchFeatures, MethodConfig, build_method, encode_batch
+from cirflow.models.methods.cala import CaLa
+from cirflow.models.methods.dra import DRA
+from cirflow.models.methods.hca import HingeCrossAttention
+from cirflow.models.methods.tac import TwinAttentionCompositor
+from cirflow.models.methods.tmcir import DiffusionGenerator, OracleGenerator
+from cirflow.models.preprocess import PreprocessConfig
+from cirflow.models.text_encoder import TextEncoderConfig
 
 DIM, EMBED, B = 16, 12, 4  # token width != embedding size: the auxiliary branches project
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import metrics
-from models.data.types import CIRSplit, Query
-from models.metrics import (
+from cirflow.models import metrics
+from cirflow.models.data.types import CIRSplit, Query
+from cirflow.models.metrics import (
     average_fashioniq,
     cirr_metrics,
     cirr_submission,

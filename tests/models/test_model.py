@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from models.cir_model import ModelConfig, build_model
-from models.composers import COMPOSERS, ComposerConfig, build_composer
-from models.image_encoder import ImageEncoderConfig
-from models.losses import LogitScale, info_nce
-from models.text_encoder import TextEncoderConfig
+from cirflow.models.cir_model import ModelConfig, build_model
+from cirflow.models.composers import COMPOSERS, ComposerConfig, build_composer
+from cirflow.models.image_encoder import ImageEncoderConfig
+from cirflow.models.losses import LogitScale, info_nce
+from cirflow.models.text_encoder import TextEncoderConfig
 
 
 def tiny(composer: str) -> ModelConfig:
@@ -72,7 +72,7 @@ def test_logit_scale_is_clamped_and_optionally_frozen() -> None:
 
 
 def test_batch_contrastive_masks_own_reference_and_dedupes() -> None:
-    from models.losses import batch_contrastive
+    from cirflow.models.losses import batch_contrastive
 
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # distinct images of the batch
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -85,7 +85,7 @@ def test_batch_contrastive_masks_own_reference_and_dedupes() -> None:
 
 
 def test_symmetric_contrastive_adds_reverse_direction() -> None:
-    from models.losses import batch_contrastive
+    from cirflow.models.losses import batch_contrastive
 
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -99,10 +99,10 @@ def test_symmetric_contrastive_adds_reverse_direction() -> None:
 
 
 def test_evaluation_restores_each_submodules_mode(tiny_shapes) -> None:
-    from models.data.loaders import load_split
-    from models.evaluation import build_eval_set, evaluate
-    from models.preprocess import PreprocessConfig
-    from models.tokenizer import TokenizerConfig, train_tokenizer
+    from cirflow.models.data.loaders import load_split
+    from cirflow.models.evaluation import build_eval_set, evaluate
+    from cirflow.models.preprocess import PreprocessConfig
+    from cirflow.models.tokenizer import TokenizerConfig, train_tokenizer
 
     split = load_split("shapes", tiny_shapes, "val")
     tokenizer = train_tokenizer([q.caption for q in split.queries], TokenizerConfig(vocab_size=200))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data.types import CIRSplit, Query
-from models.report import format_table, save_example_sheet
+from cirflow.models.data.types import CIRSplit, Query
+from cirflow.models.report import format_table, save_example_sheet
 
 
 def test_format_table() -> None:

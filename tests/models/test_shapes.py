@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.data import shapes
-from models.data.shapes import SPLITS, ShapesConfig, generate_shapes
-from models.data.shapes_captions import NOVEL_PHRASING, PHRASINGS, TRAIN_PHRASING, describe_edit, vocabulary
-from models.data.shapes_scene import MODIFICATIONS, apply_edit, sample_image_set
+from cirflow.models.data import shapes
+from cirflow.models.data.shapes import SPLITS, ShapesConfig, generate_shapes
+from cirflow.models.data.shapes_captions import NOVEL_PHRASING, PHRASINGS, TRAIN_PHRASING, describe_edit, vocabulary
+from cirflow.models.data.shapes_scene import MODIFICATIONS, apply_edit, sample_image_set
 
 TINY = ShapesConfig(seed=3, train_triplets=60, val_queries=20, test_queries=20)
 # Words both phrasing families may use: articles and prepositions carry no colour, shape, place or verb.
@@ -81,7 +81,7 @@ def test_cirr_format(tiny: Path, split: str) -> None:
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_loads_with_the_cirr_loader(tiny: Path, split: str) -> None:
-    cirr = pytest.importorskip("models.data.cirr")
+    cirr = pytest.importorskip("cirflow.models.data.cirr")
     loaded = cirr.load_cirr(tiny, split, dataset="shapes")
     assert loaded.has_targets and len(loaded.queries) == TINY.query_count(split)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.preprocess import ImageError, PreprocessConfig, load_image, load_uint8_images, normalize_uint8
-from models.tokenizer import TokenizerConfig, encode_texts, tokenizer_from_json, train_tokenizer
+from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, load_uint8_images, normalize_uint8
+from cirflow.models.tokenizer import TokenizerConfig, encode_texts, tokenizer_from_json, train_tokenizer
 
 CAPTIONS = ["make the red circle blue", "add a small green square on the left", "remove the big triangle"]
 

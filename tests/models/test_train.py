@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.train as train_module
-from models.checkpoint import CheckpointError, load_checkpoint
-from models.config_io import load_config
-from models.train import train
-from models.train_config import TrainConfig
+import cirflow.models.train as train_module
+from cirflow.core.config import load_config
+from cirflow.models.checkpoint import CheckpointError, load_checkpoint
+from cirflow.models.train import train
+from cirflow.models.train_config import TrainConfig
 
 
 def config(overrides: list[str], *extra: str) -> TrainConfig:

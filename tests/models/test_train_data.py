@@ -3,10 +3,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data.loaders import load_split
-from models.preprocess import PreprocessConfig
-from models.tokenizer import TokenizerConfig, train_tokenizer
-from models.train_data import TripletBatches
+from cirflow.models.data.loaders import load_split
+from cirflow.models.preprocess import PreprocessConfig
+from cirflow.models.tokenizer import TokenizerConfig, train_tokenizer
+from cirflow.models.train_data import TripletBatches
 
 
 def batches(root: Path, **kwargs: object) -> TripletBatches:

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from models.config_io import ConfigError, apply_overrides, from_dict, load_config, to_dict
-from models.train_config import TrainConfig
+from cirflow.core.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from cirflow.models.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

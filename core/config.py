@@ -120,3 +120,20 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for k, v in update.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def check_positive(config: Any, *names: str) -> None:
+    """Raise ValueError naming the first of `names` (fields of `config`) that is not > 0: sizes, rates, steps
+    and budgets are checked when the config is built, before any job creates a directory."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_non_negative(config: Any, *names: str) -> None:
+    """Raise ValueError naming the first of `names` that is < 0 (fields where 0 means "none" or "auto")."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must not be negative, got {value!r}")

@@ -1,0 +1,150 @@
+"""Files that are either absent or whole: atomic writes, checksums, manifest checks, JSON reading.
+
+Every result file of every stage is written here: under a temp name beside the target, flushed to disk, then
+renamed over it, so a reader or a resumed job never sees a half-written file, even after a power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+class FileFormatError(ValueError):
+    """A file cannot be read or is not what it should be; the message names the file."""
+
+
+def temp_path_beside(path: Path) -> Path:
+    """A hidden name next to `path` (same filesystem, so a rename can publish it), unique per call."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` to fill a temp file beside `path`, fsync it, rename it to `path` and fsync the directory.
+
+    A failure leaves `path` as it was and removes the temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not publish bytes still in flight
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = False) -> Path:
+    """Indented JSON with a trailing newline; `sort_keys` where the same content must give the same bytes."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys, default=_numpy_scalar) + "\n")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (POSIX; a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def temp_dir_beside(final: Path) -> Iterator[Path]:
+    """A fresh hidden directory next to `final` for assembling a directory that is then renamed into place;
+    removed on exit (after a successful rename there is nothing left to remove)."""
+    import shutil
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_beside(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _numpy_scalar(o: object) -> object:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> {"sha256", "bytes"} for files inside `directory`, sorted by name."""
+    return {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+            for name in sorted(names)}
+
+
+def check_files(directory: Path, files: dict[str, dict[str, Any]], checksums: bool = True) -> str | None:
+    """The first listed file that is missing or differs from its recorded size (or sha256), described in a
+    phrase naming the file; None when all match. Bundles, engines, embedding runs and indexes share this check."""
+    for name, meta in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"file {name} listed in the manifest is missing"
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            return f"file {name} has {size} bytes, the manifest records {meta['bytes']}"
+        if checksums and sha256_file(path) != meta["sha256"]:
+            return f"file {name} does not match its sha256 in the manifest"
+    return None
+
+
+def read_json(path: Path, error: type[Exception] = FileFormatError) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file raises `error` (the caller's own type)
+    with a message naming the file and, for bad JSON, the line and column."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise error(f"{path}: cannot read the file ({reason})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+CURRENT = "CURRENT"  # in a directory of versions (bundles, indexes of a catalog): the name of the published one
+
+
+def publish_current(version_dir: Path) -> Path:
+    """Point `version_dir`'s parent's CURRENT at it. The pointer is replaced by a rename, so a reader sees the
+    old name or the new one, whole; the versions themselves are never modified."""
+    version_dir = Path(version_dir)
+    return write_text_atomic(version_dir.parent / CURRENT, version_dir.name + "\n")
+
+
+def follow_current(path: Path, error: type[Exception] = FileFormatError) -> Path | None:
+    """The version directory that `path`/CURRENT names, or None when `path` has no CURRENT file."""
+    pointer = Path(path) / CURRENT
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not name or "/" in name or name.startswith("."):
+        raise error(f"{pointer}: {name!r} is not a directory name")
+    return pointer.parent / name
