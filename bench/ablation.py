@@ -42,17 +42,14 @@ from pathlib import Path
 
 from report import DOC, machine, today, write_section
 
+from cirflow.core.config import load_config
+from cirflow.models.tiny import TINY_MODEL  # --quick's model, the one the test suite trains
+from cirflow.models.train_config import TrainConfig
+
 CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
 SPLITS = {"test": "shapes/test", "novel (novel phrasing)": "shapes/novel"}
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg")
 UPPER_BOUND = "UPPER BOUND (oracle IACMA)"
-# The tiny model of tests/conftest.py (TINY_MODEL), for --quick; tests/bench/test_ablation.py keeps them equal.
-TINY_MODEL = [
-    "model.image.widths=[8, 16, 32]", "model.image.dim=32", "model.image.layers=1", "model.image.heads=2",
-    "model.image.embed_dim=32", "model.text.dim=32", "model.text.layers=1", "model.text.heads=2",
-    "model.text.embed_dim=32", "optim.batch_size=16", "optim.warmup_steps=2", "optim.max_minutes=0",
-    "val_every_minutes=0", "tokenizer.vocab_size=300",
-]
 # Time estimate only: base speed of the default model on 2 quiet cores, per-run decoding/validation/eval time,
 # and guessed per-step slowdowns of the methods' extra branches (HCA, TAC x4 x2, ATF); refined as runs finish.
 BASE_SAMPLES_PER_S = 470.0
@@ -223,22 +220,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides every row shares: data, budget, and for --quick the tiny model."""
+    common = [f"data.root={args.data}", "optim.max_minutes=0", "val_every_minutes=0",
+              f"data.max_train_queries={args.max_train_queries}", f"optim.max_steps={args.steps}"]
+    return [*TINY_MODEL, *common] if args.quick else common
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "bench/ablation.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.time()
+    common = common_overrides(args)
+    rows = build_rows(args.steps, args.thetas, args.iacma_fraction)
+    # Every row's config is loaded before anything runs, so a bad override fails now and not after an hour.
+    configs = {row.name: load_config(TrainConfig, None, [*common, *row.overrides]) for row in rows}
+    batch = configs[rows[0].name].optim.batch_size  # no row overrides it; for the estimate and the report
     # --quick's 0.02 scale: 40 test queries, so galleries exceed the 50 images that R@50 needs (0.01 falls short).
     run([*CLI, "data", "shapes", "--out", str(args.data), *(["--scale", "0.02"] if args.quick else [])])
-    common = [f"data.root={args.data}", "optim.max_minutes=0", "val_every_minutes=0",
-              f"data.max_train_queries={args.max_train_queries}", f"optim.max_steps={args.steps}"]
-    batch = 16 if args.quick else 256  # TINY_MODEL's batch, and the default OptimConfig.batch_size
     env = None  # full runs: torch's default threads (every core), as the speed figures assume
     if args.quick:
-        common = [*TINY_MODEL, *common]
         # One thread: a tiny model gains nothing from two, and on cores busy with other jobs two spinning
         # OpenMP threads made each step ~80x slower (3.4 s instead of 0.04 s, measured).
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rows = build_rows(args.steps, args.thetas, args.iacma_fraction)
     jobs = [(seed, row) for seed in args.seeds for row in rows]  # seed-major: each pass is a full comparison
     overhead = OVERHEAD_S["quick" if args.quick else "full"]
     rate = math.inf if args.quick else BASE_SAMPLES_PER_S

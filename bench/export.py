@@ -3,8 +3,8 @@
     .venv/bin/python bench/export.py [--checkpoint CKPT] [--quick]
 
 Without --checkpoint the default model configuration (models/train_config.py) is built with seeded random
-weights and a tokenizer over a few shapes-style captions: speed does not depend on training, and parity is a
-property of the export. The checkpoint is exported to a bundle in a temp directory, then both runtimes encode
+weights and a tokenizer over a few shapes-style captions (cirflow.models.tiny.make_checkpoint): speed does not
+depend on training, and parity is a property of the export. The checkpoint is exported to a bundle in a temp directory, then both runtimes encode
 the same preprocessed arrays. torch.set_num_threads and ORT's intra_op_num_threads are both set to the number of
 cores, and the two are timed alternately, call by call, so that machine noise hits both alike. Results go to
 the "export" section of docs/benchmarks.md. --quick (a tiny model, few repetitions) checks that the script
@@ -18,7 +18,6 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,32 +25,21 @@ import numpy as np
 import torch
 from report import machine, today, write_section
 
-from cirflow.core.config import load_config
 from cirflow.export.bundle import export_bundle
 from cirflow.export.runtime import BundleRuntime
-from cirflow.models.checkpoint import load_checkpoint, save_checkpoint
-from cirflow.models.cir_model import build_model, count_parameters
+from cirflow.models.checkpoint import load_checkpoint
+from cirflow.models.cir_model import count_parameters
+from cirflow.models.composers import ComposerConfig
 from cirflow.models.data.shapes_scene import random_scene, render_scene
 from cirflow.models.preprocess import normalize_uint8
-from cirflow.models.tokenizer import encode_texts, train_tokenizer
-from cirflow.models.train_config import TrainConfig
+from cirflow.models.tiny import make_checkpoint
+from cirflow.models.tokenizer import encode_texts
 
 CAPTIONS = ["same scene but the red circle is blue", "add a small green square in the top left",
             "remove the large triangle on the right", "move the purple circle to the bottom",
             "make the yellow square large and add a cyan triangle in the center",
             "the brown circle becomes a gray square", "swap nothing but make the small blue triangle red"]
-QUICK_MODEL = ["model.image.widths=[8, 16, 32]", "model.image.dim=32", "model.image.layers=1",
-               "model.image.heads=2", "model.image.embed_dim=32", "model.text.dim=32", "model.text.layers=1",
-               "model.text.heads=2", "model.text.embed_dim=32"]
-
-
-def make_checkpoint(path: Path, overrides: list[str]) -> Path:
-    config = load_config(TrainConfig, None, overrides)
-    tokenizer = train_tokenizer(CAPTIONS, config.tokenizer)
-    config = replace(config, model=replace(config.model, text=replace(config.model.text,
-                                                                      vocab_size=tokenizer.get_vocab_size())))
-    torch.manual_seed(0)
-    return save_checkpoint(path, build_model(config.model).eval(), tokenizer, config)
+COMPOSER = ComposerConfig().name  # the default model's, as `cirflow train` builds it
 
 
 def shapes_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -91,7 +79,8 @@ def main() -> None:
     runs, warmup, rounds, gallery = (20, 3, 3, 100) if args.quick else (300, 30, 20, 2000)
 
     with tempfile.TemporaryDirectory(prefix="cirflow-bench-export-") as work:
-        ckpt = args.checkpoint or make_checkpoint(Path(work) / "model.pt", QUICK_MODEL if args.quick else [])
+        ckpt = args.checkpoint or make_checkpoint(Path(work) / "model.pt", COMPOSER, captions=CAPTIONS,
+                                                  tiny=args.quick)
         start = time.perf_counter()
         bundle = export_bundle(ckpt, Path(work) / "bundle")
         export_s = time.perf_counter() - start

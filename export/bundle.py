@@ -4,8 +4,8 @@
                                         -> query (B, D) unit length
     image_encoder.onnx (+ .onnx.data)   pixel_values (B,3,H,W) f32 -> embedding (B, D) unit length
     tokenizer.json, preprocess.json     the checkpoint's tokenizer and PreprocessConfig (training's code reads both)
-    manifest.json                       bundle_id (content hash), dims, versions, source checkpoint + metrics,
-                                        sha256 of every file
+    manifest.json                       bundle_id (hash of the files and the dims and limits), dims, versions,
+                                        source checkpoint + metrics, sha256 of every file
 
 The bundle is built in a temp directory beside `out_dir` and renamed into place, so `out_dir` is either absent
 or complete. An existing bundle at `out_dir` is kept when it holds the same content and refused otherwise.
@@ -112,7 +112,6 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
     payload = loaded.payload
     manifest = {
         "format": FORMAT,
-        "bundle_id": content_id(files),
         "embed_dim": model.embed_dim,
         "image_size": config.preprocess.size,
         "max_text_length": tokenizer_length,  # tokens the tokenizer keeps ([CLS]/[SEP] included)
@@ -128,6 +127,7 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
                    "step": payload.get("step"), "metrics": payload.get("metrics")},
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     }
+    manifest["bundle_id"] = content_id(manifest)
     write_json_atomic(out / MANIFEST, manifest, sort_keys=True)
     return manifest
 

@@ -107,11 +107,15 @@ class BundleRuntime:
         options.intra_op_num_threads = intra_op_threads
         sessions = {spec.file: ort.InferenceSession(str(bundle_dir / spec.file), options, providers=chosen)
                     for spec in (QUERY, IMAGE)}
-        used = sessions[QUERY.file].get_providers()
-        if require_gpu and not any(p in GPU_PROVIDERS for p in used):
-            # The provider was offered but could not start (driver, CUDA libraries): ORT fell back silently.
-            raise GPUUnavailableError(f"a GPU was required but the sessions run on {used} (requested {chosen}); "
-                                      "check the CUDA driver and libraries that onnxruntime-gpu needs")
+        used = {name: session.get_providers() for name, session in sessions.items()}
+        on_cpu = [name for name, providers in used.items() if not any(p in GPU_PROVIDERS for p in providers)]
+        if require_gpu and on_cpu:
+            # The provider was offered but could not start (driver, CUDA libraries, or memory for the second
+            # session): ORT fell back silently, per session, so each one is checked.
+            raise GPUUnavailableError(f"a GPU was required but {' and '.join(on_cpu)} "
+                                      f"{'runs' if len(on_cpu) == 1 else 'run'} on the CPU (providers per graph: "
+                                      f"{used}; requested {chosen}); check the CUDA driver and libraries that "
+                                      "onnxruntime-gpu needs")
         log.info("bundle %s (bundle_id %s) on %s", bundle_dir, manifest["bundle_id"], used)
         return cls(bundle_dir, manifest, preprocess, tokenizer, sessions[QUERY.file], sessions[IMAGE.file])
 

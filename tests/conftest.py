@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny shapes dataset and a tiny model configuration, made once per session."""
+"""Shared fixtures: a tiny shapes dataset, made once per session, and overrides for the tiny model
+(cirflow.models.tiny.TINY_MODEL) trained on it."""
 
 from __future__ import annotations
 
@@ -7,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
-
-TINY_MODEL = [
-    "model.image.widths=[8, 16, 32]", "model.image.dim=32", "model.image.layers=1", "model.image.heads=2",
-    "model.image.embed_dim=32", "model.text.dim=32", "model.text.layers=1", "model.text.heads=2",
-    "model.text.embed_dim=32", "optim.batch_size=16", "optim.warmup_steps=2", "optim.max_minutes=0",
-    "val_every_minutes=0", "tokenizer.vocab_size=300",
-]
+from cirflow.models.tiny import TINY_MODEL
 
 
 @pytest.fixture(scope="session")

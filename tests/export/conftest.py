@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
-import torch
 
-from cirflow.core.config import load_config
 from cirflow.export.bundle import export_bundle
-from cirflow.models.checkpoint import save_checkpoint
-from cirflow.models.cir_model import build_model
-from cirflow.models.tokenizer import train_tokenizer
-from cirflow.models.train_config import TrainConfig
-from tests.conftest import TINY_MODEL
-
-CAPTIONS = ["make the red circle blue", "add a small green square on the left", "remove the large triangle",
-            "move the purple circle to the bottom right", "same scene but the yellow square is small"]
+from cirflow.models.tiny import make_checkpoint
 
 
-def make_checkpoint(path: Path, composer: str, seed: int = 0, **extra: object) -> Path:
-    """An untrained tiny model (parity needs no training) saved as a real checkpoint with its tokenizer."""
-    config = load_config(TrainConfig, None, [*TINY_MODEL, f"model.composer.name={composer}"])
-    tokenizer = train_tokenizer(CAPTIONS, config.tokenizer)
-    config = replace(config, model=replace(config.model, text=replace(config.model.text,
-                                                                      vocab_size=tokenizer.get_vocab_size())))
-    torch.manual_seed(seed)
-    model = build_model(config.model).eval()
-    return save_checkpoint(path, model, tokenizer, config, step=7, metrics={"val": {"R@1": 0.25}}, **extra)
+def bundle_checkpoint(path: Path, composer: str, seed: int = 0, **extra: Any) -> Path:
+    """The checkpoints behind `bundle_for`: untrained (parity needs no training) but with every zero-initialised
+    parameter filled, so that parity sees every branch (an untrained ATF would equal the sum composer), and
+    with a step and metrics for the manifest to record."""
+    return make_checkpoint(path, composer, seed, fill_zeros=True, step=7, metrics={"val": {"R@1": 0.25}}, **extra)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +28,7 @@ def bundle_for(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tupl
     def get(composer: str) -> tuple[Path, Path]:
         if composer not in built:
             root = tmp_path_factory.mktemp(f"bundle-{composer}")
-            ckpt = make_checkpoint(root / "model.pt", composer)
+            ckpt = bundle_checkpoint(root / "model.pt", composer)
             built[composer] = (ckpt, export_bundle(ckpt, root / "bundle"))
         return built[composer]
 

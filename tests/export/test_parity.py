@@ -9,10 +9,11 @@ from PIL import Image
 
 from cirflow.export.runtime import BundleRuntime
 from cirflow.models.checkpoint import load_checkpoint
-from cirflow.models.composers import COMPOSERS
+from cirflow.models.composers import COMPOSERS, ComposerConfig, build_composer
 from cirflow.models.preprocess import PreprocessConfig, normalize_uint8, preprocess_images
+from cirflow.models.tiny import CAPTIONS
 from cirflow.models.tokenizer import encode_texts
-from tests.export.conftest import CAPTIONS, assert_same_top_k, random_images
+from tests.export.conftest import assert_same_top_k, random_images
 
 ATOL = 1e-4
 
@@ -46,6 +47,25 @@ def test_encoders_match_pytorch(composer: str, bundle_for) -> None:
             assert got.shape == (batch, model.embed_dim) and got.dtype == np.float32
             np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0, err_msg=f"B={batch} L={length}")
             np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_atf_parity_covers_the_fusion_branch(bundle_for) -> None:
+    """The atf bundle's fusion weights are not zero, so its queries differ from the sum composer's (same
+    encoders) by far more than the parity tolerance: a graph that lost the ATF branch, or any part of it that
+    an untrained ATF leaves at zero, cannot pass test_encoders_match_pytorch."""
+    ckpt, bundle = bundle_for("atf")
+    loaded = load_checkpoint(ckpt)
+    model, composer = loaded.model, loaded.model.composer
+    assert all(p.any() for p in (composer.proj.weight, composer.proj.bias, composer.text_type))
+    pixels = normalize_uint8(random_images(8, 64, seed=11), loaded.config.preprocess)
+    ids, mask = _tokens(8, 12, model.config.text.vocab_size, seed=12)
+    plain_sum = build_composer(model.embed_dim, model.config.image.dim, ComposerConfig(name="sum"))
+    with torch.inference_mode():
+        features = model.features(*(torch.from_numpy(a) for a in (pixels, ids, mask)))
+        atf, summed = model.compose_features(features).numpy(), model.compose_features(features, plain_sum).numpy()
+    got = BundleRuntime.load(bundle, providers="cpu").encode_queries(pixels, ids, mask)
+    np.testing.assert_allclose(got, atf, atol=ATOL, rtol=0)
+    assert np.abs(got - summed).max(axis=1).min() > 100 * ATOL  # every query, not just one
 
 
 @pytest.mark.parametrize("composer", sorted(COMPOSERS))

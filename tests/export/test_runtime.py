@@ -57,12 +57,12 @@ def test_missing_or_edited_manifest(bundle_copy: Path, tmp_path: Path) -> None:
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["bundle_id"] = "0" * 16
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="does not match the checksums"):
+    with pytest.raises(BundleError, match="does not match the checksums of its files"):
         BundleRuntime.load(bundle_copy)
     (bundle_copy / "manifest.json").unlink()
-    with pytest.raises(BundleError, match="manifest.json is missing"):
+    with pytest.raises(BundleError, match="has neither manifest.json nor a CURRENT file naming a bundle"):
         BundleRuntime.load(bundle_copy)
-    with pytest.raises(BundleError, match="bundle directory does not exist"):
+    with pytest.raises(BundleError, match="nowhere does not exist: no manifest.json"):
         BundleRuntime.load(tmp_path / "nowhere")
 
 
@@ -72,7 +72,7 @@ def test_provider_priority_and_fallback_logging(caplog: pytest.LogCaptureFixture
     assert select_providers("auto", [TRT, CUDA, CPU]) == [TRT, CUDA, CPU]
     assert select_providers("cuda", [TRT, CUDA, CPU]) == [CUDA, CPU]
     assert select_providers("cpu", [TRT, CUDA, CPU]) == [CPU]
-    with caplog.at_level(logging.INFO, logger="export.runtime"):
+    with caplog.at_level(logging.INFO, logger="cirflow.export.runtime"):
         assert select_providers("tensorrt", [CUDA, CPU]) == [CUDA, CPU]
         assert select_providers("cuda", [CPU]) == [CPU]
     assert "TensorRT execution provider unavailable" in caplog.text
@@ -97,8 +97,36 @@ def test_require_gpu_catches_orts_silent_cpu_fallback(bundle_for, monkeypatch: p
     if CUDA in ort.get_available_providers():
         pytest.skip("CUDA provider really available here")
     monkeypatch.setattr(rt.ort, "get_available_providers", lambda: [CUDA, CPU])
-    with pytest.raises(GPUUnavailableError, match=r"the sessions run on \['CPUExecutionProvider'\]"):
+    with pytest.raises(GPUUnavailableError, match=r"query_encoder\.onnx and image_encoder\.onnx run on the CPU "
+                                                  r"\(providers per graph: .*'CPUExecutionProvider'\]"):
         BundleRuntime.load(bundle_for(COMPOSER)[1], providers="cuda", require_gpu=True)
+
+
+class _FakeSession:
+    """Stands in for ort.InferenceSession on a GPU host where one graph's session fell back to the CPU (ORT
+    decides per session: e.g. the GPU ran out of memory for the second one)."""
+
+    on_gpu: set[str] = set()
+
+    def __init__(self, path: str, options: object, providers: list[str]) -> None:
+        self.file = Path(path).name
+
+    def get_providers(self) -> list[str]:
+        return [CUDA, CPU] if self.file in self.on_gpu else [CPU]
+
+
+@pytest.mark.parametrize("on_gpu, on_cpu", [({"query_encoder.onnx"}, "image_encoder.onnx"),
+                                            ({"image_encoder.onnx"}, "query_encoder.onnx")])
+def test_require_gpu_checks_both_sessions(bundle_for, monkeypatch: pytest.MonkeyPatch, on_gpu: set[str],
+                                          on_cpu: str) -> None:
+    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(rt.ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(_FakeSession, "on_gpu", on_gpu)
+    with pytest.raises(GPUUnavailableError, match=rf"but {on_cpu} runs on the CPU"):
+        BundleRuntime.load(bundle_for(COMPOSER)[1], providers="cuda", require_gpu=True)
+    monkeypatch.setattr(_FakeSession, "on_gpu", {"query_encoder.onnx", "image_encoder.onnx"})
+    runtime = BundleRuntime.load(bundle_for(COMPOSER)[1], providers="cuda", require_gpu=True)
+    assert runtime.providers == [CUDA, CPU] and runtime.image_session.get_providers() == [CUDA, CPU]
 
 
 # --- input errors ------------------------------------------------------------------------------------------
@@ -175,12 +203,12 @@ def test_over_long_text_is_truncated_like_training(runtime: BundleRuntime,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     image = [Image.fromarray(random_images(1, 64, seed=4)[0])]
     long = "make the red circle blue " * 20  # ~100 tokens, max_text_length is 32
-    with caplog.at_level(logging.WARNING, logger="export.runtime"):
+    with caplog.at_level(logging.WARNING, logger="cirflow.export.runtime"):
         q_long = runtime.embed_queries(image, [long])
         q_longer = runtime.embed_queries(image, [long + " and remove the large triangle"])
     assert "texts[0] is longer than max_text_length=32 tokens; truncated as in training" in caplog.text
     np.testing.assert_array_equal(q_long, q_longer)  # only the first 32 tokens count, as in training
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="export.runtime"):
+    with caplog.at_level(logging.WARNING, logger="cirflow.export.runtime"):
         runtime.embed_queries(image, ["make the red circle blue"])
     assert "truncated" not in caplog.text
