@@ -135,5 +135,13 @@ def check_non_negative(config: Any, *names: str) -> None:
     """Raise ValueError naming the first of `names` that is < 0 (fields where 0 means "none" or "auto")."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:  # `not >=` also rejects NaN
             raise ValueError(f"{name} must not be negative, got {value!r}")
+
+
+def check_fraction(config: Any, *names: str) -> None:
+    """Raise ValueError naming the first of `names` that is not in [0, 1] (probabilities, mixing weights)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     index = sub.add_parser("index", help="FAISS indexes: query vectors, build, search").add_subparsers(
         dest="index_command", required=True)
-    queries = index.add_parser("queries", help="encode a CIR split's composed queries (for tuning an index)")
+    queries = index.add_parser("queries", help="encode a CIR split's composed queries, with their reference "
+                               "images (for tuning an index of any catalog)")
     queries.add_argument("--bundle", type=Path, required=True)
     queries.add_argument("--kind", default="shapes", help="dataset kind (shapes, cirr, fashioniq/<category>)")
     queries.add_argument("--root", type=Path, required=True, help="dataset directory")
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     queries.add_argument("--out", type=Path, required=True, help="queries Parquet file to write")
     build = index.add_parser("build", help="build, tune and publish a FAISS index from an embedding run")
     build.add_argument("--embeddings", type=Path, required=True, help="WORKDIR/embeddings/<catalog>/<bundle_id>")
-    build.add_argument("--queries", type=Path, required=True, help="real composed query vectors (index queries)")
+    build.add_argument("--queries", type=Path, required=True, help="real composed query vectors (index queries); "
+                       "references found in the catalog are left out of their results while tuning, as search does")
     build.add_argument("--out", type=Path, default=Path("workdir/indexes"), help="indexes root")
     build.add_argument("--config", type=Path, help="YAML file (keys: indexing.index_plan.IndexConfig)")
     build.add_argument("--no-publish", action="store_true", help="do not point the catalog's CURRENT at it")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--bundle", type=Path, required=True)
     search.add_argument("--image", type=Path, required=True, help="reference image file")
     search.add_argument("--text", required=True, help="modification text")
-    search.add_argument("-k", type=int, default=10)
+    search.add_argument("-k", type=int, default=10, help="results to return (at most the index size)")
     search.add_argument("--exclude-id", type=int, help="catalog id to leave out (the reference's own)")
 
     demo = sub.add_parser("demo", help="the main job end to end on the built-in shapes benchmark")
@@ -97,7 +99,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         generate_shapes(ShapesConfig(seed=args.seed, scale=args.scale, workers=args.workers), args.out)
         print(args.out)
     elif args.command == "train":
-        from cirflow.flows.demo import train_run
+        from cirflow.models.train_job import train_run
 
         print(train_run(args.config, args.overrides, args.workdir, args.run_id))
     elif args.command == "eval":
@@ -145,8 +147,8 @@ def _index(args: argparse.Namespace) -> int:
         from cirflow.indexing.queries import encode_query_split, write_queries
 
         runtime = BundleRuntime.load(args.bundle)
-        vectors, _, _ = encode_query_split(runtime, args.kind, args.root, args.split)
-        print(write_queries(args.out, vectors, runtime.bundle_id))
+        print(write_queries(args.out, encode_query_split(runtime, args.kind, args.root, args.split),
+                            runtime.bundle_id))
     elif args.index_command == "build":
         from cirflow.core.config import load_config
         from cirflow.indexing.index_build import build_index, publish_index

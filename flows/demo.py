@@ -9,13 +9,10 @@ two must be equal, and the demo fails if they are not.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from cirflow.core.config import load_config, to_dict
 from cirflow.export.bundle import export_bundle
 from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.manifest import register_bundle
@@ -31,8 +28,7 @@ from cirflow.indexing.shards import open_run
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 from cirflow.models.eval_job import EvalJobConfig, run_eval
 from cirflow.models.report import format_table
-from cirflow.models.train import train
-from cirflow.models.train_config import TrainConfig
+from cirflow.models.train_job import train_run
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +39,6 @@ class DemoConfig:
     train_config: Path | None = None
     scale: float = 1.0
     overrides: tuple[str, ...] = ()
-
-
-def run_id_for(config: TrainConfig) -> str:
-    """Runs are named by their config: the same command resumes or reuses its run instead of starting over."""
-    digest = hashlib.sha1(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{config.data.kind.replace('/', '-')}-{config.model.composer.name}-{digest}"
-
-
-def train_run(config_path: Path | None, overrides: list[str] | tuple[str, ...], workdir: Path,
-              run_id: str | None = None) -> Path:
-    config = load_config(TrainConfig, config_path, list(overrides))
-    run_dir = workdir / "runs" / (run_id or run_id_for(config))
-    log.info("training run %s", run_dir)
-    return train(config, run_dir)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -88,7 +70,9 @@ def search_catalog(config: DemoConfig, data_dir: Path, bundle: Path) -> dict[str
     catalog = CatalogConfig(name="shapes-test", folder=str(data_dir / "images" / "test"))
     run_dir = run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(config.workdir)))
     runtime = BundleRuntime.load(bundle)
-    tuning, _, _ = encode_query_split(runtime, "shapes", data_dir, "val")
+    # The queries carry their reference images: build_index splits them by reference and leaves any reference
+    # that is in the catalog out of its results (val references are not in the test gallery: none is).
+    tuning = encode_query_split(runtime, "shapes", data_dir, "val")
     index_dir = build_index(open_run(run_dir), tuning, config.workdir / "indexes", IndexConfig())
     publish_index(index_dir)
     searcher = Searcher(VectorIndex.load(index_dir.parent), runtime)  # the published one, through CURRENT

@@ -30,6 +30,9 @@ class ModelConfig:
         if self.image.dim != self.text.dim:
             raise ValueError(f"image.dim={self.image.dim} != text.dim={self.text.dim}: token-level modules "
                              "(atf, CaLa, DRA) mix the two token sequences")
+        if self.composer.name == "atf" and self.image.dim % self.composer.atf_heads:
+            raise ValueError(f"composer.atf_heads={self.composer.atf_heads} does not divide the token width "
+                             f"image.dim={self.image.dim}")
 
 
 @dataclass

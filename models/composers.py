@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirflow.core.config import check_fraction, check_positive
 from cirflow.models.atf import AdaptiveTokenFusion
 
 
@@ -30,6 +31,12 @@ class ComposerConfig:
     atf_heads: int = 4  # the one pooling Block's attention heads (must divide the token width)
     atf_mlp_ratio: float = 2.0  # as the built-in encoders' blocks
     atf_dropout: float = 0.1  # light: the Block is small and sits after the (undropped) merge
+
+    def __post_init__(self) -> None:
+        if self.name not in COMPOSERS:
+            raise ValueError(f"unknown composer {self.name!r}; choose one of {sorted(COMPOSERS)}")
+        check_positive(self, "projection_ratio", "hidden_ratio", "atf_temperature", "atf_heads", "atf_mlp_ratio")
+        check_fraction(self, "dropout", "atf_dropout")
 
 
 class SumComposer(nn.Module):
@@ -69,6 +76,4 @@ COMPOSERS: dict[str, type[nn.Module]] = {"sum": SumComposer, "combiner": Combine
 
 def build_composer(embed_dim: int, token_dim: int, config: ComposerConfig) -> nn.Module:
     """`embed_dim`: size of v, t and q; `token_dim`: width of the token sequences (token-level composers)."""
-    if config.name not in COMPOSERS:
-        raise ValueError(f"unknown composer {config.name!r}; choose one of {sorted(COMPOSERS)}")
     return COMPOSERS[config.name](embed_dim, token_dim, config)

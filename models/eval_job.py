@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cirflow.core.config import check_non_negative
 from cirflow.core.files import write_json_atomic
 from cirflow.models.checkpoint import load_checkpoint
 from cirflow.models.data.loaders import load_split
+from cirflow.models.data.types import CIRSplit
 from cirflow.models.evaluation import QUERY_MODES, TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
 from cirflow.models.metrics import average_fashioniq, cirr_submission
 from cirflow.models.report import format_table, save_example_sheet
@@ -31,8 +33,11 @@ class EvalJobConfig:
     kind: str | None = None  # dataset kind; None = the one the checkpoint was trained on
     root: Path | None = None
     splits: tuple[str, ...] = ()  # () = the training config's eval_splits
-    sheet_queries: int = 8  # example queries drawn per split
+    sheet_queries: int = 8  # example queries drawn per split; 0 = no example sheets
     seed: int = 0  # picks the example queries
+
+    def __post_init__(self) -> None:
+        check_non_negative(self, "sheet_queries", "seed")
 
 
 def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
@@ -56,11 +61,8 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
                 continue
             result = score_embeddings(emb, data)
             results[split.name] = result.metrics
-            rng = np.random.default_rng(config.seed)
-            picks = sorted(rng.choice(len(split.queries), min(config.sheet_queries, len(split.queries)),
-                                      replace=False).tolist())
-            sheet = config.out_dir / f"examples-{split.name.replace('/', '-')}.png"
-            save_example_sheet(split, data.names, result.top_k, picks, sheet)
+            if config.sheet_queries:
+                _write_sheet(config, split, data.names, result.top_k)
             print(format_table(result.metrics, f"{split.name} ({len(split.queries)} queries)"))
         if kind == "fashioniq" and all(f"{k}/{split_name}" in results for k in kinds):
             avg = {m: average_fashioniq({k: results[f"{k}/{split_name}"][m] for k in kinds}) for m in QUERY_MODES}
@@ -68,6 +70,13 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
             print(format_table(avg, f"fashioniq average ({split_name})"))
     write_json_atomic(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results})
     return results
+
+
+def _write_sheet(config: EvalJobConfig, split: CIRSplit, names: list[str], top_k: np.ndarray) -> None:
+    rng = np.random.default_rng(config.seed)
+    picks = sorted(rng.choice(len(split.queries), min(config.sheet_queries, len(split.queries)),
+                              replace=False).tolist())
+    save_example_sheet(split, names, top_k, picks, config.out_dir / f"examples-{split.name.replace('/', '-')}.png")
 
 
 def _write_submission(name: str, scores: np.ndarray, split, names: list[str], out_dir: Path) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cirflow.core.config import check_fraction, check_positive
 from cirflow.models.layers import Block
 
 
@@ -28,6 +29,24 @@ class ImageEncoderConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     embed_dim: int = 128  # pooled vector size, the retrieval space
+
+    def __post_init__(self) -> None:
+        # layers > 0: without a transformer block the CLS token never sees the image, so every image would get
+        # the same pooled vector.
+        check_positive(self, "image_size", "stem_stride", "dim", "layers", "heads", "mlp_ratio", "embed_dim")
+        check_fraction(self, "dropout")
+        if not self.widths or not all(w > 0 for w in self.widths):
+            raise ValueError(f"widths={list(self.widths)} must be one or more positive channel counts")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+        if self.grid < 1:
+            raise ValueError(f"image_size={self.image_size} is too small for {len(self.widths)} conv stages "
+                             f"after a stride-{self.stem_stride} stem")
+
+    @property
+    def grid(self) -> int:
+        """Side of the token grid: the stem divides H and W by stem_stride, each later stage halves them."""
+        return self.image_size // (self.stem_stride * 2 ** (len(self.widths) - 1))
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
@@ -46,13 +65,10 @@ class ImageEncoder(nn.Module):
             stages += [_conv_bn(c_in, width, stride, stride), _conv_bn(width, width, 3, 1)]
             c_in = width
         self.convs = nn.Sequential(*stages)
-        grid = config.image_size // (config.stem_stride * 2 ** (len(config.widths) - 1))
-        if grid < 1:
-            raise ValueError(f"image_size={config.image_size} is too small for {len(config.widths)} conv stages")
-        self.grid = grid
+        self.grid = config.grid
         self.to_tokens = nn.Linear(c_in, config.dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.dim))
-        self.pos = nn.Parameter(torch.randn(1, 1 + grid * grid, config.dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 1 + self.grid * self.grid, config.dim) * 0.02)
         self.blocks = nn.ModuleList(
             Block(config.dim, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.layers)
         )

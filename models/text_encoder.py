@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cirflow.core.config import check_fraction, check_positive
 from cirflow.models.layers import Block
 
 
@@ -20,6 +21,14 @@ class TextEncoderConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     embed_dim: int = 128
+
+    def __post_init__(self) -> None:
+        # layers > 0: without a transformer block the [CLS] token never sees the caption, so every caption
+        # would get the same pooled vector.
+        check_positive(self, "vocab_size", "max_length", "dim", "layers", "heads", "mlp_ratio", "embed_dim")
+        check_fraction(self, "dropout")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
 
 
 class TextEncoder(nn.Module):

@@ -13,15 +13,24 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from cirflow.core.config import check_positive
+
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP]  # PAD first so that its id is 0
+MIN_LENGTH = 3  # [CLS], one caption token, [SEP]
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     vocab_size: int = 1000  # shapes captions use ~300 words; real datasets want more
     max_length: int = 32  # tokens including [CLS]/[SEP]; longer captions are truncated
-    min_frequency: int = 1
+    min_frequency: int = 1  # a word needs this many occurrences to enter the vocabulary whole
+
+    def __post_init__(self) -> None:
+        check_positive(self, "vocab_size", "min_frequency")
+        if self.max_length < MIN_LENGTH:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a caption: [CLS] and [SEP] "
+                             f"take two tokens, so it must be at least {MIN_LENGTH}")
 
 
 def train_tokenizer(captions: Iterable[str], config: TokenizerConfig) -> Tokenizer:

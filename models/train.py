@@ -2,7 +2,8 @@
 
 `train(config, run_dir)` is the entry point. A run directory holds the resolved config, the tokenizer,
 `checkpoints/last.pt` (with optimiser state, for resuming) and, once finished, `checkpoints/model.pt` plus
-`metrics.json`. Rerunning on a finished run directory returns at once; on an unfinished one it resumes.
+`metrics.json`. Rerunning on a finished run directory returns at once; on an unfinished one it resumes. Either
+is refused when the config differs from the one the run was started with (its `config.yaml`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from cirflow.core.config import to_dict
+from cirflow.core.config import ConfigError, load_config, to_dict
 from cirflow.core.files import write_json_atomic, write_text_atomic
 from cirflow.models.checkpoint import save_checkpoint
 from cirflow.models.cir_model import CIRModel, build_model, count_parameters
@@ -40,6 +41,9 @@ from cirflow.models.train_data import Batch, TripletBatches
 
 log = logging.getLogger(__name__)
 
+# Keys that training fills in itself (from the run's tokenizer): a resumed run's config.yaml differs there.
+FILLED_IN = frozenset({"model.text.vocab_size"})
+
 
 @dataclass
 class Stage:
@@ -53,6 +57,7 @@ class Stage:
 
 def train(config: TrainConfig, run_dir: Path) -> Path:
     """Train (or resume, or return a finished run) in `run_dir`; returns the final checkpoint's path."""
+    _check_same_config(config, run_dir)
     final = run_dir / "checkpoints" / "model.pt"
     if final.exists():
         log.info("run %s is already finished: %s", run_dir, final)
@@ -66,7 +71,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     _write_config(config, run_dir)
 
     model = build_model(config.model)
-    method = build_method(config.method, model, config.preprocess, config.loss.symmetric)
+    method = build_method(config.method, model, config.loss.symmetric)
     scale = LogitScale(config.loss.logit_scale, config.loss.learn_logit_scale, config.loss.max_logit_scale)
     log.info("model: %d parameters (%s composer), method %s (+%d training-only parameters), recipe %s",
              count_parameters(model), config.model.composer.name, method.label, count_parameters(method),
@@ -111,6 +116,34 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     return final
 
 
+def _check_same_config(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse to continue a run (or hand back its model) under a config other than the one it started with."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        original = load_config(TrainConfig, path)
+    except ConfigError as e:
+        raise ConfigError(f"run {run_dir} cannot be resumed, its config does not load: {e}") from e
+    old, new = _flatten(to_dict(original)), _flatten(to_dict(config))
+    changed = sorted(k for k in old.keys() | new.keys() if k not in FILLED_IN and old.get(k) != new.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"run {run_dir} was started with another config ({details}); train into a new run "
+                          "directory (cirflow train: another --run-id) or use the run's own config.yaml")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config keys as the command line spells them."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _tokenizer(config: TrainConfig, split: CIRSplit, run_dir: Path) -> Tokenizer:
     path = run_dir / "tokenizer.json"
     if path.exists():  # resuming: the vocabulary must not change under the embedding table
@@ -150,15 +183,11 @@ def _optimizer(stage: Stage) -> torch.optim.Optimizer:
 
 
 def _progress(optim: OptimConfig, step: int, elapsed: float) -> float:
-    """Fraction of the stage done: the larger of the step and the time fractions."""
-    fractions = []
-    if optim.max_steps:
-        fractions.append(step / optim.max_steps)
-    if optim.max_minutes:
-        fractions.append(elapsed / (60 * optim.max_minutes))
-    if not fractions:
-        raise ValueError("an optim stage needs max_steps or max_minutes > 0")
-    return max(fractions)
+    """Fraction of the stage done: the larger of the step and the time fractions (OptimConfig ensures a
+    budget; a zero one means "no limit")."""
+    by_steps = step / optim.max_steps if optim.max_steps else 0.0
+    by_time = elapsed / (60 * optim.max_minutes) if optim.max_minutes else 0.0
+    return max(by_steps, by_time)
 
 
 def _lr(optim: OptimConfig, step: int, progress: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cirflow.core.config import check_non_negative, check_positive
 from cirflow.models.cir_model import ModelConfig
 from cirflow.models.methods.registry import MethodConfig
 from cirflow.models.preprocess import PreprocessConfig
@@ -21,6 +22,9 @@ class DataConfig:
     eval_splits: tuple[str, ...] = ("test", "novel")
     max_train_queries: int = 0  # 0 = every training triplet; >0 keeps the first N (smaller regimes)
 
+    def __post_init__(self) -> None:
+        check_non_negative(self, "max_train_queries")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -32,7 +36,13 @@ class OptimConfig:
     # decoding and periodic validation included) under 10 minutes on 2 cores.
     max_minutes: float = 8.5
     max_steps: int = 0  # 0 = none; the schedule ends at whichever limit comes first
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+
+    def __post_init__(self) -> None:
+        check_positive(self, "lr", "batch_size")
+        check_non_negative(self, "weight_decay", "warmup_steps", "max_minutes", "max_steps", "grad_clip")
+        if not (self.max_steps or self.max_minutes):
+            raise ValueError("max_steps and max_minutes are both 0: a stage needs a step or a time budget")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,13 @@ class LossConfig:
     # it gave val R@1 0.799 vs 0.777 and Rsubset@1 0.849 vs 0.837 (one seed, 461 steps).
     symmetric: bool = True
 
+    def __post_init__(self) -> None:
+        check_positive(self, "logit_scale", "max_logit_scale")
+        check_non_negative(self, "hard_negatives")
+        if self.logit_scale > self.max_logit_scale:
+            # The clamp would hold the scale at the cap with zero gradient: it could never be learned.
+            raise ValueError(f"logit_scale={self.logit_scale} exceeds max_logit_scale={self.max_logit_scale}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -62,11 +79,13 @@ class TrainConfig:
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(max_minutes=2.0, lr=1e-3))  # combiner only
     loss: LossConfig = field(default_factory=LossConfig)
     method: MethodConfig = field(default_factory=MethodConfig)  # base | cala | dra | tmcir (models/methods)
-    val_every_minutes: float = 3.0  # periodic validation on the val split (its time is not budgeted)
-    checkpoint_every_minutes: float = 1.0
+    val_every_minutes: float = 3.0  # periodic validation on the val split (its time is not budgeted); 0 = never
+    checkpoint_every_minutes: float = 1.0  # 0 = after every step
     log_every_steps: int = 20  # train_log.jsonl and log lines
 
     def __post_init__(self) -> None:
+        check_non_negative(self, "seed", "val_every_minutes", "checkpoint_every_minutes")
+        check_positive(self, "log_every_steps")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r} is not one of {list(RECIPES)}")
         if self.recipe == "two_stage" and self.model.composer.name == "sum":

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cirflow.core.config import check_positive
 from cirflow.models.data.shapes_captions import PHRASINGS, describe_edit
 from cirflow.models.data.shapes_scene import (
     CELLS,
@@ -67,13 +68,10 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"ShapesConfig.seed must be a non-negative integer, got {self.seed!r}")
-        if not self.scale > 0:
-            raise ValueError(f"ShapesConfig.scale must be > 0, got {self.scale!r}")
+        check_positive(self, "scale", "workers", "train_triplets", "val_queries", "test_queries")
         if self.image_size < 16:
             raise ValueError(f"ShapesConfig.image_size must be >= 16 (smaller shapes are unreadable), "
                              f"got {self.image_size!r}")
-        if self.workers < 1:
-            raise ValueError(f"ShapesConfig.workers must be >= 1, got {self.workers!r}")
         for split in ("train", "val", "test"):
             if self.query_count(split) < 1:
                 raise ValueError(f"ShapesConfig: {split} must get at least 1 query after scaling, got "

@@ -26,7 +26,6 @@ class BatchFeatures:
     g: torch.Tensor  # (U, D) their normalised pooled vectors
     target: torch.Tensor  # (B,) rows of each query's target in image_tokens / g
     reference: torch.Tensor  # (B,) rows of each query's reference
-    target_pixels: torch.Tensor  # (U, 3, H, W) the batch images themselves (pseudo-target generators), same rows
 
 
 def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
@@ -36,7 +35,7 @@ def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor,
     g = F.normalize(pooled, dim=-1)
     text_tokens, t = model.text_encoder(ids, mask)  # (B, L, d), (B, D)
     ref = Features(image_tokens[reference], g[reference], text_tokens, mask, F.normalize(t, dim=-1))
-    return BatchFeatures(ref, image_tokens, g, target, reference, images)
+    return BatchFeatures(ref, image_tokens, g, target, reference)
 
 
 def qtm(model: CIRModel, f: BatchFeatures, composer: nn.Module | None, scale: torch.Tensor,

@@ -6,12 +6,12 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from cirflow.core.config import check_fraction, check_non_negative, check_positive
 from cirflow.models.cir_model import CIRModel
 from cirflow.models.methods.base import BaseMethod, BatchFeatures, Method  # noqa: F401  (re-exported)
 from cirflow.models.methods.cala import LOSS_FORMS, CaLa
 from cirflow.models.methods.dra import DRA
-from cirflow.models.methods.tmcir import GENERATORS, TMCIR, DiffusionGenerator, OracleGenerator, PseudoTargetGenerator
-from cirflow.models.preprocess import PreprocessConfig
+from cirflow.models.methods.tmcir import GENERATORS, TMCIR
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,10 @@ class MethodConfig:
     lambda_imp: float = 1.0  # weight of L_imp = InfoNCE(t, TAC(V_r, V_t))
     lambda_aug: float = 1.0  # weight of L_aug, QTM with the compensated text t + c
     # TMCIR
-    generator: str = "oracle"  # a key of GENERATORS: oracle (upper bound) | diffusion
-    diffusion_path: str = ""  # local pipeline directory; never downloads
+    generator: str = "oracle"  # a key of GENERATORS: oracle (the true target, an upper bound)
     iacma_steps: int = 0  # length of the intent-aware alignment stage before ATF training (0 = skip)
     iacma_logit_scale: float = 14.3  # IACMA's learnable temperature starts at CLIP's 1/0.07
     iacma_max_logit_scale: float = 100.0  # and is capped like the QTM scale
-    diffusion_steps: int = 20  # denoising steps per edit; InstructPix2Pix's default of 100 is 5x slower
-    diffusion_image_guidance: float = 1.5  # InstructPix2Pix defaults: faithfulness to the reference
-    diffusion_text_guidance: float = 7.5  # and to the instruction
-    diffusion_device: str = "cpu"  # where the pipeline runs ("cuda" on a GPU worker)
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -52,66 +47,50 @@ class MethodConfig:
             raise ValueError(f"loss_form={self.loss_form!r} is not one of {list(LOSS_FORMS)}")
         if self.generator not in GENERATORS:
             raise ValueError(f"unknown generator {self.generator!r}; choose one of {sorted(GENERATORS)}")
-        if self.tac_steps < 1:
-            raise ValueError(f"tac_steps must be >= 1, got {self.tac_steps}")
-        if self.iacma_steps < 0:
-            raise ValueError(f"iacma_steps must be >= 0, got {self.iacma_steps}")
-        for key in ("w_hca", "w_tac", "attn_dropout", "tac_dropout"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key}={getattr(self, key)} must lie in [0, 1]")
-        if self.aux_scale <= 0 or self.iacma_logit_scale <= 0:
-            raise ValueError("aux_scale and iacma_logit_scale must be positive")
+        check_positive(self, "tac_steps", "aux_scale", "iacma_logit_scale", "iacma_max_logit_scale")
+        check_non_negative(self, "alpha", "beta", "lambda_imp", "lambda_aug", "iacma_steps")  # 0 = term off
+        check_fraction(self, "w_hca", "w_tac", "attn_dropout", "tac_dropout")
+        if self.iacma_logit_scale > self.iacma_max_logit_scale:
+            # The clamp would hold the temperature at the cap with zero gradient: it could never be learned.
+            raise ValueError(f"iacma_logit_scale={self.iacma_logit_scale} exceeds "
+                             f"iacma_max_logit_scale={self.iacma_max_logit_scale}")
 
 
-def _base(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+def _base(config: MethodConfig, model: CIRModel) -> Method:
     return BaseMethod()
 
 
-def _cala(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+def _cala(config: MethodConfig, model: CIRModel) -> Method:
     return CaLa(model.config.image.dim, model.config.text.dim, model.embed_dim, tbia=config.tbia, ctr=config.ctr,
                 loss_form=config.loss_form, alpha=config.alpha, beta=config.beta, w_hca=config.w_hca,
                 w_tac=config.w_tac, aux_scale=config.aux_scale, tac_steps=config.tac_steps,
                 hca_dropout=config.attn_dropout, tac_dropout=config.tac_dropout)
 
 
-def _dra(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+def _dra(config: MethodConfig, model: CIRModel) -> Method:
     return DRA(model.config.image.dim, model.embed_dim, lambda_imp=config.lambda_imp, lambda_aug=config.lambda_aug,
                aux_scale=config.aux_scale, tac_steps=config.tac_steps, tac_dropout=config.tac_dropout)
 
 
-def build_generator(config: MethodConfig, preprocess: PreprocessConfig | None) -> PseudoTargetGenerator:
-    if config.generator == "oracle":
-        return OracleGenerator()
-    if preprocess is None:
-        raise ValueError("generator=diffusion needs the PreprocessConfig (build_method(..., preprocess=...)) "
-                         "to turn encoder pixels into images and back")
-    return DiffusionGenerator(config.diffusion_path, preprocess, config.diffusion_steps,
-                              config.diffusion_image_guidance, config.diffusion_text_guidance,
-                              config.diffusion_device)
-
-
-def _tmcir(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None) -> Method:
+def _tmcir(config: MethodConfig, model: CIRModel) -> Method:
     if model.config.composer.name != "atf":
         log.warning("method tmcir with composer %r: TMCIR's composer is atf (model.composer.name=atf)",
                     model.config.composer.name)
-    # The generator (a whole diffusion pipeline, maybe) is only built when there is an IACMA stage to feed.
-    generator = build_generator(config, preprocess) if config.iacma_steps > 0 else None
+    # A generator is only built when there is an IACMA stage to feed (a real one would be a whole model).
+    generator = GENERATORS[config.generator]() if config.iacma_steps > 0 else None
     return TMCIR(generator, config.iacma_logit_scale, config.iacma_max_logit_scale)
 
 
-METHODS: dict[str, Callable[[MethodConfig, CIRModel, PreprocessConfig | None], Method]] = {
+METHODS: dict[str, Callable[[MethodConfig, CIRModel], Method]] = {
     "base": _base, "cala": _cala, "dra": _dra, "tmcir": _tmcir,
 }
 
 
-def build_method(config: MethodConfig, model: CIRModel, preprocess: PreprocessConfig | None = None,
-                 symmetric: bool = False) -> Method:
+def build_method(config: MethodConfig, model: CIRModel, symmetric: bool = False) -> Method:
     """The training method for `model`. Its parameters are its own (never the model's): hand
     `method.parameters()` to the optimiser and save `method.state_dict()` with resumable checkpoints only.
-    `preprocess` is needed by the diffusion generator alone; `symmetric` makes every QTM term two-way."""
-    if config.name not in METHODS:
-        raise ValueError(f"unknown method {config.name!r}; choose one of {sorted(METHODS)}")
-    method = METHODS[config.name](config, model, preprocess)
+    `symmetric` makes every QTM term two-way."""
+    method = METHODS[config.name](config, model)
     method.symmetric = symmetric
     log.info("method %s: %d training-only parameters", method.label, sum(p.numel() for p in method.parameters()))
     return method

@@ -3,7 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from cirflow.core.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from cirflow.core.config import (
+    ConfigError,
+    apply_overrides,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from cirflow.models.train_config import TrainConfig
 
 
@@ -68,3 +77,35 @@ def test_load_config_errors(tmp_path: Path) -> None:
         load_config(TrainConfig, bad)
     with pytest.raises(ConfigError, match="recipe='three_stage' is not one of"):
         load_config(TrainConfig, None, ["recipe=three_stage"])
+
+
+@dataclass(frozen=True)
+class Ranged:
+    size: int = 1
+    budget: float = 0.0  # 0 = none
+    rate: float = 0.5
+    optional: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive(self, "size", "optional")
+        check_non_negative(self, "budget")
+        check_fraction(self, "rate")
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"size": 0}, "size must be positive, got 0"),
+    ({"optional": -2}, "optional must be positive, got -2"),
+    ({"budget": -1.0}, "budget must not be negative, got -1.0"),
+    ({"budget": float("nan")}, "budget must not be negative, got nan"),  # NaN compares false both ways
+    ({"rate": 1.5}, "rate must lie in [0, 1], got 1.5"),
+    ({"rate": float("nan")}, "rate must lie in [0, 1], got nan"),
+])
+def test_range_checks_are_config_errors_naming_the_section(data: dict, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(Ranged, data, "job.limits")
+    assert str(info.value) == f"job.limits: {reason}"
+
+
+def test_range_checks_accept_their_bounds() -> None:
+    assert from_dict(Ranged, {"size": 1, "budget": 0.0, "rate": 1.0}) == Ranged(1, 0.0, 1.0)
+    assert from_dict(Ranged, {"rate": 0.0}).rate == 0.0

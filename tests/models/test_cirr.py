@@ -13,6 +13,7 @@ from PIL import Image
 from cirflow.models.data.cirr import load_cirr
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.types import DatasetError, Query
+from tests.models.files import break_file
 
 NAMES = [f"img{i}" for i in range(8)]
 
@@ -164,31 +165,18 @@ def test_malformed_entry_names_file_and_entry(tmp_path: Path, case: str) -> None
         assert piece in message, (piece, message)
 
 
-def _break_file(relative: str, text: str | None) -> Callable[[Path], None]:
-    """Replace (or, with None, delete) one file of the written dataset."""
-
-    def apply(root: Path) -> None:
-        path = root / relative
-        if text is None:
-            path.unlink()
-        else:
-            path.write_text(text)
-
-    return apply
-
-
 CAPTIONS = "captions/cap.rc2.val.json"
 SPLIT = "image_splits/split.rc2.val.json"
 # (damage to the written dataset, the file the message must name, other pieces it must contain)
 FILE_CASES = {
-    "captions-missing": (_break_file(CAPTIONS, None), CAPTIONS, ["cannot read"]),
-    "captions-invalid-json": (_break_file(CAPTIONS, '[{"pairid": 1,'), CAPTIONS, ["invalid JSON", "line 1"]),
-    "captions-not-list": (_break_file(CAPTIONS, '{"pairid": 1}'), CAPTIONS, ["top level", "list"]),
-    "split-missing": (_break_file(SPLIT, None), SPLIT, ["cannot read"]),
-    "split-invalid-json": (_break_file(SPLIT, "{"), SPLIT, ["invalid JSON"]),
-    "split-not-dict": (_break_file(SPLIT, '["img0"]'), SPLIT, ["top level"]),
-    "split-path-not-string": (_break_file(SPLIT, '{"img0": 3}'), SPLIT, ["'img0'", "string"]),
-    "image-missing-on-disk": (_break_file("val/img3.png", None), SPLIT, ["'img3'", "img3.png", "does not exist"]),
+    "captions-missing": (break_file(CAPTIONS, None), CAPTIONS, ["cannot read"]),
+    "captions-invalid-json": (break_file(CAPTIONS, '[{"pairid": 1,'), CAPTIONS, ["invalid JSON", "line 1"]),
+    "captions-not-list": (break_file(CAPTIONS, '{"pairid": 1}'), CAPTIONS, ["top level", "list"]),
+    "split-missing": (break_file(SPLIT, None), SPLIT, ["cannot read"]),
+    "split-invalid-json": (break_file(SPLIT, "{"), SPLIT, ["invalid JSON"]),
+    "split-not-dict": (break_file(SPLIT, '["img0"]'), SPLIT, ["top level"]),
+    "split-path-not-string": (break_file(SPLIT, '{"img0": 3}'), SPLIT, ["'img0'", "string"]),
+    "image-missing-on-disk": (break_file("val/img3.png", None), SPLIT, ["'img3'", "img3.png", "does not exist"]),
 }
 
 

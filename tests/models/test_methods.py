@@ -1,5 +1,4 @@
 import math
-import sys
 from dataclasses import replace
 
 import pytest
@@ -11,13 +10,12 @@ from cirflow.models.cir_model import CIRModel, Features, ModelConfig, build_mode
 from cirflow.models.composers import ComposerConfig, SumComposer
 from cirflow.models.image_encoder import ImageEncoderConfig
 from cirflow.models.losses import batch_contrastive, info_nce
-from cirflow.models.methods import METHODS, TMCIR, BatchFeatures, MethodConfig, build_method, encode_batch
+from cirflow.models.methods import METHODS, TMCIR, BatchFeatures, Method, MethodConfig, build_method, encode_batch
 from cirflow.models.methods.cala import CaLa
 from cirflow.models.methods.dra import DRA
 from cirflow.models.methods.hca import HingeCrossAttention
 from cirflow.models.methods.tac import TwinAttentionCompositor
-from cirflow.models.methods.tmcir import DiffusionGenerator, OracleGenerator
-from cirflow.models.preprocess import PreprocessConfig
+from cirflow.models.methods.tmcir import GENERATORS, OracleGenerator
 from cirflow.models.text_encoder import TextEncoderConfig
 
 DIM, EMBED, B = 16, 12, 4  # token width != embedding size: the auxiliary branches project
@@ -53,8 +51,8 @@ def test_unknown_names_list_the_choices() -> None:
         MethodConfig(name="clip")
     with pytest.raises(ValueError, match=r"loss_form='mixed' is not one of \['paper', 'official'\]"):
         MethodConfig(loss_form="mixed")
-    with pytest.raises(ValueError, match=r"unknown generator 'gan'; choose one of \['diffusion', 'oracle'\]"):
-        MethodConfig(generator="gan")
+    with pytest.raises(ValueError, match=r"unknown generator 'diffusion'; choose one of \['oracle'\]"):
+        MethodConfig(generator="diffusion")
 
 
 def test_base_is_the_qtm_loss() -> None:
@@ -108,17 +106,33 @@ def test_disabled_cala_branches_do_not_exist_and_reduce_to_base(form: str) -> No
     assert all(n.startswith("tac") for n, _ in only_ctr.named_parameters())
 
 
+def training_loss(method: Method, model: CIRModel) -> torch.Tensor:
+    """Everything the method trains with: its loss, plus TMCIR's IACMA stage loss."""
+    loss = method.loss(model, features(model), None, torch.tensor(5.0))[0]
+    if isinstance(method, TMCIR):
+        loss = loss + method.iacma_loss(model, **tiny_batch())[0]
+    return loss
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_methods_keep_their_parameters_outside_the_model(name: str) -> None:
     plain = tiny_model("atf").eval()
     model = tiny_model("atf").eval()  # same seed: identical weights
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     method = build_method(MethodConfig(name=name, iacma_steps=1), model)
-    method.loss(model, features(model), None, torch.tensor(5.0))[0].backward()
-    assert model.state_dict().keys() == plain.state_dict().keys() == before.keys()
-    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    assert model.state_dict().keys() == plain.state_dict().keys()
     assert not {id(p) for p in method.parameters()} & {id(p) for p in model.parameters()}
     assert not any(k.startswith(("image_encoder", "text_encoder", "composer")) for k in method.state_dict())
+    # An optimiser step on the method's parameters alone moves every one of them and nothing of the model:
+    # a parameter shared with the model, or one the inference path reads, would change its outputs.
+    params = dict(method.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    training_loss(method, model).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # the loss trains it
+    if params:
+        torch.optim.SGD(params.values(), lr=1.0).step()
+    assert not [n for n, p in params.items() if torch.equal(p, before[n])], "a method parameter did not move"
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     batch = tiny_batch()
     torch.testing.assert_close(model.encode_image(batch["images"]), plain.encode_image(batch["images"]), rtol=0,
                                atol=0)
@@ -151,7 +165,7 @@ def toy_cala(monkeypatch: pytest.MonkeyPatch, **overrides: object) -> tuple[CaLa
     eye = torch.eye(2)
     ref = Features(torch.zeros(2, 3, 2), eye, torch.zeros(2, 3, 2), torch.ones(2, 3), eye)
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    f = BatchFeatures(ref, torch.zeros(3, 3, 2), g, torch.tensor([0, 1]), torch.tensor([2, 2]), torch.zeros(3))
+    f = BatchFeatures(ref, torch.zeros(3, 3, 2), g, torch.tensor([0, 1]), torch.tensor([2, 2]))
     return method, f, _Fixed(eye)
 
 
@@ -238,7 +252,7 @@ def test_tmcir_trains_atf_with_qtm_and_iacma_with_the_oracle() -> None:
     assert isinstance(method, TMCIR) and "UPPER BOUND" in method.label
     assert torch.equal(method.loss(model, f, None, torch.tensor(5.0))[0], base_loss(model, f, 5.0))
     batch = tiny_batch()
-    pixels = OracleGenerator()(batch["images"][batch["reference"]], None, batch["images"][batch["target"]])
+    pixels = OracleGenerator()(batch["images"][batch["reference"]], batch["images"][batch["target"]])
     assert torch.equal(pixels, batch["images"][batch["target"]]) and "UPPER BOUND" in OracleGenerator.label
     loss, logs = method.iacma_loss(model, **batch)
     loss.backward()
@@ -251,14 +265,11 @@ def test_tmcir_trains_atf_with_qtm_and_iacma_with_the_oracle() -> None:
         no_stage.iacma_loss(model, **batch)
 
 
-def test_diffusion_generator_never_downloads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    model = tiny_model("atf")
-    missing = str(tmp_path / "ip2p")
-    with pytest.raises(FileNotFoundError, match="ip2p.*never downloads"):
-        build_method(MethodConfig(name="tmcir", generator="diffusion", diffusion_path=missing, iacma_steps=1),
-                     model, PreprocessConfig(size=32))
-    with pytest.raises(ValueError, match="needs method.diffusion_path"):
-        DiffusionGenerator("", PreprocessConfig(), 1, 1.5, 7.5, "cpu")
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError, installed or not
-    with pytest.raises(ImportError, match=r"pip install diffusers"):
-        DiffusionGenerator(str(tmp_path), PreprocessConfig(), 1, 1.5, 7.5, "cpu")
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generators_give_one_pseudo_target_per_query(name: str) -> None:
+    batch = tiny_batch()
+    reference, target = batch["images"][batch["reference"]], batch["images"][batch["target"]]
+    generator = GENERATORS[name]()
+    assert generator(reference, target).shape == target.shape
+    method = build_method(MethodConfig(name="tmcir", generator=name, iacma_steps=1), tiny_model("atf"))
+    assert generator.label in method.label  # reports say which generator produced the IACMA results

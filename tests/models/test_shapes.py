@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from cirflow.models.data import shapes
+from cirflow.models.data.cirr import load_cirr
 from cirflow.models.data.shapes import SPLITS, ShapesConfig, generate_shapes
 from cirflow.models.data.shapes_captions import NOVEL_PHRASING, PHRASINGS, TRAIN_PHRASING, describe_edit, vocabulary
 from cirflow.models.data.shapes_scene import MODIFICATIONS, apply_edit, sample_image_set
@@ -81,8 +82,7 @@ def test_cirr_format(tiny: Path, split: str) -> None:
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_loads_with_the_cirr_loader(tiny: Path, split: str) -> None:
-    cirr = pytest.importorskip("cirflow.models.data.cirr")
-    loaded = cirr.load_cirr(tiny, split, dataset="shapes")
+    loaded = load_cirr(tiny, split, dataset="shapes")
     assert loaded.has_targets and len(loaded.queries) == TINY.query_count(split)
 
 

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import cirflow.models.train as train_module
-from cirflow.core.config import load_config
+from cirflow.core.config import ConfigError, load_config
 from cirflow.models.checkpoint import CheckpointError, load_checkpoint
 from cirflow.models.train import train
 from cirflow.models.train_config import TrainConfig
@@ -58,6 +59,30 @@ def test_killed_run_resumes_to_identical_weights(tiny_overrides: list[str], tmp_
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_resuming_with_another_config_is_refused_naming_the_keys(tiny_overrides: list[str], tmp_path: Path) -> None:
+    cfg = config(tiny_overrides, "optim.max_steps=2")
+    run = tmp_path / "run"
+    final = train(cfg, run)
+    # An interrupted run (last.pt, no model.pt) and a finished one are both refused, before anything is written.
+    for interrupted in (False, True):
+        if interrupted:
+            final.unlink()
+        files = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+        with pytest.raises(ConfigError) as info:
+            train(config(tiny_overrides, "optim.max_steps=2", "optim.lr=0.01", "loss.symmetric=false"), run)
+        assert f"run {run} was started with another config (loss.symmetric: True -> False; optim.lr: 0.002 -> 0.01)" \
+            in str(info.value)
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == files
+    # The vocabulary size that training filled in from the tokenizer is not a difference: the same config resumes.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["text"]["vocab_size"] != cfg.model.text.vocab_size
+    assert train(cfg, run) == final and final.exists()
+    # A config.yaml that no longer loads cannot vouch for the run.
+    (run / "config.yaml").write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"cannot be resumed, its config does not load: .*'learning_rate'"):
+        train(cfg, run)
+
+
 def test_two_stage_freezes_encoders_in_stage_two(tiny_overrides: list[str], tmp_path: Path) -> None:
     # Validation after every step: it must leave the frozen encoders (and their BatchNorm statistics) alone.
     cfg = config(tiny_overrides, "recipe=two_stage", "optim.max_steps=4", "stage2.max_steps=4",
@@ -80,7 +105,7 @@ def test_bad_inputs_give_clear_errors(tiny_overrides: list[str], tmp_path: Path)
     with pytest.raises(ValueError, match="batch_size=999 exceeds the 160 training triplets"):
         train(config(tiny_overrides, "optim.max_steps=1", "optim.batch_size=999"), tmp_path / "a")
     with pytest.raises(ValueError, match="recipe=two_stage trains a composer"):
-        config(tiny_overrides, "recipe=two_stage", "model.composer.name=sum")
+        config(tiny_overrides, "optim.max_steps=1", "recipe=two_stage", "model.composer.name=sum")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
         load_checkpoint(tmp_path / "junk.pt")

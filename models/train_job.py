@@ -1,0 +1,33 @@
+"""The `cirflow train` job: a YAML config plus overrides -> a run directory under WORKDIR/runs -> a checkpoint.
+
+It imports the training stage only (no export, ONNX, Ray or FAISS), so a training host needs nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from cirflow.core.config import load_config, to_dict
+from cirflow.models.train import train
+from cirflow.models.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_id_for(config: TrainConfig) -> str:
+    """Runs are named by their config: the same command resumes or reuses its run instead of starting over."""
+    digest = hashlib.sha1(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{config.data.kind.replace('/', '-')}-{config.model.composer.name}-{digest}"
+
+
+def train_run(config_path: Path | None, overrides: Sequence[str], workdir: Path, run_id: str | None = None) -> Path:
+    """Load the config strictly (every error before any directory exists), then train, resume or reuse the run
+    WORKDIR/runs/<run_id> (default: named by the config's hash); returns the final checkpoint's path."""
+    config = load_config(TrainConfig, config_path, list(overrides))
+    run_dir = workdir / "runs" / (run_id or run_id_for(config))
+    log.info("training run %s", run_dir)
+    return train(config, run_dir)
