@@ -1,25 +1,42 @@
 """Catalogs: what to embed, as a table of (id, uri) rows with stable ids, and how to read one entry's bytes.
 
-Two sources: an image folder (every regular, non-hidden file under it; the id is a hash of the path relative
-to the folder, so it survives re-listing, catalog growth and re-embedding) or a manifest (Parquet or CSV with
-`id` and `uri` columns: the ids are the shop's own). Ids are never row numbers.
+Two sources: an image folder or a manifest (Parquet or CSV with `id` and `uri` columns: the ids are the shop's
+own). Ids are never row numbers.
+
+A folder catalog lists every non-hidden entry under the folder that is not a directory, so that each one ends
+up embedded or in the job's errors table, never silently dropped:
+- files, whatever their content (a non-image becomes an errors row);
+- symlinks, each an entry under its own path whatever it points at: a link to another entry is embedded twice,
+  under two ids, as `ls` shows two names; a dangling or looping link, or a link to a directory (never followed,
+  so a link cannot make the listing loop), becomes an errors row when read;
+- not FIFOs, sockets or devices: reading one can block forever, so they are left out with a warning each.
+An entry's id is a hash of its path relative to the folder (the raw bytes of a name that is not valid UTF-8),
+so it survives re-listing, catalog growth and re-embedding. A directory that cannot be listed stops the job:
+its entries would otherwise be missing without a trace.
 
 URIs are local paths (relative ones in a manifest are relative to the manifest's folder), `file://` URIs, or
-any fsspec URI whose scheme's package is installed (s3fs for s3://, gcsfs for gs://, ...).
+any fsspec URI whose scheme's package is installed (s3fs for s3://, gcsfs for gs://, ...). A folder entry whose
+name is not valid UTF-8 (Parquet strings must be) gets a `file://` URI percent-encoding its raw bytes, which
+read_bytes decodes back to the same file; every other folder entry's uri is its absolute path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote_to_bytes, urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
 
@@ -46,8 +63,9 @@ class CatalogConfig:
 
 
 def stable_id(key: str) -> int:
-    """A 63-bit non-negative id from a key string: independent of listing order, machine and run."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 1
+    """A 63-bit non-negative id from a key string: independent of listing order, machine and run. A key from a
+    file name that is not valid UTF-8 (surrogate escapes, as os.listdir returns it) hashes as the raw bytes."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()[:8], "big") >> 1
 
 
 def load_catalog(config: CatalogConfig) -> pa.Table:
@@ -78,20 +96,65 @@ def fingerprint(table: pa.Table) -> str:
 
 
 def folder_entries(folder: Path, paths: list[Path]) -> pa.Table:
-    """The (id, uri) rows a folder catalog gives these files: ids from their paths relative to `folder`."""
-    folder = folder.resolve()
-    keys = [p.resolve().relative_to(folder).as_posix() for p in paths]
+    """The (id, uri) rows a folder catalog gives these entries: ids from their paths relative to `folder`.
+    Entries are not resolved: a symlink is an entry under its own name."""
+    base = Path(os.path.abspath(folder))
+    root = base.resolve()
+    keys = [Path(os.path.abspath(p)).relative_to(base).as_posix() for p in paths]
     return pa.table([pa.array([stable_id(k) for k in keys], pa.int64()),
-                     pa.array([str(folder / k) for k in keys], pa.string())], schema=CATALOG_SCHEMA)
+                     pa.array([path_uri(root / k) for k in keys], pa.string())], schema=CATALOG_SCHEMA)
+
+
+def path_uri(path: Path) -> str:
+    """A local absolute path as a uri: the path itself, or a file:// URI when its name is not valid UTF-8."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.as_uri()  # percent-encodes the raw bytes (os.fsencode)
+    return text
 
 
 def _list_folder(folder: Path) -> pa.Table:
     if not folder.is_dir():
         raise CatalogError(f"catalog folder {folder} does not exist or is not a directory")
-    # Non-image files are listed on purpose: the job records them in the errors table instead of hiding them.
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
-    return folder_entries(folder, paths)
+    return folder_entries(folder, sorted(_folder_entries(folder)))
+
+
+def _folder_entries(folder: Path) -> list[Path]:
+    """Every non-hidden entry under `folder` but directories and special files (see the module docstring).
+    DirEntry types come with the listing, so only symlinks and special files cost a stat call."""
+    entries, pending = [], [str(folder)]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                children = list(listing)
+        except OSError as e:
+            raise CatalogError(f"catalog folder {folder}: cannot list {directory!r} ({e.strerror})") from e
+        for entry in children:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):  # a symlink to a directory is not followed: an entry
+                pending.append(entry.path)
+            elif _is_special(entry):
+                # %r: a name that is not valid UTF-8 would break a UTF-8 log stream
+                log.warning("catalog folder %s: left out %r: a FIFO, socket or device (reading one can block)",
+                            folder, entry.path)
+            else:
+                entries.append(Path(entry.path))
+    return entries
+
+
+def _is_special(entry: os.DirEntry) -> bool:
+    """A FIFO, socket or device, or a symlink to one."""
+    if entry.is_file(follow_symlinks=False):
+        return False
+    try:
+        mode = os.stat(entry.path).st_mode
+    except OSError:  # a dangling or looping symlink: an entry, whose read becomes an errors row
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _read_manifest(path: Path) -> pa.Table:
@@ -131,8 +194,8 @@ def read_bytes(uri: str) -> bytes:
     if "://" not in uri:
         return Path(uri).read_bytes()
     scheme = uri.split("://", 1)[0]
-    if scheme == "file":
-        return Path(unquote(urlparse(uri).path)).read_bytes()
+    if scheme == "file":  # percent-escapes are raw bytes of the name, which need not be UTF-8
+        return Path(os.fsdecode(unquote_to_bytes(urlparse(uri).path))).read_bytes()
     try:
         import fsspec
     except ImportError as e:

@@ -21,9 +21,11 @@ def read_image(uri: str, preprocess: PreprocessConfig) -> np.ndarray:
     """(H, W, 3) uint8 at the bundle's size; raises ImageError with a one-line reason."""
     try:
         data = read_bytes(uri)
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # also a dangling symlink
         raise ImageError("file not found") from e
-    except Exception as e:  # any filesystem's failure (permissions, network, unknown scheme) is this row's error
+    except OSError as e:  # a directory, a symlink loop, permissions: the reason alone, the row has the uri
+        raise ImageError(f"cannot read ({e.strerror or e})") from e
+    except Exception as e:  # any other filesystem's failure (network, unknown scheme) is this row's error too
         raise ImageError(f"cannot read: {type(e).__name__}: {e}") from e
     if not data:
         raise ImageError("empty file (0 bytes)")

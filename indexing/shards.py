@@ -4,13 +4,15 @@ An embedding run lives in `embeddings/<catalog>/<bundle_id>/`:
 
     part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
     errors.parquet           id int64, uri string, reason string (written when the run completes)
-    _errors/part-00000.parquet   the same rows, per shard, while the run is in progress
-    manifest.json            catalog fingerprint, bundle id, shard plan, finished shards (rows, sha256), complete
+    _errors/part-00000.parquet   the same rows, per shard (kept: a damaged errors.parquet is merged again)
+    manifest.json            catalog fingerprint, bundle id, shard plan, finished shards (rows, bytes, sha256 of
+                             the shard and of its errors file), errors.parquet's size and sha256, complete
 
 Shard k holds the catalog entries k*rows_per_shard ... (k+1)*rows_per_shard - 1 in id order, so a shard's
 membership never depends on scheduling: a rerun redoes exactly the shards the manifest does not list as
 finished, and the union of rows is the same whatever was interrupted. Every file is written under a temp name
-and renamed; the manifest is updated after the shard's files are in place, so it never lists a missing file.
+and renamed; the manifest is updated after the shard's files are in place, so it never lists a missing file
+that nobody deleted. A file deleted or changed afterwards is found by `damaged_shards` (the job redoes its shard).
 """
 
 from __future__ import annotations
@@ -75,9 +77,24 @@ def new_manifest(bundle_id: str, dim: int, catalog: dict[str, Any], rows_per_sha
             "complete": False}
 
 
-def record_shard(manifest: dict[str, Any], name: str, info: dict[str, Any], errors: int) -> None:
-    """Add a finished shard ({"rows", "bytes", "sha256"} of its Parquet file, and its error count)."""
-    manifest["shards"][name] = {**info, "errors": errors}
+def record_shard(manifest: dict[str, Any], name: str, info: dict[str, Any],
+                 errors_info: dict[str, Any] | None) -> None:
+    """Add a finished shard: {"rows", "bytes", "sha256"} of its Parquet file and, when some of its entries
+    failed, of its errors file (None when none did)."""
+    errors = {"errors": errors_info["rows"], "errors_file": errors_info} if errors_info else {"errors": 0}
+    manifest["shards"][name] = {**info, **errors}
+    _count_rows(manifest)
+
+
+def drop_shard(manifest: dict[str, Any], name: str) -> None:
+    """Forget a finished shard (its files are damaged): the run is incomplete until it is redone."""
+    del manifest["shards"][name]
+    manifest["complete"] = False
+    manifest.pop("errors_file", None)
+    _count_rows(manifest)
+
+
+def _count_rows(manifest: dict[str, Any]) -> None:
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"].values())
     manifest["errors"] = sum(s["errors"] for s in manifest["shards"].values())
 
@@ -93,7 +110,7 @@ def write_run(run_dir: Path, parts: Iterable[tuple[np.ndarray, np.ndarray, list[
         if manifest is None:
             manifest = new_manifest(bundle_id, vectors.shape[1], catalog, rows_per_shard, 0)
         info = write_parquet_atomic(embedding_table(ids, uris, vectors, bundle_id), run_dir / shard_name(k))
-        record_shard(manifest, shard_name(k), info, 0)
+        record_shard(manifest, shard_name(k), info, None)
     if manifest is None:
         raise EmbeddingsError(f"{run_dir}: no parts to write")
     if len(seen) != manifest["rows"]:
@@ -102,6 +119,23 @@ def write_run(run_dir: Path, parts: Iterable[tuple[np.ndarray, np.ndarray, list[
     manifest["complete"] = True
     write_manifest(run_dir, manifest)
     return open_run(run_dir)
+
+
+def damaged_shards(run_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Recorded shard name -> what is wrong with its files (missing, another size or sha256: its Parquet file or,
+    when it had errors, its errors file), for each recorded shard that fails the check."""
+    damaged = {}
+    for name, info in sorted(manifest["shards"].items()):
+        files = {name: info}
+        if info["errors"] and "errors_file" in info:
+            files[f"{SHARD_ERRORS_DIR}/{name}"] = info["errors_file"]
+        elif info["errors"]:
+            damaged[name] = f"shard {name} records {info['errors']} errors but no errors file"
+            continue
+        problem = check_files(run_dir, files)
+        if problem:
+            damaged[name] = problem
+    return damaged
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:

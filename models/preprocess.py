@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cirflow.core.config import check_positive
+
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
             "nearest": Image.Resampling.NEAREST}
 
@@ -28,8 +30,9 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.resize not in RESAMPLE:
             raise ValueError(f"resize={self.resize!r} is not one of {sorted(RESAMPLE)}")
-        if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
+        check_positive(self, "size")
+        if not all(s > 0 for s in self.std):  # normalisation divides by it
+            raise ValueError(f"std={list(self.std)} must be positive in every channel")
 
 
 class ImageError(ValueError):
@@ -51,7 +54,11 @@ def load_image(source: Path | bytes, name: str | None = None) -> Image.Image:
             return img.convert("RGB")
     except FileNotFoundError as e:
         raise ImageError(f"image {label}: file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message holds the input's repr (a BytesIO address): not stable
+        raise ImageError(f"image {label}: cannot decode (not a recognised image format)") from e
+    except Image.DecompressionBombError as e:  # refused from the header, before any pixel is allocated
+        raise ImageError(f"image {label}: too large to decode ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"image {label}: cannot decode ({e})") from e
 
 

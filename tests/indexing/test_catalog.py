@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,3 +64,51 @@ def test_config_errors(tmp_path: Path) -> None:
         load_catalog(CatalogConfig(name="a/b", folder=str(tmp_path)))
     with pytest.raises(CatalogError, match="does not exist"):
         load_catalog(CatalogConfig(name="c", folder=str(tmp_path / "missing")))
+
+
+def test_a_name_that_is_not_utf8_gets_a_stable_id_and_a_uri_that_reads_back(tmp_path: Path) -> None:
+    raw = b"bad-\xff name.png"
+    Path(os.fsdecode(os.fsencode(tmp_path) + b"/" + raw)).write_bytes(b"pixels")
+    (tmp_path / "good.png").write_bytes(b"other")
+    table = load_catalog(CatalogConfig(name="c", folder=str(tmp_path)))
+    uris = dict(zip(table.column("id").to_pylist(), table.column("uri").to_pylist()))
+    raw_id = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") >> 1  # the hash of the name's raw bytes
+    assert uris[raw_id] == f"file://{tmp_path}/bad-%FF%20name.png"
+    assert read_bytes(uris[raw_id]) == b"pixels"
+    assert uris[stable_id("good.png")] == str(tmp_path / "good.png")  # valid names keep their plain path
+    pq.write_table(table, tmp_path / ".catalog.parquet")  # Parquet strings must be valid UTF-8: they are
+    assert load_catalog(CatalogConfig(name="c", folder=str(tmp_path))).equals(table)  # stable across listings
+
+
+def test_symlinks_are_entries_and_special_files_are_left_out_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "good.png").write_bytes(b"good")
+    (tmp_path / "image.png").mkdir()  # a directory named like an image: its files are entries, it is not
+    (tmp_path / "image.png" / "inner.png").write_bytes(b"inner")
+    links = {"loop.png": "loop.png", "dangling.png": "missing.png", "alias.png": "sub/good.png",
+             "linked-dir": "sub", "outside.png": str(tmp_path.parent)}
+    for name, target in links.items():
+        os.symlink(target, tmp_path / name)
+    os.mkfifo(tmp_path / "pipe.png")
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.catalog"):
+        table = load_catalog(CatalogConfig(name="c", folder=str(tmp_path)))
+    names = {Path(u).relative_to(tmp_path).as_posix() for u in table.column("uri").to_pylist()}
+    assert names == {"sub/good.png", "image.png/inner.png", *links}  # each link under its own name, not followed
+    assert sorted(table.column("id").to_pylist()) == sorted(stable_id(n) for n in names)
+    assert read_bytes(str(tmp_path / "alias.png")) == b"good"
+    assert "pipe.png" in caplog.text and "FIFO" in caplog.text
+
+
+def test_a_folder_that_cannot_be_listed_stops_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "locked").mkdir()
+    scandir = os.scandir
+
+    def refuse(path: str) -> object:  # chmod 000 cannot stop root, who runs the tests here
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(CatalogError, match=r"cannot list '.*locked' \(Permission denied\)"):
+        load_catalog(CatalogConfig(name="c", folder=str(tmp_path)))

@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
+from cirflow.core.config import ConfigError, load_config
 from cirflow.export.bundle import export_bundle
+from cirflow.export.manifest import register_bundle
 from cirflow.export.runtime import BundleRuntime
+from cirflow.flows.cli import main
 from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, folder_entries
-from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed
-from tests.export.conftest import make_checkpoint, random_images
+from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
+from cirflow.indexing.embed import EmbedConfig, EmbedError, actor_providers, run_embed
+from cirflow.indexing.ray_cluster import connect_ray
+from cirflow.models.tiny import make_checkpoint
+from tests.export.conftest import random_images
+from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
-ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    connect_ray(None, num_cpus=2)  # the job's own way: a local instance on 127.0.0.1 only
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -61,8 +70,8 @@ def config(name: str, bundle: Path, workdir: Path, **catalog: str) -> EmbedConfi
                        rows_per_shard=4, batch_size=3)
 
 
-def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bundle: Path,
-                                                                 tmp_path: Path) -> None:
+def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bundle: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "catalog"
     good = write_images(folder, 9, seed=1)
     truncated = png_bytes(random_images(1, 64, seed=2)[0])
@@ -98,6 +107,33 @@ def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bu
     assert run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder))) == run_dir
     assert (run_dir / shards.MANIFEST).read_bytes() == before
 
+    # Files deleted or changed since are found on the next start: a lost errors.parquet is merged again ...
+    errors_table = pq.read_table(run_dir / shards.ERRORS)
+    (run_dir / shards.ERRORS).unlink()
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embed"):
+        run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+    assert "file errors.parquet listed in the manifest is missing" in caplog.text
+    assert shards.read_manifest(run_dir)["last_run"]["shards"] == 0
+    assert pq.read_table(run_dir / shards.ERRORS).equals(errors_table)
+    # ... and the shards of a lost shard file or a changed errors file are redone, to the same rows.
+    recorded = shards.read_manifest(run_dir)["shards"]
+    with_errors = next(name for name, info in sorted(recorded.items()) if info["errors"])
+    lost = next(name for name in sorted(recorded) if name != with_errors)
+    (run_dir / lost).unlink()
+    with open(run_dir / shards.SHARD_ERRORS_DIR / with_errors, "ab") as f:
+        f.write(b"\0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embed"):
+        run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+    assert f"file {lost} listed in the manifest is missing; redoing shard {lost}" in caplog.text
+    assert f"file {shards.SHARD_ERRORS_DIR}/{with_errors} has" in caplog.text
+    redone = shards.open_run(run_dir)
+    assert redone.manifest["last_run"]["shards"] == 2 and redone.manifest["errors"] == 4
+    redone_ids, redone_vectors, _ = redone.read_all()
+    np.testing.assert_array_equal(redone_ids, ids)
+    np.testing.assert_allclose(redone_vectors, vectors, atol=1e-6)
+    assert pq.read_table(run_dir / shards.ERRORS).equals(errors_table)
+
     # A different catalog under the same name and workdir is refused, not mixed in.
     write_images(folder / "more", 1, seed=3)
     with pytest.raises(EmbedError, match="different catalog"):
@@ -120,8 +156,9 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     args = [f"catalog.name={job.catalog.name}", f"catalog.manifest={manifest}", f"bundle={bundle}",
             f"workdir={job.workdir}", "rows_per_shard=4", "batch_size=2",
             f"ray.address={cluster}"]
-    proc = subprocess.Popen([sys.executable, "-m", "indexing.embed", "--log-level", "WARNING", *args], cwd=REPO,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING", "embed", *args]
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     run_dir = None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -140,9 +177,10 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
 
     stall.unlink()
     stall.write_bytes(stall_pixels)  # the same path: the catalog (ids, uris) is unchanged
+    (run_dir / done[0]).unlink()  # a finished shard lost as well: found on resume and redone
     assert run_embed(job) == run_dir
     run = shards.open_run(run_dir)
-    assert run.manifest["last_run"]["shards"] == 4 - len(done)  # only unfinished shards were redone
+    assert run.manifest["last_run"]["shards"] == 4 - len(done) + 1  # only unfinished and lost shards were redone
     ids, vectors, _ = run.read_all()
 
     clean = run_embed(config("clean", bundle, tmp_path / "work", manifest=str(manifest)))
@@ -159,6 +197,85 @@ def _release(fifo: Path) -> None:
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     except OSError:  # no reader left
         pass
+
+
+def test_careless_inputs_each_end_up_embedded_or_in_the_errors_table(cluster: str, bundle: Path,
+                                                                       tmp_path: Path) -> None:
+    """Odd names, links, a decompression bomb, empty and unreadable files: every listed entry is embedded or an
+    errors row (never both, never neither), and two runs write the same errors table."""
+    folder = tmp_path / "catalog"
+    images = [png_bytes(p) for p in random_images(5, 64, seed=7)]
+    odd_names = ["with space é.png", "new\nline.png", "image.png/inside.png", os.fsdecode(b"latin-\xe9.png"),
+                 "locked.png"]
+    for name, data in zip(odd_names, images):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "locked.png").chmod(0)  # unreadable (for anyone but root, who runs the tests here)
+    bad = {"bomb.png": decompression_bomb_png(), "zero.png": b"", "noise.png": os.urandom(300)}
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    links = {"loop.png": "loop.png", "dangling.png": "gone.png", "alias.png": "with space é.png",
+             "linked-dir": "image.png"}
+    for name, target in links.items():
+        os.symlink(target, folder / name)
+    register_bundle(bundle)  # the job gets the bundles directory and follows its CURRENT once
+    job = EmbedConfig(catalog=CatalogConfig(name="careless", folder=str(folder)), bundle=str(bundle.parent),
+                      workdir=str(tmp_path / "a"), rows_per_shard=4, batch_size=3)
+
+    run = shards.open_run(run_embed(job))
+
+    assert run.manifest["last_run"]["bundle_dir"] == str(bundle.resolve())
+    ids, vectors, uris = run.read_all()
+    errors = pq.read_table(run.run_dir / shards.ERRORS)
+    embedded, failed = set(ids.tolist()), set(errors.column("id").to_pylist())
+    assert not embedded & failed
+    assert embedded | failed == set(load_catalog(job.catalog).column("id").to_pylist())
+    reasons = dict(zip((u.rsplit("/", 1)[1] for u in errors.column("uri").to_pylist()),
+                       errors.column("reason").to_pylist()))
+    assert "too large to decode" in reasons["bomb.png"]
+    assert reasons["zero.png"] == "empty file (0 bytes)"
+    assert reasons["noise.png"].endswith("noise.png: cannot decode (not a recognised image format)")
+    assert reasons["loop.png"] == "cannot read (Too many levels of symbolic links)"
+    assert reasons["dangling.png"] == "file not found"
+    assert reasons["linked-dir"] == "cannot read (Is a directory)"
+    names = {u.rsplit("/", 1)[1] for u in uris}
+    assert {"with space é.png", "new\nline.png", "inside.png", "latin-%E9.png", "alias.png"} <= names
+    assert ("locked.png" in names) == (os.geteuid() == 0) == ("locked.png" not in reasons)
+    # Each uri reads back (the file:// one of the name that is not UTF-8 too) to the bytes that were embedded.
+    runtime = BundleRuntime.load(bundle)
+    np.testing.assert_allclose(vectors, runtime.embed_images([read_bytes(u) for u in uris]), atol=1e-5)
+
+    again = shards.open_run(run_embed(replace(job, workdir=str(tmp_path / "b"))))
+    assert pq.read_table(again.run_dir / shards.ERRORS).equals(errors)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size must be positive, got 0"),
+    ("rows_per_shard=-8", "rows_per_shard must be positive, got -8"),
+    ("cpus_per_actor=0", "cpus_per_actor must be positive, got 0"),
+    ("num_actors=-1", "num_actors must not be negative, got -1"),
+    ("num_gpus=-0.5", "num_gpus must not be negative, got -0.5"),
+    ("providers=cpu", "providers='cpu' is not one of ['auto', 'cuda', 'tensorrt']"),
+    ("providers=tensorrt", "providers='tensorrt' needs num_gpus > 0"),
+])
+def test_bad_settings_are_config_errors_before_anything_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                             override: str, message: str) -> None:
+    args = [f"workdir={tmp_path / 'work'}", f"bundle={tmp_path / 'bundle'}", "catalog.name=c",
+            f"catalog.folder={tmp_path}", override]
+    assert main(["embed", *args]) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(ConfigError, match=re.escape(message)):  # a config error, not a failed run
+        load_config(EmbedConfig, None, args)
+
+
+def test_actors_use_a_gpu_only_when_ray_gives_them_one() -> None:
+    # num_gpus == 0: CPU even on a GPU host, where the runtime's "auto" would open CUDA sessions outside Ray's
+    # GPU accounting; num_gpus > 0: `providers` picks the GPU provider, and no GPU is an error, not a fallback.
+    assert actor_providers(EmbedConfig()) == ("cpu", False)
+    assert actor_providers(EmbedConfig(num_gpus=1)) == ("auto", True)
+    assert actor_providers(EmbedConfig(num_gpus=0.5, providers="tensorrt")) == ("tensorrt", True)
+    assert actor_providers(EmbedConfig(num_gpus=1, providers="cuda")) == ("cuda", True)
 
 
 def test_gpu_request_on_a_cpu_cluster_fails_fast(cluster: str, bundle: Path, tmp_path: Path) -> None:
@@ -179,7 +296,6 @@ def test_too_many_actors_fail_fast(cluster: str, bundle: Path, tmp_path: Path) -
         run_embed(job)
 
 
-
 def test_shipped_configs_load_strictly() -> None:
     """The example config and the RayJob entrypoint's overrides are valid EmbedConfig keys."""
     import shlex
@@ -192,7 +308,7 @@ def test_shipped_configs_load_strictly() -> None:
     assert example.catalog.name == "shapes-test" and example.num_gpus == 0
     rayjob = yaml.safe_load((REPO / "deploy" / "ray" / "rayjob-embed.yaml").read_text())
     argv = shlex.split(rayjob["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "indexing.embed"]
-    overrides = [a for a in argv[3:] if "=" in a]
+    assert argv[:2] == ["cirflow", "embed"]  # the job's one command line
+    overrides = [a for a in argv[2:] if "=" in a]
     job = load_config(EmbedConfig, REPO / "configs" / "embed_catalog.yaml", overrides)
     assert job.catalog.folder == "/data/catalog" and job.workdir == "/data/workdir"

@@ -1,3 +1,5 @@
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,37 @@ def test_normalize_checks_layout() -> None:
         normalize_uint8(np.zeros((1, 5, 5, 3), np.uint8), cfg)
     with pytest.raises(ValueError, match="resize='area' is not one of"):
         PreprocessConfig(resize="area")
+
+
+def decompression_bomb_png(side: int = 100_000) -> bytes:
+    """A PNG whose header claims side x side pixels (10^10 by default, over PIL's decompression-bomb limit) and
+    holds none: PIL refuses it from the header alone, so the test costs nothing."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_a_bad_image(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(decompression_bomb_png())
+    with pytest.raises(ImageError, match=r"bomb.png: too large to decode \(Image size \(10000000000 pixels\)"):
+        load_image(bomb)
+    with pytest.raises(ImageError, match="image <bytes>: too large to decode"):
+        load_image(bomb.read_bytes())
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")  # a real image, over a lowered limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(ImageError, match="big.png: too large to decode"):
+        load_image(tmp_path / "big.png")
+
+
+def test_decode_errors_are_deterministic(tmp_path: Path) -> None:
+    """No object repr (`<_io.BytesIO object at 0x...>`) in the reason: the same bytes give the same message."""
+    reasons = set()
+    for _ in range(3):
+        with pytest.raises(ImageError) as caught:
+            load_image(b"not an image", name="x.png")
+        reasons.add(str(caught.value))
+    assert reasons == {"image x.png: cannot decode (not a recognised image format)"}

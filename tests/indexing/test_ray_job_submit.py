@@ -1,0 +1,155 @@
+"""README.md's `ray job submit` lines, run as written (only paths substituted) against a head node on this machine.
+
+The head runs in a fresh HOME (no ~/.ray/auth_token until the README's line makes one, whatever this machine
+has) and a fresh RAY_TMPDIR (so `ray job submit` finds this head, not another); it is stopped through its own
+`ray start --block` process, never `ray stop`, which would stop every Ray instance of this user.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cirflow.core.config import load_config
+from cirflow.export.manifest import register_bundle, resolve_bundle_dir
+from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing import shards
+from cirflow.indexing.embed import EmbedConfig
+from cirflow.indexing.ray_cluster import SINGLE_MACHINE_ENV
+from tests.indexing.test_ray_cluster import exposed, listening_sockets
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+CONFIG = REPO / "configs" / "embed_catalog.yaml"
+
+
+def readme_commands() -> dict[str, str]:
+    """The commands of README.md's embedding-job code block (continuations joined, comments dropped), by the
+    words each starts with."""
+    block = README.read_text().split("**Embedding job**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    found = {}
+    for start in ("export", "ray get-auth-token", "ray start --head", "ray job submit", "ray stop"):
+        matching = [c for c in commands if c.startswith(start)]
+        assert len(matching) == 1, f"README.md's embedding-job block has {len(matching)} `{start}` lines"
+        found[start] = matching[0]
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass(frozen=True)
+class Head:
+    env: dict[str, str]
+    commands: dict[str, str]
+    gcs_port: int
+    pid: int  # the `ray start --block` process: every Ray process of the head is below it
+    ray_tmp: Path
+
+    def run(self, command: str) -> subprocess.CompletedProcess[str]:
+        """`command` in the README's shell (its export line run first), from the repository root."""
+        return subprocess.run(["bash", "-c", f"{self.commands['export']}\n{command}"], cwd=REPO, env=self.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    commands = readme_commands()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path_factory.mktemp("home")), RAY_TMPDIR=str(ray_tmp),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `source .venv/bin/activate`
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_USAGE_STATS_ENABLED="0")
+    # Own ports for what would otherwise take fixed ones another Ray instance on this machine may hold.
+    gcs, agent, client = free_ports(3)
+    start = (f"{commands['export']}\n{commands['ray get-auth-token']}\nexec {commands['ray start --head']} "
+             f"--num-cpus=2 --port={gcs} --dashboard-agent-listen-port={agent} --ray-client-server-port={client} "
+             "--block")
+    log = ray_tmp / "head.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bash", "-c", start], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, f"no head node:\n{log.read_text()[-4000:]}"
+            time.sleep(0.5)
+        yield Head(env, commands, gcs, proc.pid, ray_tmp)
+    finally:
+        proc.terminate()  # `ray start --block` stops the processes it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_the_documented_command_writes_the_shards_where_the_readme_says(
+        head: Head, tiny_runtime: BundleRuntime, tiny_shapes: Path, tmp_path: Path) -> None:
+    # The README's layout (what `make demo` leaves in ./workdir), under a temporary workdir.
+    workdir = tmp_path / "workdir"
+    register_bundle(shutil.copytree(tiny_runtime.bundle_dir, workdir / "bundles" / "tiny"))
+    images = shutil.copytree(tiny_shapes / "images" / "test", workdir / "data" / "shapes" / "images" / "test")
+    submit = head.commands["ray job submit"]
+    assert "$PWD/workdir" in submit
+
+    result = head.run(submit.replace("$PWD/workdir", str(workdir)))
+
+    assert result.returncode == 0, result.stdout[-4000:]
+    config = load_config(EmbedConfig, CONFIG)
+    run = shards.open_run(workdir / "embeddings" / config.catalog.name / tiny_runtime.bundle_id)  # README's place
+    assert run.manifest["complete"] and run.manifest["errors"] == 0
+    assert run.rows == len(list(images.iterdir())) > 0
+    assert not list(head.ray_tmp.rglob("embeddings"))  # nothing landed in Ray's copy of the working dir
+    # The shipped config names this very layout (what `make demo` leaves), relative to the repository root:
+    # nothing in it is a placeholder to edit.
+    root = workdir.parent
+    assert (root / config.workdir, root / config.catalog.folder) == (workdir, images)
+    assert resolve_bundle_dir(root / config.bundle) == workdir / "bundles" / "tiny"
+
+
+def test_relative_paths_in_a_submitted_job_are_refused(head: Head) -> None:
+    """The same command with the paths left relative used to "succeed" into Ray's copy of the working dir."""
+    result = head.run(head.commands["ray job submit"].replace("$PWD/", ""))
+    assert result.returncode != 0
+    assert "workdir='workdir' is a relative path" in result.stdout, result.stdout[-4000:]
+    assert "Pass an absolute path" in result.stdout
+
+
+def test_the_head_listens_on_loopback_only(head: Head) -> None:
+    sockets = listening_sockets(head.pid)
+    assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
+    assert not exposed(sockets), f"listening beyond loopback: {exposed(sockets)}"
+
+
+def test_a_driver_outside_single_machine_mode_joins_the_head_by_its_address(head: Head) -> None:
+    """Ray rewrites 127.0.0.1 to the machine's outward address, where this head does not listen: connect_ray
+    joins a loopback address in single-machine mode itself."""
+    env = {k: v for k, v in head.env.items() if k != SINGLE_MACHINE_ENV} | {"RAY_AUTH_MODE": "token"}
+    script = ("import ray\nfrom cirflow.indexing.ray_cluster import connect_ray\n"
+              f"assert connect_ray('127.0.0.1:{head.gcs_port}', None)\nprint(ray.cluster_resources()['CPU'])")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=90)
+    assert result.returncode == 0 and result.stdout.strip().endswith("2.0"), result.stdout[-3000:]
