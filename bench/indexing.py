@@ -26,11 +26,14 @@ false, their files deleted), exactly the state a kill leaves, and the job is rer
 resumed run must list the same ids. The plain loop's vectors are compared with the job's (max abs diff).
 
 Part 2, index and search, for each size and index type. Queries are real composed queries, the test split's,
-encoded by indexing.queries.encode_query_split; a seeded sample of --queries of them (the exact ground truth, the
-Flat searches and IVF-PQ's tuning sweep cost time in proportion to the queries: 2000 keep the 1M builds within the
-budget and still leave 1000 held-out queries, a standard error of ~0.003 on recall near 0.95). build_index gets
-them as its `queries`: it splits them (seeded) into tuning and held-out halves and records the held-out recall@10
-against exact search. The catalog of size N: the first min(N, smallest size) real vectors of part 1's run (id
+encoded by indexing.queries.encode_query_split with their reference images; a seeded sample of --queries of them
+(the exact ground truth, the Flat searches and IVF-PQ's tuning sweep cost time in proportion to the queries: 2000
+keep the 1M builds within the budget and still leave about 1000 held-out queries, a standard error of ~0.003 on
+recall near 0.95). build_index gets them as its `queries`: it splits them (seeded) into tuning and held-out halves
+by reference image (all queries of one reference on one side), leaves each query's reference out of the exact
+top-10 and of the index's results where the catalog holds it (as search does; the test split's references are
+not among the training images, so here none is), and records the held-out recall@10 and how the split was made;
+the report gives both. The catalog of size N: the first min(N, smallest size) real vectors of part 1's run (id
 order, i.e. a random sample of the images), then noisy copies of them until N:
 v' = normalize(v + n), n ~ N(0, s^2 I), s = r / sqrt(D), where r is the median distance of a real vector to its
 nearest real neighbour (2000 sampled): a copy lies about as far from its source as a real image from its nearest
@@ -91,7 +94,8 @@ from cirflow.indexing.embed import EmbedConfig, run_embed
 from cirflow.indexing.embed_stages import read_image
 from cirflow.indexing.index_build import build_index, index_id
 from cirflow.indexing.index_plan import INDEX_TYPES, IndexConfig
-from cirflow.indexing.queries import encode_query_split
+from cirflow.indexing.queries import Queries, encode_query_split
+from cirflow.indexing.ray_cluster import start_local_ray
 from cirflow.indexing.search import Searcher, VectorIndex
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
@@ -202,8 +206,7 @@ def embed_with_ray(config: EmbedConfig, cores: int) -> dict[str, Any]:
     import ray
 
     started = time.perf_counter()
-    # address="local": a new cluster even where RAY_ADDRESS names a running one.
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
+    start_local_ray(cores, logging_level=logging.WARNING)  # a new cluster even where RAY_ADDRESS names one
     init_s = time.perf_counter() - started
     try:
         run_dir = run_embed(config)
@@ -353,7 +356,7 @@ class Counts:
 
 def measure_index(index_dir: Path, runtime: BundleRuntime, queries: np.ndarray, images: list[Path],
                   captions: list[str], cores: int, batch_threads: int, counts: Counts) -> dict[str, Any]:
-    """Load the index as served and time it; the build's figures come from its manifest."""
+    """Load the index as served and time it (queries: the vectors); the build's figures come from its manifest."""
     index = VectorIndex.load(index_dir)
     manifest = index.manifest
     single = {}
@@ -367,7 +370,8 @@ def measure_index(index_dir: Path, runtime: BundleRuntime, queries: np.ndarray, 
     faiss.omp_set_num_threads(batch_threads)
     return {"type": manifest["type"], "params": manifest["params"], "build_seconds": manifest["build_seconds"],
             "bytes_per_vector": manifest["bytes_per_vector"], "search": manifest["search"],
-            "recall": manifest["recall"]["held_out"],
+            "recall": manifest["recall"]["held_out"], "split": manifest["recall"]["split"],
+            "reference_excluded": manifest["recall"]["reference_excluded"],
             "single_ms": {str(t): [float(np.percentile(v, 50)), float(np.percentile(v, 99)), len(v)]
                           for t, v in single.items()},
             "encode_ms": [float(np.percentile(encode, 50)), float(np.percentile(encode, 99)), len(encode)],
@@ -413,6 +417,11 @@ def render_size(size: int, rows: list[dict[str, Any]], cores: int, dim: int) -> 
                      f"{r['recall']:.3f} | {one[0]:.2f} / {one[1]:.2f} | {many[0]:.2f} / {many[1]:.2f} | "
                      f"{r['encode_ms'][0]:.2f} / {r['encode_ms'][1]:.2f} | {r['batch_qps']:.0f} | "
                      f"{one[2]} / {many[2]} |")
+    split, excluded = rows[0]["split"], rows[0]["reference_excluded"]  # the same queries and seed for every type
+    tuning, held = split["tuning"], split["held_out"]
+    lines += ["", f"Recall split by {split['by']} (seed {split['seed']}): {tuning['queries']} queries of "
+              f"{tuning['references']} references tuned, {held['queries']} queries of {held['references']} "
+              f"references held out; {excluded} queries had their reference in this catalog and left it out."]
     flat = [r for r in rows if r["type"] == "flat"]
     if flat:
         scan = size * dim * 4
@@ -459,8 +468,11 @@ def render(args: argparse.Namespace, command: str, data: dict[str, Any], embeddi
              f"n ~ N(0, s^2 I), s = r / sqrt({dim}) = {catalogs['scale']:.4f} with r = {catalogs['nn_distance']:.4f} "
              f"the median distance of a real vector to its nearest real neighbour ({catalogs['nn_sample']} "
              "sampled): each copy lies about as far from its source as a real neighbour does",
-             f"- queries: {catalogs['queries']:,} test-split composed queries (seeded sample), split by build_index "
-             f"into tuning and held-out halves; recall@{K} on the held-out half against exact inner-product search",
+             f"- queries: {catalogs['queries']:,} test-split composed queries of {catalogs['references']:,} reference "
+             "images (seeded sample), split by build_index into tuning and held-out halves by reference image (all "
+             f"queries of one reference on one side; counts per size below); recall@{K} on the held-out half "
+             "against exact inner-product search, each query's reference left out of both the exact and the "
+             "index's top-10 where the catalog holds it, as search leaves it out",
              f"- index defaults of IndexConfig (memory budget {MEMORY_BUDGET_MB:,.0f} MB decides nothing), HNSW "
              f"efConstruction {args.ef_construction}; faiss with {catalogs['faiss_threads']} OpenMP thread(s) for "
              "build and batch; "
@@ -546,12 +558,13 @@ def embedding_results(args: argparse.Namespace, catalog: CatalogConfig, bundle_i
     return embedding
 
 
-def composed_queries(runtime: BundleRuntime, data: Path, count: int) -> tuple[np.ndarray, list[Path], list[str]]:
-    """A seeded sample of `count` test-split queries: (vectors (Q, D), reference image files, captions)."""
-    vectors, _, _ = encode_query_split(runtime, "shapes", data, "test")
+def composed_queries(runtime: BundleRuntime, data: Path, count: int) -> tuple[Queries, list[Path], list[str]]:
+    """A seeded sample of `count` test-split queries: (vectors with their references, reference image files,
+    captions)."""
+    queries = encode_query_split(runtime, "shapes", data, "test")
     split = load_split("shapes", data, "test")
-    rows = np.sort(np.random.default_rng(SEED).permutation(len(vectors))[:count])
-    return (vectors[rows], [split.images[split.queries[i].reference] for i in rows],
+    rows = np.sort(np.random.default_rng(SEED).permutation(len(queries.vectors))[:count])
+    return (queries.take(rows), [split.images[split.queries[i].reference] for i in rows],
             [split.queries[i].caption for i in rows])
 
 
@@ -601,7 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     recipe = hashlib.sha256(json.dumps({"shards": {n: s["sha256"] for n, s in run.manifest["shards"].items()},
                                         "base": base, "scale": scale, "seed": SEED}, sort_keys=True).encode())
     catalogs = {"bundle_id": run.bundle_id, "base": base, "scale": scale, "nn_distance": nn_distance,
-                "nn_sample": min(NN_SAMPLE, base), "queries": len(queries), "faiss_threads": faiss_threads}
+                "nn_sample": min(NN_SAMPLE, base), "queries": len(queries.vectors),
+                "references": len(set(queries.references)), "faiss_threads": faiss_threads}
 
     results: dict[int, list[dict[str, Any]]] = {}
     indexes = args.workdir / "indexes"
@@ -613,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
                                  hnsw_ef_construction=args.ef_construction, seed=SEED)
             reused = (indexes / size_run.manifest["catalog"]["name"] / index_id(size_run, queries, config)).is_dir()
             index_dir = build_index(size_run, queries, indexes, config)
-            measured = {**measure_index(index_dir, runtime, queries, images, captions, cores, faiss_threads,
+            measured = {**measure_index(index_dir, runtime, queries.vectors, images, captions, cores, faiss_threads,
                                         args.counts), "reused": reused}
             results[size].append(measured)
             print(f"[{(time.monotonic() - started) / 60:.1f} min] {size:,} {index_type}: build "

@@ -3,10 +3,12 @@
     build_index(run, queries, indexes_root, config) -> indexes/<catalog>/<index_id>/
 
 The index_id hashes everything the index depends on (the embedding shards' sha256s, the configuration, the
-tuning queries), so a rerun with the same inputs finds the verified directory and returns it untouched. The
-directory is assembled under a temp name beside its final place and renamed whole; the manifest, written
-last, records the plan and its reason, the tuned search setting and the recall measured there with real
-composed queries, timings, sizes and the sha256 of every file. `publish_index` then moves CURRENT to it.
+tuning queries and their references), so a rerun with the same inputs finds the verified directory and returns
+it untouched. The directory is assembled under a temp name beside its final place and renamed whole; the
+manifest, written last, records the plan and its reason, the tuned search setting and the recall measured there
+with real composed queries (split by reference image, each query's reference left out as search leaves it out;
+see indexing.tuning), how the split was made, timings, sizes and the sha256 of every file. `publish_index` then
+moves CURRENT to it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from cirflow.export.manifest import ID_LENGTH
 from cirflow.indexing import index_store as store
 from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
 from cirflow.indexing.index_plan import IndexConfig, IndexPlan, plan_index
+from cirflow.indexing.queries import Queries, catalog_ids
+from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.shards import EmbeddingRun
 from cirflow.indexing.tuning import TRUTH_DEPTH, ef_search_candidates, exact_knn, nprobe_candidates, tune_setting
 
@@ -42,12 +46,14 @@ class IndexBuildError(ValueError):
     """The inputs cannot make an index (empty catalog, bad queries, unnamed catalog); the message says which."""
 
 
-def build_index(run: EmbeddingRun, queries: np.ndarray, indexes_root: Path,
+def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
                 config: IndexConfig = IndexConfig()) -> Path:
     """Build (or find, when already built) the index of `run` tuned on `queries`; returns its directory.
 
     queries: (Q, D) real composed query vectors from the run's bundle (encode_query_split, or a logged queries
-    file); never catalog vectors. The directory is not published: call `publish_index` for that.
+    file), never catalog vectors, with their reference images: those in the catalog are matched to their
+    catalog ids (catalog_ids) and left out of each query's results while tuning, as search leaves them out.
+    The directory is not published: call `publish_index` for that.
     """
     queries = check_queries(queries, run.dim)
     if run.rows == 0:
@@ -115,7 +121,7 @@ def publish_index(index_dir: Path) -> Path:
     return pointer
 
 
-def index_id(run: EmbeddingRun, queries: np.ndarray, config: IndexConfig) -> str:
+def index_id(run: EmbeddingRun, queries: Queries, config: IndexConfig) -> str:
     """Hash of the shards' sha256s, the configuration (all but where it runs) and the tuning queries."""
     recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
@@ -124,26 +130,42 @@ def index_id(run: EmbeddingRun, queries: np.ndarray, config: IndexConfig) -> str
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
 
 
-def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
-    """(Q, D) float32 unit query vectors, Q >= 2 (half tunes, half measures), or IndexBuildError."""
-    queries = np.asarray(queries)
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise IndexBuildError(f"queries must be (Q, {dim}) to match the catalog's dimension, got {queries.shape}")
-    if len(queries) < 2:
+def check_queries(queries: Queries, dim: int) -> Queries:
+    """(Q, D) float32 unit query vectors of >= 2 reference images (one side tunes, the other measures), or
+    IndexBuildError."""
+    vectors = np.asarray(queries.vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise IndexBuildError(f"queries must be (Q, {dim}) to match the catalog's dimension, got {vectors.shape}")
+    if len(vectors) < 2:
         raise IndexBuildError(f"tuning needs at least 2 queries (a few hundred measure recall well), got "
-                              f"{len(queries)}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if not np.isfinite(queries).all():
+                              f"{len(vectors)}")
+    known = {r for r in queries.references if r is not None}
+    if queries.references.count(None) + len(known) < 2:
+        raise IndexBuildError(f"tuning needs queries of at least 2 reference images (queries of one reference "
+                              f"stay on one side of the tuning split), got {len(vectors)} queries of "
+                              f"{sorted(known)}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
         raise IndexBuildError("queries contain NaN or inf")
-    norms = np.linalg.norm(queries, axis=1)
+    norms = np.linalg.norm(vectors, axis=1)
     if np.abs(norms - 1).max() > NORM_TOLERANCE:
         raise IndexBuildError(f"queries must be unit vectors from the bundle's query encoder; norms range "
                               f"{norms.min():.4f}..{norms.max():.4f}")
-    return queries
+    return Queries(vectors, tuple(queries.references))
 
 
-def _queries_digest(queries: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(queries, dtype=np.float32).tobytes()).hexdigest()
+def _queries_digest(queries: Queries) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(queries.vectors, dtype=np.float32).tobytes())
+    digest.update(json.dumps(queries.references).encode())
+    return digest.hexdigest()
+
+
+def reference_groups(references: tuple[str | None, ...], reference_ids: np.ndarray) -> np.ndarray:
+    """(Q,) a label per query for the tuning split: its reference's catalog id where the catalog holds it (two
+    spellings of one image are one group), else the reference as given, else a label of its own."""
+    keys = [f"id:{i}" if i >= 0 else f"ref:{r}" if r is not None else f"row:{row}"
+            for row, (r, i) in enumerate(zip(references, reference_ids.tolist()))]
+    return np.unique(np.array(keys, dtype=object), return_inverse=True)[1]
 
 
 def _train(plan: IndexPlan, run: EmbeddingRun, config: IndexConfig, on_gpu: bool) -> faiss.Index:
@@ -231,20 +253,24 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, me
     return "ondisk", [store.INDEX_FILE], ids
 
 
-def _tune(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingRun, queries: np.ndarray,
+def _tune(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingRun, queries: Queries,
           config: IndexConfig, on_gpu: bool) -> dict[str, Any]:
-    """Sweep the search setting on the written index (opened as search will open it); returns the manifest's
-    recall section plus "param" and "value"."""
-    index = store.open_index(index_dir, manifest, mmap=True, on_gpu=on_gpu)
+    """Sweep the search setting on the written index, opened and searched as search opens and searches it;
+    returns the manifest's recall section plus "param" and "value"."""
+    ids, uris = store.read_uris(index_dir)
+    index = VectorIndex(index_dir, manifest, store.open_index(index_dir, manifest, mmap=True, on_gpu=on_gpu),
+                        on_gpu, ids, uris)
+    reference_ids = catalog_ids(queries.references, ids, uris.to_pylist())
     k = min(config.recall_k, run.rows)
-    truth = exact_knn(queries, ((ids, vectors) for ids, vectors, _ in run.iter_shards()), k * TRUTH_DEPTH)
+    truth = exact_knn(queries.vectors, ((i, vectors) for i, vectors, _ in run.iter_shards()), k * TRUTH_DEPTH,
+                      reference_ids)
 
     param = plan.search_param
 
-    def search(q: np.ndarray, kk: int, value: int | None) -> np.ndarray:
+    def search(q: np.ndarray, exclude: np.ndarray, kk: int, value: int | None) -> np.ndarray:
         if param is not None and value is not None:
-            set_search_param(index, param, value, on_gpu)
-        return index.search(q, kk)[1]
+            set_search_param(index.index, param, value, on_gpu)
+        return index.search(q, kk, exclude)[0]
 
     if plan.index_type == "hnsw":
         candidates = ef_search_candidates(k, run.rows)
@@ -252,16 +278,28 @@ def _tune(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: Embed
         candidates = nprobe_candidates(plan.params["nlist"], GPU_MAX_K if on_gpu else None)
     else:
         candidates = []
-    result = tune_setting(search, param, candidates, queries, truth, k, config.recall_target,
+    groups = reference_groups(queries.references, reference_ids)
+    result = tune_setting(search, param, candidates, queries.vectors, truth, groups, k, config.recall_target,
                           config.tune_fraction, config.seed)
     setting = "exact search" if result.param is None else f"tuned {result.param}={result.value}"
-    log.info("%s: recall@%d %.4f on %d held-out composed queries (target %.3f%s)", setting, k, result.recall,
-             result.queries_held_out, result.target, "" if result.target_met else ", NOT MET")
+    log.info("%s: recall@%d %.4f on %d held-out composed queries of %d reference images (target %.3f%s)", setting,
+             k, result.recall, result.queries_held_out, result.references_held_out, result.target,
+             "" if result.target_met else ", NOT MET")
+    excluded = int((reference_ids >= 0).sum())
     return {"param": result.param, "value": result.value, "k": k, "target": result.target,
             "target_met": result.target_met, "held_out": round(result.recall, 5),
             "tuning": round(result.tuning_recall, 5),
             "sweep": [[value, round(recall, 5)] for value, recall in result.sweep],
-            "measured_with": (f"{len(queries)} real composed query vectors, split (seed {config.seed}) into "
-                              f"{result.queries_tuning} that chose the setting and {result.queries_held_out} "
-                              f"held out; k-recall@{k} against exact inner-product search over all "
-                              f"{run.rows} catalog vectors, ties within 1e-5 counted as hits")}
+            "split": {"by": "reference image", "seed": config.seed, "tune_fraction": config.tune_fraction,
+                      "tuning": {"references": result.references_tuning, "queries": result.queries_tuning},
+                      "held_out": {"references": result.references_held_out,
+                                   "queries": result.queries_held_out},
+                      "queries_without_reference": queries.references.count(None)},
+            "reference_excluded": excluded,
+            "measured_with": (f"{len(groups)} real composed query vectors of {int(groups.max()) + 1} reference "
+                              f"images, split by reference (seed {config.seed}) into {result.queries_tuning} "
+                              f"queries of {result.references_tuning} references that chose the setting and "
+                              f"{result.queries_held_out} of {result.references_held_out} held out; "
+                              f"k-recall@{k} against exact inner-product search over all {run.rows} catalog "
+                              f"vectors, each query's reference left out of both where the catalog holds it "
+                              f"({excluded} queries), as search leaves it out; ties within 1e-5 counted as hits")}

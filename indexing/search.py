@@ -26,6 +26,7 @@ from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_par
 log = logging.getLogger(__name__)
 
 VERIFY = ("sha256", "size")
+PAD_SCORE = np.finfo(np.float32).min  # the score faiss gives its -1 padding under the inner-product metric
 
 
 class SearchError(ValueError):
@@ -97,24 +98,27 @@ class VectorIndex:
 
     def search(self, queries: np.ndarray, k: int = 10,
                exclude_ids: Sequence[int | None] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (Q, k) int64, scores (Q, k) float32), best first; faiss pads with id -1 where it found fewer.
+        """(ids (Q, n) int64, scores (Q, n) float32), best first, n = min(k, ntotal); faiss pads with id -1 where
+        it found fewer.
 
-        exclude_ids: per query a catalog id to leave out (the reference's own image), None/-1 for none. One
-        extra neighbour is asked for, so dropping it still returns k whenever the catalog holds k others.
+        k is capped at the index size: a client asking for a billion results gets the whole catalog, not a
+        Q x k allocation. exclude_ids: per query a catalog id to leave out (the reference's own image), None/-1
+        for none. One extra neighbour is asked for, so dropping it still returns k whenever the catalog holds k
+        others; a row that loses its excluded id from a whole-catalog answer ends in one padding slot.
         """
         queries = self._check_queries(queries)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise SearchError(f"k must be a positive integer, got {k!r}")
         exclude = self._check_exclude(exclude_ids, len(queries))
         excluding = bool((exclude >= 0).any())
-        kk = k + 1 if excluding else k
+        kk = min(int(k) + excluding, self.ntotal)
         if self.on_gpu and kk > GPU_MAX_K:
             raise SearchError(f"k={k} is over faiss's GPU limit of {GPU_MAX_K - excluding} results per query")
+        if kk == 0:
+            return np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
         scores, ids = self.index.search(queries, kk)
         if excluding:
-            hit = ids == exclude[:, None]  # at most one True per row: ids are unique
-            keep = np.argsort(hit, axis=1, kind="stable")[:, :k]  # the others first, in rank order
-            ids, scores = np.take_along_axis(ids, keep, axis=1), np.take_along_axis(scores, keep, axis=1)
+            ids, scores = drop_excluded(ids, scores, exclude, min(int(k), kk))
         return ids, scores
 
     def uris_of(self, ids: np.ndarray) -> list[str]:
@@ -150,6 +154,18 @@ class VectorIndex:
             return np.array([-1 if e is None else int(e) for e in exclude_ids], dtype=np.int64)
         except (TypeError, ValueError) as e:
             raise SearchError(f"exclude_ids must hold catalog ids (int) or None: {e}") from e
+
+
+def drop_excluded(ids: np.ndarray, scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k columns of rankings (Q, >= k) without each row's excluded id (`exclude[q]`, -1: none). The
+    others keep their rank order; a row that lost an id within its first k gains faiss's padding at the end:
+    id -1, the lowest float32 score."""
+    hit = (ids == exclude[:, None]) & (exclude[:, None] >= 0)  # at most one True per row: ids are unique
+    order = np.argsort(hit, axis=1, kind="stable")  # the others first, in rank order
+    ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    dropped = np.take_along_axis(hit, order, axis=1)
+    ids[dropped], scores[dropped] = -1, PAD_SCORE
+    return ids[:, :k], scores[:, :k]
 
 
 class Searcher:

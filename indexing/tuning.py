@@ -3,6 +3,11 @@
 Functions take arrays, iterators and search callables; the caller owns I/O and the index. The queries must be
 real composed query vectors (encoded through the bundle, or logged in production): catalog vectors as queries
 find themselves at rank 1, and random Gaussians have no neighbours, so either would tune to the wrong setting.
+
+Recall is measured the way search answers: where a query's reference image is in the catalog, its catalog id
+is left out of the exact top-k and of the index's results alike (VectorIndex.search's `exclude_ids`), and the
+queries are split into tuning and held-out sides by reference image, so that no held-out query shares its
+reference (and so most of its vector) with a query that chose the setting.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
+
+from cirflow.indexing.search import drop_excluded
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +35,23 @@ FEW_QUERIES = 100
 # catalog for every tuning query would cost minutes to learn nothing.
 PATIENCE, PLATEAU = 2, 1e-3
 
-# ids (Q, k) of the k best catalog ids per query under one setting (None: the index has no setting)
-SearchFn = Callable[[np.ndarray, int, int | None], np.ndarray]
+# search(queries (Q, D), exclude_ids (Q,), k, setting) -> ids (Q, <= k) of the k best catalog ids per query, each
+# row without its excluded id (-1: none), as VectorIndex.search answers; setting None: the index has none
+SearchFn = Callable[[np.ndarray, np.ndarray, int, int | None], np.ndarray]
 
 
 @dataclass(frozen=True)
 class GroundTruth:
     scores: np.ndarray  # (Q, K) float32 inner products, best first; -inf where the catalog has fewer than K
     ids: np.ndarray  # (Q, K) int64 catalog ids; -1 where the catalog has fewer than K
+    excluded: np.ndarray | None = None  # (Q,) catalog id left out of each row (-1: none); None: nothing left out
+
+    def take(self, rows: np.ndarray) -> GroundTruth:
+        return GroundTruth(self.scores[rows], self.ids[rows], None if self.excluded is None else self.excluded[rows])
+
+    def exclude_ids(self) -> np.ndarray:
+        """(Q,) the id each row leaves out, -1 for none: what the index's search must leave out too."""
+        return np.full(len(self.ids), -1, np.int64) if self.excluded is None else self.excluded
 
 
 @dataclass(frozen=True)
@@ -49,22 +65,33 @@ class TuningResult:
     k: int
     queries_tuning: int
     queries_held_out: int
+    references_tuning: int  # distinct reference images (split groups) on each side
+    references_held_out: int
     sweep: tuple[tuple[int | None, float], ...]  # (setting, recall on the tuning queries), in sweep order
 
 
-def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> GroundTruth:
-    """Exact top-k by inner product over `batches` of (ids, vectors), streamed: only one batch in memory."""
+def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
+              exclude_ids: np.ndarray | None = None) -> GroundTruth:
+    """Exact top-k by inner product over `batches` of (ids, vectors), streamed: only one batch in memory.
+    exclude_ids: (Q,) a catalog id to leave out of each query's top-k (-1: none), as search leaves it out."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    exclude = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64)
+    if exclude is not None and exclude.shape != (len(queries),):
+        raise ValueError(f"exclude_ids must hold one id per query ({len(queries)}), got shape {exclude.shape}")
+    depth = k + 1 if exclude is not None and bool((exclude >= 0).any()) else k  # one more to drop one
+    heap = faiss.ResultHeap(len(queries), depth, keep_max=True)
     for ids, vectors in batches:
         if len(ids) == 0:
             continue
-        scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(ids)),
+        scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), min(depth, len(ids)),
                                  metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(scores, np.asarray(ids, dtype=np.int64)[rows])
     heap.finalize()
-    missing = heap.I < 0  # fewer than k vectors in the whole catalog
-    return GroundTruth(np.where(missing, -np.inf, heap.D).astype(np.float32), heap.I)
+    ids, scores = heap.I, heap.D
+    if depth > k:
+        ids, scores = drop_excluded(ids, scores, exclude, k)
+    missing = ids < 0  # fewer than k vectors in the whole catalog (besides the excluded one)
+    return GroundTruth(np.where(missing, -np.inf, scores).astype(np.float32), ids, exclude)
 
 
 def recall_at_k(found: np.ndarray, truth: GroundTruth, k: int, tol: float = TIE_TOLERANCE) -> float:
@@ -84,30 +111,42 @@ def recall_at_k(found: np.ndarray, truth: GroundTruth, k: int, tol: float = TIE_
     return float(np.mean(np.minimum(hits.any(axis=2).sum(axis=1), wanted) / np.maximum(wanted, 1)))
 
 
-def split_queries(count: int, tune_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of query rows into (tuning, held-out), both non-empty and sorted."""
-    if count < 2:
-        raise ValueError(f"tuning needs at least 2 queries (half to choose a setting, half to measure it), got "
-                         f"{count}")
-    order = np.random.default_rng(seed).permutation(count)
-    cut = min(count - 1, max(1, round(count * tune_fraction)))
-    return np.sort(order[:cut]), np.sort(order[cut:])
+def split_by_reference(groups: np.ndarray, tune_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of query rows into (tuning, held-out), sorted, every group (the queries of one reference
+    image) whole on one side. Groups are taken in seeded order until the tuning side holds the share of the
+    queries nearest `tune_fraction`; each side gets at least one group."""
+    groups = np.asarray(groups)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if len(counts) < 2:
+        raise ValueError(f"tuning needs queries of at least 2 reference images (one side chooses a setting, the "
+                         f"other measures it), got {len(groups)} queries of {len(counts)}")
+    order = np.random.default_rng(seed).permutation(len(counts))
+    tuning_sizes = np.cumsum(counts[order])[:-1]  # queries on the tuning side when it takes 1, 2, ... groups
+    cut = int(np.argmin(np.abs(tuning_sizes - tune_fraction * len(groups)))) + 1
+    tuning = np.isin(inverse, order[:cut])
+    return np.flatnonzero(tuning), np.flatnonzero(~tuning)
 
 
 def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int], queries: np.ndarray,
-                 truth: GroundTruth, k: int, target: float, tune_fraction: float = 0.5,
+                 truth: GroundTruth, groups: np.ndarray, k: int, target: float, tune_fraction: float = 0.5,
                  seed: int = 0) -> TuningResult:
     """The smallest of `candidates` (ascending; cost grows with them) whose recall@k on the tuning queries meets
     `target`, with its recall on the held-out queries. When none meets it (or recall stops rising first), the
-    best setting is kept and a warning says the target was missed. `param=None` (exact index): one measurement."""
-    tune_rows, held_rows = split_queries(len(queries), tune_fraction, seed)
-    tune_truth = GroundTruth(truth.scores[tune_rows], truth.ids[tune_rows])
+    best setting is kept and a warning says the target was missed. `param=None` (exact index): one measurement.
+
+    groups: (Q,) the reference image of each query (any labels; a query without one gets a label of its own):
+    split_by_reference keeps each whole. The index is searched leaving out what `truth` left out."""
+    if len(groups) != len(queries):
+        raise ValueError(f"groups has {len(groups)} labels for {len(queries)} queries")
+    tune_rows, held_rows = split_by_reference(groups, tune_fraction, seed)
+    tune_truth = truth.take(tune_rows)
+    tune_queries, tune_exclude = queries[tune_rows], tune_truth.exclude_ids()
     settings: list[int | None] = list(candidates) if param is not None else [None]
     if not settings:
         raise ValueError(f"no candidate values to tune {param}")
     sweep: list[tuple[int | None, float]] = []
     for value in settings:
-        recall = recall_at_k(search(queries[tune_rows], k, value), tune_truth, k)
+        recall = recall_at_k(search(tune_queries, tune_exclude, k, value), tune_truth, k)
         sweep.append((value, recall))
         log.debug("%s=%s: recall@%d %.4f on %d tuning queries", param, value, k, recall, len(tune_rows))
         if recall >= target:
@@ -124,12 +163,12 @@ def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int],
         assert below is not None and value is not None  # several settings: a parameter is being swept
         mid = (below + value) // 2
         if below < mid < value:
-            mid_recall = recall_at_k(search(queries[tune_rows], k, mid), tune_truth, k)
+            mid_recall = recall_at_k(search(tune_queries, tune_exclude, k, mid), tune_truth, k)
             sweep.append((mid, mid_recall))
             if mid_recall >= target:
                 value, tuning_recall = mid, mid_recall
-    held = recall_at_k(search(queries[held_rows], k, value), GroundTruth(truth.scores[held_rows],
-                                                                          truth.ids[held_rows]), k)
+    held_truth = truth.take(held_rows)
+    held = recall_at_k(search(queries[held_rows], held_truth.exclude_ids(), k, value), held_truth, k)
     if not met:
         log.warning("TARGET NOT MET: recall@%d target %.3f is out of reach; best %s=%s gives %.4f on the tuning "
                     "queries, %.4f held out (sweep: %s)", k, target, param, value, tuning_recall, held,
@@ -141,8 +180,9 @@ def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int],
     if len(held_rows) < FEW_QUERIES:
         log.warning("recall measured on %d held-out queries only; expect it to move by a point or more",
                     len(held_rows))
+    references = [len(np.unique(np.asarray(groups)[rows])) for rows in (tune_rows, held_rows)]
     return TuningResult(param, value, held, tuning_recall, target, met, k, len(tune_rows), len(held_rows),
-                        tuple(sweep))
+                        *references, tuple(sweep))
 
 
 def nprobe_candidates(nlist: int, limit: int | None = None) -> list[int]:

@@ -59,8 +59,8 @@ class EvalSet:
 
     split: CIRSplit
     names: list[str]  # gallery order
-    pixels: np.ndarray  # (G + extra, H, W, 3) uint8: the gallery, then references missing from it
-    ref_rows: np.ndarray  # (Q,) row of each query's reference in `pixels`
+    pixels: np.ndarray  # (G, H, W, 3) uint8, in gallery order
+    ref_rows: np.ndarray  # (Q,) gallery row of each query's reference
 
 
 @dataclass
@@ -76,14 +76,17 @@ class EvalResult:
 
 
 def build_eval_set(split: CIRSplit, preprocess: PreprocessConfig) -> EvalSet:
+    """Decode the gallery. Every reference must be a gallery image, as every loader guarantees: CIRR removes the
+    reference from its own ranking, and FashionIQ's protocol (CLIP4Cir's validation, which takes the reference
+    features from the gallery's) keeps it in, so a reference outside the gallery has no place in either."""
     names = list(split.images)
     row = {n: i for i, n in enumerate(names)}
-    extra = sorted({q.reference for q in split.queries} - set(row))  # FashionIQ references may sit outside
-    for n in extra:
-        row[n] = len(row)
-    paths = [split.images[n] for n in names] + [split.images[n] for n in extra]
-    log.info("decoding %d images of %s", len(paths), split.name)
-    pixels = load_uint8_images(paths, preprocess)
+    outside = sorted({q.reference for q in split.queries} - set(row))
+    if outside:
+        raise ValueError(f"{split.name}: {len(outside)} reference image(s) are not in the split's gallery (e.g. "
+                         f"{outside[:3]}); every reference must be a gallery image")
+    log.info("decoding %d images of %s", len(names), split.name)
+    pixels = load_uint8_images([split.images[n] for n in names], preprocess)
     return EvalSet(split, names, pixels, np.asarray([row[q.reference] for q in split.queries]))
 
 
@@ -117,7 +120,7 @@ def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QU
         scores = emb.queries[mode] @ emb.gallery.T  # (Q, G) cosine: all vectors are unit length
         metrics[mode] = evaluate_scores(scores, data.split, data.names)
         if mode == "composed":
-            exclude = _reference_rows(data) if data.split.remove_reference else None
+            exclude = data.ref_rows if data.split.remove_reference else None
             available = len(data.names) - (exclude is not None)  # a gallery smaller than k keeps them all
             top_k = rank_gallery(scores, exclude, min(k, available))
     return EvalResult(metrics, top_k)
@@ -136,7 +139,3 @@ def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: P
         module.training = training
     return result
 
-
-def _reference_rows(data: EvalSet) -> np.ndarray:
-    g = len(data.names)
-    return np.where(data.ref_rows < g, data.ref_rows, -1)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cirflow.export.bundle import export_bundle
+from cirflow.models.tiny import make_checkpoint
 from tests.bench.scripts import ROOT, load_bench_script
-from tests.export.conftest import make_checkpoint
 
 TYPES = ["flat", "hnsw", "ivf_flat", "ivf_pq"]
 bench = load_bench_script("indexing")
@@ -117,5 +117,13 @@ def test_quick_run_reports_every_type_and_size(tiny_bundle: Path, tmp_path: Path
                 p50, p99 = pair(r[column])
                 assert 0 <= p50 <= p99
         assert rows[0]["tuned setting"] == "exact" and float(rows[0]["recall@10 held out"]) == 1.0
+    # How recall was measured: split by reference image, each reference left out where the catalog holds it.
+    assert "split by build_index into tuning and held-out halves by reference image" in text
+    assert "each query's reference left out of both the exact and the index's top-10" in text
+    splits = re.findall(r"Recall split by reference image \(seed 0\): (\d+) queries of (\d+) references tuned, "
+                        r"(\d+) queries of (\d+) references held out; 0 queries had their reference", text)
+    assert len(splits) == 2  # one line per size
+    for tuned, tuned_refs, held, held_refs in splits:
+        assert int(tuned) + int(held) == 40 and int(tuned_refs) <= int(tuned) and int(held_refs) <= int(held)
     aim = [line for line in text.splitlines() if line.startswith("- ") and "-> " in line]
     assert [line.split(":")[0].removeprefix("- ") for line in aim] == TYPES

@@ -12,8 +12,9 @@ from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import shards
 from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
+from cirflow.indexing.queries import Queries
 from cirflow.indexing.shards import EmbeddingRun
-from tests.export.conftest import make_checkpoint
+from cirflow.models.tiny import make_checkpoint
 
 BUNDLE_ID = "0123456789abcdef"
 
@@ -85,4 +86,5 @@ def built(toy_run: EmbeddingRun, toy_queries: np.ndarray, tmp_path_factory: pyte
           ) -> dict[str, Path]:
     """index type -> its index directory, built once from the toy run (merge=True)."""
     root = tmp_path_factory.mktemp("indexes")
-    return {name: build_index(toy_run, toy_queries, root, config) for name, config in TYPE_CONFIGS.items()}
+    queries = Queries.unreferenced(toy_queries)
+    return {name: build_index(toy_run, queries, root, config) for name, config in TYPE_CONFIGS.items()}

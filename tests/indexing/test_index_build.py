@@ -15,12 +15,16 @@ from faiss.contrib.evaluation import check_ref_knn_with_draws
 from cirflow.core.files import CURRENT
 from cirflow.indexing import index_build
 from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count, set_search_param
-from cirflow.indexing.index_build import IndexBuildError, build_index, index_id, publish_index
+from cirflow.indexing.index_build import IndexBuildError, build_index, index_id, publish_index, reference_groups
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_store import IndexFormatError, verify_index
+from cirflow.indexing.queries import Queries, catalog_ids
 from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.shards import EmbeddingRun
-from tests.indexing.conftest import TYPE_CONFIGS, write_run
+from cirflow.indexing.tuning import exact_knn, recall_at_k, split_by_reference
+from tests.indexing.conftest import TYPE_CONFIGS, unit, write_run
+
+unreferenced = Queries.unreferenced
 
 
 def brute_force(run: EmbeddingRun, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +47,10 @@ def test_every_type_builds_and_meets_its_recall_target_held_out(built: dict[str,
     recall = manifest["recall"]
     assert recall["target_met"] and (recall["k"], recall["target"]) == (10, config.recall_target)
     assert recall["held_out"] >= config.recall_target - 0.03  # 200 held-out queries: a point or two of noise
-    assert "200 held out" in recall["measured_with"]
+    assert recall["split"] == {"by": "reference image", "seed": 0, "tune_fraction": 0.5,
+                               "tuning": {"references": 200, "queries": 200},
+                               "held_out": {"references": 200, "queries": 200}, "queries_without_reference": 400}
+    assert recall["reference_excluded"] == 0 and "200 of 200 held out" in recall["measured_with"]
     assert [manifest["search"]["value"], recall["tuning"]] in recall["sweep"]
     ivf = index_type.startswith("ivf")
     assert manifest["layout"] == ("ondisk" if ivf else "single")
@@ -81,7 +88,8 @@ def test_ivf_at_every_list_is_exact_and_hnsw_at_large_ef_nearly(built: dict[str,
 
 def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], toy_run: EmbeddingRun,
                                                       toy_queries: np.ndarray, tmp_path: Path) -> None:
-    sharded_dir = build_index(toy_run, toy_queries, tmp_path, replace(TYPE_CONFIGS["ivf_flat"], merge=False))
+    sharded_dir = build_index(toy_run, unreferenced(toy_queries), tmp_path,
+                              replace(TYPE_CONFIGS["ivf_flat"], merge=False))
     manifest = verify_index(sharded_dir)
     assert manifest["layout"] == "shards" and manifest["counts"]["index_files"] == 3
     assert manifest["index_files"] == ["shard-00000.faiss", "shard-00001.faiss", "shard-00002.faiss"]
@@ -97,13 +105,16 @@ def test_rerun_with_the_same_inputs_is_a_no_op(built: dict[str, Path], toy_run: 
                                                toy_queries: np.ndarray) -> None:
     index_dir, config = built["ivf_flat"], TYPE_CONFIGS["ivf_flat"]
     stamps = {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()}
-    assert build_index(toy_run, toy_queries, index_dir.parent.parent, config) == index_dir
+    assert build_index(toy_run, unreferenced(toy_queries), index_dir.parent.parent, config) == index_dir
     assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == stamps
     assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".")]  # no temp directory left
     # Where it runs is not part of the identity; what it indexes, how, and what tunes it are.
-    assert index_id(toy_run, toy_queries, replace(config, use_gpu="never")) == index_dir.name
-    assert index_id(toy_run, toy_queries[:-1], config) != index_dir.name
-    assert index_id(toy_run, toy_queries, replace(config, recall_target=0.9)) != index_dir.name
+    queries = unreferenced(toy_queries)
+    assert index_id(toy_run, queries, replace(config, use_gpu="never")) == index_dir.name
+    assert index_id(toy_run, unreferenced(toy_queries[:-1]), config) != index_dir.name
+    assert index_id(toy_run, queries, replace(config, recall_target=0.9)) != index_dir.name
+    # The references decide the split and what is left out: part of the identity too.
+    assert index_id(toy_run, Queries(toy_queries, ("a.png",) * 400), config) != index_dir.name
 
 
 def test_damaged_existing_index_is_not_silently_reused(built: dict[str, Path], toy_run: EmbeddingRun,
@@ -113,7 +124,7 @@ def test_damaged_existing_index_is_not_silently_reused(built: dict[str, Path], t
         f.seek(-5, os.SEEK_END)
         f.write(b"\xff")
     with pytest.raises(IndexBuildError, match="exists but is damaged .*sha256.*; remove it to rebuild"):
-        build_index(toy_run, toy_queries, tmp_path, TYPE_CONFIGS["flat"])
+        build_index(toy_run, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["flat"])
 
 
 def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[str, Path], tmp_path: Path,
@@ -144,17 +155,19 @@ def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[
 def test_bad_inputs_are_refused_before_any_work(toy_run: EmbeddingRun, toy_queries: np.ndarray,
                                                 tmp_path: Path) -> None:
     with pytest.raises(IndexBuildError, match=r"queries must be \(Q, 32\) .* got \(400, 16\)"):
-        build_index(toy_run, toy_queries[:, :16], tmp_path)
+        build_index(toy_run, unreferenced(toy_queries[:, :16]), tmp_path)
     with pytest.raises(IndexBuildError, match="at least 2 queries"):
-        build_index(toy_run, toy_queries[:1], tmp_path)
+        build_index(toy_run, unreferenced(toy_queries[:1]), tmp_path)
+    with pytest.raises(IndexBuildError, match=r"at least 2 reference images .* 400 queries of \['a.png'\]"):
+        build_index(toy_run, Queries(toy_queries, ("a.png",) * 400), tmp_path)
     with pytest.raises(IndexBuildError, match="unit vectors"):
-        build_index(toy_run, toy_queries * 2, tmp_path)
+        build_index(toy_run, unreferenced(toy_queries * 2), tmp_path)
     empty = write_run(tmp_path / "empty", np.zeros((0, 32), np.float32), rows_per_shard=10)
     with pytest.raises(IndexBuildError, match="holds no vectors"):
-        build_index(empty, toy_queries, tmp_path)
+        build_index(empty, unreferenced(toy_queries), tmp_path)
     if gpu_count() == 0:
         with pytest.raises(FaissGpuUnavailableError, match="use_gpu='require' but faiss .* sees no GPU"):
-            build_index(toy_run, toy_queries, tmp_path, IndexConfig(use_gpu="require"))
+            build_index(toy_run, unreferenced(toy_queries), tmp_path, IndexConfig(use_gpu="require"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing half-built left behind
 
 
@@ -165,5 +178,44 @@ def test_failed_build_leaves_nothing(toy_run: EmbeddingRun, toy_queries: np.ndar
 
     monkeypatch.setattr(index_build, "_tune", crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        build_index(toy_run, toy_queries, tmp_path, TYPE_CONFIGS["ivf_flat"])
+        build_index(toy_run, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["ivf_flat"])
     assert list((tmp_path / "toys").iterdir()) == []
+
+
+def queries_on(run: EmbeddingRun, rows: np.ndarray, per_reference: int, seed: int) -> Queries:
+    """Stand-ins for composed queries made on catalog images: `per_reference` noisy copies of each row's vector
+    (a composed query lies near its reference image), each naming that row's uri as its reference."""
+    _, vectors, uris = run.read_all()
+    base = np.repeat(vectors[rows], per_reference, axis=0)
+    noise = np.random.default_rng(seed).standard_normal(base.shape) * 0.35 / np.sqrt(base.shape[1])
+    return Queries(unit(base + noise), tuple(uris[int(r)] for r in np.repeat(rows, per_reference)))
+
+
+def test_tuning_splits_by_reference_and_leaves_it_out_as_search_does(toy_run: EmbeddingRun, tmp_path: Path) -> None:
+    rows = np.random.default_rng(1).choice(toy_run.rows, 150, replace=False)
+    queries = queries_on(toy_run, rows, per_reference=2, seed=2)
+    index_dir = build_index(toy_run, queries, tmp_path, TYPE_CONFIGS["ivf_flat"])
+    recall = verify_index(index_dir)["recall"]
+    split = recall["split"]
+    assert split["by"] == "reference image" and recall["reference_excluded"] == 300
+    assert split["tuning"]["references"] + split["held_out"]["references"] == 150
+    # A reference's two queries always land together: twice as many queries as references on each side.
+    assert split["tuning"]["queries"] == 2 * split["tuning"]["references"]
+    assert split["held_out"]["queries"] == 2 * split["held_out"]["references"]
+
+    # The held-out recall, recomputed as a client searches: each query's reference left out of the results
+    # (exclude_ids) and of the exact answer.
+    ids, vectors, uris = toy_run.read_all()
+    reference_ids = catalog_ids(queries.references, ids, uris)
+    np.testing.assert_array_equal(reference_ids, np.repeat(ids[rows], 2))
+    _, held = split_by_reference(reference_groups(queries.references, reference_ids), 0.5, seed=0)
+    index = VectorIndex.load(index_dir)  # the tuned nprobe applied
+    exact = exact_knn(queries.vectors[held], [(ids, vectors)], 20, reference_ids[held])
+    found = index.search(queries.vectors[held], 10, reference_ids[held])[0]
+    assert recall["held_out"] == round(recall_at_k(found, exact, 10), 5)
+    # Not leaving the reference out (what tuning did before) measures something else: the reference is every
+    # query's easy first hit.
+    exact_with = exact_knn(queries.vectors[held], [(ids, vectors)], 20)
+    found_with = index.search(queries.vectors[held], 10)[0]
+    assert (exact_with.ids[:, 0] == reference_ids[held]).mean() > 0.9
+    assert recall_at_k(found_with, exact_with, 10) != pytest.approx(recall["held_out"], abs=1e-4)

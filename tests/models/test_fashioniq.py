@@ -12,7 +12,10 @@ from PIL import Image
 
 from cirflow.models.data.fashioniq import join_captions, load_fashioniq, training_captions
 from cirflow.models.data.loaders import load_split
-from cirflow.models.data.types import DatasetError, Query
+from cirflow.models.data.types import CIRSplit, DatasetError, Query
+from cirflow.models.evaluation import build_eval_set
+from cirflow.models.preprocess import PreprocessConfig
+from tests.models.files import break_file
 
 IDS = ["B001", "B002", "B003", "B004"]
 
@@ -138,30 +141,19 @@ def test_malformed_entry_names_file_and_entry(tmp_path: Path, case: str) -> None
         assert piece in message, (piece, message)
 
 
-def _break_file(relative: str, text: str | None) -> Callable[[Path], None]:
-    def apply(root: Path) -> None:
-        path = root / relative
-        if text is None:
-            path.unlink()
-        else:
-            path.write_text(text)
-
-    return apply
-
-
 CAPTIONS = "captions/cap.dress.val.json"
 SPLIT = "image_splits/split.dress.val.json"
 # (damage to the written dataset, the file the message must name, other pieces it must contain)
 FILE_CASES = {
-    "captions-missing": (_break_file(CAPTIONS, None), CAPTIONS, ["cannot read"]),
-    "captions-invalid-json": (_break_file(CAPTIONS, "[{"), CAPTIONS, ["invalid JSON"]),
-    "captions-not-list": (_break_file(CAPTIONS, "{}"), CAPTIONS, ["top level", "list"]),
-    "split-missing": (_break_file(SPLIT, None), SPLIT, ["cannot read"]),
-    "split-invalid-json": (_break_file(SPLIT, '["B001",'), SPLIT, ["invalid JSON"]),
-    "split-not-list": (_break_file(SPLIT, '{"B001": 1}'), SPLIT, ["top level", "list"]),
-    "split-id-not-string": (_break_file(SPLIT, '["B001", 2]'), SPLIT, ["entry 1", "string"]),
+    "captions-missing": (break_file(CAPTIONS, None), CAPTIONS, ["cannot read"]),
+    "captions-invalid-json": (break_file(CAPTIONS, "[{"), CAPTIONS, ["invalid JSON"]),
+    "captions-not-list": (break_file(CAPTIONS, "{}"), CAPTIONS, ["top level", "list"]),
+    "split-missing": (break_file(SPLIT, None), SPLIT, ["cannot read"]),
+    "split-invalid-json": (break_file(SPLIT, '["B001",'), SPLIT, ["invalid JSON"]),
+    "split-not-list": (break_file(SPLIT, '{"B001": 1}'), SPLIT, ["top level", "list"]),
+    "split-id-not-string": (break_file(SPLIT, '["B001", 2]'), SPLIT, ["entry 1", "string"]),
     "image-missing-on-disk": (
-        _break_file("images/B003.png", None), SPLIT, ["entry 2", "'B003'", "B003.jpg", "B003.png"]
+        break_file("images/B003.png", None), SPLIT, ["entry 2", "'B003'", "B003.jpg", "B003.png"]
     ),
 }
 
@@ -178,3 +170,16 @@ def test_malformed_file_names_file(tmp_path: Path, case: str) -> None:
         assert piece in message, (piece, message)
     if case == "captions-invalid-json":
         assert isinstance(info.value.__cause__, json.JSONDecodeError)
+
+
+def test_evaluator_refuses_a_reference_outside_the_gallery_as_the_loader_does(tmp_path: Path) -> None:
+    # FashionIQ's protocol (CLIP4Cir's validation) takes each reference from the split's gallery, and the loader
+    # refuses a candidate outside its image list ("candidate-not-in-split" above); the evaluator agrees.
+    split = load_fashioniq(write_fiq(tmp_path / "fiq"), "dress", "val")
+    images = {n: p for n, p in split.images.items() if n != "B003"}  # B003 references query 1
+    outside = CIRSplit(split.name, split.queries, images, remove_reference=False, protocol="fashioniq")
+    with pytest.raises(ValueError, match=r"fashioniq/dress/val: 1 reference image\(s\) are not in the split's "
+                                         r"gallery \(e.g. \['B003'\]\)"):
+        build_eval_set(outside, PreprocessConfig())
+    data = build_eval_set(split, PreprocessConfig())  # every reference in the gallery: rows into it
+    assert data.pixels.shape[0] == len(data.names) == 4 and data.ref_rows.tolist() == [0, 2]

@@ -1,0 +1,97 @@
+"""cirflow.core.files: atomic writes, checksums, manifest checks, JSON reading, CURRENT pointers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cirflow.core.files import (
+    CURRENT,
+    FileFormatError,
+    check_files,
+    describe_files,
+    follow_current,
+    publish_current,
+    read_json,
+    sha256_file,
+    temp_dir_beside,
+    write_atomic,
+    write_json_atomic,
+)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"v": 1})
+
+    def half_write(tmp: Path) -> None:
+        tmp.write_text('{"v": ')  # a writer that dies midway
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, half_write)
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_write_creates_parents_and_replaces_whole(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "x.json"
+    write_json_atomic(target, {"b": 2, "a": 1}, sort_keys=True)
+    assert target.read_text() == '{\n  "a": 1,\n  "b": 2\n}\n'
+
+
+def test_checksums_and_manifest_checks_name_the_file(tmp_path: Path) -> None:
+    for name, data in (("one.bin", b"1" * 10), ("two.bin", b"2" * 20)):
+        (tmp_path / name).write_bytes(data)
+    assert sha256_file(tmp_path / "one.bin") == hashlib.sha256(b"1" * 10).hexdigest()
+    files = describe_files(tmp_path, ["two.bin", "one.bin"])
+    assert list(files) == ["one.bin", "two.bin"] and files["two.bin"]["bytes"] == 20
+    assert check_files(tmp_path, files) is None
+    (tmp_path / "two.bin").write_bytes(b"3" * 20)  # same size, other bytes
+    assert check_files(tmp_path, files, checksums=False) is None
+    assert "two.bin does not match its sha256" in check_files(tmp_path, files)
+    (tmp_path / "one.bin").write_bytes(b"1")
+    assert "one.bin has 1 bytes, the manifest records 10" in check_files(tmp_path, files)
+    (tmp_path / "one.bin").unlink()
+    assert "one.bin listed in the manifest is missing" in check_files(tmp_path, files)
+
+
+class StageError(ValueError):
+    pass
+
+
+@pytest.mark.parametrize("content, expected", [(None, "cannot read"), ('{"a": ', "invalid JSON at line 1"),
+                                               (b"\xff\xfe", "cannot read")])
+def test_read_json_raises_the_callers_error_naming_the_file(tmp_path: Path, content: str | bytes | None,
+                                                            expected: str) -> None:
+    path = tmp_path / "m.json"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    with pytest.raises(StageError, match=expected) as info:
+        read_json(path, StageError)
+    assert str(path) in str(info.value)
+    with pytest.raises(FileFormatError):
+        read_json(path)
+
+
+def test_temp_dir_is_removed_and_lies_beside_the_target(tmp_path: Path) -> None:
+    final = tmp_path / "versions" / "v1"
+    with temp_dir_beside(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".v1.tmp-")
+        (tmp / "f").write_text("x")
+    assert not tmp.exists()
+
+
+def test_current_pointer_round_trip_and_bad_names(tmp_path: Path) -> None:
+    assert follow_current(tmp_path) is None
+    (tmp_path / "v1").mkdir()
+    assert publish_current(tmp_path / "v1") == tmp_path / CURRENT
+    assert follow_current(tmp_path) == tmp_path / "v1"
+    (tmp_path / CURRENT).write_text("../elsewhere\n")
+    with pytest.raises(StageError, match="not a directory name"):
+        follow_current(tmp_path, StageError)
