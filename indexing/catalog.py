@@ -189,13 +189,21 @@ def _read_manifest(path: Path) -> pa.Table:
     return pa.table([ids.cast(pa.int64()), pa.array(resolved, pa.string())], schema=CATALOG_SCHEMA)
 
 
+def local_path(uri: str) -> str | None:
+    """The local file a uri names (a path, or a file:// uri), None for other schemes (s3://, gs://, ...)."""
+    if "://" not in uri:
+        return uri
+    if uri.startswith("file://"):  # percent-escapes are raw bytes of the name, which need not be UTF-8
+        return os.fsdecode(unquote_to_bytes(urlparse(uri).path))
+    return None
+
+
 def read_bytes(uri: str) -> bytes:
     """One entry's bytes. Local paths and file:// directly; other schemes through fsspec when installed."""
-    if "://" not in uri:
-        return Path(uri).read_bytes()
+    path = local_path(uri)
+    if path is not None:
+        return Path(path).read_bytes()
     scheme = uri.split("://", 1)[0]
-    if scheme == "file":  # percent-escapes are raw bytes of the name, which need not be UTF-8
-        return Path(os.fsdecode(unquote_to_bytes(urlparse(uri).path))).read_bytes()
     try:
         import fsspec
     except ImportError as e:

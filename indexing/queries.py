@@ -19,13 +19,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing.catalog import local_path
 from cirflow.indexing.shards import write_parquet_atomic
 from cirflow.models.data.loaders import load_split
 
@@ -140,7 +140,7 @@ def catalog_ids(references: Sequence[str | None], ids: np.ndarray, uris: Iterabl
         if reference is None:
             continue
         rows_of.setdefault(reference, []).append(row)
-        path = _local_file(reference)
+        path = local_path(reference)
         if path is not None:
             real = os.path.realpath(path)
             rows_of.setdefault(real, []).append(row)
@@ -148,7 +148,7 @@ def catalog_ids(references: Sequence[str | None], ids: np.ndarray, uris: Iterabl
     for catalog_id, uri in zip(np.asarray(ids).tolist(), uris):
         rows = rows_of.get(uri)
         if rows is None:
-            path = _local_file(uri)
+            path = local_path(uri)
             if path is None or os.path.basename(path) not in names:
                 continue
             rows = rows_of.get(os.path.realpath(path))
@@ -157,11 +157,3 @@ def catalog_ids(references: Sequence[str | None], ids: np.ndarray, uris: Iterabl
                 out[row] = catalog_id
     return out
 
-
-def _local_file(location: str) -> str | None:
-    """The local path a catalog uri or reference names; None for remote uris (s3://, gs://, ...)."""
-    if "://" not in location:
-        return location
-    if location.startswith("file://"):
-        return unquote(urlparse(location).path)
-    return None
