@@ -87,7 +87,7 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
                     "factory": plan.factory, "params": plan.params, "reason": plan.reason,
                     "plan_warnings": list(plan.warnings), "layout": layout, "index_files": files,
                     "estimated_bytes": plan.estimated_bytes}
-        tuning = _tune(tmp, manifest, plan, run, queries, config, on_gpu)
+        tuning = tune_index(tmp, manifest, plan, run, queries, config, on_gpu)
         tuned_at = time.perf_counter()
         index_bytes = sum((tmp / name).stat().st_size for name in files)
         if layout == "ondisk":
@@ -253,10 +253,11 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, me
     return "ondisk", [store.INDEX_FILE], ids
 
 
-def _tune(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingRun, queries: Queries,
-          config: IndexConfig, on_gpu: bool) -> dict[str, Any]:
+def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingRun, queries: Queries,
+               config: IndexConfig, on_gpu: bool) -> dict[str, Any]:
     """Sweep the search setting on the written index, opened and searched as search opens and searches it;
-    returns the manifest's recall section plus "param" and "value"."""
+    returns the manifest's recall section plus "param" and "value". (bench/indexing.py also runs it on a built
+    index with unreferenced queries, the per-query split of earlier versions, to compare the two protocols.)"""
     ids, uris = store.read_uris(index_dir)
     index = VectorIndex(index_dir, manifest, store.open_index(index_dir, manifest, mmap=True, on_gpu=on_gpu),
                         on_gpu, ids, uris)

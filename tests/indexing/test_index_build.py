@@ -176,7 +176,7 @@ def test_failed_build_leaves_nothing(toy_run: EmbeddingRun, toy_queries: np.ndar
     def crash(*args: object) -> None:
         raise RuntimeError("simulated failure while tuning")
 
-    monkeypatch.setattr(index_build, "_tune", crash)
+    monkeypatch.setattr(index_build, "tune_index", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         build_index(toy_run, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["ivf_flat"])
     assert list((tmp_path / "toys").iterdir()) == []
