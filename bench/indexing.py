@@ -5,7 +5,7 @@
         [--types flat hnsw ivf_flat ivf_pq] [--queries 2000] [--ef-construction 80]
     .venv/bin/python bench/indexing.py --quick [--bundle DIR] [--workdir DIR] [--doc PATH]   # smoke, < 1 min
 
---bundle defaults to the newest bundle under workdir/bundles/ (the demo exports a trained one there); --data to
+--bundle defaults to the registered bundle, workdir/bundles/CURRENT (the demo registers its trained one); --data to
 a shapes dataset at scale 4 (~106k training images, 8k test queries), generated when the folder has no
 dataset yet; a folder that holds one is used as it is. About 16 minutes on 2 quiet cores, 13 once the data
 exists (an estimate per part is printed at the start).
@@ -87,6 +87,7 @@ import numpy as np
 from report import DOC, machine, today, write_section
 
 from cirflow.core.files import read_json, write_json_atomic
+from cirflow.export.manifest import BundleError, resolve_bundle_dir
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
@@ -507,10 +508,11 @@ def render(args: argparse.Namespace, command: str, data: dict[str, Any], embeddi
 # --- main ----------------------------------------------------------------------------------------------------
 
 def default_bundle() -> Path:
-    bundles = [p for p in Path("workdir/bundles").glob("*") if (p / "manifest.json").is_file()]
-    if not bundles:
-        raise SystemExit("no bundle under workdir/bundles/ (the demo exports one: `cirflow demo`); pass --bundle")
-    return max(bundles, key=lambda p: p.stat().st_mtime)
+    """The registered bundle, workdir/bundles/CURRENT (the demo registers the one it exports)."""
+    try:
+        return resolve_bundle_dir(Path("workdir/bundles"))
+    except BundleError as e:
+        raise SystemExit(f"{e}; run the demo (`make demo`) or pass --bundle") from e
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
