@@ -2,6 +2,8 @@
 
 Every result file of every stage is written here: under a temp name beside the target, flushed to disk, then
 renamed over it, so a reader or a resumed job never sees a half-written file, even after a power loss.
+Directories (bundles, indexes) are assembled in a temp directory beside their place and published whole by
+`publish_dir`, which flushes their files before the rename.
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ def temp_dir_beside(final: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written directory (from temp_dir_beside) to `final`, atomically, after flushing its files
+    to disk, then make the rename durable. Raises OSError when `final` exists and is not empty (another process
+    published first): the caller decides whether that copy will do."""
+    for path in sorted(Path(tmp).rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    os.rename(tmp, final)
+    fsync_dir(Path(final).parent)
 
 
 def _numpy_scalar(o: object) -> object:

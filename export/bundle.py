@@ -14,7 +14,6 @@ or complete. An existing bundle at `out_dir` is kept when it holds the same cont
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from cirflow.core.config import to_dict
-from cirflow.core.files import describe_files, sha256_file, temp_dir_beside, write_json_atomic
+from cirflow.core.files import describe_files, publish_dir, sha256_file, temp_dir_beside, write_json_atomic
 from cirflow.export.manifest import (
     FORMAT,
     GRAPHS,
@@ -144,7 +143,7 @@ def _publish(tmp: Path, out_dir: Path, manifest: dict[str, Any]) -> Path:
             raise BundleError(f"refusing to overwrite bundle {out_dir} (bundle_id {old_id}) with different content "
                               f"(bundle_id {new_id}); remove it or choose another output directory")
         try:
-            os.rename(tmp, out_dir)  # atomic (also over an empty directory): no bundle or a complete one
+            publish_dir(tmp, out_dir)  # atomic (also over an empty directory): no bundle or a complete one
         except OSError as e:
             error = e
             continue

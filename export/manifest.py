@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cirflow.core.config import from_dict
-from cirflow.core.files import CURRENT, check_files, follow_current, publish_current
+from cirflow.core.files import CURRENT, check_files, follow_current, publish_current, read_json
 from cirflow.models.preprocess import PreprocessConfig
 
 # v2: the bundle_id also covers CONTRACT_KEYS (v1 hashed the files alone), so a v1 manifest cannot verify.
@@ -61,13 +61,10 @@ def content_id(manifest: dict[str, Any]) -> str:
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     path = bundle_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as e:
+    if not path.is_file():
         what = "directory" if bundle_dir.is_dir() else "bundle directory does not exist"
-        raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is missing ({what})") from e
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"bundle {bundle_dir}: {MANIFEST} cannot be read: {e}") from e
+        raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is missing ({what})")
+    manifest = read_json(path, BundleError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise BundleError(f"bundle {bundle_dir}: {MANIFEST} is not a {FORMAT} manifest (format {found!r}); "
@@ -146,6 +143,6 @@ def _is_engine(entry: Any) -> bool:
 def read_preprocess(bundle_dir: Path) -> PreprocessConfig:
     """The bundle's preprocessing (preprocess.json), for the runtime and for jobs that decode images apart from it."""
     try:
-        return from_dict(PreprocessConfig, json.loads((bundle_dir / PREPROCESS).read_text()), PREPROCESS)
-    except (ValueError, OSError) as e:  # ConfigError and JSONDecodeError are ValueErrors
+        return from_dict(PreprocessConfig, read_json(bundle_dir / PREPROCESS, BundleError), PREPROCESS)
+    except ValueError as e:  # read_json's BundleError and from_dict's ConfigError
         raise BundleError(f"bundle {bundle_dir}: cannot read {PREPROCESS}: {e}") from e

@@ -87,7 +87,9 @@ class BundleRuntime:
         bundle_dir = resolve_bundle_dir(bundle_dir)
         if require_gpu and providers == "cpu":
             raise ValueError("require_gpu=True contradicts providers='cpu'")
-        manifest = verify_bundle(bundle_dir)  # before anything in the directory is parsed or executed
+        # Before anything in the directory is parsed or executed. TensorRT plans are not checked: this runtime
+        # never loads them, and hashing hundreds of MB in every embedding actor and searcher start costs time.
+        manifest = verify_bundle(bundle_dir, engines=False)
         available = ort.get_available_providers()
         chosen = select_providers(providers, available)
         if require_gpu and not any(p in GPU_PROVIDERS for p in chosen):

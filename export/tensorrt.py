@@ -24,7 +24,7 @@ import onnx
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from cirflow.core.files import sha256_file, write_bytes_atomic, write_json_atomic
-from cirflow.export.manifest import GRAPHS, MANIFEST, read_manifest, verify_bundle
+from cirflow.export.manifest import GRAPHS, MANIFEST, read_manifest, resolve_bundle_dir, verify_bundle
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def build_engines(bundle_dir: Path, fp16: bool = True, max_batch: int = 64, max_
     max_seq defaults to the bundle's max_text_length (what the tokenizer emits) and may not exceed the
     graphs' max_sequence_length.
     """
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = resolve_bundle_dir(bundle_dir)  # a bundles directory: its CURRENT bundle
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     manifest = verify_bundle(bundle_dir, engines=False)  # the engines are what this replaces

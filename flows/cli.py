@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--workers", type=int, default=2)
 
     train = sub.add_parser("train", help="train a model from a YAML config")
-    train.add_argument("--config", type=Path, help="YAML file (defaults: models.train_config.TrainConfig)")
+    train.add_argument("--config", type=Path, help="YAML file (defaults: cirflow.models.train_config.TrainConfig)")
     train.add_argument("--workdir", type=Path, default=Path("workdir"))
     train.add_argument("--run-id", help="run directory name under WORKDIR/runs (default: from the config hash)")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.max_minutes=2")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--max-seq", type=int, help="default: the bundle's max_text_length")
 
     embed = sub.add_parser("embed", help="embed a catalog with a bundle (Ray Data): Parquet shards + errors table")
-    embed.add_argument("--config", type=Path, help="YAML file (keys: indexing.embed.EmbedConfig)")
+    embed.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.embed.EmbedConfig)")
     embed.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. catalog.folder=images/")
 
     index = sub.add_parser("index", help="FAISS indexes: query vectors, build, search").add_subparsers(
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--queries", type=Path, required=True, help="real composed query vectors (index queries); "
                        "references found in the catalog are left out of their results while tuning, as search does")
     build.add_argument("--out", type=Path, default=Path("workdir/indexes"), help="indexes root")
-    build.add_argument("--config", type=Path, help="YAML file (keys: indexing.index_plan.IndexConfig)")
+    build.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.index_plan.IndexConfig)")
     build.add_argument("--no-publish", action="store_true", help="do not point the catalog's CURRENT at it")
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. index_type=hnsw")
     search = index.add_parser("search", help="one composed query against an index")
@@ -139,7 +139,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    import json
 
     from cirflow.export.runtime import BundleRuntime
 
@@ -153,6 +152,7 @@ def _index(args: argparse.Namespace) -> int:
         from cirflow.core.config import load_config
         from cirflow.indexing.index_build import build_index, publish_index
         from cirflow.indexing.index_plan import IndexConfig
+        from cirflow.indexing.index_store import read_manifest
         from cirflow.indexing.queries import read_queries
         from cirflow.indexing.shards import open_run
 
@@ -161,7 +161,7 @@ def _index(args: argparse.Namespace) -> int:
         index_dir = build_index(run, read_queries(args.queries, run.bundle_id), args.out, config)
         if not args.no_publish:
             publish_index(index_dir)
-        manifest = json.loads((index_dir / "manifest.json").read_text())
+        manifest = read_manifest(index_dir)
         logging.getLogger("cirflow").info("%s: %s", manifest["type"], manifest["reason"])
         print(index_dir)
     elif args.index_command == "search":

@@ -185,7 +185,7 @@ def _read_manifest(path: Path) -> pa.Table:
     if len(ids) and pc.min(ids).as_py() < 0:
         raise CatalogError(f"catalog manifest {path}: ids must be non-negative (FAISS reserves -1)")
     base = path.resolve().parent
-    resolved = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in uris.to_pylist()]
+    resolved = [u if "://" in u or Path(u).is_absolute() else path_uri(base / u) for u in uris.to_pylist()]
     return pa.table([ids.cast(pa.int64()), pa.array(resolved, pa.string())], schema=CATALOG_SCHEMA)
 
 

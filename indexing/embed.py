@@ -37,7 +37,7 @@ from cirflow.models.preprocess import PreprocessConfig
 log = logging.getLogger(__name__)
 
 # What `providers` may name: the GPU execution provider of actors given a GPU (export.runtime.PROVIDERS).
-GPU_PROVIDERS = ("auto", "cuda", "tensorrt")
+GPU_PROVIDER_CHOICES = ("auto", "cuda", "tensorrt")
 
 
 class EmbedError(ValueError):
@@ -73,8 +73,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         check_positive(self, "rows_per_shard", "batch_size", "cpus_per_actor")
         check_non_negative(self, "num_actors", "num_gpus")
-        if self.providers not in GPU_PROVIDERS:
-            raise ValueError(f"providers={self.providers!r} is not one of {list(GPU_PROVIDERS)} (the GPU provider "
+        if self.providers not in GPU_PROVIDER_CHOICES:
+            raise ValueError(f"providers={self.providers!r} is not one of {list(GPU_PROVIDER_CHOICES)} (the GPU provider "
                              "of actors with num_gpus > 0; actors without a GPU run on CPU)")
         if self.providers != "auto" and self.num_gpus == 0:
             raise ValueError(f"providers={self.providers!r} needs num_gpus > 0: actors without a GPU run on CPU")

@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from cirflow.core.files import temp_dir_beside
+from cirflow.core.files import publish_dir, temp_dir_beside
 from cirflow.export.manifest import ID_LENGTH
 from cirflow.indexing import index_store as store
 from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
@@ -105,7 +105,7 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
             "queries_sha256": _queries_digest(queries), "config": dataclasses.asdict(config)})
         store.write_manifest(tmp, manifest)
         try:
-            tmp.rename(final)
+            publish_dir(tmp, final)
         except OSError:
             if not (final / store.MANIFEST).exists():
                 raise

@@ -42,7 +42,6 @@ from cirflow.indexing.shards import write_parquet_atomic
 FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
-LAYOUTS = ("single", "ondisk", "shards")  # one file; IVF merged on disk; one file per embedding shard
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
 
 

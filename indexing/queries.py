@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing.catalog import local_path
+from cirflow.indexing.catalog import local_path, path_uri
 from cirflow.indexing.shards import write_parquet_atomic
 from cirflow.models.data.loaders import load_split
 
@@ -73,7 +73,10 @@ def encode_query_split(runtime: BundleRuntime, kind: str, root: Path, split: str
     for start in range(0, len(data.queries), batch_size):
         batch = data.queries[start:start + batch_size]
         parts.append(runtime.embed_queries([data.images[q.reference] for q in batch], [q.caption for q in batch]))
-    return Queries(np.concatenate(parts), tuple(str(Path(data.images[q.reference]).resolve()) for q in data.queries))
+    # path_uri: a path whose name is not valid UTF-8 cannot be a Parquet string; it becomes a file:// uri that
+    # catalog_ids reads back to the same file.
+    return Queries(np.concatenate(parts), tuple(path_uri(Path(data.images[q.reference]).resolve())
+                                                for q in data.queries))
 
 
 def write_queries(path: Path, queries: Queries, bundle_id: str) -> Path:

@@ -22,11 +22,11 @@ import pyarrow as pa
 from cirflow.export.runtime import BundleRuntime, ImageInput
 from cirflow.indexing import index_store as store
 from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param
+from cirflow.indexing.tuning import drop_excluded
 
 log = logging.getLogger(__name__)
 
 VERIFY = ("sha256", "size")
-PAD_SCORE = np.finfo(np.float32).min  # the score faiss gives its -1 padding under the inner-product metric
 
 
 class SearchError(ValueError):
@@ -154,18 +154,6 @@ class VectorIndex:
             return np.array([-1 if e is None else int(e) for e in exclude_ids], dtype=np.int64)
         except (TypeError, ValueError) as e:
             raise SearchError(f"exclude_ids must hold catalog ids (int) or None: {e}") from e
-
-
-def drop_excluded(ids: np.ndarray, scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first k columns of rankings (Q, >= k) without each row's excluded id (`exclude[q]`, -1: none). The
-    others keep their rank order; a row that lost an id within its first k gains faiss's padding at the end:
-    id -1, the lowest float32 score."""
-    hit = (ids == exclude[:, None]) & (exclude[:, None] >= 0)  # at most one True per row: ids are unique
-    order = np.argsort(hit, axis=1, kind="stable")  # the others first, in rank order
-    ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
-    dropped = np.take_along_axis(hit, order, axis=1)
-    ids[dropped], scores[dropped] = -1, PAD_SCORE
-    return ids[:, :k], scores[:, :k]
 
 
 class Searcher:

@@ -127,10 +127,12 @@ def damaged_shards(run_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
     damaged = {}
     for name, info in sorted(manifest["shards"].items()):
         files = {name: info}
+        errors_path = f"{SHARD_ERRORS_DIR}/{name}"
         if info["errors"] and "errors_file" in info:
-            files[f"{SHARD_ERRORS_DIR}/{name}"] = info["errors_file"]
-        elif info["errors"]:
-            damaged[name] = f"shard {name} records {info['errors']} errors but no errors file"
+            files[errors_path] = info["errors_file"]
+        elif info["errors"] and not (run_dir / errors_path).is_file():
+            # Runs written before errors files were recorded list only the count: the file must at least exist.
+            damaged[name] = f"file {errors_path} of the shard's {info['errors']} errors is missing"
             continue
         problem = check_files(run_dir, files)
         if problem:

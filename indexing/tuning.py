@@ -19,8 +19,6 @@ from typing import Callable, Iterable, Sequence
 import faiss
 import numpy as np
 
-from cirflow.indexing.search import drop_excluded
-
 log = logging.getLogger(__name__)
 
 # Scores within this of the k-th exact score count as ties: float32 dot products of unit vectors computed by
@@ -34,6 +32,7 @@ FEW_QUERIES = 100
 # together gained less than PLATEAU: IVF-PQ's recall is capped by its codes, and scanning every list of a large
 # catalog for every tuning query would cost minutes to learn nothing.
 PATIENCE, PLATEAU = 2, 1e-3
+PAD_SCORE = np.finfo(np.float32).min  # the score faiss gives its -1 padding under the inner-product metric
 
 # search(queries (Q, D), exclude_ids (Q,), k, setting) -> ids (Q, <= k) of the k best catalog ids per query, each
 # row without its excluded id (-1: none), as VectorIndex.search answers; setting None: the index has none
@@ -92,6 +91,18 @@ def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarra
         ids, scores = drop_excluded(ids, scores, exclude, k)
     missing = ids < 0  # fewer than k vectors in the whole catalog (besides the excluded one)
     return GroundTruth(np.where(missing, -np.inf, scores).astype(np.float32), ids, exclude)
+
+
+def drop_excluded(ids: np.ndarray, scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k columns of rankings (Q, >= k) without each row's excluded id (`exclude[q]`, -1: none). The
+    others keep their rank order; a row that lost an id within its first k gains faiss's padding at the end:
+    id -1, the lowest float32 score."""
+    hit = (ids == exclude[:, None]) & (exclude[:, None] >= 0)  # at most one True per row: ids are unique
+    order = np.argsort(hit, axis=1, kind="stable")  # the others first, in rank order
+    ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    dropped = np.take_along_axis(hit, order, axis=1)
+    ids[dropped], scores[dropped] = -1, PAD_SCORE
+    return ids[:, :k], scores[:, :k]
 
 
 def recall_at_k(found: np.ndarray, truth: GroundTruth, k: int, tol: float = TIE_TOLERANCE) -> float:

@@ -62,8 +62,6 @@ class AdaptiveTokenFusion(nn.Module):
     def __init__(self, embed_dim: int, token_dim: int, config: ComposerConfig) -> None:
         super().__init__()
         dim = token_dim
-        if config.atf_temperature <= 0:
-            raise ValueError(f"atf_temperature must be positive, got {config.atf_temperature}")
         self.threshold = config.atf_threshold
         self.temperature = config.atf_temperature
         self.dim = dim

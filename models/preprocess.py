@@ -6,6 +6,8 @@ same functions, so training and serving cannot drift apart.
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,20 +45,18 @@ def load_image(source: Path | bytes, name: str | None = None) -> Image.Image:
     """Decode a file path or encoded bytes into an RGB PIL image, or raise ImageError naming the input."""
     label = name or (str(source) if isinstance(source, Path) else "<bytes>")
     try:
-        if isinstance(source, Path):
-            with Image.open(source) as img:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that, and then decodes (hundreds of MB): refuse
+            # those as well, from the header.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 img.load()
                 return img.convert("RGB")
-        import io
-
-        with Image.open(io.BytesIO(source)) as img:
-            img.load()
-            return img.convert("RGB")
     except FileNotFoundError as e:
         raise ImageError(f"image {label}: file not found") from e
     except UnidentifiedImageError as e:  # its message holds the input's repr (a BytesIO address): not stable
         raise ImageError(f"image {label}: cannot decode (not a recognised image format)") from e
-    except Image.DecompressionBombError as e:  # refused from the header, before any pixel is allocated
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # from the header, no pixels
         raise ImageError(f"image {label}: too large to decode ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"image {label}: cannot decode ({e})") from e

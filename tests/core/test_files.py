@@ -15,6 +15,7 @@ from cirflow.core.files import (
     describe_files,
     follow_current,
     publish_current,
+    publish_dir,
     read_json,
     sha256_file,
     temp_dir_beside,
@@ -95,3 +96,18 @@ def test_current_pointer_round_trip_and_bad_names(tmp_path: Path) -> None:
     (tmp_path / CURRENT).write_text("../elsewhere\n")
     with pytest.raises(StageError, match="not a directory name"):
         follow_current(tmp_path, StageError)
+
+
+def test_publish_dir_moves_a_whole_directory_and_never_over_another(tmp_path: Path) -> None:
+    final = tmp_path / "v1"
+    with temp_dir_beside(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "f").write_text("x")
+        publish_dir(tmp, final)
+    assert (final / "sub" / "f").read_text() == "x"
+    with temp_dir_beside(final) as tmp:
+        (tmp / "g").write_text("y")
+        with pytest.raises(OSError):  # another process published first: theirs stays
+            publish_dir(tmp, final)
+    assert sorted(p.name for p in final.iterdir()) == ["sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]

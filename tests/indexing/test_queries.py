@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
+from cirflow.indexing.catalog import folder_entries
 from cirflow.indexing.index_store import verify_index
 from cirflow.indexing.queries import (
     Queries,
@@ -37,6 +40,19 @@ def test_split_queries_are_the_evaluators_composed_queries(tiny_runtime: BundleR
     # Each query names its reference image by resolved file: what index tuning matches to the catalog.
     assert queries.references == tuple(str(split.images[q.reference].resolve()) for q in split.queries)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_a_dataset_under_a_name_that_is_not_utf8_writes_its_references(tiny_runtime: BundleRuntime,
+                                                                       tiny_shapes: Path, tmp_path: Path) -> None:
+    """Parquet strings must be UTF-8: such a reference is stored as a file:// uri that matches the catalog."""
+    root = tmp_path / os.fsdecode(b"data-\xff")
+    shutil.copytree(tiny_shapes, root)
+    queries = encode_query_split(tiny_runtime, "shapes", root, "val", batch_size=16)
+    read = read_queries(write_queries(tmp_path / "q.parquet", queries, tiny_runtime.bundle_id))
+    split = load_split("shapes", root, "val")
+    catalog = folder_entries(root / "images" / "val", [split.images[q.reference] for q in split.queries[:3]])
+    ids = catalog_ids(read.references[:3], catalog.column("id").to_numpy(), catalog.column("uri").to_pylist())
+    assert (ids >= 0).all()
 
 
 def test_cli_queries_carry_their_references_into_the_index_build(tiny_runtime: BundleRuntime, tiny_shapes: Path,

@@ -18,9 +18,10 @@ from cirflow.indexing.index_build import build_index, publish_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_store import IndexFormatError
 from cirflow.indexing.queries import Queries, encode_query_split
-from cirflow.indexing.search import PAD_SCORE, IndexMismatchError, Searcher, SearchError, VectorIndex
+from cirflow.indexing.search import IndexMismatchError, Searcher, SearchError, VectorIndex
 from cirflow.indexing.search_eval import recall_through_search
 from cirflow.indexing.shards import EmbeddingRun
+from cirflow.indexing.tuning import PAD_SCORE
 from cirflow.models.data.loaders import load_split
 from cirflow.models.evaluation import build_eval_set, embed_eval_set
 from cirflow.models.metrics import target_ranks

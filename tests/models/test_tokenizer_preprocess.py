@@ -85,6 +85,10 @@ def test_an_image_over_the_decompression_bomb_limit_is_a_bad_image(tmp_path: Pat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
     with pytest.raises(ImageError, match="big.png: too large to decode"):
         load_image(tmp_path / "big.png")
+    # Between the limit and twice it PIL only warns, and would decode: refused all the same.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="big.png: too large to decode"):
+        load_image(tmp_path / "big.png")
 
 
 def test_decode_errors_are_deterministic(tmp_path: Path) -> None:
