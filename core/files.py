@@ -73,16 +73,31 @@ def fsync_dir(directory: Path) -> None:
 @contextlib.contextmanager
 def temp_dir_beside(final: Path) -> Iterator[Path]:
     """A fresh hidden directory next to `final` for assembling a directory that is then renamed into place;
-    removed on exit (after a successful rename there is nothing left to remove)."""
+    removed on exit (after a successful rename there is nothing left to remove). Temp directories of `final`
+    left by processes that were killed are removed first: nothing else would ever find them."""
     import shutil
 
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = stale.name.removeprefix(f".{final.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_path_beside(final)
     tmp.mkdir()
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

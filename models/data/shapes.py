@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cirflow.core.config import check_positive
+from cirflow.core.files import temp_dir_beside
 from cirflow.models.data.shapes_captions import PHRASINGS, describe_edit
 from cirflow.models.data.shapes_scene import (
     CELLS,
@@ -120,23 +119,16 @@ def generate_shapes(config: ShapesConfig, out_dir: Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists but is not a complete shapes dataset (no {MANIFEST}); "
                               "delete it or choose another directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    try:
+    with temp_dir_beside(out_dir) as tmp:
         _build(config, tmp)
         try:
+            # A plain rename, not publish_dir: flushing ~100k regenerable PNGs would cost more than it protects.
             tmp.rename(out_dir)  # replaces an empty out_dir; fails if another process finished first
         except OSError:
             if not _existing_matches(config, out_dir):
                 raise
             logger.info("another process completed %s first; discarding this copy", out_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("generated shapes dataset in %s in %.1f s", out_dir, time.perf_counter() - start)
     return out_dir
 
@@ -306,21 +298,3 @@ def _existing_matches(config: ShapesConfig, out_dir: Path) -> bool:
     return True
 
 
-def _remove_stale_temp_dirs(out_dir: Path) -> None:
-    """Delete temp dirs left by generators of `out_dir` that were killed (their process is gone)."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
-            continue
-        logger.info("removing %s, left by a generator that no longer runs", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True

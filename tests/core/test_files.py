@@ -111,3 +111,19 @@ def test_publish_dir_moves_a_whole_directory_and_never_over_another(tmp_path: Pa
             publish_dir(tmp, final)
     assert sorted(p.name for p in final.iterdir()) == ["sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
+
+
+def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no process now
+    left = tmp_path / f".v1.tmp-{dead.pid}-0000"
+    ours = tmp_path / f".v1.tmp-{os.getpid()}-1111"
+    other = tmp_path / f".v2.tmp-{dead.pid}-2222"  # another target's: not ours to judge
+    for d in (left, ours, other):
+        d.mkdir()
+    with temp_dir_beside(tmp_path / "v1"):
+        pass
+    assert not left.exists() and ours.exists() and other.exists()
