@@ -280,6 +280,9 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
     else:
         candidates = []
     groups = reference_groups(queries.references, reference_ids)
+    if groups.max() < 1:  # check_queries counted spellings; the catalog showed them to be one image
+        raise IndexBuildError(f"tuning needs queries of at least 2 reference images, but all {len(groups)} queries "
+                              f"refer to catalog id {int(reference_ids.max())} (one image under several names)")
     result = tune_setting(search, param, candidates, queries.vectors, truth, groups, k, config.recall_target,
                           config.tune_fraction, config.seed)
     setting = "exact search" if result.param is None else f"tuned {result.param}={result.value}"
@@ -297,8 +300,8 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
                                    "queries": result.queries_held_out},
                       "queries_without_reference": queries.references.count(None)},
             "reference_excluded": excluded,
-            "measured_with": (f"{len(groups)} real composed query vectors of {int(groups.max()) + 1} reference "
-                              f"images, split by reference (seed {config.seed}) into {result.queries_tuning} "
+            "measured_with": (f"{len(groups)} real composed query vectors in {int(groups.max()) + 1} groups "
+                              f"(a reference image's queries, or a query without one), split by reference (seed {config.seed}) into {result.queries_tuning} "
                               f"queries of {result.references_tuning} references that chose the setting and "
                               f"{result.queries_held_out} of {result.references_held_out} held out; "
                               f"k-recall@{k} against exact inner-product search over all {run.rows} catalog "

@@ -219,3 +219,18 @@ def test_tuning_splits_by_reference_and_leaves_it_out_as_search_does(toy_run: Em
     found_with = index.search(queries.vectors[held], 10)[0]
     assert (exact_with.ids[:, 0] == reference_ids[held]).mean() > 0.9
     assert recall_at_k(found_with, exact_with, 10) != pytest.approx(recall["held_out"], abs=1e-4)
+
+
+def test_one_image_under_two_names_is_one_reference(tmp_path: Path) -> None:
+    """Two spellings of one catalog file pass the count of reference strings, but the split groups by catalog
+    id: a build whose queries all refer to one image is an IndexBuildError, not a crash in the split."""
+    image = tmp_path / "img.png"
+    image.write_bytes(b"x")
+    os.symlink(image, tmp_path / "alias.png")
+    vectors = unit(np.random.default_rng(0).standard_normal((50, 8)))
+    uris = [str(image)] + [f"mem://toys/{i}.png" for i in range(1, 50)]
+    run = write_run(tmp_path / "run", vectors, rows_per_shard=50, uris=uris)
+    references = (str(image), str(image), str(tmp_path / "alias.png"), str(tmp_path / "alias.png"))
+    queries = Queries(unit(np.random.default_rng(1).standard_normal((4, 8))), references)
+    with pytest.raises(IndexBuildError, match="one image under several names"):
+        build_index(run, queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
