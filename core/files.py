@@ -173,7 +173,10 @@ def follow_current(path: Path, error: type[Exception] = FileFormatError) -> Path
     pointer = Path(path) / CURRENT
     if not pointer.is_file():
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{pointer}: cannot read the pointer ({e})") from e
     if not name or "/" in name or name.startswith("."):
         raise error(f"{pointer}: {name!r} is not a directory name")
     return pointer.parent / name

@@ -96,6 +96,9 @@ def test_current_pointer_round_trip_and_bad_names(tmp_path: Path) -> None:
     (tmp_path / CURRENT).write_text("../elsewhere\n")
     with pytest.raises(StageError, match="not a directory name"):
         follow_current(tmp_path, StageError)
+    (tmp_path / CURRENT).write_bytes(b"\xff\xfe")
+    with pytest.raises(StageError, match="cannot read the pointer"):
+        follow_current(tmp_path, StageError)
 
 
 def test_publish_dir_moves_a_whole_directory_and_never_over_another(tmp_path: Path) -> None:
