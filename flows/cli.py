@@ -67,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, default=Path("workdir/indexes"), help="indexes root")
     build.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.index_plan.IndexConfig)")
     build.add_argument("--no-publish", action="store_true", help="do not point the catalog's CURRENT at it")
+    build.add_argument("--keep", type=int, default=5, help="published versions kept for rollback (at least 2)")
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. index_type=hnsw")
+    versions = index.add_parser("versions", help="a catalog's published index versions, newest first")
+    versions.add_argument("--catalog", type=Path, required=True, help="WORKDIR/indexes/<catalog>")
+    rollback = index.add_parser("rollback", help="publish an earlier index version again (atomic)")
+    rollback.add_argument("--catalog", type=Path, required=True, help="WORKDIR/indexes/<catalog>")
+    rollback.add_argument("--to", help="index_id to restore (default: the newest published before CURRENT)")
+    rollback.add_argument("--keep", type=int, default=5, help="published versions kept (at least 2)")
     search = index.add_parser("search", help="one composed query against an index")
     search.add_argument("--index", type=Path, required=True, help="index directory, or catalog directory (CURRENT)")
     search.add_argument("--bundle", type=Path, required=True)
@@ -150,9 +157,10 @@ def _index(args: argparse.Namespace) -> int:
                             runtime.bundle_id))
     elif args.index_command == "build":
         from cirflow.core.config import load_config
-        from cirflow.indexing.index_build import build_index, publish_index
+        from cirflow.indexing.index_build import build_index
         from cirflow.indexing.index_plan import IndexConfig
         from cirflow.indexing.index_store import read_manifest
+        from cirflow.indexing.index_versions import publish
         from cirflow.indexing.queries import read_queries
         from cirflow.indexing.shards import open_run
 
@@ -160,10 +168,20 @@ def _index(args: argparse.Namespace) -> int:
         config = load_config(IndexConfig, args.config, args.overrides)
         index_dir = build_index(run, read_queries(args.queries, run.bundle_id), args.out, config)
         if not args.no_publish:
-            publish_index(index_dir)
+            publish(index_dir, keep=args.keep)
         manifest = read_manifest(index_dir)
         logging.getLogger("cirflow").info("%s: %s", manifest["type"], manifest["reason"])
         print(index_dir)
+    elif args.index_command == "versions":
+        from cirflow.indexing.index_versions import versions
+
+        for row in versions(args.catalog):
+            flags = ("CURRENT " if row["current"] else "") + ("" if row["exists"] else "(deleted)")
+            print(f"{row['index_id']}\t{row['at']}\t{row['action']}\t{flags.strip()}")
+    elif args.index_command == "rollback":
+        from cirflow.indexing.index_versions import rollback
+
+        print(rollback(args.catalog, args.to, args.keep))
     elif args.index_command == "search":
         from cirflow.indexing.search import Searcher
 

@@ -19,8 +19,9 @@ from cirflow.export.manifest import register_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing.catalog import CatalogConfig
 from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.index_build import build_index, publish_index
+from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
+from cirflow.indexing.index_versions import publish
 from cirflow.indexing.queries import encode_query_split
 from cirflow.indexing.search import Searcher, VectorIndex
 from cirflow.indexing.search_eval import recall_through_search
@@ -74,6 +75,6 @@ def search_catalog(config: DemoConfig, data_dir: Path, bundle: Path) -> dict[str
     # that is in the catalog out of its results (val references are not in the test gallery: none is).
     tuning = encode_query_split(runtime, "shapes", data_dir, "val")
     index_dir = build_index(open_run(run_dir), tuning, config.workdir / "indexes", IndexConfig())
-    publish_index(index_dir)
+    publish(index_dir)
     searcher = Searcher(VectorIndex.load(index_dir.parent), runtime)  # the published one, through CURRENT
     return recall_through_search(searcher, "shapes", data_dir, "test")

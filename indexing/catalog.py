@@ -18,6 +18,16 @@ URIs are local paths (relative ones in a manifest are relative to the manifest's
 any fsspec URI whose scheme's package is installed (s3fs for s3://, gcsfs for gs://, ...). A folder entry whose
 name is not valid UTF-8 (Parquet strings must be) gets a `file://` URI percent-encoding its raw bytes, which
 read_bytes decodes back to the same file; every other folder entry's uri is its absolute path.
+
+Every entry also gets a `version`: a string that changes when its image does, so that a refresh of the catalog
+re-embeds only new and changed entries (indexing/embed.py). A manifest may bring its own (column `version`: an
+ETag, a content hash, an updated-at stamp); otherwise `change_key` decides: "stat" (default) is the size and the
+modification time in nanoseconds (for fsspec URIs: the ETag, else size and mtime that the store reports): one
+metadata call per entry, never a read, so a refresh of a large catalog costs a listing, not a pass over its
+bytes. It misses only a rewrite that keeps the size and restores the mtime to the nanosecond (a deliberate
+`touch -d`, or a copy with preserved times of a same-sized picture): "sha256" hashes every entry's bytes
+instead, at the cost of reading the whole catalog on every refresh. An entry that cannot be stat'ed or read
+gets the version "unreadable": its read fails again in the job and becomes an errors row.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import hashlib
 import logging
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
@@ -38,7 +49,11 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
+CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("version", pa.string())])
+CHANGE_KEYS = ("stat", "sha256")
+UNREADABLE = "unreadable"
+# Metadata calls (and sha256 reads) overlap well on network file systems and object stores; local disks do not mind.
+VERSION_THREADS = 16
 
 
 class CatalogError(ValueError):
@@ -50,6 +65,12 @@ class CatalogConfig:
     name: str = ""  # the catalog's name in embeddings/<name>/ and indexes/<name>/
     folder: str | None = None  # an image folder ...
     manifest: str | None = None  # ... or a Parquet/CSV file with `id` and `uri` columns (exactly one of the two)
+    # How an entry's version is found when the manifest has no `version` column: "stat" or "sha256" (module doc).
+    change_key: str = "stat"
+
+    def __post_init__(self) -> None:
+        if self.change_key not in CHANGE_KEYS:
+            raise ValueError(f"catalog.change_key={self.change_key!r} is not one of {list(CHANGE_KEYS)}")
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -69,9 +90,14 @@ def stable_id(key: str) -> int:
 
 
 def load_catalog(config: CatalogConfig) -> pa.Table:
-    """(id int64, uri string) rows sorted by id; ids unique. Raises CatalogError naming what is wrong."""
+    """(id int64, uri string, version string) rows sorted by id; ids unique. Raises CatalogError naming what is
+    wrong."""
     config.check()
     table = _list_folder(Path(config.folder)) if config.folder else _read_manifest(Path(config.manifest or ""))
+    if "version" not in table.column_names:
+        versions = entry_versions(table.column("uri").to_pylist(), config.change_key)
+        table = table.append_column("version", pa.array(versions, pa.string()))
+    table = table.select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
     if table.num_rows == 0:
         raise CatalogError(f"catalog {config.name!r} ({config.source}) has no entries")
     table = table.sort_by("id")
@@ -86,23 +112,61 @@ def load_catalog(config: CatalogConfig) -> pa.Table:
 
 
 def fingerprint(table: pa.Table) -> str:
-    """A hash of the (id, uri) rows: a resumed run must embed the very same catalog."""
+    """A hash of the (id, uri, version) rows: the catalog's state, which names its embedding snapshot."""
     digest = hashlib.sha256()
-    for column in ("id", "uri"):
+    for column in CATALOG_SCHEMA.names:
+        if column not in table.column_names:
+            continue
         for buffer in table.column(column).combine_chunks().buffers():
             if buffer is not None:
                 digest.update(buffer)
     return digest.hexdigest()[:16]
 
 
+def entry_versions(uris: list[str], change_key: str = "stat") -> list[str]:
+    """The version string of each uri (module docstring), in order."""
+    if change_key not in CHANGE_KEYS:
+        raise ValueError(f"change_key={change_key!r} is not one of {list(CHANGE_KEYS)}")
+    one = _stat_version if change_key == "stat" else _sha256_version
+    if len(uris) < 64:
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(VERSION_THREADS) as pool:
+        return list(pool.map(one, uris, chunksize=256))
+
+
+def _stat_version(uri: str) -> str:
+    path = local_path(uri)
+    try:
+        if path is not None:
+            st = os.stat(path)  # follows symlinks: a link's version is its target's
+            return f"{st.st_size}-{st.st_mtime_ns}"
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(uri)
+        info = fs.info(inner)
+    except Exception:  # missing, dangling, no permission, no fsspec backend: the read will say which
+        return UNREADABLE
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag-{str(etag).strip(chr(34))}"
+    return f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('last_modified')}"
+
+
+def _sha256_version(uri: str) -> str:
+    try:
+        return "sha256-" + hashlib.sha256(read_bytes(uri)).hexdigest()
+    except Exception:
+        return UNREADABLE
+
+
 def folder_entries(folder: Path, paths: list[Path]) -> pa.Table:
-    """The (id, uri) rows a folder catalog gives these entries: ids from their paths relative to `folder`.
+    """The (id, uri) rows (no version yet) a folder catalog gives these entries: ids from their paths relative to `folder`.
     Entries are not resolved: a symlink is an entry under its own name."""
     base = Path(os.path.abspath(folder))
     root = base.resolve()
     keys = [Path(os.path.abspath(p)).relative_to(base).as_posix() for p in paths]
     return pa.table([pa.array([stable_id(k) for k in keys], pa.int64()),
-                     pa.array([path_uri(root / k) for k in keys], pa.string())], schema=CATALOG_SCHEMA)
+                     pa.array([path_uri(root / k) for k in keys], pa.string())], names=["id", "uri"])
 
 
 def path_uri(path: Path) -> str:
@@ -186,7 +250,15 @@ def _read_manifest(path: Path) -> pa.Table:
         raise CatalogError(f"catalog manifest {path}: ids must be non-negative (FAISS reserves -1)")
     base = path.resolve().parent
     resolved = [u if "://" in u or Path(u).is_absolute() else path_uri(base / u) for u in uris.to_pylist()]
-    return pa.table([ids.cast(pa.int64()), pa.array(resolved, pa.string())], schema=CATALOG_SCHEMA)
+    columns = {"id": ids.cast(pa.int64()), "uri": pa.array(resolved, pa.string())}
+    if "version" in table.column_names:  # the shop's own change marker (ETag, hash, updated-at): kept as given
+        version = table.column("version")
+        row = pc.index(pc.is_null(version), True).as_py()
+        if row >= 0:
+            raise CatalogError(f"catalog manifest {path}: row {row} has no version (leave the column out to have "
+                               "versions computed)")
+        columns["version"] = version.cast(pa.string())
+    return pa.table(columns)
 
 
 def local_path(uri: str) -> str | None:

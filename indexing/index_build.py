@@ -7,8 +7,8 @@ tuning queries and their references), so a rerun with the same inputs finds the 
 it untouched. The directory is assembled under a temp name beside its final place and renamed whole; the
 manifest, written last, records the plan and its reason, the tuned search setting and the recall measured there
 with real composed queries (split by reference image, each query's reference left out as search leaves it out;
-see indexing.tuning), how the split was made, timings, sizes and the sha256 of every file. `publish_index` then
-moves CURRENT to it.
+see indexing.tuning), how the split was made, timings, sizes and the sha256 of every file.
+`index_versions.publish` then moves CURRENT to it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
     queries: (Q, D) real composed query vectors from the run's bundle (encode_query_split, or a logged queries
     file), never catalog vectors, with their reference images: those in the catalog are matched to their
     catalog ids (catalog_ids) and left out of each query's results while tuning, as search leaves them out.
-    The directory is not published: call `publish_index` for that.
+    The directory is not published: `index_versions.publish` does that.
     """
     queries = check_queries(queries, run.dim)
     if run.rows == 0:
@@ -112,13 +112,6 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
             log.info("index %s was built concurrently by another process; keeping that one", final)
             store.verify_index(final)
         return final
-
-
-def publish_index(index_dir: Path) -> Path:
-    """Make `index_dir` its catalog's CURRENT index (atomic rename of the pointer); returns the pointer file."""
-    pointer = store.publish(index_dir)
-    log.info("published %s as %s", index_dir.name, pointer)
-    return pointer
 
 
 def index_id(run: EmbeddingRun, queries: Queries, config: IndexConfig) -> str:

@@ -5,7 +5,7 @@
         shard-00000.faiss ...           merge=False: one index per embedding shard, searched together
         uris.parquet                    id int64, uri string, sorted by id
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
-    indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename
+    indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename (index_versions.py)
 
 Index directories are immutable once renamed into place, so a server may memory-map their files.
 
@@ -32,7 +32,6 @@ from cirflow.core.files import (
     check_files,
     describe_files,
     follow_current,
-    publish_current,
     read_json,
     write_json_atomic,
 )
@@ -91,13 +90,6 @@ def resolve_index_dir(path: Path) -> Path:
         raise IndexFormatError(f"{path}: neither an index directory ({MANIFEST}) nor a catalog directory with "
                                f"{CURRENT}")
     return path
-
-
-def publish(index_dir: Path) -> Path:
-    """Point the catalog's CURRENT at `index_dir` (verified first); readers see the old or the new name, whole."""
-    index_dir = Path(index_dir)
-    verify_index(index_dir, checksums=False)
-    return publish_current(index_dir)
 
 
 def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str]) -> None:

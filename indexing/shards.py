@@ -1,7 +1,9 @@
 """The embedding-run format: Parquet shards with an explicit schema, an errors table, and the run manifest.
 
-An embedding run lives in `embeddings/<catalog>/<bundle_id>/`:
+An embedding run (one snapshot of a catalog, embed.py) lives in `embeddings/<catalog>/<bundle_id>/<snapshot>/`;
+the bundle directory's CURRENT names the latest complete one, and `open_run` follows it:
 
+    catalog.parquet          id int64, uri string, version string: the catalog state this snapshot embeds
     part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
     errors.parquet           id int64, uri string, reason string (written when the run completes)
     _errors/part-00000.parquet   the same rows, per shard (kept: a damaged errors.parquet is merged again)
@@ -25,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cirflow.core.files import check_files, read_json, sha256_file, write_atomic, write_json_atomic
+from cirflow.core.files import check_files, follow_current, read_json, sha256_file, write_atomic, write_json_atomic
 
 FORMAT = "cirflow-embeddings-v1"
 MANIFEST = "manifest.json"
+CATALOG = "catalog.parquet"
 ERRORS = "errors.parquet"
 SHARD_ERRORS_DIR = "_errors"
 ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string())])
@@ -193,8 +196,9 @@ class EmbeddingRun:
 
 
 def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
-    """Open a finished run; `verify` checks every shard's size and sha256 against the manifest."""
-    run_dir = Path(run_dir)
+    """Open a finished run (a snapshot directory, or the bundle directory whose CURRENT names one); `verify`
+    checks every shard's and the catalog file's size and sha256 against the manifest."""
+    run_dir = follow_current(Path(run_dir), EmbeddingsError) or Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise EmbeddingsError(f"{run_dir}: no {MANIFEST}; run the embedding job first")
@@ -202,7 +206,7 @@ def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
         done, total = len(manifest.get("shards", {})), manifest.get("num_shards")
         raise EmbeddingsError(f"{run_dir}: the embedding run is incomplete ({done}/{total} shards); rerun the "
                               "embedding job to finish it")
-    problem = check_files(run_dir, manifest["shards"]) if verify else None
+    problem = check_files(run_dir, {**manifest["shards"], **manifest.get("catalog_file", {})}) if verify else None
     if problem:
         raise EmbeddingsError(f"embedding run {run_dir}: {problem} (damaged or replaced)")
     return EmbeddingRun(run_dir, manifest)

@@ -36,8 +36,10 @@ def test_manifest_csv_and_parquet(tmp_path: Path) -> None:
     (tmp_path / "img" / "a.png").write_bytes(b"abc")
     (tmp_path / "m.csv").write_text("id,uri\n7,img/a.png\n3,file:///abs/b.png\n")
     table = load_catalog(CatalogConfig(name="c", manifest=str(tmp_path / "m.csv")))
-    assert table.to_pylist() == [{"id": 3, "uri": "file:///abs/b.png"},
-                                 {"id": 7, "uri": str(tmp_path / "img" / "a.png")}]
+    assert table.select(["id", "uri"]).to_pylist() == [{"id": 3, "uri": "file:///abs/b.png"},
+                                                       {"id": 7, "uri": str(tmp_path / "img" / "a.png")}]
+    st = (tmp_path / "img" / "a.png").stat()
+    assert table.column("version").to_pylist() == ["unreadable", f"3-{st.st_mtime_ns}"]
     assert read_bytes(table.column("uri")[1].as_py()) == b"abc"
     assert read_bytes((tmp_path / "img" / "a.png").as_uri()) == b"abc"
     pq.write_table(pa.table({"id": [5], "uri": ["img/a.png"], "extra": [1]}), tmp_path / "m.parquet")
@@ -112,3 +114,36 @@ def test_a_folder_that_cannot_be_listed_stops_the_job(tmp_path: Path, monkeypatc
     monkeypatch.setattr(os, "scandir", refuse)
     with pytest.raises(CatalogError, match=r"cannot list '.*locked' \(Permission denied\)"):
         load_catalog(CatalogConfig(name="c", folder=str(tmp_path)))
+
+
+def test_versions_follow_content_changes(tmp_path: Path) -> None:
+    """An entry's version changes when its file is rewritten (stat: size or mtime; sha256: bytes), and a
+    manifest's own version column is kept as given."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"one")
+    os.utime(tmp_path / "b.png", ns=(1, 1_000_000_000))
+    config = CatalogConfig(name="c", folder=str(tmp_path))
+    before = load_catalog(config)
+    (tmp_path / "a.png").write_bytes(b"two!")  # another size
+    (tmp_path / "b.png").write_bytes(b"two")  # same size, new mtime
+    after = load_catalog(config)
+    assert before.column("id").equals(after.column("id"))
+    changed = [x != y for x, y in zip(before.column("version").to_pylist(), after.column("version").to_pylist())]
+    assert changed == [True, True] and fingerprint(before) != fingerprint(after)
+    # sha256 sees the bytes only: a touch that keeps them is no change, a same-size rewrite is one.
+    hashed = CatalogConfig(name="c", folder=str(tmp_path), change_key="sha256")
+    first = load_catalog(hashed)
+    os.utime(tmp_path / "a.png", ns=(5, 5))
+    assert load_catalog(hashed).equals(first)
+    (tmp_path / "a.png").write_bytes(b"tw0!")
+    assert load_catalog(hashed).column("version") != first.column("version")
+    with pytest.raises(ValueError, match="change_key='mtime' is not one of"):
+        CatalogConfig(name="c", folder=str(tmp_path), change_key="mtime")
+    pq.write_table(pa.table({"id": [1, 2], "uri": ["a.png", "b.png"], "version": ["e1", "e2"]}),
+                   tmp_path / "m.parquet")
+    given = load_catalog(CatalogConfig(name="c", manifest=str(tmp_path / "m.parquet")))
+    assert given.column("version").to_pylist() == ["e1", "e2"]
+    pq.write_table(pa.table({"id": [1], "uri": ["a.png"], "version": pa.array([None], pa.string())}),
+                   tmp_path / "m.parquet")
+    with pytest.raises(CatalogError, match="row 0 has no version"):
+        load_catalog(CatalogConfig(name="c", manifest=str(tmp_path / "m.parquet")))

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -66,8 +67,9 @@ def write_images(folder: Path, n: int, seed: int) -> list[Path]:
 
 
 def config(name: str, bundle: Path, workdir: Path, **catalog: str) -> EmbedConfig:
+    """local_below=0: these tests run the Ray pipeline however few images there are."""
     return EmbedConfig(catalog=CatalogConfig(name=name, **catalog), bundle=str(bundle), workdir=str(workdir),
-                       rows_per_shard=4, batch_size=3)
+                       rows_per_shard=4, batch_size=3, local_below=0)
 
 
 def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bundle: Path, tmp_path: Path,
@@ -134,10 +136,20 @@ def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bu
     np.testing.assert_allclose(redone_vectors, vectors, atol=1e-6)
     assert pq.read_table(run_dir / shards.ERRORS).equals(errors_table)
 
-    # A different catalog under the same name and workdir is refused, not mixed in.
+    # The catalog grows: a new snapshot, through Ray, embeds the one new image and reuses every other row.
     write_images(folder / "more", 1, seed=3)
-    with pytest.raises(EmbedError, match="different catalog"):
-        run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+    grown = run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+    assert grown != run_dir and grown.parent == run_dir.parent
+    assert shards.open_run(grown.parent).run_dir == grown  # CURRENT moved to it
+    after = shards.read_manifest(grown)
+    assert after["last_run"]["entries"] == 1 and after["last_run"]["embedded_by"] == "ray"
+    assert after["delta"] == {"previous": run_dir.name, "added": 1, "changed": 0, "removed": 0, "unchanged": 13,
+                              "reused_vectors": 9, "reused_errors": 4}
+    grown_ids, grown_vectors, _ = shards.open_run(grown).read_all()
+    keep = np.isin(grown_ids, ids)
+    assert keep.sum() == len(ids) and after["errors"] == 4
+    np.testing.assert_array_equal(grown_ids[keep], ids)  # both id-sorted
+    assert grown_vectors[keep].tobytes() == vectors.tobytes()  # copied, not recomputed
 
 
 def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_path: Path) -> None:
@@ -151,7 +163,8 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     stall.unlink()
     os.mkfifo(stall)
     manifest = tmp_path / "catalog.csv"
-    pacsv.write_csv(table, manifest)
+    # Versions given: restoring the FIFO's path to a file later must leave the catalog state (and snapshot) as is.
+    pacsv.write_csv(table.append_column("version", pa.array(["v1"] * table.num_rows)), manifest)
     job = config("resumed", bundle, tmp_path / "work", manifest=str(manifest))
     args = [f"catalog.name={job.catalog.name}", f"catalog.manifest={manifest}", f"bundle={bundle}",
             f"workdir={job.workdir}", "rows_per_shard=4", "batch_size=2",
@@ -162,7 +175,7 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     run_dir = None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        found = list((tmp_path / "work" / "embeddings" / "resumed").glob("*/manifest.json"))
+        found = list((tmp_path / "work" / "embeddings" / "resumed").glob("*/*/manifest.json"))
         if found and len(shards.read_manifest(found[0].parent)["shards"]) >= 2:
             run_dir = found[0].parent
             break
@@ -291,7 +304,7 @@ def test_gpu_request_on_a_cpu_cluster_fails_fast(cluster: str, bundle: Path, tmp
 def test_too_many_actors_fail_fast(cluster: str, bundle: Path, tmp_path: Path) -> None:
     write_images(tmp_path / "images", 2, seed=6)
     job = EmbedConfig(catalog=CatalogConfig(name="cpu", folder=str(tmp_path / "images")), bundle=str(bundle),
-                      workdir=str(tmp_path / "work"), num_actors=3)
+                      workdir=str(tmp_path / "work"), num_actors=3, local_below=0)
     with pytest.raises(EmbedError, match="needs 3 CPUs, but the Ray cluster has 2"):
         run_embed(job)
 

@@ -15,9 +15,10 @@ from faiss.contrib.evaluation import check_ref_knn_with_draws
 from cirflow.core.files import CURRENT
 from cirflow.indexing import index_build
 from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count, set_search_param
-from cirflow.indexing.index_build import IndexBuildError, build_index, index_id, publish_index, reference_groups
+from cirflow.indexing.index_build import IndexBuildError, build_index, index_id, reference_groups
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_store import IndexFormatError, verify_index
+from cirflow.indexing.index_versions import publish
 from cirflow.indexing.queries import Queries, catalog_ids
 from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.shards import EmbeddingRun
@@ -132,7 +133,7 @@ def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[
     catalog = tmp_path / "toys"
     first = Path(shutil.copytree(built["flat"], catalog / built["flat"].name))
     second = Path(shutil.copytree(built["ivf_flat"], catalog / built["ivf_flat"].name))  # moved: ivfdata beside
-    assert publish_index(first) == catalog / CURRENT
+    assert publish(first) == catalog / CURRENT
     assert (catalog / CURRENT).read_text() == first.name + "\n"
     assert VectorIndex.load(catalog).index_dir == first
 
@@ -141,15 +142,15 @@ def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
-        publish_index(second)
+        publish(second)
     assert (catalog / CURRENT).read_text() == first.name + "\n"  # readers still see the old pointer, whole
     monkeypatch.undo()
-    publish_index(second)
+    publish(second)
     loaded = VectorIndex.load(catalog)
     assert loaded.index_dir == second and loaded.manifest["type"] == "ivf_flat"
     assert sorted(p.name for p in catalog.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(IndexFormatError, match="no manifest.json"):
-        publish_index(tmp_path / "not-an-index")
+        publish(tmp_path / "not-an-index")
 
 
 def test_bad_inputs_are_refused_before_any_work(toy_run: EmbeddingRun, toy_queries: np.ndarray,

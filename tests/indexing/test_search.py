@@ -14,9 +14,10 @@ from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
 from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count
-from cirflow.indexing.index_build import build_index, publish_index
+from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_store import IndexFormatError
+from cirflow.indexing.index_versions import publish
 from cirflow.indexing.queries import Queries, encode_query_split
 from cirflow.indexing.search import IndexMismatchError, Searcher, SearchError, VectorIndex
 from cirflow.indexing.search_eval import recall_through_search
@@ -139,7 +140,7 @@ def test_search_reproduces_the_evaluator_recall(tiny_runtime: BundleRuntime, tin
     queries = encode_query_split(tiny_runtime, "shapes", tiny_shapes, "test")
     references, targets = [q.reference for q in split.queries], [q.target for q in split.queries]
     index_dir = build_index(run, queries, tmp_path / "indexes", IndexConfig())
-    publish_index(index_dir)
+    publish(index_dir)
     searcher = Searcher(VectorIndex.load(index_dir.parent), tiny_runtime)  # through CURRENT
     assert searcher.index.manifest["type"] == "flat"  # 54 images: exact scan
 

@@ -1,0 +1,111 @@
+"""Published index versions of a catalog: publishing, the history, rollback and pruning.
+
+    indexes/<catalog>/<index_id>/    immutable index directories (index_store.py)
+    indexes/<catalog>/CURRENT        the published index_id; moved by an atomic rename
+    indexes/<catalog>/published.json every publication and rollback, oldest first (index_id, when, action)
+
+A searcher resolves CURRENT once and loads that directory, which nobody modifies: a reload sees the old version
+or the new one, whole, never a mix. Publishing moves CURRENT first, then records it; where a crash came in
+between, CURRENT wins (`versions` lists it as the newest). Pruning keeps the `keep` most recently published
+versions (CURRENT always, and at least the one before it, so a searcher still loading the previous version
+finds it) and deletes the other versions that were ever published. Builds never published (`--no-publish`, or
+refused by the catalog flow's validation) are left for inspection: they are content-addressed, so a rerun with
+the same inputs finds them instead of building again. One publisher per catalog at a time: the flows'
+deployments run with a concurrency limit of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cirflow.core.files import follow_current, publish_current, read_json, write_json_atomic
+from cirflow.indexing import index_store as store
+
+log = logging.getLogger(__name__)
+
+HISTORY = "published.json"
+MIN_KEEP = 2
+
+
+class VersionError(ValueError):
+    """No such version to publish or roll back to; the message lists the ones there are."""
+
+
+def publish(index_dir: Path, keep: int = 5, action: str = "publish") -> Path:
+    """Make `index_dir` its catalog's CURRENT index, record it, prune beyond `keep`; returns the pointer file."""
+    index_dir = Path(index_dir)
+    if keep < 1:
+        raise VersionError(f"keep={keep}: keep at least 1 published version")
+    store.verify_index(index_dir, checksums=False)
+    catalog_dir = index_dir.parent
+    pointer = publish_current(index_dir)
+    history = _read_history(catalog_dir)
+    history.append({"index_id": index_dir.name, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "action": action})
+    write_json_atomic(catalog_dir / HISTORY, {"versions": history}, sort_keys=True)
+    log.info("%s: %s is CURRENT (%s)", catalog_dir, index_dir.name, action)
+    prune(catalog_dir, keep)
+    return pointer
+
+
+def versions(catalog_dir: Path) -> list[dict[str, Any]]:
+    """The published versions, newest first, one row per index_id (its latest publication), each with
+    `current` and `exists`."""
+    catalog_dir = Path(catalog_dir)
+    current = follow_current(catalog_dir, store.IndexFormatError)
+    rows: dict[str, dict[str, Any]] = {}
+    for entry in reversed(_read_history(catalog_dir)):
+        rows.setdefault(entry["index_id"], dict(entry))
+    if current is not None and current.name not in rows:  # a crash between the rename and the record
+        rows = {current.name: {"index_id": current.name, "at": None, "action": "publish"}, **rows}
+    if current is not None:  # CURRENT first even when an older record names it again
+        rows = {current.name: rows[current.name], **rows}
+    return [{**row, "current": current is not None and name == current.name,
+             "exists": (catalog_dir / name / store.MANIFEST).is_file()} for name, row in rows.items()]
+
+
+def rollback(catalog_dir: Path, to: str | None = None, keep: int = 5) -> Path:
+    """Publish an earlier version again: `to` (an index_id), or the newest published one before CURRENT whose
+    directory is intact. Returns the index directory now CURRENT."""
+    catalog_dir = Path(catalog_dir)
+    known = versions(catalog_dir)
+    if to is None:
+        earlier = [v for v in known if not v["current"] and v["exists"]]
+        if not earlier:
+            raise VersionError(f"{catalog_dir}: no earlier published version to roll back to (published: "
+                               f"{[v['index_id'] for v in known]})")
+        to = earlier[0]["index_id"]
+    target = catalog_dir / to
+    if "/" in to or to.startswith(".") or not (target / store.MANIFEST).is_file():
+        raise VersionError(f"{catalog_dir}: no index version {to!r}; published versions still on disk: "
+                           f"{[v['index_id'] for v in known if v['exists']]}")
+    store.verify_index(target)  # full checksums: a rollback must not publish a damaged directory
+    publish(target, keep=max(keep, MIN_KEEP), action="rollback")
+    return target
+
+
+def prune(catalog_dir: Path, keep: int) -> list[str]:
+    """Delete the published versions beyond the `keep` (at least 2) newest; returns the deleted index_ids."""
+    catalog_dir = Path(catalog_dir)
+    deleted = []
+    for row in versions(catalog_dir)[max(keep, MIN_KEEP):]:
+        if row["exists"]:
+            shutil.rmtree(catalog_dir / row["index_id"])
+            deleted.append(row["index_id"])
+    if deleted:
+        log.info("%s: removed index versions %s (keep=%d)", catalog_dir, deleted, keep)
+    return deleted
+
+
+def _read_history(catalog_dir: Path) -> list[dict[str, Any]]:
+    path = catalog_dir / HISTORY
+    if not path.is_file():
+        return []
+    data = read_json(path, store.IndexFormatError)
+    if not isinstance(data, dict) or not isinstance(data.get("versions"), list):
+        raise store.IndexFormatError(f"{path}: expected {{\"versions\": [...]}}")
+    return data["versions"]
