@@ -286,7 +286,7 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
     return {"param": result.param, "value": result.value, "k": k, "target": result.target,
             "target_met": result.target_met, "held_out": round(result.recall, 5),
             "tuning": round(result.tuning_recall, 5),
-            "sweep": [[value, round(recall, 5)] for value, recall in result.sweep],
+            "sweep": [[value, round(recall, 5), round(ms, 4)] for value, recall, ms in result.sweep],
             "split": {"by": "reference image", "seed": config.seed, "tune_fraction": config.tune_fraction,
                       "tuning": {"references": result.references_tuning, "queries": result.queries_tuning},
                       "held_out": {"references": result.references_held_out,

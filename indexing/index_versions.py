@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cirflow.core.files import follow_current, publish_current, read_json, write_json_atomic
+from cirflow.core.files import CURRENT, follow_current, publish_current, read_json, write_json_atomic
 from cirflow.indexing import index_store as store
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ def publish(index_dir: Path, keep: int = 5, action: str = "publish") -> Path:
         raise VersionError(f"keep={keep}: keep at least 1 published version")
     store.verify_index(index_dir, checksums=False)
     catalog_dir = index_dir.parent
+    if action == "publish" and follow_current(catalog_dir, store.IndexFormatError) == index_dir:
+        log.info("%s: %s is CURRENT already", catalog_dir, index_dir.name)  # a rerun with nothing new
+        return catalog_dir / CURRENT
     pointer = publish_current(index_dir)
     history = _read_history(catalog_dir)
     history.append({"index_id": index_dir.name, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

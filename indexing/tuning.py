@@ -13,6 +13,7 @@ reference (and so most of its vector) with a query that chose the setting.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -66,7 +67,8 @@ class TuningResult:
     queries_held_out: int
     references_tuning: int  # distinct reference images (split groups) on each side
     references_held_out: int
-    sweep: tuple[tuple[int | None, float], ...]  # (setting, recall on the tuning queries), in sweep order
+    # (setting, recall on the tuning queries, ms per query of that batch search), in sweep order
+    sweep: tuple[tuple[int | None, float, float], ...]
 
 
 def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int,
@@ -155,10 +157,17 @@ def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int],
     settings: list[int | None] = list(candidates) if param is not None else [None]
     if not settings:
         raise ValueError(f"no candidate values to tune {param}")
-    sweep: list[tuple[int | None, float]] = []
+    sweep: list[tuple[int | None, float, float]] = []
+
+    def measure(value: int | None) -> tuple[int | None, float, float]:
+        started = time.perf_counter()
+        found = search(tune_queries, tune_exclude, k, value)
+        ms = (time.perf_counter() - started) * 1000 / len(tune_rows)
+        return value, recall_at_k(found, tune_truth, k), ms
+
     for value in settings:
-        recall = recall_at_k(search(tune_queries, tune_exclude, k, value), tune_truth, k)
-        sweep.append((value, recall))
+        sweep.append(measure(value))
+        recall = sweep[-1][1]
         log.debug("%s=%s: recall@%d %.4f on %d tuning queries", param, value, k, recall, len(tune_rows))
         if recall >= target:
             break
@@ -166,7 +175,7 @@ def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int],
             log.info("%s sweep stopped at %s=%s: recall@%d %.4f has stopped rising", param, param, value, k, recall)
             break
     met = sweep[-1][1] >= target
-    value, tuning_recall = sweep[-1] if met else max(sweep, key=lambda s: s[1])  # first best: the cheapest
+    value, tuning_recall, _ = sweep[-1] if met else max(sweep, key=lambda s: s[1])  # first best: the cheapest
     if met and len(sweep) > 1:
         # Settings double, and so does the search cost: the midpoint below the first passing setting often
         # passes too, for up to a third less latency.
@@ -174,8 +183,8 @@ def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int],
         assert below is not None and value is not None  # several settings: a parameter is being swept
         mid = (below + value) // 2
         if below < mid < value:
-            mid_recall = recall_at_k(search(tune_queries, tune_exclude, k, mid), tune_truth, k)
-            sweep.append((mid, mid_recall))
+            sweep.append(measure(mid))
+            mid_recall = sweep[-1][1]
             if mid_recall >= target:
                 value, tuning_recall = mid, mid_recall
     held_truth = truth.take(held_rows)
@@ -183,7 +192,7 @@ def tune_setting(search: SearchFn, param: str | None, candidates: Sequence[int],
     if not met:
         log.warning("TARGET NOT MET: recall@%d target %.3f is out of reach; best %s=%s gives %.4f on the tuning "
                     "queries, %.4f held out (sweep: %s)", k, target, param, value, tuning_recall, held,
-                    [(v, round(r, 4)) for v, r in sweep])
+                    [(v, round(r, 4)) for v, r, _ in sweep])
     elif held < target:
         log.warning("%s=%s met recall@%d >= %.3f on %d tuning queries but gives %.4f on %d held-out queries "
                     "(sampling noise; more queries measure it better)", param, value, k, target, len(tune_rows),

@@ -107,8 +107,8 @@ def test_tuning_picks_the_smallest_setting_meeting_the_target_and_reports_held_o
                           target=0.75)
     assert (result.value, result.target_met) == (8, True)
     # Stops at the first that meets it, then tries the midpoint below it (6: recall 0.6, too low).
-    assert [v for v, _ in result.sweep] == [1, 2, 4, 8, 6]
-    assert [r for _, r in result.sweep] == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.6])
+    assert [v for v, _, _ in result.sweep] == [1, 2, 4, 8, 6]
+    assert [r for _, r, _ in result.sweep] == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.6])
     assert result.recall == pytest.approx(0.8) and result.tuning_recall == pytest.approx(0.8)
     assert (result.queries_tuning, result.queries_held_out) == (20, 20)
     cheaper = tune_setting(_truncating_search(truth), "nprobe", [1, 2, 4, 8, 16], queries, truth, np.arange(40),
@@ -136,7 +136,7 @@ def test_sweep_stops_when_recall_stops_rising() -> None:
 
     result = tune_setting(search, "nprobe", [1, 2, 4, 8, 16, 32, 64], queries, truth, np.arange(40), k=10,
                           target=0.95)
-    assert [v for v, _ in result.sweep] == [1, 2, 4, 8, 16]  # 8 and 16 gained nothing over 4: stop
+    assert [v for v, _, _ in result.sweep] == [1, 2, 4, 8, 16]  # 8 and 16 gained nothing over 4: stop
     assert (result.value, result.target_met) == (4, False)  # the cheapest of the best
 
 
