@@ -1,37 +1,44 @@
-"""The main job on the built-in default: generate shapes, train, evaluate, export, evaluate the bundle, then
-treat the shapes test gallery as a shop catalog: embed it with the Ray job, build and publish an index, and
-run the test queries through the search library.
+"""The main job on the built-in default, run the way production runs it: Prefect flows (an ephemeral Prefect
+server: nothing to start by hand).
 
-It prints the PyTorch results per split (composed and both baselines), the exported bundle's results through
-ONNX Runtime beside them, and the recall of the one query path (search library) beside the evaluator's: the
-two must be equal, and the demo fails if they are not.
+1. The `pipeline` flow generates the shapes data, trains, evaluates, exports the bundle, gates and registers it,
+   then runs the `catalog` flow on a shop catalog: the shapes test gallery as a folder of links
+   (WORKDIR/shop/shapes-test), embedded, indexed (tuned with the val split's composed queries), validated and
+   published.
+2. The exported bundle is evaluated through ONNX Runtime beside the PyTorch results, and the test queries run
+   through the search library on the published index: its recall must equal the evaluator's, or the demo fails.
+3. The shop changes (about 5% new images, 2% removed, 1% overwritten with other pictures) and the `catalog` flow
+   runs again: it prints what was re-embedded, reused and dropped, and the new index's recall.
+
+Every step is cached or idempotent on content keys: a rerun trains, embeds and builds nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cirflow.export.bundle import export_bundle
+import numpy as np
+import yaml
+
+from cirflow.core.config import load_config, to_dict
+from cirflow.core.files import write_text_atomic
 from cirflow.export.evaluate_bundle import evaluate_bundle
-from cirflow.export.manifest import register_bundle
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import encode_query_split
 from cirflow.indexing.search import Searcher, VectorIndex
 from cirflow.indexing.search_eval import recall_through_search
-from cirflow.indexing.shards import open_run
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
-from cirflow.models.eval_job import EvalJobConfig, run_eval
 from cirflow.models.report import format_table
-from cirflow.models.train_job import train_run
+from cirflow.models.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+CATALOG = "shapes-test"
+ADDED, REMOVED, OVERWRITTEN = 0.05, 0.02, 0.01  # shares of the shop catalog changed between the two flow runs
 
 
 @dataclass(frozen=True)
@@ -42,39 +49,92 @@ class DemoConfig:
     overrides: tuple[str, ...] = ()
 
 
-def run_demo(config: DemoConfig) -> dict:
-    data_dir = config.workdir / "data" / ("shapes" if config.scale == 1.0 else f"shapes-x{config.scale:g}")
-    generate_shapes(ShapesConfig(scale=config.scale), data_dir)
-    overrides = (f"data.root={data_dir}", "data.kind=shapes", *config.overrides)
-    checkpoint = train_run(config.train_config, overrides, config.workdir)
-    run_dir = checkpoint.parent.parent
-    results = run_eval(EvalJobConfig(checkpoint, run_dir / "eval"))
-    bundle = export_bundle(checkpoint, config.workdir / "bundles" / run_dir.name)
-    register_bundle(bundle)  # workdir/bundles/CURRENT: what configs/embed_catalog.yaml embeds with
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    # Prefect reads its settings at import: an ephemeral server may take 10-20 s to start on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from cirflow.flows.catalog_flow import catalog
+    from cirflow.flows.pipeline_flow import pipeline
+
+    workdir = config.workdir.resolve()
+    data_dir = workdir / "data" / ("shapes" if config.scale == 1.0 else f"shapes-x{config.scale:g}")
+    shop = workdir / "shop" / CATALOG
+    pipeline_file = write_pipeline_config(config, workdir, data_dir, shop)
+    generate_shapes(ShapesConfig(scale=config.scale), data_dir)  # here, not in the flow: the shop links to it
+    link_shop(data_dir / "images" / "test", shop)
+    result = pipeline(config=str(pipeline_file))
+    trained, first = result["training"], result["catalog"]
+    bundle = Path(trained["bundle"])
+    results = trained["results"]
     ort = evaluate_bundle(bundle, "shapes", data_dir, tuple(s.split("/")[-1] for s in results))
     for split, modes in ort.items():
         rows = {"pytorch": results[split]["composed"], "onnxruntime": modes["composed"]}
         print(format_table(rows, f"{split}: composed queries, PyTorch checkpoint vs exported bundle (ORT)"))
-    search = search_catalog(config, data_dir, bundle)
+    runtime = BundleRuntime.load(bundle)
+    searcher = Searcher(VectorIndex.load(workdir / "indexes" / CATALOG), runtime)  # the published one
+    search = recall_through_search(searcher, "shapes", data_dir, "test")
     evaluator = {k: ort["shapes/test"]["composed"][k] for k in search}
     print(format_table({"evaluator (ORT)": evaluator, "search library": search},
-                       "shapes/test as a catalog: Ray embedding job -> FAISS index -> search library"))
+                       "shapes/test as a catalog: embedding job -> FAISS index -> search library"))
     # Equal counts of hits; the tolerance only absorbs float32 vs float64 means.
     if any(abs(search[k] - evaluator[k]) > 1e-6 for k in search):
         raise RuntimeError(f"recall through the search library {search} differs from the evaluator's {evaluator}")
-    log.info("demo finished: run %s, bundle %s", run_dir, bundle)
-    return {"pytorch": results, "onnxruntime": ort, "search": search}
+
+    change = change_shop(shop, data_dir / "images" / "train")
+    print(f"the shop changed: {change['added']} images added, {change['removed']} removed, {change['overwritten']} "
+          "overwritten with other pictures")
+    refreshed = catalog(config=str(pipeline_file.with_name("catalog_flow.yaml")))
+    delta = refreshed["delta"]
+    print(f"catalog refresh: {refreshed['encoded']} images re-embedded, {delta['reused_vectors']} vectors reused, "
+          f"{delta['removed']} ids dropped; new index {Path(refreshed['index_dir']).name}: "
+          f"recall@10 {refreshed['validation']['recall@10']:.4f} on {refreshed['validation']['held_out_queries']} "
+          "held-out composed queries")
+    log.info("demo finished: bundle %s, index %s", bundle, refreshed["index_dir"])
+    return {"pytorch": results, "onnxruntime": ort, "search": search, "first": first, "refresh": refreshed,
+            "change": change}
 
 
-def search_catalog(config: DemoConfig, data_dir: Path, bundle: Path) -> dict[str, float]:
-    """Embed the test gallery (Ray), index it (tuned with the val split's composed queries), search it."""
-    catalog = CatalogConfig(name="shapes-test", folder=str(data_dir / "images" / "test"))
-    run_dir = run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(config.workdir)))
-    runtime = BundleRuntime.load(bundle)
-    # The queries carry their reference images: build_index splits them by reference and leaves any reference
-    # that is in the catalog out of its results (val references are not in the test gallery: none is).
-    tuning = encode_query_split(runtime, "shapes", data_dir, "val")
-    index_dir = build_index(open_run(run_dir), tuning, config.workdir / "indexes", IndexConfig())
-    publish(index_dir)
-    searcher = Searcher(VectorIndex.load(index_dir.parent), runtime)  # the published one, through CURRENT
-    return recall_through_search(searcher, "shapes", data_dir, "test")
+def write_pipeline_config(config: DemoConfig, workdir: Path, data_dir: Path, shop: Path) -> Path:
+    """The flows' configs for this demo, written to WORKDIR/demo/ (rerun them with the flows directly)."""
+    train = load_config(TrainConfig, config.train_config,
+                        [f"data.root={data_dir}", "data.kind=shapes", *config.overrides])
+    catalog = {"embed": {"catalog": {"name": CATALOG, "folder": str(shop)}, "workdir": str(workdir),
+                         "bundle": str(workdir / "bundles")},
+               "queries": {"kind": "shapes", "root": str(data_dir), "split": "val"}}
+    pipeline = {"training": {"workdir": str(workdir), "train": to_dict(train),
+                             "shapes": {"scale": config.scale}},
+                "catalog": catalog}
+    out = workdir / "demo" / "pipeline_flow.yaml"
+    write_text_atomic(out, yaml.safe_dump(pipeline, sort_keys=False))
+    write_text_atomic(out.with_name("catalog_flow.yaml"), yaml.safe_dump(catalog, sort_keys=False))
+    return out
+
+
+def link_shop(gallery: Path, shop: Path) -> None:
+    """The shop catalog afresh: one link per gallery image (a catalog entry under its own name)."""
+    if shop.exists():
+        shutil.rmtree(shop)
+    shop.mkdir(parents=True)
+    for image in sorted(gallery.iterdir()):
+        (shop / image.name).symlink_to(image)
+
+
+def change_shop(shop: Path, pool: Path, seed: int = 0) -> dict[str, int]:
+    """Seeded changes: new images (links to training images), removals, and entries overwritten with a copy of
+    another picture (copied with its times: the same change on every demo run, so a rerun hits the cache)."""
+    rng = np.random.default_rng(seed)
+    entries = sorted(shop.iterdir())
+    n = len(entries)
+    picks = rng.permutation(n)
+    removed = [entries[i] for i in picks[:round(REMOVED * n)]]
+    overwritten = [entries[i] for i in picks[round(REMOVED * n):round((REMOVED + OVERWRITTEN) * n)]]
+    candidates = sorted(pool.iterdir())
+    fresh = [candidates[i] for i in rng.choice(len(candidates), round((ADDED + OVERWRITTEN) * n), replace=False)]
+    for path in removed:
+        path.unlink()
+    for path, source in zip(overwritten, fresh):
+        path.unlink()
+        shutil.copy2(source, path)
+    added = fresh[len(overwritten):]
+    for source in added:
+        (shop / f"new-{source.name}").symlink_to(source)
+    return {"added": len(added), "removed": len(removed), "overwritten": len(overwritten)}

@@ -85,14 +85,20 @@ def test_train_imports_neither_export_nor_indexing(tiny_shapes: Path, tmp_path: 
     assert "torch" in modules and not NOT_FOR_TRAINING & set(modules)
 
 
-def test_demo_end_to_end_matches_onnxruntime(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_end_to_end_matches_onnxruntime(prefect_harness: None, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     from cirflow.flows.demo import DemoConfig, run_demo
 
     results = run_demo(DemoConfig(tmp_path, scale=0.01, overrides=(*TINY_MODEL, "optim.max_steps=5")))
     out = capsys.readouterr().out
     assert "shapes/test: composed queries, PyTorch checkpoint vs exported bundle (ORT)" in out
-    # The test gallery went through the Ray job, an index and the search library: the evaluator's recall.
-    assert "shapes/test as a catalog: Ray embedding job -> FAISS index -> search library" in out
+    # The test gallery went through the embedding job, an index and the search library: the evaluator's recall.
+    assert "shapes/test as a catalog: embedding job -> FAISS index -> search library" in out
+    # Then the shop changed and the catalog flow re-embedded exactly the new and overwritten images.
+    change, refresh = results["change"], results["refresh"]
+    assert refresh["encoded"] == change["added"] + change["overwritten"] > 0
+    assert refresh["delta"]["removed"] == change["removed"] > 0
+    assert "images re-embedded" in out
     evaluator = results["onnxruntime"]["shapes/test"]["composed"]
     assert results["search"] == pytest.approx({k: evaluator[k] for k in results["search"]}, abs=1e-6)
     assert (tmp_path / "indexes" / "shapes-test" / "CURRENT").exists()
