@@ -3,7 +3,7 @@ server: nothing to start by hand).
 
 1. The `pipeline` flow generates the shapes data, trains, evaluates, exports the bundle, gates and registers it,
    then runs the `catalog` flow on a shop catalog: the shapes test gallery as a folder of links
-   (WORKDIR/shop/shapes-test), embedded, indexed (tuned with the val split's composed queries), validated and
+   (WORKDIR/shop/shapes-shop), embedded, indexed (tuned with the val split's composed queries), validated and
    published.
 2. The exported bundle is evaluated through ONNX Runtime beside the PyTorch results, and the test queries run
    through the search library on the published index: its recall must equal the evaluator's, or the demo fails.
@@ -37,7 +37,7 @@ from cirflow.models.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-CATALOG = "shapes-test"
+CATALOG = "shapes-shop"
 ADDED, REMOVED, OVERWRITTEN = 0.05, 0.02, 0.01  # shares of the shop catalog changed between the two flow runs
 
 

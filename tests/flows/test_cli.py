@@ -101,7 +101,7 @@ def test_demo_end_to_end_matches_onnxruntime(prefect_harness: None, tmp_path: Pa
     assert "images re-embedded" in out
     evaluator = results["onnxruntime"]["shapes/test"]["composed"]
     assert results["search"] == pytest.approx({k: evaluator[k] for k in results["search"]}, abs=1e-6)
-    assert (tmp_path / "indexes" / "shapes-test" / "CURRENT").exists()
+    assert (tmp_path / "indexes" / "shapes-shop" / "CURRENT").exists()
     bundles = [p for p in (tmp_path / "bundles").iterdir() if p.is_dir()]
     assert len(bundles) == 1 and (bundles[0] / "manifest.json").exists()
     assert (tmp_path / "bundles" / "CURRENT").read_text().strip() == bundles[0].name  # what embed configs name

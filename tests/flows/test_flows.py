@@ -197,3 +197,19 @@ def test_injected_failures_leave_the_published_index_untouched(prefect_harness: 
     monkeypatch.undo()
     assert catalog(overrides=overrides, return_state=True).is_completed()
     assert pointer.read_bytes() == published
+
+
+def test_shipped_flow_configs_load_strictly() -> None:
+    from cirflow.core.config import ConfigError, load_config
+    from cirflow.flows.catalog_flow import CatalogFlowConfig
+    from cirflow.flows.pipeline_flow import PipelineFlowConfig
+    from cirflow.flows.training_flow import TrainingFlowConfig
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    shop = load_config(CatalogFlowConfig, configs / "catalog_flow.yaml")
+    assert shop.embed.catalog.name == "shapes-shop" and shop.queries.split == "val"
+    assert load_config(TrainingFlowConfig, configs / "training_flow.yaml").gate.split == "val"
+    both = load_config(PipelineFlowConfig, configs / "pipeline_flow.yaml")
+    assert both.catalog.embed.catalog.name == shop.embed.catalog.name
+    with pytest.raises((ConfigError, ValueError), match="min_recall"):
+        load_config(CatalogFlowConfig, configs / "catalog_flow.yaml", ["min_recall=1.5"])
