@@ -34,6 +34,14 @@ def task_states(state: Any) -> dict[str, list[str]]:
     return out
 
 
+def artifacts(state: Any) -> dict[str, Any]:
+    """Artifact key -> artifact, of the flow run of `state` (its tasks' included)."""
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
 def training_overrides(data: Path, workdir: Path, steps: int) -> list[str]:
     return [f"workdir={workdir}", f"train.data.root={data}", *[f"train.{o}" for o in TINY_MODEL],
             f"train.optim.max_steps={steps}"]
@@ -67,6 +75,12 @@ def test_training_flow_registers_caches_and_gates(prefect_harness: None, tiny_sh
     assert first["registered"] and follow_current(workdir / "bundles") == Path(first["bundle"])
     assert len(first["gate"]["rows"]) == 1  # nothing registered before: nothing to compare with
     assert (Path(first["checkpoint"]).parent.parent / "plots" / "training.png").is_file()
+    made = artifacts(state)
+    assert "| R@1 | R@5 | R@10 |" in made["training-metrics"].data and "Quality gate on val" in made[
+        "training-metrics"].data
+    assert Path(made["training-loss-and-recall"].data.split("(", 1)[1].split(")", 1)[0].removeprefix(
+        "file://")).is_file()
+    assert {"training-examples-shapes-test", "training-examples-shapes-novel"} <= set(made)
 
     # The same inputs again: nothing is trained, evaluated or exported; the gate compares the bundle with itself.
     again = training(overrides=training_overrides(tiny_shapes, workdir, 40), return_state=True)
@@ -115,6 +129,9 @@ def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_sh
     before = first.result()
     catalog_dir = workdir / "indexes" / "shop"
     assert before["encoded"] == 54 and follow_current(catalog_dir) == Path(before["index_dir"])
+    made = artifacts(first)
+    assert "Tuning sweep" in made["catalog-refresh"].data and "recall@10" in made["catalog-refresh"].data
+    assert "catalog-tuning-sweep" in made
 
     # Unchanged inputs: served from cache, the same version stays published (not published again).
     again = catalog(overrides=overrides, return_state=True)
@@ -213,3 +230,67 @@ def test_shipped_flow_configs_load_strictly() -> None:
     assert both.catalog.embed.catalog.name == shop.embed.catalog.name
     with pytest.raises((ConfigError, ValueError), match="min_recall"):
         load_config(CatalogFlowConfig, configs / "catalog_flow.yaml", ["min_recall=1.5"])
+
+
+def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None, tiny_shapes: Path, bundle: Path,
+                                                          tmp_path: Path) -> None:
+    """kill -9 of a catalog flow run in the middle of its embedding (blocked reading a FIFO) leaves the published
+    index as it was, whole; the rerun resumes the snapshot and publishes an index of exactly the new catalog."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from cirflow.indexing.catalog import folder_entries
+    from cirflow.indexing.index_store import verify_index
+
+    gallery = sorted((tiny_shapes / "images" / "test").iterdir())
+    table = folder_entries(tiny_shapes / "images", gallery).sort_by("id")
+    manifest, workdir = tmp_path / "shop.csv", tmp_path / "wd"
+    pacsv.write_csv(table.append_column("version", pa.array(["v1"] * table.num_rows)), manifest)
+    overrides = [f"embed.workdir={workdir}", "embed.catalog.name=shop", f"embed.catalog.manifest={manifest}",
+                 f"embed.bundle={bundle}", "embed.rows_per_shard=8", f"queries.root={tiny_shapes}", "min_recall=0.9"]
+    assert catalog(overrides=overrides, return_state=True).is_completed()
+    catalog_dir = workdir / "indexes" / "shop"
+    published = follow_current(catalog_dir)
+
+    # Ten new entries; the last by id is a FIFO: the refresh blocks there, after writing the shards before it.
+    extra = folder_entries(tiny_shapes / "images", sorted((tiny_shapes / "images" / "val").iterdir())[:10])
+    grown = pa.concat_tables([table, extra]).sort_by("id")
+    stall = Path(grown.column("uri")[grown.num_rows - 1].as_py())
+    fifo = tmp_path / "stall.png"
+    os.mkfifo(fifo)
+    uris = [str(fifo) if u == str(stall) else u for u in grown.column("uri").to_pylist()]
+    grown = grown.set_column(1, "uri", pa.array(uris))
+    pacsv.write_csv(grown.append_column("version", pa.array(["v1"] * grown.num_rows)), manifest)
+    script = f"from cirflow.flows.catalog_flow import catalog\ncatalog(overrides={overrides!r})"
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = next((workdir / "embeddings" / "shop").iterdir())
+    first = follow_current(base)
+    deadline, snapshot = time.monotonic() + 180, None
+    while time.monotonic() < deadline and proc.poll() is None and snapshot is None:
+        fresh = [p for p in base.iterdir() if p.is_dir() and p != first and (p / "manifest.json").is_file()]
+        if fresh and shards.read_manifest(fresh[0])["shards"]:
+            snapshot = fresh[0]
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0].decode(errors="replace")
+    assert snapshot is not None and proc.returncode == -signal.SIGKILL, output[-3000:]
+    assert follow_current(catalog_dir) == published  # untouched, and whole
+    verify_index(published)
+    assert index_ids(catalog_dir) == set(table.column("id").to_pylist())
+
+    fifo.unlink()
+    shutil.copyfile(stall, fifo)  # the same path and version: the same catalog state, the same snapshot resumes
+    rerun = catalog(overrides=overrides, return_state=True)
+    assert rerun.is_completed(), rerun.message
+    assert Path(rerun.result()["run_dir"]) == snapshot
+    assert index_ids(catalog_dir) == set(grown.column("id").to_pylist())
+    verify_index(follow_current(catalog_dir))

@@ -153,3 +153,35 @@ def test_a_driver_outside_single_machine_mode_joins_the_head_by_its_address(head
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=90)
     assert result.returncode == 0 and result.stdout.strip().endswith("2.0"), result.stdout[-3000:]
+
+
+def test_the_catalog_flow_submits_its_embedding_as_a_ray_job(head: Head, tiny_runtime: BundleRuntime,
+                                                            tiny_shapes: Path, tmp_path: Path) -> None:
+    """`ray_job_address`: the catalog flow runs the embedding through Ray's job API on the head (the entry point
+    of `ray job submit`), follows it to the end, and goes on to build, validate and publish the index."""
+    import json
+    import shlex
+
+    workdir, bundle = tmp_path / "wd", shutil.copytree(tiny_runtime.bundle_dir, tmp_path / "bundle")
+    overrides = [f"embed.workdir={workdir}", "embed.catalog.name=shop",
+                 f"embed.catalog.folder={tiny_shapes / 'images' / 'test'}", f"embed.bundle={bundle}",
+                 f"queries.root={tiny_shapes}", "min_recall=0.5", "ray_job_address=http://127.0.0.1:8265"]
+    script = ("import json\nfrom ray.job_submission import JobSubmissionClient\n"
+              "from cirflow.flows.catalog_flow import catalog\n"
+              f"result = catalog(overrides={overrides!r})\n"
+              "jobs = JobSubmissionClient('http://127.0.0.1:8265').list_jobs()\n"
+              "print('RESULT', json.dumps({'run_dir': result['run_dir'], 'index_dir': result['index_dir'], "
+              "'jobs': [(j.entrypoint, j.status.value) for j in jobs]}))")
+    env = head.env | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    result = subprocess.run(["bash", "-c", f"{head.commands['export']}\n{sys.executable} -c {shlex.quote(script)}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:]
+    found = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    embeds = [(entry, status) for entry, status in found["jobs"] if "cirflow embed" in entry and str(bundle) in entry]
+    assert embeds and all(status == "SUCCEEDED" for _, status in embeds), found["jobs"]
+    run = shards.open_run(Path(found["run_dir"]))
+    assert run.manifest["last_run"]["embedded_by"] == "ray" and run.rows == len(list((tiny_shapes / "images" /
+                                                                                        "test").iterdir()))
+    assert (workdir / "indexes" / "shop" / "CURRENT").read_text().strip() == Path(found["index_dir"]).name
