@@ -9,9 +9,11 @@
    no previous snapshot: everything is embedded, into its own directory. It runs in this process (a local Ray
    instance, or none for a small delta), or as a Ray job on a cluster when `ray_job_address` is set, the same
    entry point as `ray job submit -- cirflow embed`, followed to completion.
-3. The index is built and tuned with the split's composed queries, validated (indexing/validate.py: recall on
-   held-out queries re-measured, ids equal to the catalog's minus its errors rows) and only then published as a
-   new version; a failed validation fails the run and leaves the published index as it was.
+3. The index is built and tuned with the split's composed queries (for a small change: an overlay on the
+   published version, indexing/index_refresh.py, while its delta stays under `index_delta_max`), validated
+   (indexing/validate.py: recall on held-out queries re-measured, ids equal to the catalog's minus its errors
+   rows) and only then published as a new version; a failed validation fails the run and leaves the published
+   index as it was.
 
 Snapshot, embedding, query encoding and index build are cached on content keys (catalog fingerprint, bundle id,
 configs), so a rerun with nothing changed embeds and builds nothing.
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 from prefect import flow, task
 
 from cirflow.core.config import check_fraction, check_positive, load_config, to_dict
-from cirflow.core.files import sha256_file, write_atomic
+from cirflow.core.files import follow_current, sha256_file, write_atomic
 from cirflow.export.manifest import resolve_bundle_dir, verify_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.artifacts import markdown_table, publish_links, publish_markdown
@@ -39,9 +41,9 @@ from cirflow.flows.plots import plot_tuning_sweep
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog
 from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed, snapshot_id
-from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_store import read_manifest, verify_index
+from cirflow.indexing.index_refresh import build_or_refresh
+from cirflow.indexing.index_store import IndexFormatError, read_manifest, verify_index
 from cirflow.indexing.index_versions import publish
 from cirflow.indexing.queries import encode_query_split, read_queries, write_queries
 from cirflow.indexing.validate import validate_index
@@ -70,10 +72,14 @@ class CatalogFlowConfig:
     # (0.95): the held-out half moves by about a point from the tuning half on a thousand queries.
     min_recall: float = 0.93
     keep_versions: int = 5  # published index versions kept for rollback
+    # A refresh updates the published index in place of a rebuild (indexing/index_refresh.py: its files, a delta
+    # of new and changed vectors, the ids that died) while delta and dead ids stay under this share of its base;
+    # beyond it, or 0, the index is built in full.
+    index_delta_max: float = 0.1
     ray_job_address: str | None = None  # e.g. http://127.0.0.1:8265: run the embedding as a job on that cluster
 
     def __post_init__(self) -> None:
-        check_fraction(self, "min_recall")
+        check_fraction(self, "min_recall", "index_delta_max")
         check_positive(self, "keep_versions")
 
 
@@ -111,9 +117,11 @@ def encode_queries(key: str, bundle_dir: str, source: QuerySource, out: str) -> 
 
 
 @task(cache_key_fn=by_key, persist_result=True)
-def build(key: str, run_dir: str, queries: str, config: IndexConfig, indexes: str) -> str:
+def build(key: str, run_dir: str, queries: str, config: IndexConfig, indexes: str, previous: str | None,
+          max_fraction: float) -> str:
     run = shards.open_run(Path(run_dir))
-    return str(build_index(run, read_queries(Path(queries), run.bundle_id), Path(indexes), config))
+    return str(build_or_refresh(run, read_queries(Path(queries), run.bundle_id), Path(indexes), config,
+                                Path(previous) if previous else None, max_fraction))
 
 
 @task
@@ -156,16 +164,24 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     queries = cached(encode_queries, lambda q: Path(q).is_file(), key=queries_key, bundle_dir=str(bundle_dir),
                      source=cfg.queries, out=str(workdir / "queries" / bundle_id / f"{queries_key[:16]}.parquet"))
     run_manifest = shards.read_manifest(run_dir)
-    index_key = content_key(run_dir.name, bundle_id, sha256_file(Path(queries)), to_dict(cfg.index))
+    published = follow_current(workdir / "indexes" / job.catalog.name, IndexFormatError)
+    previous = str(published) if published is not None and published.is_dir() else None
+    # Not keyed on the published version an overlay would build on: a snapshot's index is made once (in full,
+    # or on the version published when it first ran), and a rerun of the same snapshot reuses it.
+    index_key = content_key(run_dir.name, bundle_id, sha256_file(Path(queries)), to_dict(cfg.index),
+                            cfg.index_delta_max)
     index_dir = cached(build, _index_ok, key=index_key, run_dir=str(run_dir), queries=queries, config=cfg.index,
-                       indexes=str(workdir / "indexes"))
+                       indexes=str(workdir / "indexes"), previous=previous, max_fraction=cfg.index_delta_max)
     delta = run_manifest.get("delta", {})
     encoded = run_manifest.get("last_run", {}).get("entries")
     print(_delta_table(job.catalog.name, run_dir, delta, encoded))
     index_manifest = read_manifest(Path(index_dir))
     checked = validate(index_dir, str(run_dir), queries, cfg.min_recall)
     k = index_manifest["recall"]["k"]
-    print(f"index {Path(index_dir).name} ({index_manifest['type']}): recall@{k} {checked[f'recall@{k}']:.4f} on "
+    overlay = index_manifest.get("overlay")
+    how = (f"{index_manifest['type']}, an overlay on {overlay['base']}: {overlay['delta']} delta vectors, "
+           f"{overlay['dead']} dead ids" if overlay else f"{index_manifest['type']}, built in full")
+    print(f"index {Path(index_dir).name} ({how}): recall@{k} {checked[f'recall@{k}']:.4f} on "
           f"{checked['held_out_queries']} held-out queries (floor {cfg.min_recall}); {checked['vectors']} vectors "
           "= catalog minus errors")
     _artifacts(workdir, job.catalog.name, run_dir, delta, encoded, Path(index_dir), index_manifest, checked)
@@ -249,7 +265,9 @@ def _artifacts(workdir: Path, name: str, run_dir: Path, delta: dict[str, Any], e
     publish_markdown("catalog-refresh", f"Catalog {name}: index {index_dir.name}", [
         (f"Embedding snapshot {run_dir.name}", markdown_table(changes, "")),
         ("Validation (re-measured on held-out queries)", markdown_table({"new index": checked}, "")),
-        (f"Index: {manifest['type']}", f"{manifest['reason']}\n\nchosen: {param}={manifest['search']['value']}"),
+        (f"Index: {manifest['type']}", f"{manifest['reason']}\n\nchosen: {param}={manifest['search']['value']}"
+         + (f"\n\nan overlay on {manifest['overlay']['base']}: {manifest['overlay']['delta']} delta vectors, "
+            f"{manifest['overlay']['dead']} dead ids" if manifest.get("overlay") else "")),
         ("Tuning sweep (tuning queries)", markdown_table(tuning, "setting"))])
     if png:
         publish_links("catalog", {"tuning-sweep": png})

@@ -93,7 +93,10 @@ def load_catalog(config: CatalogConfig) -> pa.Table:
     """(id int64, uri string, version string) rows sorted by id; ids unique. Raises CatalogError naming what is
     wrong."""
     config.check()
-    table = _list_folder(Path(config.folder)) if config.folder else _read_manifest(Path(config.manifest or ""))
+    if config.folder:
+        table = _list_folder(Path(config.folder), config.change_key)
+    else:
+        table = _read_manifest(Path(config.manifest or ""))
     if "version" not in table.column_names:
         versions = entry_versions(table.column("uri").to_pylist(), config.change_key)
         table = table.append_column("version", pa.array(versions, pa.string()))
@@ -128,6 +131,8 @@ def entry_versions(uris: list[str], change_key: str = "stat") -> list[str]:
     if change_key not in CHANGE_KEYS:
         raise ValueError(f"change_key={change_key!r} is not one of {list(CHANGE_KEYS)}")
     one = _stat_version if change_key == "stat" else _sha256_version
+    if change_key == "stat" and all(local_path(u) == u for u in uris[:64]):
+        return [one(u) for u in uris]  # local stat calls: threads would only add their overhead
     if len(uris) < 64:
         return [one(u) for u in uris]
     with ThreadPoolExecutor(VERSION_THREADS) as pool:
@@ -160,37 +165,46 @@ def _sha256_version(uri: str) -> str:
 
 
 def folder_entries(folder: Path, paths: list[Path]) -> pa.Table:
-    """The (id, uri) rows (no version yet) a folder catalog gives these entries: ids from their paths relative to `folder`.
-    Entries are not resolved: a symlink is an entry under its own name."""
-    base = Path(os.path.abspath(folder))
-    root = base.resolve()
-    keys = [Path(os.path.abspath(p)).relative_to(base).as_posix() for p in paths]
+    """The (id, uri) rows (no version yet) a folder catalog gives these entries: ids from their paths relative to
+    `folder`. Entries are not resolved: a symlink is an entry under its own name."""
+    base = os.path.abspath(folder)
+    return _entries_table(os.path.realpath(base), [os.path.relpath(os.path.abspath(p), base) for p in paths])
+
+
+def _entries_table(root: str, keys: list[str]) -> pa.Table:
+    """(id, uri) of relative keys under the resolved folder `root` (string work: pathlib costs seconds per 100k)."""
+    prefix = root.rstrip(os.sep) + os.sep
     return pa.table([pa.array([stable_id(k) for k in keys], pa.int64()),
-                     pa.array([path_uri(root / k) for k in keys], pa.string())], names=["id", "uri"])
+                     pa.array([path_uri(prefix + k) for k in keys], pa.string())], names=["id", "uri"])
 
 
-def path_uri(path: Path) -> str:
+def path_uri(path: Path | str) -> str:
     """A local absolute path as a uri: the path itself, or a file:// URI when its name is not valid UTF-8."""
-    text = str(path)
+    text = os.fspath(path)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return path.as_uri()  # percent-encodes the raw bytes (os.fsencode)
+        return Path(text).as_uri()  # percent-encodes the raw bytes (os.fsencode)
     return text
 
 
-def _list_folder(folder: Path) -> pa.Table:
+def _list_folder(folder: Path, change_key: str) -> pa.Table:
     if not folder.is_dir():
         raise CatalogError(f"catalog folder {folder} does not exist or is not a directory")
-    return folder_entries(folder, sorted(_folder_entries(folder)))
+    keys, versions = _scan(folder)
+    table = _entries_table(os.path.realpath(os.path.abspath(folder)), keys)
+    if change_key == "stat":  # the listing's own stat calls: no second pass over the catalog
+        return table.append_column("version", pa.array(versions, pa.string()))
+    return table
 
 
-def _folder_entries(folder: Path) -> list[Path]:
-    """Every non-hidden entry under `folder` but directories and special files (see the module docstring).
-    DirEntry types come with the listing, so only symlinks and special files cost a stat call."""
-    entries, pending = [], [str(folder)]
+def _scan(folder: Path) -> tuple[list[str], list[str]]:
+    """(relative keys, stat versions) of every non-hidden entry under `folder` but directories and special files
+    (module docstring). One stat per entry, following symlinks: it finds FIFOs, sockets and devices behind
+    links and gives the entry's version (its target's, for a link)."""
+    keys, versions, pending = [], [], [("", str(folder))]
     while pending:
-        directory = pending.pop()
+        relative, directory = pending.pop()
         try:
             with os.scandir(directory) as listing:
                 children = list(listing)
@@ -200,25 +214,20 @@ def _folder_entries(folder: Path) -> list[Path]:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir(follow_symlinks=False):  # a symlink to a directory is not followed: an entry
-                pending.append(entry.path)
-            elif _is_special(entry):
+                pending.append((relative + entry.name + os.sep, entry.path))
+                continue
+            try:
+                st = entry.stat()
+            except OSError:  # a dangling or looping symlink: an entry, whose read becomes an errors row
+                st = None
+            if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 # %r: a name that is not valid UTF-8 would break a UTF-8 log stream
                 log.warning("catalog folder %s: left out %r: a FIFO, socket or device (reading one can block)",
                             folder, entry.path)
-            else:
-                entries.append(Path(entry.path))
-    return entries
-
-
-def _is_special(entry: os.DirEntry) -> bool:
-    """A FIFO, socket or device, or a symlink to one."""
-    if entry.is_file(follow_symlinks=False):
-        return False
-    try:
-        mode = os.stat(entry.path).st_mode
-    except OSError:  # a dangling or looping symlink: an entry, whose read becomes an errors row
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+                continue
+            keys.append(relative + entry.name)
+            versions.append(UNREADABLE if st is None else f"{st.st_size}-{st.st_mtime_ns}")
+    return keys, versions
 
 
 def _read_manifest(path: Path) -> pa.Table:

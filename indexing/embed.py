@@ -189,6 +189,7 @@ class Reuse:
 
     unchanged: np.ndarray  # (N,) bool over the new catalog's rows
     delta: dict[str, Any]
+    changes: pa.Table  # id, change (added, changed, removed): what an index of the previous snapshot must update
     previous: shards.EmbeddingRun | None
     errors: dict[int, str]  # id -> reason, of unchanged entries that failed before
 
@@ -200,7 +201,8 @@ class Reuse:
             previous = None
         if previous is None:
             return cls(np.zeros(n, bool), {"previous": None, "added": n, "changed": 0, "removed": 0,
-                                           "unchanged": 0, "reused_vectors": 0, "reused_errors": 0}, None, {})
+                                           "unchanged": 0, "reused_vectors": 0, "reused_errors": 0},
+                       _changes([], [], []), None, {})
         old = pq.read_table(previous.run_dir / shards.CATALOG).sort_by("id")
         new_ids, old_ids = catalog.column("id").to_numpy(), old.column("id").to_numpy()
         pos = np.searchsorted(old_ids, new_ids).clip(max=max(len(old_ids) - 1, 0))
@@ -213,11 +215,19 @@ class Reuse:
         errors_table = pq.read_table(previous.run_dir / shards.ERRORS, columns=["id", "reason"])
         failed = dict(zip(errors_table.column("id").to_pylist(), errors_table.column("reason").to_pylist()))
         errors = {i: failed[i] for i in new_ids[same].tolist() if i in failed}
+        removed = np.setdiff1d(old_ids, new_ids)
         delta = {"previous": previous.run_dir.name, "added": int((~present).sum()),
-                 "changed": int((present & ~same).sum()), "removed": int(len(old_ids) - present.sum()),
+                 "changed": int((present & ~same).sum()), "removed": len(removed),
                  "unchanged": int(same.sum()), "reused_vectors": int(same.sum()) - len(errors),
                  "reused_errors": len(errors)}
-        return cls(same, delta, previous, errors)
+        changes = _changes(new_ids[~present], new_ids[present & ~same], removed)
+        return cls(same, delta, changes, previous, errors)
+
+
+def _changes(added: Any, changed: Any, removed: Any) -> pa.Table:
+    ids = np.concatenate([np.asarray(x, np.int64) for x in (added, changed, removed)])
+    kinds = ["added"] * len(added) + ["changed"] * len(changed) + ["removed"] * len(removed)
+    return pa.table({"id": pa.array(ids, pa.int64()), "change": pa.array(kinds, pa.string())}).sort_by("id")
 
 
 class ShardWriter:
@@ -338,6 +348,8 @@ def _resume_or_start(run_dir: Path, bundle: dict[str, Any], catalog: dict[str, A
         manifest = shards.new_manifest(bundle["bundle_id"], int(bundle["embed_dim"]), catalog, rows_per_shard,
                                        num_shards)
         manifest["catalog_file"] = {shards.CATALOG: catalog_file}
+        manifest["changes_file"] = {shards.CHANGES: shards.write_parquet_atomic(reuse.changes,
+                                                                               run_dir / shards.CHANGES)}
         manifest["delta"] = reuse.delta
         shards.write_manifest(run_dir, manifest)
         return manifest

@@ -102,7 +102,7 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
                               "tune": round(tuned_at - added_at, 3), "total": round(tuned_at - started, 3)},
             "device": "gpu" if on_gpu else "cpu", "faiss_version": faiss.__version__,
             "bytes_on_disk": index_bytes, "bytes_per_vector": round(index_bytes / len(ids), 2),
-            "queries_sha256": _queries_digest(queries), "config": dataclasses.asdict(config)})
+            "queries_sha256": queries_digest(queries), "config": dataclasses.asdict(config)})
         store.write_manifest(tmp, manifest)
         try:
             publish_dir(tmp, final)
@@ -119,7 +119,7 @@ def index_id(run: EmbeddingRun, queries: Queries, config: IndexConfig) -> str:
     recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},
-              "queries": _queries_digest(queries)}
+              "queries": queries_digest(queries)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
 
 
@@ -147,7 +147,7 @@ def check_queries(queries: Queries, dim: int) -> Queries:
     return Queries(vectors, tuple(queries.references))
 
 
-def _queries_digest(queries: Queries) -> str:
+def queries_digest(queries: Queries) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(queries.vectors, dtype=np.float32).tobytes())
     digest.update(json.dumps(queries.references).encode())
     return digest.hexdigest()
@@ -251,9 +251,8 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
     """Sweep the search setting on the written index, opened and searched as search opens and searches it;
     returns the manifest's recall section plus "param" and "value". (bench/indexing.py also runs it on a built
     index with unreferenced queries, the per-query split of earlier versions, to compare the two protocols.)"""
+    index = VectorIndex.open(index_dir, manifest, mmap=True, on_gpu=on_gpu)
     ids, uris = store.read_uris(index_dir)
-    index = VectorIndex(index_dir, manifest, store.open_index(index_dir, manifest, mmap=True, on_gpu=on_gpu),
-                        on_gpu, ids, uris)
     reference_ids = catalog_ids(queries.references, ids, uris.to_pylist())
     k = min(config.recall_k, run.rows)
     truth = exact_knn(queries.vectors, ((i, vectors) for i, vectors, _ in run.iter_shards()), k * TRUTH_DEPTH,

@@ -4,6 +4,7 @@
         index.faiss (+ index.ivfdata)   merge=True: one index; IVF lists merged on disk in index.ivfdata
         shard-00000.faiss ...           merge=False: one index per embedding shard, searched together
         uris.parquet                    id int64, uri string, sorted by id
+        delta.faiss, dead.npy, base_ids.npy    an overlay version only (index_refresh.py)
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
     indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename (index_versions.py)
 
@@ -41,6 +42,7 @@ from cirflow.indexing.shards import write_parquet_atomic
 FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
+DELTA_FILE, DEAD_FILE, BASE_IDS_FILE = "delta.faiss", "dead.npy", "base_ids.npy"
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
 
 
@@ -140,3 +142,24 @@ def open_index(index_dir: Path, manifest: dict[str, Any], mmap: bool = True, on_
     for part in parts:
         shards.add_shard(part)  # faiss's wrapper keeps a reference to each part
     return shards
+
+
+def read_base_ids(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """Sorted ids the index's base FAISS files hold: all of its ids, unless it is an overlay."""
+    if manifest.get("overlay"):
+        return np.load(Path(index_dir) / BASE_IDS_FILE)
+    return read_uris(index_dir)[0]
+
+
+def read_dead(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """Sorted ids whose base vectors search must skip (an overlay's removed and changed ids); empty otherwise."""
+    if manifest.get("overlay"):
+        return np.load(Path(index_dir) / DEAD_FILE)
+    return np.zeros(0, np.int64)
+
+
+def open_delta(index_dir: Path, manifest: dict[str, Any]) -> faiss.Index | None:
+    """An overlay's exact index of its new and changed vectors; None for a full build."""
+    if not manifest.get("overlay"):
+        return None
+    return read_faiss(Path(index_dir) / DELTA_FILE, "single", mmap=False)

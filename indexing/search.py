@@ -22,7 +22,7 @@ import pyarrow as pa
 from cirflow.export.runtime import BundleRuntime, ImageInput
 from cirflow.indexing import index_store as store
 from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param
-from cirflow.indexing.tuning import drop_excluded
+from cirflow.indexing.tuning import PAD_SCORE, drop_excluded
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,34 @@ class SearchResult:
 
 
 class VectorIndex:
-    """A loaded index directory: (Q, D) query vectors in, the top-k catalog ids and scores out."""
+    """A loaded index directory: (Q, D) query vectors in, the top-k catalog ids and scores out.
+
+    An overlay version (index_refresh.py) answers from its base FAISS files without their dead ids, merged with
+    its delta's exact results."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index, on_gpu: bool,
-                 ids: np.ndarray, uris: pa.StringArray) -> None:
+                 ids: np.ndarray, uris: pa.StringArray, dead: np.ndarray | None = None,
+                 delta: faiss.Index | None = None) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
-        self.index = index
+        self.index = index  # the base: the whole index unless this is an overlay
         self.on_gpu = on_gpu
         self._ids = ids  # sorted catalog ids, aligned with _uris
         self._uris = uris
+        self._dead = np.zeros(0, np.int64) if dead is None else dead
+        self._delta = delta
+
+    @classmethod
+    def open(cls, index_dir: Path, manifest: dict[str, Any], mmap: bool, on_gpu: bool) -> VectorIndex:
+        """The index of a verified directory, its base, overlay and uris (load and index tuning share this)."""
+        index = store.open_index(index_dir, manifest, mmap=mmap, on_gpu=on_gpu)
+        ids, uris = store.read_uris(index_dir)
+        dead, delta = store.read_dead(index_dir, manifest), store.open_delta(index_dir, manifest)
+        live = index.ntotal - len(dead) + (delta.ntotal if delta is not None else 0)
+        if len(ids) != live:
+            raise store.IndexFormatError(f"{index_dir}: {store.URIS} lists {len(ids)} ids, the index holds "
+                                         f"{live} live vectors")
+        return cls(index_dir, manifest, index, on_gpu, ids, uris, dead, delta)
 
     @classmethod
     def load(cls, index_dir: Path, use_gpu: str = "auto", verify: str = "sha256", mmap: bool = True) -> VectorIndex:
@@ -69,20 +87,16 @@ class VectorIndex:
         index_dir = store.resolve_index_dir(Path(index_dir))
         manifest = store.verify_index(index_dir, checksums=verify == "sha256")
         on_gpu = resolve_gpu(use_gpu, manifest["type"], "search")
-        index = store.open_index(index_dir, manifest, mmap=mmap, on_gpu=on_gpu)
+        loaded = cls.open(index_dir, manifest, mmap, on_gpu)
         setting = manifest["search"]
         if setting["param"] is not None:
-            set_search_param(index, setting["param"], int(setting["value"]), on_gpu)
-        ids, uris = store.read_uris(index_dir)
-        if len(ids) != index.ntotal:
-            raise store.IndexFormatError(f"{index_dir}: {store.URIS} lists {len(ids)} ids, the index holds "
-                                         f"{index.ntotal} vectors")
+            set_search_param(loaded.index, setting["param"], int(setting["value"]), on_gpu)
         recall = manifest["recall"]
         tuned = "exact" if setting["param"] is None else f"{setting['param']}={setting['value']}"
         log.info("index %s: %s, %d vectors, %s (recall@%d %.3f held out)%s", index_dir, manifest["type"],
-                 index.ntotal, tuned, recall["k"], recall["held_out"],
+                 loaded.ntotal, tuned, recall["k"], recall["held_out"],
                  "" if recall["target_met"] else " RECALL TARGET NOT MET")
-        return cls(index_dir, manifest, index, on_gpu, ids, uris)
+        return loaded
 
     @property
     def bundle_id(self) -> str:
@@ -94,7 +108,8 @@ class VectorIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Live vectors: every catalog id once."""
+        return len(self._ids)
 
     def search(self, queries: np.ndarray, k: int = 10,
                exclude_ids: Sequence[int | None] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -116,10 +131,37 @@ class VectorIndex:
             raise SearchError(f"k={k} is over faiss's GPU limit of {GPU_MAX_K - excluding} results per query")
         if kk == 0:
             return np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
-        scores, ids = self.index.search(queries, kk)
+        scores, ids = self._top(queries, kk)
         if excluding:
             ids, scores = drop_excluded(ids, scores, exclude, min(int(k), kk))
         return ids, scores
+
+    def _top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k best live vectors per query, faiss's layout and padding."""
+        if self._delta is None:
+            return self.index.search(queries, k)
+        scores, ids = self._live_base(queries, k)
+        if self._delta.ntotal:
+            delta_scores, delta_ids = self._delta.search(queries, min(k, self._delta.ntotal))
+            scores, ids = np.hstack([scores, delta_scores]), np.hstack([ids, delta_ids])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+    def _live_base(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base's k best per query without dead ids: asks for more, and for rows that lost too many, asks
+        again with twice as many, until k live ones or the whole base."""
+        fetch = min(self.index.ntotal, k + min(len(self._dead), max(k, 16)))
+        if fetch == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        while True:
+            scores, ids = self.index.search(queries, fetch)
+            dead = np.isin(ids, self._dead)
+            ids[dead], scores[dead] = -1, PAD_SCORE
+            short = ((ids >= 0).sum(axis=1) < k).any()
+            if not short or fetch >= self.index.ntotal:
+                order = np.argsort(dead, axis=1, kind="stable")[:, :k]  # live ones first, in rank order
+                return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+            fetch = min(self.index.ntotal, fetch * 2)
 
     def uris_of(self, ids: np.ndarray) -> list[str]:
         """The uri of each catalog id (ids the index returned)."""

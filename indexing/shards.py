@@ -4,6 +4,7 @@ An embedding run (one snapshot of a catalog, embed.py) lives in `embeddings/<cat
 the bundle directory's CURRENT names the latest complete one, and `open_run` follows it:
 
     catalog.parquet          id int64, uri string, version string: the catalog state this snapshot embeds
+    changes.parquet          id int64, change string (added, changed, removed): against the previous snapshot
     part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
     errors.parquet           id int64, uri string, reason string (written when the run completes)
     _errors/part-00000.parquet   the same rows, per shard (kept: a damaged errors.parquet is merged again)
@@ -32,6 +33,7 @@ from cirflow.core.files import check_files, follow_current, read_json, sha256_fi
 FORMAT = "cirflow-embeddings-v1"
 MANIFEST = "manifest.json"
 CATALOG = "catalog.parquet"
+CHANGES = "changes.parquet"
 ERRORS = "errors.parquet"
 SHARD_ERRORS_DIR = "_errors"
 ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string())])
@@ -187,6 +189,14 @@ class EmbeddingRun:
         for path in self.shard_files:
             yield read_shard(path, self.dim)
 
+    def read_ids_and_uris(self) -> tuple[np.ndarray, list[str]]:
+        """Every row's id and uri, in shard order, without the vectors."""
+        tables = [pq.read_table(path, columns=["id", "uri"]) for path in self.shard_files]
+        if not tables:
+            return np.zeros(0, np.int64), []
+        table = pa.concat_tables(tables)
+        return table.column("id").to_numpy(), table.column("uri").to_pylist()
+
     def read_all(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         parts = list(self.iter_shards())
         if not parts:
@@ -206,7 +216,8 @@ def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
         done, total = len(manifest.get("shards", {})), manifest.get("num_shards")
         raise EmbeddingsError(f"{run_dir}: the embedding run is incomplete ({done}/{total} shards); rerun the "
                               "embedding job to finish it")
-    problem = check_files(run_dir, {**manifest["shards"], **manifest.get("catalog_file", {})}) if verify else None
+    recorded = {**manifest["shards"], **manifest.get("catalog_file", {}), **manifest.get("changes_file", {})}
+    problem = check_files(run_dir, recorded) if verify else None
     if problem:
         raise EmbeddingsError(f"embedding run {run_dir}: {problem} (damaged or replaced)")
     return EmbeddingRun(run_dir, manifest)

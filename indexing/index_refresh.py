@@ -1,0 +1,169 @@
+"""A refreshed catalog's index without rebuilding it: the previous version's index files, a small exact index of
+what changed, and the ids whose old vectors are dead. Its cost follows the change, not the catalog.
+
+    indexes/<catalog>/<index_id>/
+        index.faiss ...     the base: the last full build's FAISS files, hard-linked (never modified)
+        delta.faiss         IndexIDMap2(Flat): the vectors of ids new since the base, or changed
+        dead.npy            sorted ids of base vectors no longer valid (removed or changed since the base)
+        base_ids.npy        sorted ids the base holds
+        uris.parquet, manifest.json (section "overlay")
+
+Search (indexing/search.py) asks the base for more than k, drops dead ids, merges the delta's exact results and
+keeps the top k: the same answer as an index rebuilt from the snapshot, up to the base's own approximation. The
+tuned setting is swept again on the combined index and validation re-measures recall before publication.
+
+An overlay is made only on the previous version that was built from the snapshot the new one was refreshed
+from (embed.py records the ids it added, changed and removed), with the same bundle and configuration; when
+the dead ids and the delta together exceed `max_fraction` of the base, or anything else differs, it returns
+None and the caller builds in full (the compaction: a new base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cirflow.core.files import publish_dir, temp_dir_beside
+from cirflow.export.manifest import ID_LENGTH
+from cirflow.indexing import index_store as store
+from cirflow.indexing import shards
+from cirflow.indexing.index_build import build_index, check_queries, queries_digest, tune_index
+from cirflow.indexing.index_plan import IndexConfig, IndexPlan
+from cirflow.indexing.queries import Queries
+
+log = logging.getLogger(__name__)
+
+
+def build_or_refresh(run: shards.EmbeddingRun, queries: Queries, indexes_root: Path, config: IndexConfig,
+                     previous: Path | None, max_fraction: float) -> Path:
+    """An overlay on `previous` where one is possible and small enough, else a full build (build_index)."""
+    if previous is not None and max_fraction > 0:
+        refreshed = refresh_index(run, queries, previous, config, max_fraction)
+        if refreshed is not None:
+            return refreshed
+    return build_index(run, queries, indexes_root, config)
+
+
+def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, config: IndexConfig,
+                  max_fraction: float) -> Path | None:
+    """The overlay version of `previous` for snapshot `run`, or None when a full build is due (logged why)."""
+    queries = check_queries(queries, run.dim)
+    manifest = store.verify_index(previous, checksums=False)
+    reason = _cannot_refresh(run, manifest, config)
+    if reason:
+        log.info("index %s: full build (%s)", previous.name, reason)
+        return None
+    base_ids = store.read_base_ids(previous, manifest)
+    changes = pq.read_table(run.run_dir / shards.CHANGES)
+    touched = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["changed", "removed"])))
+    touched = touched.column("id").to_numpy()
+    dead = np.union1d(store.read_dead(previous, manifest), np.intersect1d(touched, base_ids))
+    run_ids = np.concatenate([ids for ids, _, _ in run.iter_shards()])
+    delta_ids = np.setdiff1d(run_ids, np.setdiff1d(base_ids, dead))
+    if len(dead) + len(delta_ids) > max_fraction * len(base_ids):
+        log.info("index %s: full build (%d dead + %d delta vectors exceed %.0f%% of the base's %d)", previous.name,
+                 len(dead), len(delta_ids), 100 * max_fraction, len(base_ids))
+        return None
+    final = previous.parent / _overlay_id(manifest, run, queries, config)
+    if (final / store.MANIFEST).exists():
+        store.verify_index(final)
+        log.info("index %s is up to date (an overlay on the same inputs)", final)
+        return final
+    started = time.perf_counter()
+    with temp_dir_beside(final) as tmp:
+        base_files = list(manifest["index_files"]) + ([store.IVFDATA] if manifest["layout"] == "ondisk" else [])
+        for name in base_files:
+            _link(previous / name, tmp / name)
+        delta_vectors = _vectors_of(run, delta_ids)
+        delta = faiss.IndexIDMap2(faiss.IndexFlatIP(run.dim))
+        delta.add_with_ids(delta_vectors, delta_ids)
+        faiss.write_index(delta, str(tmp / store.DELTA_FILE))
+        np.save(tmp / store.DEAD_FILE, dead)
+        np.save(tmp / store.BASE_IDS_FILE, base_ids)
+        ids, uris = run.read_ids_and_uris()
+        store.write_uris(tmp, ids, uris)
+        base = manifest.get("overlay", {}).get("base", manifest["index_id"])
+        kept = {key: manifest[key] for key in ("catalog", "embed_dim", "metric", "type", "factory", "params",
+                                               "reason", "plan_warnings", "layout", "index_files",
+                                               "estimated_bytes", "config", "faiss_version")}
+        new = {**kept, "format": store.FORMAT, "index_id": final.name, "bundle_id": run.bundle_id,
+               "overlay": {"base": base, "previous": manifest["index_id"], "dead": int(len(dead)),
+                           "delta": int(len(delta_ids)), "base_vectors": int(len(base_ids)),
+                           "max_fraction": max_fraction}}
+        plan = IndexPlan(manifest["type"], manifest["factory"], manifest["params"], manifest["search"]["param"],
+                         manifest["estimated_bytes"], 0, manifest["reason"])
+        built_at = time.perf_counter()
+        tuning = tune_index(tmp, new, plan, run, queries, config, on_gpu=False)
+        done = time.perf_counter()
+        new.update({"embeddings": {"run_dir": str(run.run_dir), "snapshot": run.run_dir.name,
+                                   "shards": len(run.shard_files), "rows": run.rows},
+                    "counts": {"vectors": int(len(ids)), "shards": len(run.shard_files),
+                               "index_files": len(manifest["index_files"])},
+                    "id_range": [int(ids.min()), int(ids.max())],
+                    "search": {"param": tuning.pop("param"), "value": tuning.pop("value")}, "recall": tuning,
+                    "build_seconds": {"overlay": round(built_at - started, 3), "tune": round(done - built_at, 3),
+                                      "total": round(done - started, 3)},
+                    "device": "cpu", "queries_sha256": queries_digest(queries)})
+        new["bytes_on_disk"] = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        store.write_manifest(tmp, new)
+        publish_dir(tmp, final)
+    log.info("index %s: overlay on base %s (%d dead, %d delta vectors) in %.1f s", final.name, base, len(dead),
+             len(delta_ids), time.perf_counter() - started)
+    return final
+
+
+def _cannot_refresh(run: shards.EmbeddingRun, manifest: dict[str, Any], config: IndexConfig) -> str | None:
+    previous_snapshot = (run.manifest.get("delta") or {}).get("previous")
+    built_from = Path(manifest.get("embeddings", {}).get("run_dir", "")).name
+    if manifest["bundle_id"] != run.bundle_id:
+        return "another bundle"
+    if not (run.run_dir / shards.CHANGES).is_file() or previous_snapshot is None:
+        return "the snapshot records no changes against a previous one"
+    if built_from != previous_snapshot:
+        return f"the published index was built from snapshot {built_from}, not from {previous_snapshot}"
+    if manifest.get("config") != _comparable(config):
+        return "another index configuration"
+    return None
+
+
+def _comparable(config: IndexConfig) -> dict[str, Any]:
+    """The configuration as the index manifest records it."""
+    return dataclasses.asdict(config)
+
+
+def _overlay_id(manifest: dict[str, Any], run: shards.EmbeddingRun, queries: Queries, config: IndexConfig) -> str:
+    recipe = {"format": store.FORMAT, "overlay_on": manifest["index_id"], "bundle_id": run.bundle_id,
+              "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
+              "config": _comparable(config), "queries": queries_digest(queries)}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link: the base files are immutable, so versions share them at no cost (a copy across devices)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _vectors_of(run: shards.EmbeddingRun, ids: np.ndarray) -> np.ndarray:
+    """The snapshot's vectors of `ids` (sorted), read shard by shard."""
+    out = np.zeros((len(ids), run.dim), np.float32)
+    for shard_ids, vectors, _ in run.iter_shards():
+        hit = np.isin(shard_ids, ids)
+        out[np.searchsorted(ids, shard_ids[hit])] = vectors[hit]
+    return out
+
