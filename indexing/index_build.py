@@ -34,7 +34,15 @@ from cirflow.indexing.index_plan import IndexConfig, IndexPlan, plan_index
 from cirflow.indexing.queries import Queries, catalog_ids
 from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.shards import EmbeddingRun
-from cirflow.indexing.tuning import TRUTH_DEPTH, ef_search_candidates, exact_knn, nprobe_candidates, tune_setting
+from cirflow.indexing.tuning import (
+    TRUTH_DEPTH,
+    GroundTruth,
+    ef_search_candidates,
+    exact_knn,
+    nprobe_candidates,
+    save_truth,
+    tune_setting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +255,7 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, me
 
 
 def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingRun, queries: Queries,
-               config: IndexConfig, on_gpu: bool) -> dict[str, Any]:
+               config: IndexConfig, on_gpu: bool, truth: GroundTruth | None = None) -> dict[str, Any]:
     """Sweep the search setting on the written index, opened and searched as search opens and searches it;
     returns the manifest's recall section plus "param" and "value". (bench/indexing.py also runs it on a built
     index with unreferenced queries, the per-query split of earlier versions, to compare the two protocols.)"""
@@ -255,8 +263,12 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
     ids, uris = store.read_uris(index_dir)
     reference_ids = catalog_ids(queries.references, ids, uris.to_pylist())
     k = min(config.recall_k, run.rows)
-    truth = exact_knn(queries.vectors, ((i, vectors) for i, vectors, _ in run.iter_shards()), k * TRUTH_DEPTH,
-                      reference_ids)
+    if truth is None:
+        truth = exact_knn(queries.vectors, ((i, vectors) for i, vectors, _ in run.iter_shards()), k * TRUTH_DEPTH,
+                          reference_ids)
+    # Kept beside the index (listed in its manifest): validation measures against it, and the next overlay
+    # refresh updates it with the changed vectors instead of searching the whole catalog again.
+    save_truth(index_dir / store.TRUTH_FILE, truth)
 
     param = plan.search_param
 

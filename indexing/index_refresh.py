@@ -42,7 +42,8 @@ from cirflow.indexing import index_store as store
 from cirflow.indexing import shards
 from cirflow.indexing.index_build import build_index, check_queries, queries_digest, tune_index
 from cirflow.indexing.index_plan import IndexConfig, IndexPlan
-from cirflow.indexing.queries import Queries
+from cirflow.indexing.queries import Queries, catalog_ids
+from cirflow.indexing.tuning import GroundTruth, load_truth, refresh_truth
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
     base_ids = store.read_base_ids(previous, manifest)
     changes = pq.read_table(run.run_dir / shards.CHANGES)
     touched = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["changed", "removed"])))
-    touched = touched.column("id").to_numpy()
+    touched = np.sort(touched.column("id").to_numpy())
     dead = np.union1d(store.read_dead(previous, manifest), np.intersect1d(touched, base_ids))
     run_ids = np.concatenate([ids for ids, _, _ in run.iter_shards()])
     delta_ids = np.setdiff1d(run_ids, np.setdiff1d(base_ids, dead))
@@ -106,7 +107,8 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
         plan = IndexPlan(manifest["type"], manifest["factory"], manifest["params"], manifest["search"]["param"],
                          manifest["estimated_bytes"], 0, manifest["reason"])
         built_at = time.perf_counter()
-        tuning = tune_index(tmp, new, plan, run, queries, config, on_gpu=False)
+        truth = _refreshed_truth(previous, manifest, run, queries, changes, ids, uris, delta_ids, delta_vectors)
+        tuning = tune_index(tmp, new, plan, run, queries, config, on_gpu=False, truth=truth)
         done = time.perf_counter()
         new.update({"embeddings": {"run_dir": str(run.run_dir), "snapshot": run.run_dir.name,
                                    "shards": len(run.shard_files), "rows": run.rows},
@@ -123,6 +125,26 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
     log.info("index %s: overlay on base %s (%d dead, %d delta vectors) in %.1f s", final.name, base, len(dead),
              len(delta_ids), time.perf_counter() - started)
     return final
+
+
+def _refreshed_truth(previous: Path, manifest: dict[str, Any], run: shards.EmbeddingRun, queries: Queries,
+                     changes: pa.Table, ids: np.ndarray, uris: list[str], delta_ids: np.ndarray,
+                     delta_vectors: np.ndarray) -> GroundTruth | None:
+    """The tuning queries' exact top lists over the new snapshot, updated from the previous version's with this
+    snapshot's changes (tuning.refresh_truth); None (compute them anew) when the previous lists are of other
+    queries or missing."""
+    path = previous / store.TRUTH_FILE
+    if not path.is_file() or manifest.get("queries_sha256") != queries_digest(queries):
+        return None
+    kind = changes.column("change")
+    came = changes.filter(pc.is_in(kind, value_set=pa.array(["added", "changed"]))).column("id").to_numpy()
+    gone = changes.filter(pc.is_in(kind, value_set=pa.array(["changed", "removed"]))).column("id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    reference_ids = catalog_ids(queries.references, ids[order], [uris[i] for i in order])
+    # What came since the previous snapshot is new to the base or replaces a dead base vector: in the delta.
+    came_vectors = delta_vectors[np.searchsorted(delta_ids, came)]
+    return refresh_truth(load_truth(path), queries.vectors, gone, came, came_vectors, reference_ids,
+                         lambda: ((i, v) for i, v, _ in run.iter_shards()))
 
 
 def _cannot_refresh(run: shards.EmbeddingRun, manifest: dict[str, Any], config: IndexConfig) -> str | None:

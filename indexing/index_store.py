@@ -4,6 +4,7 @@
         index.faiss (+ index.ivfdata)   merge=True: one index; IVF lists merged on disk in index.ivfdata
         shard-00000.faiss ...           merge=False: one index per embedding shard, searched together
         uris.parquet                    id int64, uri string, sorted by id
+        truth.npz                       the tuning queries' exact top lists (ids, scores, excluded id per query)
         delta.faiss, dead.npy, base_ids.npy    an overlay version only (index_refresh.py)
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
     indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename (index_versions.py)
@@ -43,6 +44,7 @@ FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
 DELTA_FILE, DEAD_FILE, BASE_IDS_FILE = "delta.faiss", "dead.npy", "base_ids.npy"
+TRUTH_FILE = "truth.npz"  # the tuning queries' exact top lists over the catalog (index_build.tune_index)
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
+
+from cirflow.core.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,46 @@ def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarra
         ids, scores = drop_excluded(ids, scores, exclude, k)
     missing = ids < 0  # fewer than k vectors in the whole catalog (besides the excluded one)
     return GroundTruth(np.where(missing, -np.inf, scores).astype(np.float32), ids, exclude)
+
+
+def save_truth(path: Path, truth: GroundTruth) -> None:
+    """The exact top lists beside an index (index_build), for validation and the next refresh to start from."""
+    excluded = truth.exclude_ids()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temp name
+            np.savez(f, ids=truth.ids, scores=truth.scores, excluded=excluded)
+
+    write_atomic(path, write)
+
+
+def load_truth(path: Path) -> GroundTruth:
+    with np.load(path) as data:
+        excluded = data["excluded"]
+        return GroundTruth(data["scores"], data["ids"], excluded if (excluded >= 0).any() else None)
+
+
+def refresh_truth(old: GroundTruth, queries: np.ndarray, gone: np.ndarray, new_ids: np.ndarray,
+                  new_vectors: np.ndarray, exclude_ids: np.ndarray, catalog: Callable[[], Iterable[tuple[
+                      np.ndarray, np.ndarray]]]) -> GroundTruth:
+    """The exact top lists of a changed catalog from those of the catalog before, as exact as computing them
+    anew: `gone` are the ids whose old vectors left (removed or changed), (`new_ids`, `new_vectors`) the vectors
+    that came (added or changed). A row that held none of `gone` and excludes the same id is the merge of its old
+    list with the new vectors' best; any other row is computed again over `catalog()` (every vector)."""
+    depth = old.ids.shape[1]
+    exclude = np.asarray(exclude_ids, dtype=np.int64)
+    fresh = exact_knn(queries, [(new_ids, new_vectors)], depth, exclude)
+    scores = np.hstack([old.scores, fresh.scores])
+    ids = np.hstack([old.ids, fresh.ids])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+    scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    stale = np.isin(old.ids, gone).any(axis=1) | (old.exclude_ids() != exclude)
+    if stale.any():
+        redone = exact_knn(queries[stale], catalog(), depth, exclude[stale])
+        scores[stale], ids[stale] = redone.scores, redone.ids
+    log.info("ground truth refreshed: %d of %d rows merged with %d new vectors, %d computed again", int((~stale).sum()),
+             len(stale), len(new_ids), int(stale.sum()))
+    return GroundTruth(scores, ids, exclude if (exclude >= 0).any() else None)
 
 
 def drop_excluded(ids: np.ndarray, scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

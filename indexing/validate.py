@@ -4,7 +4,8 @@ recall floor on held-out composed queries, measured again here rather than read 
 The recall is measured the way search serves: the index directory loaded as a searcher loads it (checksums,
 memory map, tuned setting), the held-out side of the build's own split by reference image (so no query that
 chose the setting judges it), each query's reference left out where the catalog holds it, against exact
-inner-product search over the snapshot's vectors.
+inner-product search over the snapshot's vectors: the exact lists the build saved beside the index (truth.npz,
+covered by the manifest's sha256) when they are of the same queries and snapshot, else computed here.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import pyarrow.parquet as pq
 
 from cirflow.indexing import index_store as store
 from cirflow.indexing import shards
-from cirflow.indexing.index_build import reference_groups
+from cirflow.indexing.index_build import queries_digest, reference_groups
 from cirflow.indexing.queries import Queries, catalog_ids
 from cirflow.indexing.search import VectorIndex
-from cirflow.indexing.tuning import TRUTH_DEPTH, exact_knn, recall_at_k, split_by_reference
+from cirflow.indexing.tuning import (
+    TRUTH_DEPTH,
+    GroundTruth,
+    exact_knn,
+    load_truth,
+    recall_at_k,
+    split_by_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,21 @@ def expected_ids(run: shards.EmbeddingRun) -> np.ndarray:
     return np.setdiff1d(ids, errors)
 
 
+def _saved_truth(index_dir: Path, manifest: dict[str, Any], run: shards.EmbeddingRun, queries: Queries,
+                 reference_ids: np.ndarray) -> GroundTruth | None:
+    """The index's saved exact top lists when they are of these queries over this snapshot (the manifest's
+    sha256 vouches for the file; the excluded ids must be the ones found here), else None."""
+    path = index_dir / store.TRUTH_FILE
+    built_from = Path(manifest.get("embeddings", {}).get("run_dir", "")).name
+    if not path.is_file() or built_from != run.run_dir.name or manifest.get("queries_sha256") != queries_digest(
+            queries):
+        return None
+    truth = load_truth(path)
+    if not np.array_equal(truth.exclude_ids(), np.where(reference_ids >= 0, reference_ids, -1)):
+        return None
+    return truth
+
+
 def validate_index(index_dir: Path, run: shards.EmbeddingRun, queries: Queries, min_recall: float) -> Validation:
     index = VectorIndex.load(Path(index_dir))
     manifest = index.manifest
@@ -70,8 +93,11 @@ def validate_index(index_dir: Path, run: shards.EmbeddingRun, queries: Queries, 
     reference_ids = catalog_ids(queries.references, ids, uris.to_pylist())
     groups = reference_groups(queries.references, reference_ids)
     _, held = split_by_reference(groups, split["tune_fraction"], split["seed"])
-    truth = exact_knn(queries.vectors[held], ((i, v) for i, v, _ in run.iter_shards()), k * TRUTH_DEPTH,
-                      reference_ids[held])
+    truth = _saved_truth(index.index_dir, manifest, run, queries, reference_ids)
+    if truth is None:
+        truth = exact_knn(queries.vectors, ((i, v) for i, v, _ in run.iter_shards()), k * TRUTH_DEPTH,
+                          reference_ids)
+    truth = truth.take(held)
     recall = recall_at_k(index.search(queries.vectors[held], k, truth.exclude_ids())[0], truth, k)
     if recall < min_recall:
         problems.append(f"recall@{k} {recall:.4f} on {len(held)} held-out composed queries is under the floor "

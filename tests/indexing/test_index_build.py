@@ -56,7 +56,7 @@ def test_every_type_builds_and_meets_its_recall_target_held_out(built: dict[str,
     assert all(row[2] > 0 for row in recall["sweep"])  # ms per query of each setting, for the flow's plot
     ivf = index_type.startswith("ivf")
     assert manifest["layout"] == ("ondisk" if ivf else "single")
-    files = {"index.faiss", "uris.parquet"} | ({"index.ivfdata"} if ivf else set())
+    files = {"index.faiss", "uris.parquet", "truth.npz"} | ({"index.ivfdata"} if ivf else set())
     assert set(manifest["files"]) == files and {p.name for p in index_dir.iterdir()} == files | {"manifest.json"}
     assert manifest["bytes_per_vector"] == pytest.approx(manifest["bytes_on_disk"] / 6000, abs=0.01)
     assert manifest["build_seconds"]["total"] >= manifest["build_seconds"]["train"] >= 0

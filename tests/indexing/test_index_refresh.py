@@ -18,6 +18,7 @@ from cirflow.indexing.index_refresh import build_or_refresh, refresh_index
 from cirflow.indexing.index_versions import publish
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.search import VectorIndex
+from cirflow.indexing.tuning import exact_knn, load_truth
 from cirflow.indexing.validate import validate_index
 from cirflow.models.tiny import make_checkpoint
 from tests.export.conftest import random_images
@@ -79,6 +80,11 @@ def test_overlays_answer_as_a_rebuild_and_chain(bundle: Path, tmp_path: Path, in
     overlay = index_store.read_manifest(third)["overlay"]
     assert (overlay["base"], overlay["previous"], overlay["dead"], overlay["delta"]) == (first.name, second.name,
                                                                                        7, 9)
+    # The exact top lists were updated from the previous version's with the changes alone: as if computed anew.
+    saved = load_truth(third / index_store.TRUTH_FILE)
+    anew = exact_knn(queries.vectors, ((i, v) for i, v, _ in third_run.iter_shards()), saved.ids.shape[1])
+    np.testing.assert_allclose(saved.scores, anew.scores, atol=1e-5)
+    assert all(set(a) == set(b) for a, b in zip(saved.ids.tolist(), anew.ids.tolist()))
     index = VectorIndex.load(third)
     assert index.ntotal == third_run.rows == 82
     found_ids, found_scores = index.search(queries.vectors, 10)
