@@ -74,10 +74,12 @@ def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, tmp_
     ratio = re.search(r"Refresh / full \(stage calls\): \*\*([0-9.]+)\*\* \(aim <= 0\.05: (met|NOT met)\)", text)
     assert ratio and float(ratio.group(1)) > 0
     steps = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
-    for step in ("run_embed", "open_run (sha256 of every shard)", "validate_index", "publish", "**total**"):
-        assert step in steps
-    assert re.search(r"checks \(the bench stops on a failure\): (\d+) images encoded by the refresh = added \+ "
-                     r"overwritten \(in-process\)", text)
+    for step in ("run_embed", "open_run", "build_or_refresh", "validate_index", "publish", "**total**"):
+        assert any(cell.split(" (")[0] == step for cell in steps), step
+    build = next(cell for cell in steps if cell.startswith("build_or_refresh"))
+    assert "full: flat, built from all vectors" in build and "refresh: flat, an overlay on" in build
+    assert re.search(r"checks \(the bench stops on a failure\): 2 images encoded by the refresh = added \+ "
+                     r"overwritten \(in-process\).*its delta and dead ids are exactly the change's", text)
     assert re.search(r"Through the Prefect catalog flow .*: \*\*[0-9.]+ s\*\*", text)
     assert (tmp_path / "work" / "refresh-results.json").is_file()
 
