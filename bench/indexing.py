@@ -84,10 +84,9 @@ from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
-from report import DOC, machine, today, write_section
+from report import DOC, default_bundle, machine, today, write_section
 
 from cirflow.core.files import read_json, write_json_atomic
-from cirflow.export.manifest import BundleError, resolve_bundle_dir
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
@@ -506,14 +505,6 @@ def render(args: argparse.Namespace, command: str, data: dict[str, Any], embeddi
 
 
 # --- main ----------------------------------------------------------------------------------------------------
-
-def default_bundle() -> Path:
-    """The registered bundle, workdir/bundles/CURRENT (the demo registers the one it exports)."""
-    try:
-        return resolve_bundle_dir(Path("workdir/bundles"))
-    except BundleError as e:
-        raise SystemExit(f"{e}; run the demo (`make demo`) or pass --bundle") from e
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

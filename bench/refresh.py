@@ -85,10 +85,9 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
-from report import DOC, machine, today, write_section
+from report import DOC, default_bundle, machine, today, write_section
 
 from cirflow.core.files import follow_current, read_json, write_bytes_atomic, write_json_atomic
-from cirflow.export.manifest import BundleError, resolve_bundle_dir
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import index_store, shards
 from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
@@ -593,13 +592,6 @@ def render(args: argparse.Namespace, command: str, setup: dict[str, Any], full: 
 
 
 # --- main ----------------------------------------------------------------------------------------------------
-
-def default_bundle() -> Path:
-    try:
-        return resolve_bundle_dir(Path("workdir/bundles"))
-    except BundleError as e:
-        raise SystemExit(f"{e}; run the demo (`make demo`) or pass --bundle") from e
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

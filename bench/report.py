@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from cirflow.core.files import write_text_atomic
+from cirflow.export.manifest import BundleError, resolve_bundle_dir
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -41,3 +42,11 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     write_text_atomic(doc, text)
+
+
+def default_bundle() -> Path:
+    """The registered bundle, workdir/bundles/CURRENT (the demo registers the one it exports)."""
+    try:
+        return resolve_bundle_dir(Path("workdir/bundles"))
+    except BundleError as e:
+        raise SystemExit(f"{e}; run the demo (`make demo`) or pass --bundle") from e
