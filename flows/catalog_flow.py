@@ -157,6 +157,7 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
                   catalog=CatalogConfig(name=cfg.embed.catalog.name, manifest=snapshot["path"]))
     state = load_catalog(job.catalog)
     run_dir = workdir / "embeddings" / job.catalog.name / bundle_id / snapshot_id(state, job.rows_per_shard)
+    made_before = _run_complete(str(run_dir))  # the same catalog state was embedded by an earlier run
     run_dir = Path(cached(embed_snapshot, _run_complete, key=content_key(to_dict(job), bundle_id),
                           config=job, run_dir=str(run_dir), ray_job_address=cfg.ray_job_address))
     data_key = data_fingerprint(Path(cfg.queries.root))
@@ -173,8 +174,9 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     index_dir = cached(build, _index_ok, key=index_key, run_dir=str(run_dir), queries=queries, config=cfg.index,
                        indexes=str(workdir / "indexes"), previous=previous, max_fraction=cfg.index_delta_max)
     delta = run_manifest.get("delta", {})
-    encoded = run_manifest.get("last_run", {}).get("entries")
-    print(_delta_table(job.catalog.name, run_dir, delta, encoded))
+    encoded = 0 if made_before else run_manifest.get("last_run", {}).get("entries")
+    print(f"catalog {job.catalog.name}: snapshot {run_dir.name} made by an earlier run, nothing to embed"
+          if made_before else _delta_table(job.catalog.name, run_dir, delta, encoded))
     index_manifest = read_manifest(Path(index_dir))
     checked = validate(index_dir, str(run_dir), queries, cfg.min_recall)
     k = index_manifest["recall"]["k"]

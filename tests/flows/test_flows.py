@@ -139,7 +139,7 @@ def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_sh
     states = task_states(again)
     for name in ("embed_snapshot", "encode_queries", "build"):
         assert states[name] == ["Cached"], (name, states)
-    assert len(versions(catalog_dir)) == 1
+    assert len(versions(catalog_dir)) == 1 and again.result()["encoded"] == 0
 
     # The shop changes: 3 new images, 2 removed, 1 overwritten with another picture.
     val = sorted((tiny_shapes / "images" / "val").iterdir())
