@@ -52,6 +52,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     # Prefect reads its settings at import: an ephemeral server may take 10-20 s to start on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a local demo
     from cirflow.flows.catalog_flow import catalog
     from cirflow.flows.pipeline_flow import pipeline
 

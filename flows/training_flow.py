@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, task
 
 from cirflow.core.config import load_config, to_dict
-from cirflow.core.files import sha256_file
+from cirflow.core.files import CURRENT, sha256_file
 from cirflow.export.bundle import export_bundle
 from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.manifest import BundleError, register_bundle, resolve_bundle_dir, verify_bundle
@@ -144,7 +144,8 @@ def _bundle_ok(bundle: str) -> bool:
 def _current_bundle(bundles: Path) -> Path | None:
     """The registered bundle, None when nothing is registered yet; a CURRENT naming a damaged or missing bundle
     counts as none, with a warning (the gate then has nothing to compare with)."""
-    if not bundles.is_dir():
+    if not (bundles / CURRENT).is_file():
+        log.info("no bundle registered in %s yet: the gate has nothing to compare with", bundles)
         return None
     try:
         current = resolve_bundle_dir(bundles)
