@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API request at INFO
+    # Prefect's client logs every API request at INFO, faiss every CPU-feature probe of its loader.
+    for noisy in ("httpx", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError) as e:
