@@ -131,9 +131,8 @@ def entry_versions(uris: list[str], change_key: str = "stat") -> list[str]:
     if change_key not in CHANGE_KEYS:
         raise ValueError(f"change_key={change_key!r} is not one of {list(CHANGE_KEYS)}")
     one = _stat_version if change_key == "stat" else _sha256_version
-    if change_key == "stat" and all(local_path(u) == u for u in uris[:64]):
-        return [one(u) for u in uris]  # local stat calls: threads would only add their overhead
-    if len(uris) < 64:
+    # Local stat calls gain nothing from threads but their overhead; neither do a few entries.
+    if len(uris) < 64 or (change_key == "stat" and all(local_path(u) == u for u in uris[:64])):
         return [one(u) for u in uris]
     with ThreadPoolExecutor(VERSION_THREADS) as pool:
         return list(pool.map(one, uris, chunksize=256))

@@ -72,8 +72,8 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
     touched = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["changed", "removed"])))
     touched = np.sort(touched.column("id").to_numpy())
     dead = np.union1d(store.read_dead(previous, manifest), np.intersect1d(touched, base_ids))
-    run_ids = np.concatenate([ids for ids, _, _ in run.iter_shards()])
-    delta_ids = np.setdiff1d(run_ids, np.setdiff1d(base_ids, dead))
+    ids, uris = run.read_ids_and_uris()
+    delta_ids = np.setdiff1d(ids, np.setdiff1d(base_ids, dead))
     if len(dead) + len(delta_ids) > max_fraction * len(base_ids):
         log.info("index %s: full build (%d dead + %d delta vectors exceed %.0f%% of the base's %d)", previous.name,
                  len(dead), len(delta_ids), 100 * max_fraction, len(base_ids))
@@ -94,7 +94,6 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
         faiss.write_index(delta, str(tmp / store.DELTA_FILE))
         np.save(tmp / store.DEAD_FILE, dead)
         np.save(tmp / store.BASE_IDS_FILE, base_ids)
-        ids, uris = run.read_ids_and_uris()
         store.write_uris(tmp, ids, uris)
         base = manifest.get("overlay", {}).get("base", manifest["index_id"])
         kept = {key: manifest[key] for key in ("catalog", "embed_dim", "metric", "type", "factory", "params",
@@ -107,7 +106,8 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
         plan = IndexPlan(manifest["type"], manifest["factory"], manifest["params"], manifest["search"]["param"],
                          manifest["estimated_bytes"], 0, manifest["reason"])
         built_at = time.perf_counter()
-        truth = _refreshed_truth(previous, manifest, run, queries, changes, ids, uris, delta_ids, delta_vectors)
+        truth = _refreshed_truth(previous, manifest, queries, changes, touched, ids, uris, delta_ids, delta_vectors,
+                                 run)
         tuning = tune_index(tmp, new, plan, run, queries, config, on_gpu=False, truth=truth)
         done = time.perf_counter()
         new.update({"embeddings": {"run_dir": str(run.run_dir), "snapshot": run.run_dir.name,
@@ -127,18 +127,17 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
     return final
 
 
-def _refreshed_truth(previous: Path, manifest: dict[str, Any], run: shards.EmbeddingRun, queries: Queries,
-                     changes: pa.Table, ids: np.ndarray, uris: list[str], delta_ids: np.ndarray,
-                     delta_vectors: np.ndarray) -> GroundTruth | None:
+def _refreshed_truth(previous: Path, manifest: dict[str, Any], queries: Queries, changes: pa.Table,
+                     gone: np.ndarray, ids: np.ndarray, uris: list[str], delta_ids: np.ndarray,
+                     delta_vectors: np.ndarray, run: shards.EmbeddingRun) -> GroundTruth | None:
     """The tuning queries' exact top lists over the new snapshot, updated from the previous version's with this
     snapshot's changes (tuning.refresh_truth); None (compute them anew) when the previous lists are of other
     queries or missing."""
     path = previous / store.TRUTH_FILE
     if not path.is_file() or manifest.get("queries_sha256") != queries_digest(queries):
         return None
-    kind = changes.column("change")
-    came = changes.filter(pc.is_in(kind, value_set=pa.array(["added", "changed"]))).column("id").to_numpy()
-    gone = changes.filter(pc.is_in(kind, value_set=pa.array(["changed", "removed"]))).column("id").to_numpy()
+    came = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["added", "changed"])))
+    came = came.column("id").to_numpy()
     order = np.argsort(ids, kind="stable")
     reference_ids = catalog_ids(queries.references, ids[order], [uris[i] for i in order])
     # What came since the previous snapshot is new to the base or replaces a dead base vector: in the delta.
