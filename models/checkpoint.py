@@ -33,7 +33,7 @@ class LoadedCheckpoint:
 def save_checkpoint(path: Path, model: CIRModel, tokenizer: Tokenizer, config: TrainConfig,
                     **extra: Any) -> Path:
     """Write atomically (temp name, then rename): a killed save never leaves a half checkpoint."""
-    payload = {"format": FORMAT, "config": to_dict(config), "model": model.state_dict(),
+    payload = {"format": FORMAT, "config": to_dict(config), "model": model.state_dict(), "arch": model.arch,
                "tokenizer": tokenizer.to_str(), **extra}
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
@@ -48,7 +48,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
     config = from_dict(TrainConfig, payload.pop("config"), "checkpoint config")
-    model = build_model(config.model)
+    model = build_model(config.model, payload.pop("arch", {}))
     model.load_state_dict(payload.pop("model"))
     model.eval()
     tokenizer = tokenizer_from_json(payload.pop("tokenizer"))

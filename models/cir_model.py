@@ -7,14 +7,17 @@ return L2-normalised (B, D). `features` exposes tokens and pooled vectors for tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirflow.models.backbones.config import BackboneConfig
+from cirflow.models.backbones.registry import build_towers, load_arch
 from cirflow.models.composers import ComposerConfig, build_composer
-from cirflow.models.image_encoder import ImageEncoder, ImageEncoderConfig
-from cirflow.models.text_encoder import TextEncoder, TextEncoderConfig
+from cirflow.models.image_encoder import ImageEncoderConfig
+from cirflow.models.text_encoder import TextEncoderConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,11 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     composer: ComposerConfig = field(default_factory=ComposerConfig)
+    # tiny: model.image / model.text describe the whole towers. A pretrained backbone brings its own networks;
+    # then image.dim / text.dim are the joint token width, embed_dim the retrieval size, image.image_size the
+    # input size, image.layers/heads/mlp_ratio/dropout the transformer neck over the pretrained image tokens,
+    # and text.max_length the token limit.
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
         if self.image.embed_dim != self.text.embed_dim:
@@ -47,16 +55,30 @@ class Features:
 
 
 class CIRModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, arch: dict[str, Any] | None = None) -> None:
+        """arch None: read the backbone's architecture from its weights' location and load the pretrained
+        weights; given (from a checkpoint): build the same architecture with random weights, to be loaded."""
         super().__init__()
         self.config = config
-        self.image_encoder = ImageEncoder(config.image)
-        self.text_encoder = TextEncoder(config.text)
+        self.arch = load_arch(config.backbone) if arch is None else arch
+        self.image_encoder, self.text_encoder = build_towers(config.image, config.text, config.backbone,
+                                                             self.arch, weights=arch is None)
         self.composer = build_composer(config.image.embed_dim, config.image.dim, config.composer)
 
     @property
     def embed_dim(self) -> int:
         return self.config.image.embed_dim
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Pretrained weights that the backbone's freezing policy keeps fixed."""
+        return [p for tower in self._pretrained_towers() for p in tower.frozen_parameters()]
+
+    def lr_scales(self) -> dict[int, float]:
+        """id(parameter) -> learning-rate factor for pretrained weights fine-tuned gently (absent: 1)."""
+        return {k: v for tower in self._pretrained_towers() for k, v in tower.lr_scales().items()}
+
+    def _pretrained_towers(self) -> list[Any]:
+        return [t for t in (self.image_encoder, self.text_encoder) if hasattr(t, "frozen_parameters")]
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D) unit gallery vectors."""
@@ -66,9 +88,20 @@ class CIRModel(nn.Module):
         """(B, L) token ids and mask -> (B, D) unit text vectors."""
         return F.normalize(self.text_encoder(ids, mask)[1], dim=-1)
 
+    @property
+    def fuses_image(self) -> bool:
+        """The text tower reads the reference image too (hf-blip2: the Q-Former fuses the reference image's
+        ViT states with the text, as BLIP2Cir does): it gets the image tower's stem output as context."""
+        return getattr(self.text_encoder, "fuses_image", False)
+
     def features(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:
-        image_tokens, v = self.image_encoder(pixels)
-        text_tokens, t = self.text_encoder(ids, mask)
+        if self.fuses_image:
+            context = self.image_encoder.stem(pixels)
+            image_tokens, v = self.image_encoder.head(context)
+            text_tokens, t = self.text_encoder(ids, mask, context)
+        else:
+            image_tokens, v = self.image_encoder(pixels)
+            text_tokens, t = self.text_encoder(ids, mask)
         return Features(image_tokens, F.normalize(v, dim=-1), text_tokens, mask, F.normalize(t, dim=-1))
 
     def compose_features(self, f: Features, composer: nn.Module | None = None) -> torch.Tensor:
@@ -80,8 +113,8 @@ class CIRModel(nn.Module):
         return self.compose_features(self.features(pixels, ids, mask))
 
 
-def build_model(config: ModelConfig) -> CIRModel:
-    return CIRModel(config)
+def build_model(config: ModelConfig, arch: dict[str, Any] | None = None) -> CIRModel:
+    return CIRModel(config, arch)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -6,6 +6,7 @@ Splits with targets get metrics for composed queries and both baselines; CIRR sp
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,14 @@ from cirflow.core.files import write_json_atomic
 from cirflow.models.checkpoint import load_checkpoint
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.types import CIRSplit
-from cirflow.models.evaluation import QUERY_MODES, TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
+from cirflow.models.evaluation import (
+    QUERY_MODES,
+    TorchEncoders,
+    build_eval_set,
+    embed_eval_set,
+    metrics_by_group,
+    score_embeddings,
+)
 from cirflow.models.metrics import average_fashioniq, cirr_submission
 from cirflow.models.report import format_table, save_example_sheet
 
@@ -50,6 +58,7 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
     kinds = [f"fashioniq/{c}" for c in FASHIONIQ_CATEGORIES] if kind == "fashioniq" else [kind]
     config.out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
+    by_edit: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for split_name in splits:
         for k in kinds:
             split = load_split(k, root, split_name)
@@ -61,6 +70,10 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
                 continue
             result = score_embeddings(emb, data)
             results[split.name] = result.metrics
+            edit_kinds = shapes_edit_kinds(root, split_name) if k == "shapes" else None
+            if edit_kinds:
+                by_edit[split.name] = metrics_by_group(emb, data, edit_kinds)
+                print(format_edit_kinds(by_edit[split.name], f"{split.name} by edit kind (R@1)"))
             if config.sheet_queries:
                 _write_sheet(config, split, data.names, result.top_k)
             print(format_table(result.metrics, f"{split.name} ({len(split.queries)} queries)"))
@@ -68,8 +81,27 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
             avg = {m: average_fashioniq({k: results[f"{k}/{split_name}"][m] for k in kinds}) for m in QUERY_MODES}
             results[f"fashioniq/average/{split_name}"] = avg
             print(format_table(avg, f"fashioniq average ({split_name})"))
-    write_json_atomic(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results})
+    write_json_atomic(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results,
+                                                        "by_edit_kind": by_edit})
     return results
+
+
+def shapes_edit_kinds(root: Path, split: str) -> dict[int, str] | None:
+    """pair id -> modification kind (add, remove, colour, shape, size, move) from the generator's scene file;
+    None when the dataset has none (older generations)."""
+    path = Path(root) / "scenes" / f"scenes.{split}.json"
+    if not path.is_file():
+        return None
+    return {int(pair): kind for pair, kind in json.loads(path.read_text()).get("modifications", {}).items()}
+
+
+def format_edit_kinds(by_kind: dict[str, dict[str, dict[str, float]]], title: str) -> str:
+    modes = [m for m in QUERY_MODES if all(m in v for v in by_kind.values())]
+    lines = [title, "| edit | queries | " + " | ".join(modes) + " |", "|---|---:|" + "---:|" * len(modes)]
+    for kind, v in by_kind.items():
+        lines.append(f"| {kind} | {int(v['queries']['count'])} | "
+                     + " | ".join(f"{v[m]['R@1']:.3f}" for m in modes) + " |")
+    return "\n".join(lines)
 
 
 def _write_sheet(config: EvalJobConfig, split: CIRSplit, names: list[str], top_k: np.ndarray) -> None:

@@ -9,7 +9,7 @@ bundle's ONNX Runtime session (export.runtime.BundleRuntime), so both are measur
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -35,22 +35,27 @@ class Encoders(Protocol):
 
 
 class TorchEncoders:
-    """The PyTorch model behind the Encoders protocol (eval mode, no autograd); adds the text-only baseline."""
+    """The PyTorch model behind the Encoders protocol (eval mode, no autograd, fp32, on the model's device);
+    adds the text-only baseline."""
 
     def __init__(self, model: CIRModel) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
+
+    def _tensors(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        return [torch.from_numpy(a).to(self.device) for a in arrays]
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        return self.model.eval().encode_image(torch.from_numpy(pixels)).numpy()
+        return self.model.eval().encode_image(*self._tensors(pixels)).cpu().numpy()
 
     @torch.inference_mode()
     def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.model.eval().compose(*map(torch.from_numpy, (pixels, input_ids, attention_mask))).numpy()
+        return self.model.eval().compose(*self._tensors(pixels, input_ids, attention_mask)).cpu().numpy()
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.model.eval().encode_text(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+        return self.model.eval().encode_text(*self._tensors(input_ids, attention_mask)).cpu().numpy()
 
 
 @dataclass
@@ -124,6 +129,21 @@ def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QU
             available = len(data.names) - (exclude is not None)  # a gallery smaller than k keeps them all
             top_k = rank_gallery(scores, exclude, min(k, available))
     return EvalResult(metrics, top_k)
+
+
+def metrics_by_group(emb: Embeddings, data: EvalSet, group_of: dict[int, str],
+                     modes: tuple[str, ...] = QUERY_MODES) -> dict[str, dict[str, dict[str, float]]]:
+    """The same metrics per group of queries (e.g. the shapes edit kind of each pair id): group -> mode -> metric,
+    plus each group's query count under "queries". Galleries stay whole; only the queries are split."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    queries = data.split.queries
+    for group in sorted(set(group_of[q.pair_id] for q in queries)):
+        rows = np.asarray([i for i, q in enumerate(queries) if group_of[q.pair_id] == group])
+        sub = EvalSet(replace(data.split, queries=[queries[i] for i in rows]), data.names, data.pixels,
+                      data.ref_rows[rows])
+        sub_emb = Embeddings(emb.gallery, {m: v[rows] for m, v in emb.queries.items()})
+        out[group] = {**score_embeddings(sub_emb, sub, modes).metrics, "queries": {"count": float(len(rows))}}
+    return out
 
 
 def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,

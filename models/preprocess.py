@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cirflow.core.config import check_positive
 
+MODES = ("stretch", "center_crop", "targetpad")
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
             "nearest": Image.Resampling.NEAREST}
 
@@ -27,12 +28,21 @@ class PreprocessConfig:
     # Per-channel statistics of the shapes benchmark (light background): centres inputs near zero.
     mean: tuple[float, float, float] = (0.85, 0.85, 0.85)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    resize: str = "bilinear"
+    resize: str = "bilinear"  # the resampling filter
+    # How a non-square image becomes size x size. stretch: resize both sides (the shapes images are square);
+    # center_crop: shorter side to `size`, then the centre (CLIP's); targetpad: CLIP4Cir's, pad with black to
+    # an aspect ratio of at most target_ratio first, then center_crop, so wide garments are not cut off.
+    mode: str = "stretch"
+    target_ratio: float = 1.25
 
     def __post_init__(self) -> None:
         if self.resize not in RESAMPLE:
             raise ValueError(f"resize={self.resize!r} is not one of {sorted(RESAMPLE)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
         check_positive(self, "size")
+        if self.target_ratio < 1:
+            raise ValueError(f"target_ratio={self.target_ratio} must be at least 1 (long side / short side)")
         if not all(s > 0 for s in self.std):  # normalisation divides by it
             raise ValueError(f"std={list(self.std)} must be positive in every channel")
 
@@ -66,9 +76,35 @@ def resize_uint8(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """RGB image -> (H, W, 3) uint8 at the encoder's size."""
     if image.mode != "RGB":
         raise ImageError(f"image mode {image.mode!r} is not RGB; decode with load_image first")
+    if config.mode == "targetpad":
+        image = _pad_to_ratio(image, config.target_ratio)
     if image.size != (config.size, config.size):
-        image = image.resize((config.size, config.size), RESAMPLE[config.resize])
+        if config.mode == "stretch":
+            image = image.resize((config.size, config.size), RESAMPLE[config.resize])
+        else:
+            image = _resize_center_crop(image, config.size, RESAMPLE[config.resize])
     return np.asarray(image, dtype=np.uint8)
+
+
+def _pad_to_ratio(image: Image.Image, ratio: float) -> Image.Image:
+    """Pad the short side symmetrically (black) until long / short <= ratio (CLIP4Cir's TargetPad)."""
+    w, h = image.size
+    if max(w, h) / min(w, h) < ratio:
+        return image
+    side = max(w, h) / ratio
+    pad_w, pad_h = max(int((side - w) / 2), 0), max(int((side - h) / 2), 0)
+    out = Image.new("RGB", (w + 2 * pad_w, h + 2 * pad_h))
+    out.paste(image, (pad_w, pad_h))
+    return out
+
+
+def _resize_center_crop(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def normalize_uint8(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:

@@ -8,17 +8,17 @@ since their checks (parity, formats, errors) are properties of the code and not 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from cirflow.core.config import load_config
+from cirflow.models.backbones.registry import backbone_tokenizer
 from cirflow.models.checkpoint import save_checkpoint
 from cirflow.models.cir_model import CIRModel, build_model
 from cirflow.models.tokenizer import train_tokenizer
-from cirflow.models.train_config import TrainConfig
+from cirflow.models.train_config import TrainConfig, filled_in
 
 TINY_MODEL = (
     "model.image.widths=[8, 16, 32]", "model.image.dim=32", "model.image.layers=1", "model.image.heads=2",
@@ -40,15 +40,15 @@ def make_checkpoint(path: Path, composer: str = "sum", seed: int = 0, captions: 
     """Save an untrained, seeded model as a real checkpoint (with a tokenizer trained on `captions`).
 
     tiny: start from TINY_MODEL (False: the default configuration, e.g. for speed benches); `overrides` are
-    applied after it. fill_zeros: give every parameter that its initialisation leaves all zero (ATF's output
+    applied after it (model.backbone.name=... gives a pretrained backbone, with its own tokenizer). fill_zeros: give every parameter that its initialisation leaves all zero (ATF's output
     projection and type embedding, biases) seeded random values, so that a parity test exercises every branch
     (an untrained ATF is otherwise exactly the sum composer). `extra` goes into the checkpoint (step, metrics).
     """
     base = (*TINY_MODEL, *CHECKPOINT_BUDGET) if tiny else ()
     config = load_config(TrainConfig, None, [*base, f"model.composer.name={composer}", *overrides])
-    tokenizer = train_tokenizer(captions, config.tokenizer)
-    config = replace(config, model=replace(config.model, text=replace(config.model.text,
-                                                                      vocab_size=tokenizer.get_vocab_size())))
+    tokenizer = (backbone_tokenizer(config.model.backbone, config.tokenizer.max_length)
+                 or train_tokenizer(captions, config.tokenizer))
+    config = filled_in(config, tokenizer)
     torch.manual_seed(seed)
     model = build_model(config.model).eval()
     if fill_zeros:

@@ -26,23 +26,28 @@ from tqdm import tqdm
 
 from cirflow.core.config import ConfigError, load_config, to_dict
 from cirflow.core.files import write_json_atomic, write_text_atomic
+from cirflow.models.backbones.registry import backbone_tokenizer
 from cirflow.models.checkpoint import save_checkpoint
 from cirflow.models.cir_model import CIRModel, build_model, count_parameters
 from cirflow.models.composers import ComposerConfig, SumComposer
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.types import CIRSplit
+from cirflow.models.device import Placement, prefetch, resolve
 from cirflow.models.evaluation import EvalSet, build_eval_set, evaluate
 from cirflow.models.losses import LogitScale
 from cirflow.models.methods.base import Method, encode_batch
 from cirflow.models.methods.registry import MethodConfig, build_method
+from cirflow.models.stem_cache import compute_stems
 from cirflow.models.tokenizer import tokenizer_from_json, train_tokenizer
-from cirflow.models.train_config import OptimConfig, TrainConfig
+from cirflow.models.train_config import OptimConfig, TrainConfig, filled_in
 from cirflow.models.train_data import Batch, TripletBatches
 
 log = logging.getLogger(__name__)
 
-# Keys that training fills in itself (from the run's tokenizer): a resumed run's config.yaml differs there.
-FILLED_IN = frozenset({"model.text.vocab_size"})
+# Keys that training fills in itself (from the run's tokenizer, and for a pretrained backbone the preprocessing
+# of its weights): a resumed run's config.yaml differs there.
+FILLED_IN = frozenset({"model.text.vocab_size", "preprocess.mean", "preprocess.std", "preprocess.resize",
+                       "preprocess.mode"})
 
 
 @dataclass
@@ -62,12 +67,12 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     if final.exists():
         log.info("run %s is already finished: %s", run_dir, final)
         return final
+    placement = resolve(config.device, config.precision)  # before any data is read: a wrong device fails fast
     started = time.monotonic()
     torch.manual_seed(config.seed)
     train_split = load_split(config.data.kind, Path(config.data.root), config.data.train_split)
     tokenizer = _tokenizer(config, train_split, run_dir)
-    config = replace(config, model=replace(
-        config.model, text=replace(config.model.text, vocab_size=tokenizer.get_vocab_size())))
+    config = filled_in(config, tokenizer)
     _write_config(config, run_dir)
 
     model = build_model(config.model)
@@ -77,7 +82,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
              count_parameters(model), config.model.composer.name, method.label, count_parameters(method),
              config.recipe)
     batches = TripletBatches(train_split, tokenizer, config.preprocess, config.loss.hard_negatives,
-                             config.data.max_train_queries, config.loss.group_by_set)
+                             config.data.max_train_queries, config.loss.group_by_set, pin=placement.cuda)
     val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
                          config.preprocess)
     stages = _stages(config, model, method, scale)
@@ -95,17 +100,24 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         started -= state["wall"]  # wall time of the earlier attempts counts too
         torch.set_rng_state(resume["torch_rng"])
         log.info("resuming %s at stage %d step %d", run_dir, state["stage"], state["step"])
+    for module in (model, method, scale):
+        module.to(placement.device)
+    # TMCIR's IACMA stage encodes pseudo-target pixels through the whole image tower: no image stems there.
+    batches.use_stems(compute_stems(model, batches.pixels, batches.all_captions(), tokenizer, config.preprocess,
+                                    placement.device, images=not config.method.iacma_steps))
 
     for i in range(state["stage"], len(stages)):
         stage = stages[i]
-        optimizer = _optimizer(stage)
+        optimizer = _optimizer(stage, model.lr_scales())
         if resume is not None and i == resume["state"]["stage"]:
             optimizer.load_state_dict(resume["optimizer"])
-        _run_stage(config, stage, model, scale, optimizer, batches, val, tokenizer, state, run_dir, i, started)
+        _run_stage(config, stage, model, scale, optimizer, batches, val, tokenizer, state, run_dir, i, started,
+                   placement)
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
 
     result = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",))
-    metrics = {"val": result.metrics["composed"], "method": method.label, "history": state["history"],
+    model.cpu()  # the checkpoint holds CPU tensors, whatever device trained it
+    metrics = {"device": str(placement.device), "bf16": placement.bf16, "val": result.metrics["composed"], "method": method.label, "history": state["history"],
                "parameters": count_parameters(model), "train_samples": state["samples"],
                "train_seconds": sum(h["train_seconds"] for h in state["history"] if "train_seconds" in h),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -148,22 +160,27 @@ def _tokenizer(config: TrainConfig, split: CIRSplit, run_dir: Path) -> Tokenizer
     path = run_dir / "tokenizer.json"
     if path.exists():  # resuming: the vocabulary must not change under the embedding table
         return tokenizer_from_json(path.read_text())
-    captions = [c for q in split.queries for c in (q.train_captions or (q.caption,))]
-    tokenizer = train_tokenizer(captions, config.tokenizer)
+    tokenizer = backbone_tokenizer(config.model.backbone, config.tokenizer.max_length)
+    if tokenizer is None:  # the built-in text tower learns its vocabulary from the training captions
+        captions = [c for q in split.queries for c in (q.train_captions or (q.caption,))]
+        tokenizer = train_tokenizer(captions, config.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, tokenizer.to_str())
     return tokenizer
 
 
 def _stages(config: TrainConfig, model: CIRModel, method: Method, scale: LogitScale) -> list[Stage]:
-    encoders = [*model.image_encoder.parameters(), *model.text_encoder.parameters()]
+    frozen = {id(p) for p in model.frozen_parameters()}  # the backbone's freezing policy, in every stage
+    encoders = [p for p in (*model.image_encoder.parameters(), *model.text_encoder.parameters())
+                if id(p) not in frozen]
+    model_params = [p for p in model.parameters() if id(p) not in frozen]
     stages = []
     if config.method.iacma_steps:
         # TMCIR: align image(pseudo-target) with the text first; only the towers and IACMA's temperature train.
         stages.append(Stage("iacma", replace(config.optim, max_steps=config.method.iacma_steps, max_minutes=0),
                             None, [*encoders, *method.parameters()], method, iacma=True))
     if config.recipe == "one_stage":
-        return stages + [Stage("train", config.optim, None, [*model.parameters(), *method.parameters(),
+        return stages + [Stage("train", config.optim, None, [*model_params, *method.parameters(),
                                                               *scale.parameters()], method)]
     # CLIP4Cir: stage 1 fine-tunes the encoders (and the method's branches) through q = normalize(v + t);
     # stage 2 freezes them and trains the composer alone with plain QTM.
@@ -174,12 +191,16 @@ def _stages(config: TrainConfig, model: CIRModel, method: Method, scale: LogitSc
               build_method(MethodConfig(), model, symmetric=config.loss.symmetric))]
 
 
-def _optimizer(stage: Stage) -> torch.optim.Optimizer:
-    # Weight decay on matrices only: decaying norms, biases and embeddings' scale terms hurts small models.
-    decay = [p for p in stage.trainable if p.ndim >= 2]
-    rest = [p for p in stage.trainable if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": stage.optim.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=stage.optim.lr)
+def _optimizer(stage: Stage, lr_scales: dict[int, float]) -> torch.optim.Optimizer:
+    """AdamW with one group per (weight decay, learning-rate factor): pretrained weights fine-tuned gently
+    (TowerPolicy.lr_scale) follow the same schedule at a fraction of the rate."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for p in stage.trainable:
+        # Weight decay on matrices only: decaying norms, biases and embeddings' scale terms hurts small models.
+        groups.setdefault((p.ndim >= 2, lr_scales.get(id(p), 1.0)), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": stage.optim.weight_decay if decay else 0.0,
+                               "lr_scale": factor} for (decay, factor), params in sorted(
+                                  groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))], lr=stage.optim.lr)
 
 
 def _progress(optim: OptimConfig, step: int, elapsed: float) -> float:
@@ -195,24 +216,35 @@ def _lr(optim: OptimConfig, step: int, progress: float) -> float:
     return optim.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict]:
+def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch,
+          placement: Placement) -> tuple[torch.Tensor, dict]:
+    batch = batch.to(placement.device)
+    with placement.autocast():
+        loss, terms = _stage_loss(model, scale, stage, batch)
+    return loss.float(), terms
+
+
+def _stage_loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict]:
     if stage.iacma:
         return stage.method.iacma_loss(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask)
-    f = encode_batch(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask)
+    f = encode_batch(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask, batch.image_stems,
+                     batch.text_stems)
     return stage.method.loss(model, f, stage.composer, scale())
 
 
-def _batches(batches: TripletBatches, config: TrainConfig, state: dict, batch_size: int) -> Iterator[Batch]:
+def _batches(batches: TripletBatches, seed: int, epoch: int, skip: int,
+             batch_size: int) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, batches of that epoch done after this one, batch), from a resume point onwards. The position
+    travels with each batch, so a prefetching consumer records where it is, not where the producer is."""
     while True:
-        for batch in batches.epoch(config.seed, state["epoch"], batch_size, skip=state["batch"]):
-            state["batch"] += 1
-            yield batch
-        state.update(epoch=state["epoch"] + 1, batch=0)
+        for i, batch in enumerate(batches.epoch(seed, epoch, batch_size, skip=skip), start=skip + 1):
+            yield epoch, i, batch
+        epoch, skip = epoch + 1, 0
 
 
 def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitScale,
                optimizer: torch.optim.Optimizer, batches: TripletBatches, val: EvalSet, tokenizer: Tokenizer,
-               state: dict, run_dir: Path, index: int, started: float) -> None:
+               state: dict, run_dir: Path, index: int, started: float, placement: Placement) -> None:
     optim = stage.optim
     if len(batches) < optim.batch_size:
         raise ValueError(f"batch_size={optim.batch_size} exceeds the {len(batches)} training triplets")
@@ -229,15 +261,17 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
     bar = tqdm(desc=stage.name, unit="step", disable=not sys.stderr.isatty(), initial=state["step"])
     log_path = run_dir / "train_log.jsonl"
     window_start, window_samples = time.monotonic(), 0
-    for batch in _batches(batches, config, state, optim.batch_size):
+    stream = _batches(batches, config.seed, state["epoch"], state["batch"], optim.batch_size)
+    for epoch, done, batch in (prefetch(stream) if placement.cuda else stream):
+        state.update(epoch=epoch, batch=done)
         progress = _progress(optim, state["step"], state["elapsed"])
         if progress >= 1.0:
             break
         t0 = time.monotonic()
         lr = _lr(optim, state["step"], progress)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, terms = _loss(model, scale, stage, batch)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss, terms = _loss(model, scale, stage, batch, placement)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from tokenizers import Tokenizer
 
 from cirflow.core.config import check_non_negative, check_positive
+from cirflow.models.backbones.registry import backbone_preprocess
 from cirflow.models.cir_model import ModelConfig
+from cirflow.models.device import DEVICES, PRECISIONS
 from cirflow.models.methods.registry import MethodConfig
 from cirflow.models.preprocess import PreprocessConfig
 from cirflow.models.tokenizer import TokenizerConfig
@@ -79,6 +83,9 @@ class TrainConfig:
     stage2: OptimConfig = field(default_factory=lambda: OptimConfig(max_minutes=2.0, lr=1e-3))  # combiner only
     loss: LossConfig = field(default_factory=LossConfig)
     method: MethodConfig = field(default_factory=MethodConfig)  # base | cala | dra | tmcir (models/methods)
+    # auto: a CUDA GPU when torch sees one, else the CPU (models/device.py); cuda without a GPU is an error.
+    device: str = "auto"
+    precision: str = "fp32"  # bf16: autocast on CUDA (weights and optimiser in fp32)
     val_every_minutes: float = 3.0  # periodic validation on the val split (its time is not budgeted); 0 = never
     checkpoint_every_minutes: float = 1.0  # 0 = after every step
     log_every_steps: int = 20  # train_log.jsonl and log lines
@@ -86,6 +93,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_non_negative(self, "seed", "val_every_minutes", "checkpoint_every_minutes")
         check_positive(self, "log_every_steps")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r} is not one of {list(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.device == "cpu" and self.precision == "bf16":
+            raise ValueError("precision=bf16 is autocast on a CUDA GPU; with device=cpu use precision=fp32")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r} is not one of {list(RECIPES)}")
         if self.recipe == "two_stage" and self.model.composer.name == "sum":
@@ -99,3 +112,11 @@ class TrainConfig:
         if self.tokenizer.max_length > self.model.text.max_length:
             raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
                              f"{self.model.text.max_length}")
+
+
+def filled_in(config: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
+    """The config as a model is built from it: the text tower's vocabulary size from the tokenizer, and for a
+    pretrained backbone the preprocessing its weights expect (at the configured size)."""
+    text = replace(config.model.text, vocab_size=tokenizer.get_vocab_size())
+    preprocess = backbone_preprocess(config.model.backbone, config.preprocess.size) or config.preprocess
+    return replace(config, model=replace(config.model, text=text), preprocess=preprocess)

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from cirflow.models.data.types import CIRSplit, DatasetError
 from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
+from cirflow.models.stem_cache import Stems, pad_stems
 from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
@@ -27,22 +28,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (U, 3, H, W): every distinct image of the batch once
+    images: torch.Tensor  # (U, 3, H, W): every distinct image of the batch once (or their cached stems)
     reference: torch.Tensor  # (B,) row of each query's reference in `images`
     target: torch.Tensor  # (B,) row of each query's target
     ids: torch.Tensor  # (B, L)
     mask: torch.Tensor  # (B, L)
+    image_stems: bool = False  # `images` holds the frozen image stem's outputs (models/stem_cache.py)
+    text_stems: torch.Tensor | None = None  # (B, L, C) the frozen text stem's outputs, when cached
+
+    def _map(self, fn) -> "Batch":
+        return Batch(fn(self.images), fn(self.reference), fn(self.target), fn(self.ids), fn(self.mask),
+                     self.image_stems, None if self.text_stems is None else fn(self.text_stems))
+
+    def to(self, device: torch.device) -> "Batch":
+        # non_blocking: from pinned memory (TripletBatches(pin=True)) the copy overlaps the GPU's work.
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        return self._map(lambda t: t.pin_memory())
 
 
 class TripletBatches:
     def __init__(self, split: CIRSplit, tokenizer: Tokenizer, preprocess: PreprocessConfig,
-                 hard_negatives: int, max_queries: int = 0, group_by_set: bool = True) -> None:
+                 hard_negatives: int, max_queries: int = 0, group_by_set: bool = True, pin: bool = False) -> None:
+        """pin: batches in page-locked memory, for asynchronous copies to a GPU."""
         queries = [q for q in split.queries if q.target is not None]
         if not queries:
             raise DatasetError(f"{split.name}: no query has a target, nothing to train on")
         if max_queries:
             queries = queries[:max_queries]
-        self.tokenizer, self.preprocess, self.k = tokenizer, preprocess, hard_negatives
+        self.tokenizer, self.preprocess, self.k, self.pin = tokenizer, preprocess, hard_negatives, pin
         # Siblings are only ever used as drawn hard negatives: without those, decoding them is wasted work.
         siblings = [[m for m in q.subset if m not in (q.reference, q.target)] if hard_negatives else []
                     for q in queries]
@@ -63,6 +78,14 @@ class TripletBatches:
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         self.groups = [np.asarray(g) for g in groups.values()]
+        self.stems = Stems(None, None)
+
+    def all_captions(self) -> list[str]:
+        return [c for captions in self.captions for c in captions]
+
+    def use_stems(self, stems: Stems) -> None:
+        """Batches carry these cached stem outputs instead of pixels / only token ids (models/stem_cache.py)."""
+        self.stems = stems
 
     def __len__(self) -> int:
         return len(self.ref)
@@ -81,6 +104,11 @@ class TripletBatches:
                 rows.append(np.concatenate([rng.choice(self.siblings[i], self.k, replace=False) for i in idx]))
             unique, inverse = np.unique(np.concatenate(rows), return_inverse=True)
             n = len(idx)
-            yield Batch(torch.from_numpy(normalize_uint8(self.pixels[unique], self.preprocess)),
-                        torch.from_numpy(inverse[:n]), torch.from_numpy(inverse[n:2 * n]),
-                        torch.from_numpy(ids), torch.from_numpy(mask))
+            if self.stems.images is not None:
+                images = self.stems.images[torch.from_numpy(unique)]
+            else:
+                images = torch.from_numpy(normalize_uint8(self.pixels[unique], self.preprocess))
+            text_stems = None if self.stems.texts is None else pad_stems([self.stems.texts[t] for t in texts])
+            batch = Batch(images, torch.from_numpy(inverse[:n]), torch.from_numpy(inverse[n:2 * n]),
+                          torch.from_numpy(ids), torch.from_numpy(mask), self.stems.images is not None, text_stems)
+            yield batch.pin_memory() if self.pin else batch

@@ -29,11 +29,19 @@ class BatchFeatures:
 
 
 def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
-                 ids: torch.Tensor, mask: torch.Tensor) -> BatchFeatures:
-    """Encode each distinct image once and the B captions: the input of every Method.loss."""
-    image_tokens, pooled = model.image_encoder(images)  # (U, N, d), (U, D)
-    g = F.normalize(pooled, dim=-1)
-    text_tokens, t = model.text_encoder(ids, mask)  # (B, L, d), (B, D)
+                 ids: torch.Tensor, mask: torch.Tensor, image_stems: bool = False,
+                 text_stems: torch.Tensor | None = None) -> BatchFeatures:
+    """Encode each distinct image once and the B captions: the input of every Method.loss. image_stems:
+    `images` are cached outputs of a frozen image stem; text_stems: the same for the captions."""
+    if model.fuses_image:  # the text tower reads each query's reference image (hf-blip2's Q-Former fusion)
+        context = images if image_stems else model.image_encoder.stem(images)
+        image_tokens, pooled = model.image_encoder.head(context)
+        text_tokens, t = model.text_encoder(ids, mask, context[reference])
+    else:
+        image_tokens, pooled = model.image_encoder.head(images) if image_stems else model.image_encoder(images)
+        text_tokens, t = (model.text_encoder(ids, mask) if text_stems is None
+                          else model.text_encoder.head(text_stems, mask))  # (B, L, d), (B, D)
+    g = F.normalize(pooled, dim=-1)  # tokens (U, N, d), pooled (U, D)
     ref = Features(image_tokens[reference], g[reference], text_tokens, mask, F.normalize(t, dim=-1))
     return BatchFeatures(ref, image_tokens, g, target, reference)
 

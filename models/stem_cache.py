@@ -1,0 +1,76 @@
+"""Frozen pretrained stems, computed once per training image and caption instead of once per step.
+
+A tower whose pretrained network is frozen (TowerPolicy train=frozen) is a fixed function followed by small
+trainable layers: `tower.stem(x)` then `tower.head(stem)`. Its stem outputs are computed here, in eval mode and
+fp32 on the training device, and the batches carry them in place of pixels or token ids; the heads then see
+exactly what the uncached path would give them. Epochs after the first cost only the trainable layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cirflow.models.cir_model import CIRModel
+from cirflow.models.preprocess import PreprocessConfig, normalize_uint8
+from cirflow.models.tokenizer import encode_texts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stems:
+    images: torch.Tensor | None  # (N, ...) stem output per image row of the training pixels, on the CPU
+    texts: dict[str, torch.Tensor] | None  # caption -> (L, C) stem output of its real tokens, on the CPU
+
+
+@torch.inference_mode()
+def image_stems(model: CIRModel, pixels: np.ndarray, preprocess: PreprocessConfig, device: torch.device,
+                batch_size: int = 256) -> torch.Tensor:
+    tower = model.image_encoder.eval()
+    out = [tower.stem(torch.from_numpy(normalize_uint8(pixels[i:i + batch_size], preprocess)).to(device)).cpu()
+           for i in range(0, len(pixels), batch_size)]
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def text_stems(model: CIRModel, captions: list[str], tokenizer, device: torch.device,
+               batch_size: int = 256) -> dict[str, torch.Tensor]:
+    tower = model.text_encoder.eval()
+    unique = sorted(set(captions), key=len)  # similar lengths together: little padding per batch
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, len(unique), batch_size):
+        texts = unique[i:i + batch_size]
+        ids, mask = encode_texts(tokenizer, texts)
+        hidden = tower.stem(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).cpu()
+        for text, h, n in zip(texts, hidden, mask.sum(1)):
+            out[text] = h[:n].clone()  # real tokens only; the clone drops the batch's storage
+    return out
+
+
+def compute_stems(model: CIRModel, pixels: np.ndarray, captions: list[str], tokenizer,
+                  preprocess: PreprocessConfig, device: torch.device, images: bool = True) -> Stems:
+    """Stems of every cacheable tower (None for the others). images=False leaves the image tower uncached
+    (TMCIR's IACMA stage encodes pseudo-target pixels with the whole tower)."""
+    started = time.monotonic()
+    modes = [(m, m.training) for m in model.modules()]
+    image_cache = text_cache = None
+    if images and getattr(model.image_encoder, "cacheable", False):
+        image_cache = image_stems(model, pixels, preprocess, device)
+    if getattr(model.text_encoder, "cacheable", False):
+        text_cache = text_stems(model, captions, tokenizer, device)
+    for module, training in modes:
+        module.training = training
+    if image_cache is not None or text_cache is not None:
+        log.info("frozen stems cached in %.1f s: %s images, %s captions", time.monotonic() - started,
+                 "no" if image_cache is None else len(image_cache), "no" if text_cache is None else len(text_cache))
+    return Stems(image_cache, text_cache)
+
+
+def pad_stems(stems: list[torch.Tensor]) -> torch.Tensor:
+    """[(L_i, C)] -> (B, max L_i, C), zeros after each text's end (its mask row is 0 there)."""
+    return torch.nn.utils.rnn.pad_sequence(stems, batch_first=True)
