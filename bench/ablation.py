@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ablation.py [--steps 200] [--seeds 0 1 2] [--thetas 0.1 0.3 0.5]
         [--iacma-fraction 0.25] [--max-train-queries 0] [--workdir workdir/ablation]
-        [--data workdir/data/shapes] [--doc docs/benchmarks.md]
+        [--data workdir/data/shapes] [--doc docs/benchmarks.md] [--backbone tiny|effnet-minilm]
     .venv/bin/python bench/ablation.py --quick [--workdir DIR] [--doc PATH]   # smoke test, ~75 s on 2 cores
 
 Every row trains the default model (batch 256) for the same number of optimiser steps, so rows compare at
@@ -18,6 +18,11 @@ val R@1 is ~0.60, inside the 0.4-0.7 band where methods can move it either way. 
 the training set instead (the same for every row). The default bench is 9 rows x 3 seeds = 27 runs, about 85-90
 minutes on 2 quiet cores (from the 2026-11-23 run's least disturbed rates; an estimate is printed at the
 start and refined after each run).
+
+`--backbone effnet-minilm` runs the same rows on the pretrained backbone (ImageNet EfficientNet-Lite0, frozen as
+BLIP2Cir freezes its ViT, and all-MiniLM-L6-v2 with trainable adapters: BACKBONE_OVERRIDES) into its own section
+("ablation-effnet-minilm"), to answer whether the training-only branches help once the encoders start
+pretrained. The towers' new layers (projections, necks, adapters) are what the branches' gradients reach there.
 
 Each run is a `cirflow train` process (final validation only) and a `cirflow eval` on test and novel-phrasing
 test. Runs are named by their config hash in the workdir, so an interrupted bench resumes where it stopped
@@ -54,6 +59,13 @@ UPPER_BOUND = "UPPER BOUND (oracle IACMA)"
 # and guessed per-step slowdowns of the methods' extra branches (HCA, TAC x4 x2, ATF); refined as runs finish.
 BASE_SAMPLES_PER_S = 470.0
 OVERHEAD_S = {"full": 40.0, "quick": 8.0}
+# The pretrained regime of `--backbone effnet-minilm`: a frozen image tower (its stems are computed once per run),
+# MiniLM adapted through bottleneck adapters, one transformer block over its tokens.
+BACKBONE_OVERRIDES = {
+    "tiny": (),
+    "effnet-minilm": ("model.backbone.name=effnet-minilm", "model.backbone.image.train=frozen",
+                      "model.backbone.text.train=adapter", "model.backbone.text_neck_layers=1"),
+}
 SLOWDOWN = {"base": 1.0, "cala-tbia": 1.2, "cala-ctr": 1.3, "cala": 1.5, "dra": 1.4, "tmcir": 1.15}
 
 
@@ -158,7 +170,8 @@ def render(args: argparse.Namespace, rows: list[Row], runs: dict[str, list[dict]
            command: str) -> str:
     regime = (f"{args.steps} steps x batch {batch} = {args.steps * batch} samples per row, "
               f"{'all' if not args.max_train_queries else args.max_train_queries} training triplets")
-    lines = ["## Method ablation (shapes)", "",
+    title = "" if args.backbone == "tiny" else f", pretrained backbone {args.backbone}"
+    lines = [f"## Method ablation (shapes{title})", "",
              f"- date: {today()}; machine: {machine()}",
              f"- command: `{command}`",
              f"- regime: {regime}; seeds {' '.join(map(str, args.seeds))}; mean ± sample std over seeds. "
@@ -170,7 +183,10 @@ def render(args: argparse.Namespace, rows: list[Row], runs: dict[str, list[dict]
              "(`optim.warmup_steps`) and cosine schedule, so a short IACMA stage never reaches the peak rate.",
              f"- TMCIR rows use the oracle pseudo-target generator (the true target image): "
              f"**{UPPER_BOUND}**, not a reproduction of TMCIR.",
-             "- DRA is our reconstruction (no official code).", ""]
+             "- DRA is our reconstruction (no official code).",
+             f"- backbone: {args.backbone}"
+             + (f" (`{' '.join(BACKBONE_OVERRIDES[args.backbone])}`)" if BACKBONE_OVERRIDES[args.backbone] else
+                " (the built-in model, trained from scratch)"), ""]
     for title, split in SPLITS.items():
         lines += [f"### {title}, composed queries", "",
                   "| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
@@ -208,6 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="default workdir/ablation (--quick: workdir/ablation-quick)")
     parser.add_argument("--data", type=Path, help="default workdir/data/shapes (--quick: WORKDIR/data/shapes-x0.02)")
     parser.add_argument("--doc", type=Path, help="default docs/benchmarks.md (--quick: WORKDIR/ablation-quick.md)")
+    parser.add_argument("--backbone", choices=sorted(BACKBONE_OVERRIDES), default="tiny",
+                        help="tiny: the built-in model; effnet-minilm: the pretrained regime (its own doc section)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and data, 1 seed, 3 steps")
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 200)
@@ -223,7 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """The overrides every row shares: data, budget, and for --quick the tiny model."""
     common = [f"data.root={args.data}", "optim.max_minutes=0", "val_every_minutes=0",
-              f"data.max_train_queries={args.max_train_queries}", f"optim.max_steps={args.steps}"]
+              f"data.max_train_queries={args.max_train_queries}", f"optim.max_steps={args.steps}",
+              *BACKBONE_OVERRIDES[args.backbone]]
     return [*TINY_MODEL, *common] if args.quick else common
 
 
@@ -272,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
 
     body = render(args, rows, runs, batch, command)
-    write_section("ablation", body, args.doc)
+    write_section("ablation" if args.backbone == "tiny" else f"ablation-{args.backbone}", body, args.doc)
     print(body)
     print(f"wrote the ablation section to {args.doc} in {(time.time() - started) / 60:.1f} min")
 

@@ -56,6 +56,10 @@ class BackboneConfig:
         if self.name == "tiny" and (self.image != TowerPolicy() or self.text != TowerPolicy() or self.path):
             raise ValueError("backbone tiny trains from scratch: path and the image/text policies apply to "
                              "pretrained backbones only")
+        if self.name in ("hf-clip", "hf-blip2") and not self.path:
+            raise ValueError(f"backbone {self.name} needs model.backbone.path, a local directory holding the "
+                             "transformers model (config.json, weights, tokenizer.json); cirflow never downloads "
+                             "weights")
         if self.name == "tiny-minilm" and self.image != TowerPolicy():
             raise ValueError("backbone tiny-minilm: its image tower is the built-in one, trained from scratch; "
                              "image policies apply to pretrained image towers")

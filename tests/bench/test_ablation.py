@@ -18,14 +18,16 @@ ablation = load_bench_script("ablation")
 
 
 @pytest.mark.parametrize("quick", [True, False])
-def test_every_row_is_a_valid_training_config(quick: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backbone", ["tiny", "effnet-minilm"])
+def test_every_row_is_a_valid_training_config(quick: bool, backbone: str, tmp_path: Path) -> None:
     """What main() loads before any run: each row's overrides on top of the common ones (TINY_MODEL for
     --quick) form a training config that `cirflow train` accepts, at the batch size the report states."""
-    args = ablation.parse_args(["--workdir", str(tmp_path), *(["--quick"] if quick else [])])
+    args = ablation.parse_args(["--workdir", str(tmp_path), "--backbone", backbone, *(["--quick"] if quick else [])])
     common = ablation.common_overrides(args)
     assert (common[:len(TINY_MODEL)] == list(TINY_MODEL)) == quick
     for row in ablation.build_rows(args.steps, args.thetas, args.iacma_fraction):
         config = load_config(TrainConfig, None, [*common, *row.overrides])
+        assert config.model.backbone.name == backbone, row.name
         assert config.optim.batch_size == (16 if quick else 256), row.name
         assert config.optim.max_steps + config.method.iacma_steps == args.steps, row.name
 

@@ -325,3 +325,18 @@ def test_shipped_configs_load_strictly() -> None:
     overrides = [a for a in argv[2:] if "=" in a]
     job = load_config(EmbedConfig, REPO / "configs" / "embed_catalog.yaml", overrides)
     assert job.catalog.folder == "/data/catalog" and job.workdir == "/data/workdir"
+
+
+def test_a_pretrained_backbone_bundle_embeds_through_the_ray_job(cluster: str, tmp_path: Path) -> None:
+    """effnet-minilm (EfficientNet-Lite0 at its own preprocessing, MiniLM tokenizer in the bundle) goes through
+    the same Ray pipeline as the built-in model: the vectors are the bundle runtime's."""
+    pytest.importorskip("transformers", reason="pretrained backbones need the 'pretrained' extra")
+    checkpoint = make_checkpoint(tmp_path / "model.pt", "combiner",
+                                 overrides=["model.backbone.name=effnet-minilm", "model.backbone.image.train=frozen"])
+    bundle = export_bundle(checkpoint, tmp_path / "bundle")
+    folder = tmp_path / "catalog"
+    write_images(folder, 7, seed=5)
+    run = shards.open_run(run_embed(config("pretrained", bundle, tmp_path / "work", folder=str(folder))))
+    assert run.manifest["complete"] and run.rows == 7 and run.manifest["last_run"]["embedded_by"] == "ray"
+    ids, vectors, uris = run.read_all()
+    np.testing.assert_allclose(vectors, BundleRuntime.load(bundle).embed_images([Path(u) for u in uris]), atol=1e-5)

@@ -209,7 +209,13 @@ def test_adapters_start_as_identity_and_alone_train(weights, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-@pytest.mark.parametrize("path", ["", "openai/clip-vit-base-patch32", "missing", "empty"])
+def test_an_empty_path_is_a_config_error(name: str) -> None:
+    with pytest.raises(ValueError, match=f"backbone {name} needs model.backbone.path.*never downloads weights"):
+        BackboneConfig(name=name, path="")
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("path", ["openai/clip-vit-base-patch32", "missing", "empty"])
 def test_only_local_directories_are_read(tmp_path: Path, name: str, path: str) -> None:
     (tmp_path / "empty").mkdir()
     local = str(tmp_path / path) if path in ("missing", "empty") else path
