@@ -95,4 +95,11 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 raise item
             yield item
     finally:
+        # The consumer may stop early (a budget ran out): let a producer blocked on a full queue finish its
+        # item and see `stop`, so no thread is left holding batches.
         stop.set()
+        while thread.is_alive():
+            try:
+                slots.get(timeout=0.1)
+            except queue.Empty:
+                pass

@@ -216,19 +216,20 @@ def _lr(optim: OptimConfig, step: int, progress: float) -> float:
     return optim.lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch,
-          placement: Placement) -> tuple[torch.Tensor, dict]:
+def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch, placement: Placement,
+          text_noise: float) -> tuple[torch.Tensor, dict]:
     batch = batch.to(placement.device)
     with placement.autocast():
-        loss, terms = _stage_loss(model, scale, stage, batch)
+        loss, terms = _stage_loss(model, scale, stage, batch, text_noise)
     return loss.float(), terms
 
 
-def _stage_loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch) -> tuple[torch.Tensor, dict]:
+def _stage_loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch,
+                text_noise: float) -> tuple[torch.Tensor, dict]:
     if stage.iacma:
         return stage.method.iacma_loss(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask)
     f = encode_batch(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask, batch.image_stems,
-                     batch.text_stems)
+                     batch.text_stems, text_noise)
     return stage.method.loss(model, f, stage.composer, scale())
 
 
@@ -271,7 +272,7 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
         lr = _lr(optim, state["step"], progress)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss, terms = _loss(model, scale, stage, batch, placement)
+        loss, terms = _loss(model, scale, stage, batch, placement, config.loss.text_noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip:

@@ -62,10 +62,15 @@ class LossConfig:
     # Add the target -> query InfoNCE direction (models.losses.batch_contrastive): free, and at equal steps
     # it gave val R@1 0.799 vs 0.777 and Rsubset@1 0.849 vs 0.837 (one seed, 461 steps).
     symmetric: bool = True
+    # Gaussian noise added in training to a pretrained text tower's outputs (its stem), with this standard
+    # deviation relative to their RMS; 0 = none. Noise on text embeddings makes what reads them robust to nearby
+    # inputs (CapDec's device for the image-text gap); here the hope is nearby phrasings. Pretrained text towers
+    # only (the built-in one has no fixed stem to perturb).
+    text_noise: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive(self, "logit_scale", "max_logit_scale")
-        check_non_negative(self, "hard_negatives")
+        check_non_negative(self, "hard_negatives", "text_noise")
         if self.logit_scale > self.max_logit_scale:
             # The clamp would hold the scale at the cap with zero gradient: it could never be learned.
             raise ValueError(f"logit_scale={self.logit_scale} exceeds max_logit_scale={self.max_logit_scale}")
@@ -109,6 +114,9 @@ class TrainConfig:
         if self.method.iacma_steps and self.method.name != "tmcir":
             raise ValueError(f"method.iacma_steps={self.method.iacma_steps} belongs to method tmcir, "
                              f"not {self.method.name!r}")
+        if self.loss.text_noise and self.model.backbone.name == "tiny":
+            raise ValueError("loss.text_noise perturbs a pretrained text tower's outputs; backbone tiny has none "
+                             "(choose e.g. model.backbone.name=tiny-minilm)")
         if self.tokenizer.max_length > self.model.text.max_length:
             raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
                              f"{self.model.text.max_length}")

@@ -30,9 +30,13 @@ class BatchFeatures:
 
 def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
                  ids: torch.Tensor, mask: torch.Tensor, image_stems: bool = False,
-                 text_stems: torch.Tensor | None = None) -> BatchFeatures:
+                 text_stems: torch.Tensor | None = None, text_noise: float = 0.0) -> BatchFeatures:
     """Encode each distinct image once and the B captions: the input of every Method.loss. image_stems:
-    `images` are cached outputs of a frozen image stem; text_stems: the same for the captions."""
+    `images` are cached outputs of a frozen image stem; text_stems: the same for the captions; text_noise:
+    Gaussian noise on the text stem, relative to its RMS (TrainConfig.loss.text_noise)."""
+    if text_noise and not model.fuses_image:
+        stems = model.text_encoder.stem(ids, mask) if text_stems is None else text_stems
+        text_stems = stems + text_noise * stems.detach().pow(2).mean().sqrt() * torch.randn_like(stems)
     if model.fuses_image:  # the text tower reads each query's reference image (hf-blip2's Q-Former fusion)
         context = images if image_stems else model.image_encoder.stem(images)
         image_tokens, pooled = model.image_encoder.head(context)

@@ -285,3 +285,46 @@ def test_cuda_without_a_gpu_fails_at_once(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="bf16 is autocast on a CUDA GPU"):
         load_config(TrainConfig, None, ["device=cpu", "precision=bf16"])
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error() -> None:
+    from cirflow.models.device import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    stream = prefetch(failing())
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)
+
+
+def test_prefetch_stopped_early_leaves_no_thread_behind() -> None:
+    import threading
+
+    from cirflow.models.device import prefetch
+
+    stream = prefetch(iter(range(1000)), depth=2)
+    assert next(stream) == 0
+    stream.close()  # what a `break` out of the training loop does
+    assert not [t for t in threading.enumerate() if t.name == "batch-prefetch"]
+
+
+def test_text_noise_perturbs_only_a_pretrained_text_stem() -> None:
+    with pytest.raises(ValueError, match="loss.text_noise perturbs a pretrained text tower"):
+        load_config(TrainConfig, None, ["loss.text_noise=0.5"])
+    config = model_config("tiny-minilm", "model.text.vocab_size=30522", "loss.text_noise=0.5")
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    pixels, ids, mask = inputs(config)
+    rows = torch.arange(3)
+    with torch.inference_mode():
+        clean = encode_batch(model, pixels, rows, rows, ids, mask)
+        noisy = encode_batch(model, pixels, rows, rows, ids, mask, text_noise=config.loss.text_noise)
+    torch.testing.assert_close(clean.g, noisy.g)  # images untouched
+    assert not torch.allclose(clean.ref.t, noisy.ref.t)
+    cosine = (clean.ref.t * noisy.ref.t).sum(-1)
+    assert (cosine > 0.5).all()  # perturbed, not replaced
