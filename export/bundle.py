@@ -117,6 +117,7 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
         "max_sequence_length": max_length,  # the graphs' upper bound on L
         "vocab_size": config.model.text.vocab_size,
         "composer": config.model.composer.name,
+        "backbone": config.model.backbone.name,  # informative (the graphs are what the bundle_id covers)
         "opset": versions["query_encoder"]["opset"],
         "ir_version": versions["query_encoder"]["ir_version"],
         "graphs": {name: {"file": spec.file, "inputs": list(spec.inputs), "output": spec.output}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
-from cirflow.models.tiny import TINY_MODEL
+from cirflow.models.tiny import TINY_MODEL, make_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,15 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(tiny_shapes: Path) -> list[str]:
     """key=value overrides for a tiny model trained on the tiny dataset (add optim.max_steps)."""
     return [f"data.root={tiny_shapes}", *TINY_MODEL]
+
+
+@pytest.fixture(scope="session")
+def effnet_minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, bundle) of an untrained effnet-minilm model (pretrained towers, tiny joint layers): its
+    export takes about a minute, so the export and embedding tests share one."""
+    pytest.importorskip("transformers", reason="pretrained backbones need the 'pretrained' extra")
+    from cirflow.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("effnet-minilm")
+    checkpoint = make_checkpoint(root / "model.pt", "combiner", overrides=["model.backbone.name=effnet-minilm"])
+    return checkpoint, export_bundle(checkpoint, root / "bundle")

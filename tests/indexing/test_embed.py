@@ -327,13 +327,11 @@ def test_shipped_configs_load_strictly() -> None:
     assert job.catalog.folder == "/data/catalog" and job.workdir == "/data/workdir"
 
 
-def test_a_pretrained_backbone_bundle_embeds_through_the_ray_job(cluster: str, tmp_path: Path) -> None:
+def test_a_pretrained_backbone_bundle_embeds_through_the_ray_job(cluster: str, tmp_path: Path,
+                                                                 effnet_minilm_bundle: tuple[Path, Path]) -> None:
     """effnet-minilm (EfficientNet-Lite0 at its own preprocessing, MiniLM tokenizer in the bundle) goes through
     the same Ray pipeline as the built-in model: the vectors are the bundle runtime's."""
-    pytest.importorskip("transformers", reason="pretrained backbones need the 'pretrained' extra")
-    checkpoint = make_checkpoint(tmp_path / "model.pt", "combiner",
-                                 overrides=["model.backbone.name=effnet-minilm", "model.backbone.image.train=frozen"])
-    bundle = export_bundle(checkpoint, tmp_path / "bundle")
+    _, bundle = effnet_minilm_bundle
     folder = tmp_path / "catalog"
     write_images(folder, 7, seed=5)
     run = shards.open_run(run_embed(config("pretrained", bundle, tmp_path / "work", folder=str(folder))))

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, load_uint8_images, normalize_uint8
+from cirflow.models.preprocess import (
+    ImageError,
+    PreprocessConfig,
+    load_image,
+    load_uint8_images,
+    normalize_uint8,
+    resize_uint8,
+)
 from cirflow.models.tokenizer import TokenizerConfig, encode_texts, tokenizer_from_json, train_tokenizer
 
 CAPTIONS = ["make the red circle blue", "add a small green square on the left", "remove the big triangle"]
@@ -99,3 +106,31 @@ def test_decode_errors_are_deterministic(tmp_path: Path) -> None:
             load_image(b"not an image", name="x.png")
         reasons.add(str(caught.value))
     assert reasons == {"image x.png: cannot decode (not a recognised image format)"}
+
+
+def test_resize_modes_stretch_crop_and_targetpad() -> None:
+    """A 200x100 image whose left half is red and right half blue, with a green 20 px border band at the far
+    right: stretch keeps everything, center_crop cuts the sides off, targetpad (CLIP4Cir) pads to 1.25 first so
+    less is cut and the padding shows as black top and bottom."""
+    image = Image.new("RGB", (200, 100), (220, 40, 40))
+    image.paste((40, 70, 220), (100, 0, 200, 100))
+    image.paste((40, 170, 60), (180, 0, 200, 100))
+    size = 50
+
+    def pixels(mode: str) -> np.ndarray:
+        return resize_uint8(image, PreprocessConfig(size=size, mode=mode, resize="nearest"))
+
+    stretch, crop, pad = pixels("stretch"), pixels("center_crop"), pixels("targetpad")
+    assert stretch.shape == crop.shape == pad.shape == (size, size, 3)
+    assert tuple(stretch[25, -1]) == (40, 170, 60)  # the green band survives a stretch
+    assert tuple(crop[25, 0]) == (220, 40, 40) and tuple(crop[25, -1]) == (40, 70, 220)  # centre only: no green
+    assert tuple(crop[0, 25]) != (0, 0, 0)
+    assert tuple(pad[0, 25]) == (0, 0, 0) and tuple(pad[25, 25]) != (0, 0, 0)  # black bands from the padding
+    # Near-square images are not padded (ratio below 1.25), only cropped.
+    square = Image.new("RGB", (110, 100), (10, 20, 30))
+    np.testing.assert_array_equal(resize_uint8(square, PreprocessConfig(size=size, mode="targetpad")),
+                                  resize_uint8(square, PreprocessConfig(size=size, mode="center_crop")))
+    with pytest.raises(ValueError, match="mode='fit'"):
+        PreprocessConfig(mode="fit")
+    with pytest.raises(ValueError, match="target_ratio=0.5"):
+        PreprocessConfig(target_ratio=0.5)
