@@ -8,18 +8,23 @@ exactly what the uncached path would give them. Epochs after the first cost only
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
+from cirflow.core.files import write_atomic
 from cirflow.models.cir_model import CIRModel
 from cirflow.models.preprocess import PreprocessConfig, normalize_uint8
 from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,22 +58,62 @@ def text_stems(model: CIRModel, captions: list[str], tokenizer, device: torch.de
 
 
 def compute_stems(model: CIRModel, pixels: np.ndarray, captions: list[str], tokenizer,
-                  preprocess: PreprocessConfig, device: torch.device, images: bool = True) -> Stems:
+                  preprocess: PreprocessConfig, device: torch.device, images: bool = True,
+                  store: Path | None = None) -> Stems:
     """Stems of every cacheable tower (None for the others). images=False leaves the image tower uncached
-    (TMCIR's IACMA stage encodes pseudo-target pixels with the whole tower)."""
+    (TMCIR's IACMA stage encodes pseudo-target pixels with the whole tower). store: a directory where stems are
+    kept between runs, named by a hash of everything they depend on (the frozen weights, the preprocessing or
+    tokenizer, the decoded pixels or the captions), so runs that differ only in what trains share them."""
     started = time.monotonic()
     modes = [(m, m.training) for m in model.modules()]
     image_cache = text_cache = None
     if images and getattr(model.image_encoder, "cacheable", False):
-        image_cache = image_stems(model, pixels, preprocess, device)
+        key = _digest(_weights_digest(model.image_encoder.backbone), repr(preprocess), pixels.shape, pixels)
+        image_cache = _stored(store, f"image-{key}.pt", lambda: image_stems(model, pixels, preprocess, device))
     if getattr(model.text_encoder, "cacheable", False):
-        text_cache = text_stems(model, captions, tokenizer, device)
+        unique = sorted(set(captions))
+        key = _digest(_weights_digest(model.text_encoder.backbone), tokenizer.to_str(), "\n".join(unique))
+        text_cache = _stored(store, f"text-{key}.pt", lambda: text_stems(model, unique, tokenizer, device))
     for module, training in modes:
         module.training = training
     if image_cache is not None or text_cache is not None:
         log.info("frozen stems cached in %.1f s: %s images, %s captions", time.monotonic() - started,
                  "no" if image_cache is None else len(image_cache), "no" if text_cache is None else len(text_cache))
     return Stems(image_cache, text_cache)
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    return _digest(*((name, tensor.detach().cpu().contiguous().numpy()) for name, tensor in
+                     module.state_dict().items()))
+
+
+def _digest(*parts: object) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, tuple):
+            digest.update(_digest(*part).encode())
+        elif isinstance(part, np.ndarray):
+            digest.update(np.ascontiguousarray(part).view(np.uint8).data)
+        else:
+            digest.update(str(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _stored(store: Path | None, name: str, compute: Callable[[], T]) -> T:
+    """`compute()`, or its earlier result from `store/name` (written atomically after computing)."""
+    if store is None:
+        return compute()
+    path = Path(store) / name
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged cache file is recomputed, never trusted
+            log.warning("stem cache %s unreadable (%s); recomputing", path, e)
+    value = compute()
+    write_atomic(path, lambda tmp: torch.save(value, tmp))
+    log.info("stem cache written: %s", path)
+    return value
 
 
 def pad_stems(stems: list[torch.Tensor]) -> torch.Tensor:

@@ -104,7 +104,8 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         module.to(placement.device)
     # TMCIR's IACMA stage encodes pseudo-target pixels through the whole image tower: no image stems there.
     batches.use_stems(compute_stems(model, batches.pixels, batches.all_captions(), tokenizer, config.preprocess,
-                                    placement.device, images=not config.method.iacma_steps))
+                                    placement.device, images=not config.method.iacma_steps,
+                                    store=Path(config.stem_cache_dir) if config.stem_cache_dir else None))
 
     for i in range(state["stage"], len(stages)):
         stage = stages[i]

@@ -91,6 +91,9 @@ class TrainConfig:
     # auto: a CUDA GPU when torch sees one, else the CPU (models/device.py); cuda without a GPU is an error.
     device: str = "auto"
     precision: str = "fp32"  # bf16: autocast on CUDA (weights and optimiser in fp32)
+    # A directory that keeps frozen pretrained stems between runs (models/stem_cache.py), e.g. for an ablation
+    # whose rows differ only in what trains; "" = computed per run.
+    stem_cache_dir: str = ""
     val_every_minutes: float = 3.0  # periodic validation on the val split (its time is not budgeted); 0 = never
     checkpoint_every_minutes: float = 1.0  # 0 = after every step
     log_every_steps: int = 20  # train_log.jsonl and log lines

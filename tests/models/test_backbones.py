@@ -333,3 +333,27 @@ def test_text_noise_perturbs_only_a_pretrained_text_stem() -> None:
     assert not torch.allclose(clean.ref.t, noisy.ref.t)
     cosine = (clean.ref.t * noisy.ref.t).sum(-1)
     assert (cosine > 0.5).all()  # perturbed, not replaced
+
+
+def test_stems_kept_between_runs_are_reused_only_for_the_same_inputs(tmp_path: Path) -> None:
+    from cirflow.models.stem_cache import compute_stems
+
+    config = model_config("tiny-minilm", "model.text.vocab_size=30522", "model.backbone.text.train=frozen")
+    model = build_model(config.model)
+    tokenizer = backbone_tokenizer(config.model.backbone, 32)
+    pixels = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    first = compute_stems(model, pixels, CAPTIONS, tokenizer, config.preprocess, torch.device("cpu"), store=tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert first.images is None and len(files) == 1 and files[0].startswith("text-")  # the image tower trains
+    again = compute_stems(model, pixels, CAPTIONS, tokenizer, config.preprocess, torch.device("cpu"), store=tmp_path)
+    for caption in CAPTIONS:
+        torch.testing.assert_close(again.texts[caption], first.texts[caption], rtol=0, atol=0)
+    with torch.no_grad():  # other frozen weights: another key, never the old stems
+        next(model.text_encoder.backbone.parameters()).add_(1.0)
+    compute_stems(model, pixels, CAPTIONS, tokenizer, config.preprocess, torch.device("cpu"), store=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+    (tmp_path / files[0]).write_bytes(b"damaged")  # a damaged file is recomputed and rewritten
+    with torch.no_grad():
+        next(model.text_encoder.backbone.parameters()).sub_(1.0)
+    fixed = compute_stems(model, pixels, CAPTIONS, tokenizer, config.preprocess, torch.device("cpu"), store=tmp_path)
+    torch.testing.assert_close(fixed.texts[CAPTIONS[0]], first.texts[CAPTIONS[0]])
