@@ -18,6 +18,8 @@ from pathlib import Path
 
 from report import machine, today, write_section
 
+from cirflow.flows.demo import DEMO_MODEL
+
 CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     rows = []
     for minutes in args.minutes:
         # Runs are named by their config hash, so the demo's finished run (same config) is reused, not redone.
-        ckpt = run([*CLI, "train", "--workdir", str(args.workdir), f"data.root={args.data}",
+        ckpt = run([*CLI, "train", "--workdir", str(args.workdir), *DEMO_MODEL, f"data.root={args.data}",
                     f"optim.max_minutes={minutes:g}"]).strip().splitlines()[-1]
         run_dir = Path(ckpt).parent.parent
         if not (run_dir / "eval" / "metrics.json").exists():
@@ -45,7 +47,8 @@ def main() -> None:
         results = json.loads((run_dir / "eval" / "metrics.json").read_text())["results"]
         rows.append((minutes, train_metrics["wall_seconds"], train_metrics, results))
 
-    lines = ["## Training curve and demo run (shapes, default model)", "",
+    lines = ["## Training curve and demo run (shapes, the demo's model)", "",
+             f"- model: `{' '.join(DEMO_MODEL)}` (flows/demo.py DEMO_MODEL)",
              f"- date: {today()}; machine: {machine()}",
              f"- command: `.venv/bin/python bench/train_curve.py --minutes {' '.join(f'{m:g}' for m in args.minutes)}`",
              "- each row is its own run with that optimisation budget (own cosine schedule); wall = the whole "

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # Keys that training fills in itself (from the run's tokenizer, and for a pretrained backbone the preprocessing
 # of its weights): a resumed run's config.yaml differs there.
+HISTORY_KEYS = ("stage", "step", "minutes", "train_seconds")  # a history entry's other keys are val metrics
 FILLED_IN = frozenset({"model.text.vocab_size", "preprocess.mean", "preprocess.std", "preprocess.resize",
                        "preprocess.mode"})
 
@@ -116,9 +117,11 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
                    placement)
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
 
-    result = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",))
+    # The last stage ended with a validation of this very model: its metrics, not a second pass over val.
+    last_val = {k: v for k, v in state["history"][-1].items() if k not in HISTORY_KEYS}
     model.cpu()  # the checkpoint holds CPU tensors, whatever device trained it
-    metrics = {"device": str(placement.device), "bf16": placement.bf16, "val": result.metrics["composed"], "method": method.label, "history": state["history"],
+    metrics = {"device": str(placement.device), "bf16": placement.bf16, "val": last_val, "method": method.label,
+               "history": state["history"],
                "parameters": count_parameters(model), "train_samples": state["samples"],
                "train_seconds": sum(h["train_seconds"] for h in state["history"] if "train_seconds" in h),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
