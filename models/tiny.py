@@ -14,11 +14,9 @@ from typing import Any, Sequence
 import torch
 
 from cirflow.core.config import load_config
-from cirflow.models.backbones.registry import backbone_tokenizer
 from cirflow.models.checkpoint import save_checkpoint
 from cirflow.models.cir_model import CIRModel, build_model
-from cirflow.models.tokenizer import train_tokenizer
-from cirflow.models.train_config import TrainConfig, filled_in
+from cirflow.models.train_config import TrainConfig, filled_in, new_tokenizer
 
 TINY_MODEL = (
     "model.image.widths=[8, 16, 32]", "model.image.dim=32", "model.image.layers=1", "model.image.heads=2",
@@ -46,8 +44,7 @@ def make_checkpoint(path: Path, composer: str = "sum", seed: int = 0, captions: 
     """
     base = (*TINY_MODEL, *CHECKPOINT_BUDGET) if tiny else ()
     config = load_config(TrainConfig, None, [*base, f"model.composer.name={composer}", *overrides])
-    tokenizer = (backbone_tokenizer(config.model.backbone, config.tokenizer.max_length)
-                 or train_tokenizer(captions, config.tokenizer))
+    tokenizer = new_tokenizer(config, captions)
     config = filled_in(config, tokenizer)
     torch.manual_seed(seed)
     model = build_model(config.model).eval()

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from cirflow.core.config import ConfigError, load_config, to_dict
 from cirflow.core.files import write_json_atomic, write_text_atomic
-from cirflow.models.backbones.registry import backbone_tokenizer
 from cirflow.models.checkpoint import save_checkpoint
 from cirflow.models.cir_model import CIRModel, build_model, count_parameters
 from cirflow.models.composers import ComposerConfig, SumComposer
@@ -38,8 +37,8 @@ from cirflow.models.losses import LogitScale
 from cirflow.models.methods.base import Method, encode_batch
 from cirflow.models.methods.registry import MethodConfig, build_method
 from cirflow.models.stem_cache import compute_stems
-from cirflow.models.tokenizer import tokenizer_from_json, train_tokenizer
-from cirflow.models.train_config import OptimConfig, TrainConfig, filled_in
+from cirflow.models.tokenizer import tokenizer_from_json
+from cirflow.models.train_config import OptimConfig, TrainConfig, filled_in, new_tokenizer
 from cirflow.models.train_data import Batch, TripletBatches
 
 log = logging.getLogger(__name__)
@@ -164,10 +163,7 @@ def _tokenizer(config: TrainConfig, split: CIRSplit, run_dir: Path) -> Tokenizer
     path = run_dir / "tokenizer.json"
     if path.exists():  # resuming: the vocabulary must not change under the embedding table
         return tokenizer_from_json(path.read_text())
-    tokenizer = backbone_tokenizer(config.model.backbone, config.tokenizer.max_length)
-    if tokenizer is None:  # the built-in text tower learns its vocabulary from the training captions
-        captions = [c for q in split.queries for c in (q.train_captions or (q.caption,))]
-        tokenizer = train_tokenizer(captions, config.tokenizer)
+    tokenizer = new_tokenizer(config, (c for q in split.queries for c in (q.train_captions or (q.caption,))))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, tokenizer.to_str())
     return tokenizer

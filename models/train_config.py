@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 from tokenizers import Tokenizer
 
 from cirflow.core.config import check_non_negative, check_positive
-from cirflow.models.backbones.registry import backbone_preprocess
+from cirflow.models.backbones.registry import backbone_preprocess, backbone_tokenizer
 from cirflow.models.cir_model import ModelConfig
 from cirflow.models.device import DEVICES, PRECISIONS
 from cirflow.models.methods.registry import MethodConfig
 from cirflow.models.preprocess import PreprocessConfig
-from cirflow.models.tokenizer import TokenizerConfig
+from cirflow.models.tokenizer import TokenizerConfig, train_tokenizer
 
 RECIPES = ("one_stage", "two_stage")
 
@@ -123,6 +124,13 @@ class TrainConfig:
         if self.tokenizer.max_length > self.model.text.max_length:
             raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
                              f"{self.model.text.max_length}")
+
+
+def new_tokenizer(config: TrainConfig, captions: Iterable[str]) -> Tokenizer:
+    """The tokenizer of the backbone's weights, or for the built-in text tower one trained on `captions`
+    (consumed only then)."""
+    return (backbone_tokenizer(config.model.backbone, config.tokenizer.max_length)
+            or train_tokenizer(captions, config.tokenizer))
 
 
 def filled_in(config: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
