@@ -101,11 +101,12 @@ def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_pat
     first = run_embed(config)
     before = rows(first)
 
-    # The refresh: two new entries, the last by id a FIFO whose read blocks until the kill.
+    # The refresh: two new entries, one of them a FIFO whose read blocks until the kill. It must be a new entry:
+    # an unchanged one is reused without being read, and the refresh then races the poll below to completion.
     extra = write_images(folder / "extra", 2, seed=3)
-    grown = folder_entries(folder, extra)
-    grown = pa.concat_tables([table, grown]).sort_by("id")
-    stall = Path(grown.column("uri")[grown.num_rows - 1].as_py())
+    added = folder_entries(folder, extra)
+    grown = pa.concat_tables([table, added]).sort_by("id")
+    stall = Path(added.sort_by("id").column("uri")[added.num_rows - 1].as_py())
     pixels = stall.read_bytes()
     stall.unlink()
     os.mkfifo(stall)
