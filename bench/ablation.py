@@ -61,12 +61,14 @@ BASE_SAMPLES_PER_S = 470.0
 OVERHEAD_S = {"full": 40.0, "quick": 8.0}
 # The pretrained regime of `--backbone effnet-minilm`: both pretrained networks frozen (their outputs computed once
 # per run, models/stem_cache.py), the new layers over them trained: the image tower's GridNeck, two transformer
-# blocks over MiniLM's tokens, the projections. Adapters or fine-tuning MiniLM run at ~170 samples/s on 2 cores,
-# which would not fit 27 runs into 90 minutes.
+# blocks over MiniLM's tokens, the projections; at 96 px (a 3x3 grid of EfficientNet cells; 64 px gives 2x2, too
+# coarse for positions) and lr 1e-3, as bench/backbones.py's em-frozen96 measured it. Adapters or fine-tuning
+# MiniLM run at ~170 samples/s on 2 cores, which would not fit 27 runs into 90 minutes.
 BACKBONE_OVERRIDES = {
     "tiny": (),
     "effnet-minilm": ("model.backbone.name=effnet-minilm", "model.backbone.image.train=frozen",
-                      "model.backbone.text.train=frozen", "model.backbone.text_neck_layers=2"),
+                      "model.backbone.text.train=frozen", "model.backbone.text_neck_layers=2",
+                      "model.image.image_size=96", "preprocess.size=96", "optim.lr=1e-3"),
 }
 SLOWDOWN = {"base": 1.0, "cala-tbia": 1.2, "cala-ctr": 1.3, "cala": 1.5, "dra": 1.4, "tmcir": 1.15}
 

@@ -10,6 +10,13 @@ named by variant in the workdir, so a rerun reuses finished variants. The questi
 tower keep of what it knew (the novel split's words never enter training data or vocabulary), frozen, gently
 fine-tuned or through adapters, and what does it cost on test? Results go to the "backbones" section of
 docs/benchmarks.md.
+
+A probe beside the table asks the same of the text towers alone: where does a novel caption's own
+training-phrasing paraphrase rank among all test captions by cosine (median rank; chance is half the split)?
+Measured on raw MiniLM (the mean-pooled sentence vector the frozen variants read) and on each trained model's
+text vector (the text-only query): how much of the paraphrase structure a tower has, before and after training
+on the templates. Paraphrases do not always name the same attributes (a novel caption may name an object by its
+position where the test caption names its colour), so even a perfect reader would not rank every one first.
 """
 
 from __future__ import annotations
@@ -21,7 +28,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 from report import DOC, machine, today, write_section
+
+from cirflow.models.backbones.towers import masked_mean
+from cirflow.models.checkpoint import load_checkpoint
+from cirflow.models.data.loaders import load_split
+from cirflow.models.eval_job import shapes_edit_kinds
+from cirflow.models.tokenizer import encode_texts
 
 CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
 KINDS = ("add", "remove", "colour", "shape", "size", "move")
@@ -65,10 +80,44 @@ def train_and_eval(name: str, overrides: tuple[str, ...], args: argparse.Namespa
     eval_path = run_dir / "eval" / "metrics.json"
     if not eval_path.exists() or "by_edit_kind" not in json.loads(eval_path.read_text()):
         run([*CLI, "eval", "--checkpoint", ckpt, "--out", str(eval_path.parent)])
-    return {"eval": json.loads(eval_path.read_text()), "train": json.loads((run_dir / "metrics.json").read_text())}
+    return {"eval": json.loads(eval_path.read_text()), "train": json.loads((run_dir / "metrics.json").read_text()),
+            "checkpoint": ckpt}
 
 
-def render(args: argparse.Namespace, results: dict[str, dict], command: str) -> str:
+@torch.inference_mode()
+def text_vectors(checkpoint: str, captions: list[str], raw: bool, batch_size: int = 256) -> np.ndarray:
+    """Unit vectors of the captions: the trained model's text vector, or (raw) the mean of its frozen MiniLM
+    stem's token states, which is the pretrained sentence vector itself."""
+    loaded = load_checkpoint(Path(checkpoint))
+    model, out = loaded.model.eval(), []
+    for i in range(0, len(captions), batch_size):
+        ids, mask = (torch.from_numpy(a) for a in encode_texts(loaded.tokenizer, captions[i:i + batch_size]))
+        vectors = masked_mean(model.text_encoder.stem(ids, mask), mask) if raw else model.encode_text(ids, mask)
+        out.append(torch.nn.functional.normalize(vectors, dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def paraphrase_probe(data: Path, towers: dict[str, tuple[str, bool]]) -> tuple[int, dict[str, dict[str, float]]]:
+    """(test captions, tower name -> median rank (1 = nearest) of each novel caption's own training-phrasing paraphrase among
+    all test captions by cosine, overall and per edit kind). towers: name -> (checkpoint, raw)."""
+    test, novel = (load_split("shapes", data, split) for split in ("test", "novel"))
+    if [q.pair_id for q in test.queries] != [q.pair_id for q in novel.queries]:
+        raise SystemExit(f"{data}: the test and novel splits do not hold the same queries in the same order")
+    kinds = np.array([(shapes_edit_kinds(data, "novel") or {}).get(q.pair_id, "") for q in novel.queries])
+    results = {}
+    for name, (checkpoint, raw) in towers.items():
+        t = text_vectors(checkpoint, [q.caption for q in test.queries], raw)
+        n = text_vectors(checkpoint, [q.caption for q in novel.queries], raw)
+        scores = n @ t.T
+        own = scores[np.arange(len(n)), np.arange(len(n))]
+        ranks = 1 + (scores > own[:, None]).sum(1)
+        results[name] = {"all": float(np.median(ranks)),
+                         **{k: float(np.median(ranks[kinds == k])) for k in KINDS if (kinds == k).any()}}
+    return len(test.queries), results
+
+
+def render(args: argparse.Namespace, results: dict[str, dict], probe: tuple[int, dict[str, dict[str, float]]],
+           command: str) -> str:
     lines = ["## Backbones and text-tower policies (shapes)", "",
              f"- date: {today()}; machine: {machine()}",
              f"- command: `{command}`",
@@ -98,6 +147,14 @@ def render(args: argparse.Namespace, results: dict[str, dict], command: str) -> 
             kinds = r["eval"]["by_edit_kind"][split]
             lines.append(f"| {name} | " + " | ".join(
                 f"{kinds[k]['composed']['R@1']:.3f} ({kinds[k]['image-only']['R@1']:.3f})" for k in KINDS) + " |")
+    lines += ["", "### Text towers alone: where does a novel caption's own paraphrase rank among the test captions?", "",
+              "Median rank (1 = nearest by cosine) of each novel caption's training-phrasing paraphrase among all "
+              f"{probe[0]} test captions; chance is about {probe[0] // 2}. raw MiniLM = the "
+              "pretrained sentence vector the MiniLM variants start from; the others are each trained model's "
+              "text vector (its text-only query).", "",
+              "| text tower | all | " + " | ".join(KINDS) + " |", "|---|---:|" + "---:|" * len(KINDS)]
+    lines += [f"| {name} | {p['all']:.0f} | " + " | ".join(f"{p[k]:.0f}" if k in p else "-" for k in KINDS) + " |"
+              for name, p in probe[1].items()]
     lines += ["", "### Variants", "", "| variant | what | overrides |", "|---|---|---|"]
     lines += [f"| {name} | {DESCRIPTIONS[name]} | `{' '.join(VARIANTS[name]) or '(none)'}` |" for name in results]
     return "\n".join(lines)
@@ -114,7 +171,12 @@ def main() -> None:
     command = shlex.join([".venv/bin/python", "bench/backbones.py", *sys.argv[1:]])
     run([*CLI, "data", "shapes", "--out", str(args.data)])
     results = {name: train_and_eval(name, VARIANTS[name], args) for name in args.variants}
-    body = render(args, results, command)
+    # Raw MiniLM through any variant whose MiniLM tower is frozen (its stem is the pretrained network itself).
+    frozen = [name for name in results if "model.backbone.text.train=frozen" in VARIANTS[name]]
+    towers = {"raw MiniLM": (results[frozen[0]]["checkpoint"], True)} if frozen else {}
+    towers.update({name: (r["checkpoint"], False) for name, r in results.items()})
+    probe = paraphrase_probe(args.data, towers)
+    body = render(args, results, probe, command)
     write_section("backbones", body, args.doc)
     print(body)
 

@@ -34,11 +34,11 @@ from cirflow.models.data.types import CIRSplit
 from cirflow.models.device import Placement, prefetch, resolve
 from cirflow.models.evaluation import EvalSet, build_eval_set, evaluate
 from cirflow.models.losses import LogitScale
-from cirflow.models.methods.base import Method, encode_batch
+from cirflow.models.methods.base import Method, encode_batch, similarity_structure_loss
 from cirflow.models.methods.registry import MethodConfig, build_method
 from cirflow.models.stem_cache import compute_stems
 from cirflow.models.tokenizer import tokenizer_from_json
-from cirflow.models.train_config import OptimConfig, TrainConfig, filled_in, new_tokenizer
+from cirflow.models.train_config import LossConfig, OptimConfig, TrainConfig, filled_in, new_tokenizer
 from cirflow.models.train_data import Batch, TripletBatches
 
 log = logging.getLogger(__name__)
@@ -217,20 +217,25 @@ def _lr(optim: OptimConfig, step: int, progress: float) -> float:
 
 
 def _loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch, placement: Placement,
-          text_noise: float) -> tuple[torch.Tensor, dict]:
+          loss_config: LossConfig) -> tuple[torch.Tensor, dict]:
     batch = batch.to(placement.device)
     with placement.autocast():
-        loss, terms = _stage_loss(model, scale, stage, batch, text_noise)
+        loss, terms = _stage_loss(model, scale, stage, batch, loss_config)
     return loss.float(), terms
 
 
 def _stage_loss(model: CIRModel, scale: LogitScale, stage: Stage, batch: Batch,
-                text_noise: float) -> tuple[torch.Tensor, dict]:
+                loss_config: LossConfig) -> tuple[torch.Tensor, dict]:
     if stage.iacma:
         return stage.method.iacma_loss(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask)
+    keep = loss_config.text_keep
     f = encode_batch(model, batch.images, batch.reference, batch.target, batch.ids, batch.mask, batch.image_stems,
-                     batch.text_stems, text_noise)
-    return stage.method.loss(model, f, stage.composer, scale())
+                     batch.text_stems, loss_config.text_noise, sentences=bool(keep))
+    loss, terms = stage.method.loss(model, f, stage.composer, scale())
+    if keep:
+        kept = similarity_structure_loss(f.ref.t, f.sentences)
+        loss, terms = loss + keep * kept, {**terms, "text_keep": kept.item()}
+    return loss, terms
 
 
 def _batches(batches: TripletBatches, seed: int, epoch: int, skip: int,
@@ -272,7 +277,7 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
         lr = _lr(optim, state["step"], progress)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss, terms = _loss(model, scale, stage, batch, placement, config.loss.text_noise)
+        loss, terms = _loss(model, scale, stage, batch, placement, config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip:

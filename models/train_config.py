@@ -68,10 +68,15 @@ class LossConfig:
     # inputs (CapDec's device for the image-text gap); here the hope is nearby phrasings. Pretrained text towers
     # only (the built-in one has no fixed stem to perturb).
     text_noise: float = 0.0
+    # Weight of a term that keeps the trained text vectors' similarity structure that of the frozen pretrained
+    # sentence vectors (1 - Pearson correlation of the two in-batch cosine-similarity matrices, off the
+    # diagonal): what the sentence model knows of which captions are alike is kept instead of re-learned from
+    # the templates; 0 = none. The frozen MiniLM tower only (its stem is the sentence model itself).
+    text_keep: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive(self, "logit_scale", "max_logit_scale")
-        check_non_negative(self, "hard_negatives", "text_noise")
+        check_non_negative(self, "hard_negatives", "text_noise", "text_keep")
         if self.logit_scale > self.max_logit_scale:
             # The clamp would hold the scale at the cap with zero gradient: it could never be learned.
             raise ValueError(f"logit_scale={self.logit_scale} exceeds max_logit_scale={self.max_logit_scale}")
@@ -121,6 +126,11 @@ class TrainConfig:
         if self.loss.text_noise and self.model.backbone.name == "tiny":
             raise ValueError("loss.text_noise perturbs a pretrained text tower's outputs; backbone tiny has none "
                              "(choose e.g. model.backbone.name=tiny-minilm)")
+        if self.loss.text_keep and (self.model.backbone.name not in ("tiny-minilm", "effnet-minilm")
+                                    or self.model.backbone.text.train != "frozen"):
+            raise ValueError("loss.text_keep compares with the frozen MiniLM tower's sentence vectors: it needs "
+                             "model.backbone.name tiny-minilm or effnet-minilm and model.backbone.text.train=frozen "
+                             f"(got {self.model.backbone.name!r}, {self.model.backbone.text.train!r})")
         if self.tokenizer.max_length > self.model.text.max_length:
             raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
                              f"{self.model.text.max_length}")

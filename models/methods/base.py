@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirflow.models.backbones.towers import masked_mean
 from cirflow.models.cir_model import CIRModel, Features
 from cirflow.models.losses import batch_contrastive
 
@@ -26,17 +27,24 @@ class BatchFeatures:
     g: torch.Tensor  # (U, D) their normalised pooled vectors
     target: torch.Tensor  # (B,) rows of each query's target in image_tokens / g
     reference: torch.Tensor  # (B,) rows of each query's reference
+    # (B, C) the frozen sentence model's own vectors of the captions (noise-free), for TrainConfig.loss.text_keep
+    sentences: torch.Tensor | None = None
 
 
 def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
                  ids: torch.Tensor, mask: torch.Tensor, image_stems: bool = False,
-                 text_stems: torch.Tensor | None = None, text_noise: float = 0.0) -> BatchFeatures:
+                 text_stems: torch.Tensor | None = None, text_noise: float = 0.0,
+                 sentences: bool = False) -> BatchFeatures:
     """Encode each distinct image once and the B captions: the input of every Method.loss. image_stems:
     `images` are cached outputs of a frozen image stem; text_stems: the same for the captions; text_noise:
-    Gaussian noise on the text stem, relative to its RMS (TrainConfig.loss.text_noise)."""
-    if text_noise and not model.fuses_image:
-        stems = model.text_encoder.stem(ids, mask) if text_stems is None else text_stems
-        text_stems = stems + text_noise * stems.detach().pow(2).mean().sqrt() * torch.randn_like(stems)
+    Gaussian noise on the text stem, relative to its RMS (TrainConfig.loss.text_noise); sentences: also give
+    the frozen sentence model's vectors of the captions (mean of its token states, before any noise)."""
+    clean = None
+    if (text_noise or sentences) and not model.fuses_image:
+        clean = model.text_encoder.stem(ids, mask) if text_stems is None else text_stems
+        text_stems = clean
+    if text_noise and clean is not None:
+        text_stems = clean + text_noise * clean.detach().pow(2).mean().sqrt() * torch.randn_like(clean)
     if model.fuses_image:  # the text tower reads each query's reference image (hf-blip2's Q-Former fusion)
         context = images if image_stems else model.image_encoder.stem(images)
         image_tokens, pooled = model.image_encoder.head(context)
@@ -47,7 +55,18 @@ def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor,
                           else model.text_encoder.head(text_stems, mask))  # (B, L, d), (B, D)
     g = F.normalize(pooled, dim=-1)  # tokens (U, N, d), pooled (U, D)
     ref = Features(image_tokens[reference], g[reference], text_tokens, mask, F.normalize(t, dim=-1))
-    return BatchFeatures(ref, image_tokens, g, target, reference)
+    prior = masked_mean(clean, mask).detach() if sentences and clean is not None else None
+    return BatchFeatures(ref, image_tokens, g, target, reference, prior)
+
+
+def similarity_structure_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - Pearson correlation of the off-diagonal in-batch cosine similarities of a (B, D) and b (B, C): zero
+    when a's captions are alike exactly as b's are, up to scale and offset (the spaces need not share a width
+    or a temperature)."""
+    sims = [F.normalize(x.float(), dim=-1) @ F.normalize(x.float(), dim=-1).T for x in (a, b)]
+    off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    x, y = (s[off] - s[off].mean() for s in sims)
+    return 1 - (x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-8)
 
 
 def qtm(model: CIRModel, f: BatchFeatures, composer: nn.Module | None, scale: torch.Tensor,

@@ -17,10 +17,11 @@ from cirflow.export.manifest import PREPROCESS
 from cirflow.export.runtime import BundleRuntime
 from cirflow.models.backbones.config import BackboneConfig, TowerPolicy
 from cirflow.models.backbones.registry import backbone_preprocess, backbone_tokenizer
+from cirflow.models.backbones.towers import masked_mean
 from cirflow.models.checkpoint import load_checkpoint
 from cirflow.models.cir_model import build_model
 from cirflow.models.device import DeviceError, resolve
-from cirflow.models.methods.base import encode_batch
+from cirflow.models.methods.base import encode_batch, similarity_structure_loss
 from cirflow.models.preprocess import PreprocessConfig, preprocess_images
 from cirflow.models.stem_cache import image_stems, pad_stems, text_stems
 from cirflow.models.tiny import TINY_MODEL, make_checkpoint
@@ -94,8 +95,9 @@ def test_padding_leaves_minilm_text_vectors_unchanged() -> None:
 # --- freezing policies, through the real training loop ---------------------------------------------------------
 
 POLICIES = {
-    "frozen image, frozen text (cached stems)": ("model.backbone.image.train=frozen",
-                                                 "model.backbone.text.train=frozen"),
+    "frozen image, frozen text (cached stems, noise, kept structure)": (
+        "model.backbone.image.train=frozen", "model.backbone.text.train=frozen", "loss.text_noise=0.5",
+        "loss.text_keep=1", "log_every_steps=1"),
     "full image, text adapters": ("model.backbone.image.train=full", "model.backbone.text.train=adapter"),
     "frozen image, gentle text": ("model.backbone.image.train=frozen", "model.backbone.text.lr_scale=0.1"),
 }
@@ -129,6 +131,9 @@ def test_freezing_policy_holds_through_a_training_step(policy: str, tiny_overrid
                        ".up." not in n and ".down." not in n)
     if "gentle" in policy:
         assert any(text_backbone)
+    if "kept structure" in policy:
+        logged = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
+        assert 0 < logged["text_keep"] < 2
 
 
 def test_gentle_fine_tuning_scales_the_learning_rate_of_pretrained_weights(tiny_overrides: list[str]) -> None:
@@ -333,6 +338,29 @@ def test_text_noise_perturbs_only_a_pretrained_text_stem() -> None:
     assert not torch.allclose(clean.ref.t, noisy.ref.t)
     cosine = (clean.ref.t * noisy.ref.t).sum(-1)
     assert (cosine > 0.5).all()  # perturbed, not replaced
+
+
+def test_text_keep_scores_how_far_the_text_vectors_drift_from_the_sentence_model() -> None:
+    with pytest.raises(ValueError, match="loss.text_keep compares with the frozen MiniLM tower"):
+        model_config("tiny-minilm", "model.text.vocab_size=30522", "loss.text_keep=1")  # text tower trains
+    config = model_config("tiny-minilm", "model.text.vocab_size=30522", "model.backbone.text.train=frozen",
+                          "loss.text_keep=1", "loss.text_noise=0.5")
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    pixels, ids, mask = inputs(config)
+    rows = torch.arange(3)
+    f = encode_batch(model, pixels, rows, rows, ids, mask, text_noise=0.5, sentences=True)
+    with torch.inference_mode():  # the sentence vectors are the noise-free pretrained ones
+        expected = masked_mean(model.text_encoder.stem(ids, mask), mask)
+    torch.testing.assert_close(f.sentences, expected)
+    assert similarity_structure_loss(f.sentences, f.sentences).item() == pytest.approx(0, abs=1e-6)
+    assert similarity_structure_loss(3 * f.sentences[:, :7] @ torch.eye(7), f.sentences[:, :7]).item() == \
+        pytest.approx(0, abs=1e-6)  # scale-free
+    loss = similarity_structure_loss(f.ref.t, f.sentences)
+    assert 0 < loss.item() <= 2
+    loss.backward()  # it reaches the trainable text layers, never the frozen sentence model
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_encoder.neck.parameters())
+    assert all(p.grad is None for p in model.text_encoder.backbone.parameters())
 
 
 def test_stems_kept_between_runs_are_reused_only_for_the_same_inputs(tmp_path: Path) -> None:
