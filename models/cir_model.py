@@ -94,13 +94,16 @@ class CIRModel(nn.Module):
         ViT states with the text, as BLIP2Cir does): it gets the image tower's stem output as context."""
         return getattr(self.text_encoder, "fuses_image", False)
 
-    def features(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:
+    def features(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                 image_stems: torch.Tensor | None = None) -> Features:
+        """image_stems: the image tower's stem output of `pixels`, computed already (a frozen stem's cache)."""
         if self.fuses_image:
-            context = self.image_encoder.stem(pixels)
+            context = self.image_encoder.stem(pixels) if image_stems is None else image_stems
             image_tokens, v = self.image_encoder.head(context)
             text_tokens, t = self.text_encoder(ids, mask, context)
         else:
-            image_tokens, v = self.image_encoder(pixels)
+            image_tokens, v = (self.image_encoder(pixels) if image_stems is None
+                               else self.image_encoder.head(image_stems))
             text_tokens, t = self.text_encoder(ids, mask)
         return Features(image_tokens, F.normalize(v, dim=-1), text_tokens, mask, F.normalize(t, dim=-1))
 

@@ -28,6 +28,7 @@ from cirflow.models.evaluation import (
 )
 from cirflow.models.metrics import average_fashioniq, cirr_submission
 from cirflow.models.report import format_table, save_example_sheet
+from cirflow.models.stem_cache import image_stem_memo
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,14 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     by_edit: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    # A frozen image stem runs once per distinct image (test and novel share a gallery), and not again in a later
+    # eval when the training config names a stem store.
+    stems = image_stem_memo(ckpt.model, ckpt.config.stem_cache_dir or None)
     for split_name in splits:
         for k in kinds:
             split = load_split(k, root, split_name)
             data = build_eval_set(split, ckpt.config.preprocess)
-            emb = embed_eval_set(TorchEncoders(ckpt.model), data, ckpt.tokenizer, ckpt.config.preprocess)
+            emb = embed_eval_set(TorchEncoders(ckpt.model, stems), data, ckpt.tokenizer, ckpt.config.preprocess)
             if not split.has_targets:
                 _write_submission(split.name, emb.queries["composed"] @ emb.gallery.T, split, data.names,
                                   config.out_dir)
@@ -81,6 +85,8 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
             avg = {m: average_fashioniq({k: results[f"{k}/{split_name}"][m] for k in kinds}) for m in QUERY_MODES}
             results[f"fashioniq/average/{split_name}"] = avg
             print(format_table(avg, f"fashioniq average ({split_name})"))
+    if stems is not None:
+        stems.save()
     write_json_atomic(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results,
                                                         "by_edit_kind": by_edit})
     return results

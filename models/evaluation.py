@@ -14,12 +14,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from cirflow.models.cir_model import CIRModel
 from cirflow.models.data.types import CIRSplit
 from cirflow.models.metrics import evaluate_scores, rank_gallery
 from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
+from cirflow.models.stem_cache import ImageStemMemo
 from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
@@ -38,20 +40,29 @@ class TorchEncoders:
     """The PyTorch model behind the Encoders protocol (eval mode, no autograd, fp32, on the model's device);
     adds the text-only baseline."""
 
-    def __init__(self, model: CIRModel) -> None:
+    def __init__(self, model: CIRModel, stems: ImageStemMemo | None = None) -> None:
+        """stems: where a frozen image tower's stem outputs are looked up by image content instead of recomputed
+        (the model's own tower; None = always run the whole tower)."""
         self.model = model
         self.device = next(model.parameters()).device
+        self.stems = stems
 
     def _tensors(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(a).to(self.device) for a in arrays]
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        return self.model.eval().encode_image(*self._tensors(pixels)).cpu().numpy()
+        (x,) = self._tensors(pixels)
+        if self.stems is None:
+            return self.model.eval().encode_image(x).cpu().numpy()
+        return F.normalize(self.model.eval().image_encoder.head(self.stems(x))[1], dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.model.eval().compose(*self._tensors(pixels, input_ids, attention_mask)).cpu().numpy()
+        x, ids, mask = self._tensors(pixels, input_ids, attention_mask)
+        model = self.model.eval()
+        stems = None if self.stems is None else self.stems(x)
+        return model.compose_features(model.features(x, ids, mask, stems)).cpu().numpy()
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -147,14 +158,15 @@ def metrics_by_group(emb: Embeddings, data: EvalSet, group_of: dict[int, str],
 
 
 def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
-             modes: tuple[str, ...] = QUERY_MODES) -> EvalResult:
-    """Evaluate the PyTorch model (periodic validation uses this).
+             modes: tuple[str, ...] = QUERY_MODES, stems: ImageStemMemo | None = None) -> EvalResult:
+    """Evaluate the PyTorch model (periodic validation uses this; `stems` as in TorchEncoders).
 
     Each submodule gets back its own mode afterwards: `model.train()` would also switch encoders that a
     training stage froze (kept in eval mode) back to train mode, and their BatchNorm statistics would drift.
     """
     modes_before = [(m, m.training) for m in model.modules()]
-    result = score_embeddings(embed_eval_set(TorchEncoders(model), data, tokenizer, preprocess, modes), data, modes)
+    result = score_embeddings(embed_eval_set(TorchEncoders(model, stems), data, tokenizer, preprocess, modes), data,
+                              modes)
     for module, training in modes_before:
         module.training = training
     return result

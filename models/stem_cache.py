@@ -116,6 +116,56 @@ def _stored(store: Path | None, name: str, compute: Callable[[], T]) -> T:
     return value
 
 
+class ImageStemMemo:
+    """A frozen image stem's outputs by image content, for evaluation: a gallery image that is also a reference,
+    the same gallery under test and novel captions, and (with a store) the same split in every later run of a
+    bench cost one pass of the pretrained network. Keyed by a hash of each normalised image and, in the store,
+    by the frozen weights."""
+
+    def __init__(self, tower: torch.nn.Module, store: Path | None = None) -> None:
+        self.tower = tower
+        self.path = Path(store) / f"eval-image-{_weights_digest(tower.backbone)}.pt" if store else None
+        self.memo: dict[str, torch.Tensor] = {}
+        self.added = 0
+        if self.path is not None and self.path.is_file():
+            self.memo = self._load()
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged cache file is recomputed, never trusted
+            log.warning("stem cache %s unreadable (%s); recomputing", self.path, e)
+            return {}
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> their stem outputs, on the pixels' device."""
+        keys = [hashlib.sha1(np.ascontiguousarray(p).view(np.uint8).data).hexdigest() for p in pixels.cpu().numpy()]
+        missing = [i for i, k in enumerate(keys) if k not in self.memo]
+        if missing:
+            training = [(m, m.training) for m in self.tower.modules()]
+            computed = self.tower.eval().stem(pixels[missing]).cpu()
+            for module, mode in training:
+                module.training = mode
+            for i, stem in zip(missing, computed):
+                self.memo.setdefault(keys[i], stem.clone())
+            self.added += len(missing)
+        return torch.stack([self.memo[k] for k in keys]).to(pixels.device)
+
+    def save(self) -> None:
+        """Write the memo to the store when this run added to it (atomically: a killed save leaves the old)."""
+        if self.path is not None and self.added:
+            write_atomic(self.path, lambda tmp: torch.save(self.memo, tmp))
+            log.info("stem cache written: %s (%d images)", self.path, len(self.memo))
+            self.added = 0
+
+
+def image_stem_memo(model: CIRModel, store: Path | str | None = None) -> ImageStemMemo | None:
+    """A memo for the model's image tower when its stem is frozen (else None: the whole tower runs)."""
+    tower = model.image_encoder
+    return ImageStemMemo(tower, Path(store) if store else None) if getattr(tower, "cacheable", False) else None
+
+
 def pad_stems(stems: list[torch.Tensor]) -> torch.Tensor:
     """[(L_i, C)] -> (B, max L_i, C), zeros after each text's end (its mask row is 0 there)."""
     return torch.nn.utils.rnn.pad_sequence(stems, batch_first=True)

@@ -36,7 +36,7 @@ from cirflow.models.evaluation import EvalSet, build_eval_set, evaluate
 from cirflow.models.losses import LogitScale
 from cirflow.models.methods.base import Method, encode_batch, similarity_structure_loss
 from cirflow.models.methods.registry import MethodConfig, build_method
-from cirflow.models.stem_cache import compute_stems
+from cirflow.models.stem_cache import ImageStemMemo, compute_stems, image_stem_memo
 from cirflow.models.tokenizer import tokenizer_from_json
 from cirflow.models.train_config import LossConfig, OptimConfig, TrainConfig, filled_in, new_tokenizer
 from cirflow.models.train_data import Batch, TripletBatches
@@ -85,6 +85,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
                              config.data.max_train_queries, config.loss.group_by_set, pin=placement.cuda)
     val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
                          config.preprocess)
+    val_stems = image_stem_memo(model, config.stem_cache_dir or None)  # a frozen image stem: once per val image
     stages = _stages(config, model, method, scale)
 
     state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0,
@@ -112,8 +113,8 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         optimizer = _optimizer(stage, model.lr_scales())
         if resume is not None and i == resume["state"]["stage"]:
             optimizer.load_state_dict(resume["optimizer"])
-        _run_stage(config, stage, model, scale, optimizer, batches, val, tokenizer, state, run_dir, i, started,
-                   placement)
+        _run_stage(config, stage, model, scale, optimizer, batches, (val, val_stems), tokenizer, state, run_dir, i,
+                   started, placement)
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
 
     # The last stage ended with a validation of this very model: its metrics, not a second pass over val.
@@ -249,8 +250,9 @@ def _batches(batches: TripletBatches, seed: int, epoch: int, skip: int,
 
 
 def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitScale,
-               optimizer: torch.optim.Optimizer, batches: TripletBatches, val: EvalSet, tokenizer: Tokenizer,
-               state: dict, run_dir: Path, index: int, started: float, placement: Placement) -> None:
+               optimizer: torch.optim.Optimizer, batches: TripletBatches, val: tuple[EvalSet, ImageStemMemo | None],
+               tokenizer: Tokenizer, state: dict, run_dir: Path, index: int, started: float,
+               placement: Placement) -> None:
     optim = stage.optim
     if len(batches) < optim.batch_size:
         raise ValueError(f"batch_size={optim.batch_size} exceeds the {len(batches)} training triplets")
@@ -312,9 +314,12 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
     _save_last(run_dir, model, stage.method, tokenizer, config, scale, optimizer, state)
 
 
-def _validate(model: CIRModel, val: EvalSet, tokenizer: Tokenizer, config: TrainConfig, state: dict,
-              stage: str) -> None:
-    m = evaluate(model, val, tokenizer, config.preprocess, modes=("composed",)).metrics["composed"]
+def _validate(model: CIRModel, val: tuple[EvalSet, ImageStemMemo | None], tokenizer: Tokenizer,
+              config: TrainConfig, state: dict, stage: str) -> None:
+    data, stems = val
+    m = evaluate(model, data, tokenizer, config.preprocess, modes=("composed",), stems=stems).metrics["composed"]
+    if stems is not None:
+        stems.save()
     state["history"].append({"stage": stage, "step": state["step"], "minutes": state["elapsed"] / 60, **m})
     log.info("val %s step %d (%.1f min): R@1 %.4f R@5 %.4f Rsubset@1 %.4f", stage, state["step"],
              state["elapsed"] / 60, m["R@1"], m["R@5"], m["Rsubset@1"])
