@@ -95,8 +95,9 @@ class CIRModel(nn.Module):
         return getattr(self.text_encoder, "fuses_image", False)
 
     def features(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                 image_stems: torch.Tensor | None = None) -> Features:
-        """image_stems: the image tower's stem output of `pixels`, computed already (a frozen stem's cache)."""
+                 image_stems: torch.Tensor | None = None, text_stems: torch.Tensor | None = None) -> Features:
+        """image_stems / text_stems: the towers' stem outputs of `pixels` / `ids`, computed already (a frozen
+        stem's cache); a text tower that fuses the image has none of its own."""
         if self.fuses_image:
             context = self.image_encoder.stem(pixels) if image_stems is None else image_stems
             image_tokens, v = self.image_encoder.head(context)
@@ -104,7 +105,8 @@ class CIRModel(nn.Module):
         else:
             image_tokens, v = (self.image_encoder(pixels) if image_stems is None
                                else self.image_encoder.head(image_stems))
-            text_tokens, t = self.text_encoder(ids, mask)
+            text_tokens, t = (self.text_encoder(ids, mask) if text_stems is None
+                              else self.text_encoder.head(text_stems, mask))
         return Features(image_tokens, F.normalize(v, dim=-1), text_tokens, mask, F.normalize(t, dim=-1))
 
     def compose_features(self, f: Features, composer: nn.Module | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from cirflow.models.evaluation import (
 )
 from cirflow.models.metrics import average_fashioniq, cirr_submission
 from cirflow.models.report import format_table, save_example_sheet
-from cirflow.models.stem_cache import image_stem_memo
+from cirflow.models.stem_cache import eval_stems
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     by_edit: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    # A frozen image stem runs once per distinct image (test and novel share a gallery), and not again in a later
-    # eval when the training config names a stem store.
-    stems = image_stem_memo(ckpt.model, ckpt.config.stem_cache_dir or None)
+    # Frozen stems run once per distinct image or caption (test and novel share a gallery), and not again in a
+    # later eval when the training config names a stem store.
+    stems = eval_stems(ckpt.model, ckpt.config.stem_cache_dir or None)
     for split_name in splits:
         for k in kinds:
             split = load_split(k, root, split_name)

@@ -21,7 +21,7 @@ from cirflow.models.cir_model import CIRModel
 from cirflow.models.data.types import CIRSplit
 from cirflow.models.metrics import evaluate_scores, rank_gallery
 from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
-from cirflow.models.stem_cache import ImageStemMemo
+from cirflow.models.stem_cache import EvalStems
 from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ class TorchEncoders:
     """The PyTorch model behind the Encoders protocol (eval mode, no autograd, fp32, on the model's device);
     adds the text-only baseline."""
 
-    def __init__(self, model: CIRModel, stems: ImageStemMemo | None = None) -> None:
-        """stems: where a frozen image tower's stem outputs are looked up by image content instead of recomputed
-        (the model's own tower; None = always run the whole tower)."""
+    def __init__(self, model: CIRModel, stems: EvalStems | None = None) -> None:
+        """stems: where frozen stems' outputs are looked up by input content instead of recomputed (the model's
+        own towers; None = always run the whole towers)."""
         self.model = model
         self.device = next(model.parameters()).device
         self.stems = stems
@@ -53,20 +53,27 @@ class TorchEncoders:
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         (x,) = self._tensors(pixels)
-        if self.stems is None:
+        stems = None if self.stems is None else self.stems.image(x)
+        if stems is None:
             return self.model.eval().encode_image(x).cpu().numpy()
-        return F.normalize(self.model.eval().image_encoder.head(self.stems(x))[1], dim=-1).cpu().numpy()
+        return F.normalize(self.model.eval().image_encoder.head(stems)[1], dim=-1).cpu().numpy()
 
     @torch.inference_mode()
     def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         x, ids, mask = self._tensors(pixels, input_ids, attention_mask)
         model = self.model.eval()
-        stems = None if self.stems is None else self.stems(x)
-        return model.compose_features(model.features(x, ids, mask, stems)).cpu().numpy()
+        if self.stems is None:
+            return model.compose(x, ids, mask).cpu().numpy()
+        features = model.features(x, ids, mask, self.stems.image(x), self.stems.text(ids, mask))
+        return model.compose_features(features).cpu().numpy()
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.model.eval().encode_text(*self._tensors(input_ids, attention_mask)).cpu().numpy()
+        ids, mask = self._tensors(input_ids, attention_mask)
+        stems = None if self.stems is None else self.stems.text(ids, mask)
+        if stems is None:
+            return self.model.eval().encode_text(ids, mask).cpu().numpy()
+        return F.normalize(self.model.eval().text_encoder.head(stems, mask)[1], dim=-1).cpu().numpy()
 
 
 @dataclass
@@ -158,7 +165,7 @@ def metrics_by_group(emb: Embeddings, data: EvalSet, group_of: dict[int, str],
 
 
 def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
-             modes: tuple[str, ...] = QUERY_MODES, stems: ImageStemMemo | None = None) -> EvalResult:
+             modes: tuple[str, ...] = QUERY_MODES, stems: EvalStems | None = None) -> EvalResult:
     """Evaluate the PyTorch model (periodic validation uses this; `stems` as in TorchEncoders).
 
     Each submodule gets back its own mode afterwards: `model.train()` would also switch encoders that a

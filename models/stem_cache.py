@@ -116,19 +116,17 @@ def _stored(store: Path | None, name: str, compute: Callable[[], T]) -> T:
     return value
 
 
-class ImageStemMemo:
-    """A frozen image stem's outputs by image content, for evaluation: a gallery image that is also a reference,
-    the same gallery under test and novel captions, and (with a store) the same split in every later run of a
-    bench cost one pass of the pretrained network. Keyed by a hash of each normalised image and, in the store,
-    by the frozen weights."""
+class StemMemo:
+    """A frozen stem's outputs by input content, for evaluation: a gallery image that is also a reference, the
+    same gallery and captions under test and novel, every periodic validation and (with a store) every later run
+    of a bench cost one pass of the pretrained network. Keys hash each input (normalised pixels, or a caption's
+    real token ids); the store's file name hashes the frozen weights."""
 
-    def __init__(self, tower: torch.nn.Module, store: Path | None = None) -> None:
+    def __init__(self, kind: str, tower: torch.nn.Module, store: Path | None = None) -> None:
         self.tower = tower
-        self.path = Path(store) / f"eval-image-{_weights_digest(tower.backbone)}.pt" if store else None
-        self.memo: dict[str, torch.Tensor] = {}
+        self.path = Path(store) / f"eval-{kind}-{_weights_digest(tower.backbone)}.pt" if store else None
+        self.memo: dict[str, torch.Tensor] = self._load() if self.path is not None and self.path.is_file() else {}
         self.added = 0
-        if self.path is not None and self.path.is_file():
-            self.memo = self._load()
 
     def _load(self) -> dict[str, torch.Tensor]:
         try:
@@ -137,33 +135,79 @@ class ImageStemMemo:
             log.warning("stem cache %s unreadable (%s); recomputing", self.path, e)
             return {}
 
-    @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> their stem outputs, on the pixels' device."""
-        keys = [hashlib.sha1(np.ascontiguousarray(p).view(np.uint8).data).hexdigest() for p in pixels.cpu().numpy()]
-        missing = [i for i, k in enumerate(keys) if k not in self.memo]
+    def lookup(self, keys: list[str], compute: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The stem output of each key; compute(rows) gives those of the rows not seen before (CPU tensors)."""
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each new input computed once
+        missing = sorted(i for k, i in first.items() if k not in self.memo)
         if missing:
-            training = [(m, m.training) for m in self.tower.modules()]
-            computed = self.tower.eval().stem(pixels[missing]).cpu()
-            for module, mode in training:
+            modes = [(m, m.training) for m in self.tower.modules()]
+            self.tower.eval()
+            with torch.inference_mode():
+                computed = compute(missing)
+            for module, mode in modes:
                 module.training = mode
             for i, stem in zip(missing, computed):
-                self.memo.setdefault(keys[i], stem.clone())
+                self.memo[keys[i]] = stem.clone()
             self.added += len(missing)
-        return torch.stack([self.memo[k] for k in keys]).to(pixels.device)
+        return [self.memo[k] for k in keys]
 
     def save(self) -> None:
         """Write the memo to the store when this run added to it (atomically: a killed save leaves the old)."""
         if self.path is not None and self.added:
             write_atomic(self.path, lambda tmp: torch.save(self.memo, tmp))
-            log.info("stem cache written: %s (%d images)", self.path, len(self.memo))
+            log.info("stem cache written: %s (%d entries)", self.path, len(self.memo))
             self.added = 0
 
 
-def image_stem_memo(model: CIRModel, store: Path | str | None = None) -> ImageStemMemo | None:
-    """A memo for the model's image tower when its stem is frozen (else None: the whole tower runs)."""
-    tower = model.image_encoder
-    return ImageStemMemo(tower, Path(store) if store else None) if getattr(tower, "cacheable", False) else None
+@dataclass
+class EvalStems:
+    """Memos of the model's frozen stems (None for a tower that trains)."""
+
+    images: StemMemo | None
+    texts: StemMemo | None
+
+    def image(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3, H, W) normalised pixels -> their stem outputs on the same device; None without a memo."""
+        if self.images is None:
+            return None
+        keys = [_content_key(p) for p in pixels.cpu().numpy()]
+        stems = self.images.lookup(keys, lambda rows: list(self.images.tower.stem(pixels[rows]).cpu()))
+        return torch.stack(stems).to(pixels.device)
+
+    def text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) token ids and mask -> (B, L, C) stem outputs, zeros past each caption's end; None without a
+        memo. A caption's stem does not depend on the padding around it (attention masks it out)."""
+        if self.texts is None:
+            return None
+        lengths = mask.sum(1).tolist()
+        keys = [_content_key(row[:n]) for row, n in zip(ids.cpu().numpy(), lengths)]
+
+        def compute(rows: list[int]) -> list[torch.Tensor]:
+            hidden = self.texts.tower.stem(ids[rows], mask[rows]).cpu()
+            return [h[:lengths[r]] for h, r in zip(hidden, rows)]
+
+        stems = pad_stems(self.texts.lookup(keys, compute))
+        return torch.nn.functional.pad(stems, (0, 0, 0, ids.shape[1] - stems.shape[1])).to(ids.device)
+
+    def save(self) -> None:
+        for memo in (self.images, self.texts):
+            if memo is not None:
+                memo.save()
+
+
+def eval_stems(model: CIRModel, store: Path | str | None = None) -> EvalStems | None:
+    """Memos for the model's frozen stems; None when neither tower's stem is frozen. A text tower that reads the
+    reference image (fuses_image) has no stem of its own to keep."""
+    store = Path(store) if store else None
+    image, text = model.image_encoder, model.text_encoder
+    images = StemMemo("image", image, store) if getattr(image, "cacheable", False) else None
+    texts = (StemMemo("text", text, store) if getattr(text, "cacheable", False) and not model.fuses_image
+             else None)
+    return None if images is None and texts is None else EvalStems(images, texts)
+
+
+def _content_key(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8).data).hexdigest()
 
 
 def pad_stems(stems: list[torch.Tensor]) -> torch.Tensor:

@@ -36,7 +36,7 @@ from cirflow.models.evaluation import EvalSet, build_eval_set, evaluate
 from cirflow.models.losses import LogitScale
 from cirflow.models.methods.base import Method, encode_batch, similarity_structure_loss
 from cirflow.models.methods.registry import MethodConfig, build_method
-from cirflow.models.stem_cache import ImageStemMemo, compute_stems, image_stem_memo
+from cirflow.models.stem_cache import EvalStems, compute_stems, eval_stems
 from cirflow.models.tokenizer import tokenizer_from_json
 from cirflow.models.train_config import LossConfig, OptimConfig, TrainConfig, filled_in, new_tokenizer
 from cirflow.models.train_data import Batch, TripletBatches
@@ -85,7 +85,7 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
                              config.data.max_train_queries, config.loss.group_by_set, pin=placement.cuda)
     val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
                          config.preprocess)
-    val_stems = image_stem_memo(model, config.stem_cache_dir or None)  # a frozen image stem: once per val image
+    val_stems = eval_stems(model, config.stem_cache_dir or None)  # frozen stems: once per val image/caption
     stages = _stages(config, model, method, scale)
 
     state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0,
@@ -250,7 +250,7 @@ def _batches(batches: TripletBatches, seed: int, epoch: int, skip: int,
 
 
 def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitScale,
-               optimizer: torch.optim.Optimizer, batches: TripletBatches, val: tuple[EvalSet, ImageStemMemo | None],
+               optimizer: torch.optim.Optimizer, batches: TripletBatches, val: tuple[EvalSet, EvalStems | None],
                tokenizer: Tokenizer, state: dict, run_dir: Path, index: int, started: float,
                placement: Placement) -> None:
     optim = stage.optim
@@ -314,7 +314,7 @@ def _run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitS
     _save_last(run_dir, model, stage.method, tokenizer, config, scale, optimizer, state)
 
 
-def _validate(model: CIRModel, val: tuple[EvalSet, ImageStemMemo | None], tokenizer: Tokenizer,
+def _validate(model: CIRModel, val: tuple[EvalSet, EvalStems | None], tokenizer: Tokenizer,
               config: TrainConfig, state: dict, stage: str) -> None:
     data, stems = val
     m = evaluate(model, data, tokenizer, config.preprocess, modes=("composed",), stems=stems).metrics["composed"]

@@ -24,7 +24,7 @@ from cirflow.models.device import DeviceError, resolve
 from cirflow.models.evaluation import TorchEncoders
 from cirflow.models.methods.base import encode_batch, similarity_structure_loss
 from cirflow.models.preprocess import PreprocessConfig, preprocess_images
-from cirflow.models.stem_cache import image_stem_memo, image_stems, pad_stems, text_stems
+from cirflow.models.stem_cache import eval_stems, image_stems, pad_stems, text_stems
 from cirflow.models.tiny import TINY_MODEL, make_checkpoint
 from cirflow.models.tokenizer import encode_texts
 from cirflow.models.train import train
@@ -324,33 +324,34 @@ def test_prefetch_stopped_early_leaves_no_thread_behind() -> None:
     assert not [t for t in threading.enumerate() if t.name == "batch-prefetch"]
 
 
-def test_evaluation_runs_a_frozen_image_stem_once_per_image_and_run(tmp_path: Path) -> None:
-    """Gallery, reference and a later evaluation's copies of an image share one stem pass (the store keeps
-    them between runs); the vectors are the whole tower's."""
+def test_evaluation_runs_frozen_stems_once_per_input_and_run(tmp_path: Path) -> None:
+    """Gallery and reference copies of an image, repeated captions, and a later evaluation's inputs share one
+    stem pass (the store keeps them between runs); the vectors are the whole towers'."""
     config = load_config(TrainConfig, None, [*TINY_MODEL, *BACKBONES["effnet-minilm"], "optim.max_steps=1",
-                                             "model.backbone.image.train=frozen", "model.text.vocab_size=30522"])
+                                             "model.backbone.image.train=frozen", "model.backbone.text.train=frozen",
+                                             "model.text.vocab_size=30522"])
     torch.manual_seed(0)
     model = build_model(config.model).eval()
-    tiny = load_config(TrainConfig, None, [*TINY_MODEL, "optim.max_steps=1"])
-    assert image_stem_memo(build_model(tiny.model)) is None  # its image tower trains
+    assert eval_stems(build_model(load_config(TrainConfig, None, [*TINY_MODEL, "optim.max_steps=1"]).model)) is None
     tokenizer = backbone_tokenizer(config.model.backbone, 32)
     preprocess = backbone_preprocess(config.model.backbone, 64)
     pixels = preprocess_images([Image.fromarray(p) for p in np.random.default_rng(0).integers(
         0, 255, (4, 64, 64, 3), dtype=np.uint8)], preprocess)
-    ids, mask = encode_texts(tokenizer, CAPTIONS)
-    references = pixels[[0, 1, 1]]
+    ids, mask = encode_texts(tokenizer, [*CAPTIONS, CAPTIONS[2]])  # the short one again, padded to the longest
+    references = pixels[[0, 1, 1, 3]]
     plain = TorchEncoders(model)
-    memo = image_stem_memo(model, tmp_path)
-    cached = TorchEncoders(model, memo)
+    stems = eval_stems(model, tmp_path)
+    cached = TorchEncoders(model, stems)
     np.testing.assert_allclose(cached.encode_images(pixels), plain.encode_images(pixels), atol=1e-5)
     np.testing.assert_allclose(cached.encode_queries(references, ids, mask), plain.encode_queries(references, ids, mask),
                                atol=1e-5)
-    assert memo.added == 4  # the references were gallery images already
-    memo.save()
-    again = image_stem_memo(model, tmp_path)  # a later run: every stem comes from the store
-    np.testing.assert_allclose(TorchEncoders(model, again).encode_images(pixels[::-1].copy()),
-                               plain.encode_images(pixels)[::-1], atol=1e-5)
-    assert again.added == 0
+    np.testing.assert_allclose(cached.encode_texts(ids, mask), plain.encode_texts(ids, mask), atol=1e-5)
+    assert (stems.images.added, stems.texts.added) == (4, 3)  # references were gallery images; one caption twice
+    stems.save()
+    again = eval_stems(model, tmp_path)  # a later run: every stem comes from the store
+    np.testing.assert_allclose(TorchEncoders(model, again).encode_queries(pixels[::-1].copy(), ids, mask),
+                               plain.encode_queries(pixels[::-1].copy(), ids, mask), atol=1e-5)
+    assert (again.images.added, again.texts.added) == (0, 0)
 
 
 def test_text_noise_perturbs_only_a_pretrained_text_stem() -> None:
