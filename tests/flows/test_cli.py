@@ -127,3 +127,5 @@ def test_the_demo_trains_its_chosen_backbone_unless_told_otherwise(tmp_path: Pat
     model = yaml.safe_load(path.read_text())["training"]["train"]["model"]["backbone"]
     assert model["name"] == backbone
     assert model["text_neck_layers"] == (2 if backbone == "tiny-minilm" else 0)
+    loss = yaml.safe_load(path.read_text())["training"]["train"]["loss"]
+    assert loss["text_noise"] == (1.0 if backbone == "tiny-minilm" else 0.0)
