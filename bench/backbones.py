@@ -33,7 +33,7 @@ import torch
 from report import DOC, machine, today, write_section
 
 from cirflow.models.backbones.towers import masked_mean
-from cirflow.models.checkpoint import load_checkpoint
+from cirflow.models.checkpoint import LoadedCheckpoint, load_checkpoint
 from cirflow.models.data.loaders import load_split
 from cirflow.models.eval_job import shapes_edit_kinds
 from cirflow.models.tokenizer import encode_texts
@@ -91,10 +91,9 @@ def train_and_eval(name: str, overrides: tuple[str, ...], args: argparse.Namespa
 
 
 @torch.inference_mode()
-def text_vectors(checkpoint: str, captions: list[str], raw: bool, batch_size: int = 256) -> np.ndarray:
+def text_vectors(loaded: LoadedCheckpoint, captions: list[str], raw: bool, batch_size: int = 256) -> np.ndarray:
     """Unit vectors of the captions: the trained model's text vector, or (raw) the mean of its frozen MiniLM
     stem's token states, which is the pretrained sentence vector itself."""
-    loaded = load_checkpoint(Path(checkpoint))
     model, out = loaded.model.eval(), []
     for i in range(0, len(captions), batch_size):
         ids, mask = (torch.from_numpy(a) for a in encode_texts(loaded.tokenizer, captions[i:i + batch_size]))
@@ -104,16 +103,18 @@ def text_vectors(checkpoint: str, captions: list[str], raw: bool, batch_size: in
 
 
 def paraphrase_probe(data: Path, towers: dict[str, tuple[str, bool]]) -> tuple[int, dict[str, dict[str, float]]]:
-    """(test captions, tower name -> median rank (1 = nearest) of each novel caption's own training-phrasing paraphrase among
-    all test captions by cosine, overall and per edit kind). towers: name -> (checkpoint, raw)."""
+    """(test captions, tower name -> median rank (1 = nearest) of each novel caption's own training-phrasing
+    paraphrase among all test captions by cosine, overall and per edit kind). towers: name -> (checkpoint,
+    raw)."""
     test, novel = (load_split("shapes", data, split) for split in ("test", "novel"))
     if [q.pair_id for q in test.queries] != [q.pair_id for q in novel.queries]:
         raise SystemExit(f"{data}: the test and novel splits do not hold the same queries in the same order")
     kinds = np.array([(shapes_edit_kinds(data, "novel") or {}).get(q.pair_id, "") for q in novel.queries])
     results = {}
     for name, (checkpoint, raw) in towers.items():
-        t = text_vectors(checkpoint, [q.caption for q in test.queries], raw)
-        n = text_vectors(checkpoint, [q.caption for q in novel.queries], raw)
+        loaded = load_checkpoint(Path(checkpoint))
+        t = text_vectors(loaded, [q.caption for q in test.queries], raw)
+        n = text_vectors(loaded, [q.caption for q in novel.queries], raw)
         scores = n @ t.T
         own = scores[np.arange(len(n)), np.arange(len(n))]
         ranks = 1 + (scores > own[:, None]).sum(1)
@@ -179,7 +180,8 @@ def main() -> None:
     run([*CLI, "data", "shapes", "--out", str(args.data)])
     results = {name: train_and_eval(name, VARIANTS[name], args) for name in args.variants}
     # Raw MiniLM through any variant whose MiniLM tower is frozen (its stem is the pretrained network itself).
-    frozen = [name for name in results if "model.backbone.text.train=frozen" in VARIANTS[name]]
+    frozen = [name for name in results if "model.backbone.text.train=frozen" in VARIANTS[name]
+              and any(o.endswith("-minilm") for o in VARIANTS[name] if o.startswith("model.backbone.name="))]
     towers = {"raw MiniLM": (results[frozen[0]]["checkpoint"], True)} if frozen else {}
     towers.update({name: (r["checkpoint"], False) for name, r in results.items()})
     probe = paraphrase_probe(args.data, towers)

@@ -80,13 +80,16 @@ class CIRModel(nn.Module):
     def _pretrained_towers(self) -> list[Any]:
         return [t for t in (self.image_encoder, self.text_encoder) if hasattr(t, "frozen_parameters")]
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) unit gallery vectors."""
-        return F.normalize(self.image_encoder(pixels)[1], dim=-1)
+    def encode_image(self, pixels: torch.Tensor, stems: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) unit gallery vectors. stems: the image tower's stem output of `pixels`, computed
+        already (a frozen stem's cache)."""
+        return F.normalize((self.image_encoder(pixels) if stems is None else self.image_encoder.head(stems))[1],
+                           dim=-1)
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids and mask -> (B, D) unit text vectors."""
-        return F.normalize(self.text_encoder(ids, mask)[1], dim=-1)
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, stems: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) token ids and mask -> (B, D) unit text vectors. stems: as in encode_image, for the text tower."""
+        return F.normalize((self.text_encoder(ids, mask) if stems is None
+                            else self.text_encoder.head(stems, mask))[1], dim=-1)
 
     @property
     def fuses_image(self) -> bool:

@@ -60,14 +60,17 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     by_edit: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    # Frozen stems run once per distinct image or caption (test and novel share a gallery), and not again in a
-    # later eval when the training config names a stem store.
-    stems = eval_stems(ckpt.model, ckpt.config.stem_cache_dir or None)
     for split_name in splits:
         for k in kinds:
             split = load_split(k, root, split_name)
             data = build_eval_set(split, ckpt.config.preprocess)
+            # Frozen stems run once per distinct image or caption, and not again in a later eval of the same
+            # split when the training config names a stem store.
+            stems = eval_stems(ckpt.model, data.pixels, [q.caption for q in split.queries], ckpt.tokenizer,
+                               ckpt.config.preprocess, ckpt.config.stem_cache_dir or None)
             emb = embed_eval_set(TorchEncoders(ckpt.model, stems), data, ckpt.tokenizer, ckpt.config.preprocess)
+            if stems is not None:
+                stems.save()
             if not split.has_targets:
                 _write_submission(split.name, emb.queries["composed"] @ emb.gallery.T, split, data.names,
                                   config.out_dir)
@@ -85,8 +88,6 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
             avg = {m: average_fashioniq({k: results[f"{k}/{split_name}"][m] for k in kinds}) for m in QUERY_MODES}
             results[f"fashioniq/average/{split_name}"] = avg
             print(format_table(avg, f"fashioniq average ({split_name})"))
-    if stems is not None:
-        stems.save()
     write_json_atomic(config.out_dir / "metrics.json", {"checkpoint": str(config.checkpoint), "results": results,
                                                         "by_edit_kind": by_edit})
     return results

@@ -14,14 +14,13 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from cirflow.models.cir_model import CIRModel
 from cirflow.models.data.types import CIRSplit
 from cirflow.models.metrics import evaluate_scores, rank_gallery
 from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
-from cirflow.models.stem_cache import EvalStems
+from cirflow.models.stem_cache import EvalStems, kept_modes
 from cirflow.models.tokenizer import encode_texts
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,10 @@ class TorchEncoders:
     adds the text-only baseline."""
 
     def __init__(self, model: CIRModel, stems: EvalStems | None = None) -> None:
-        """stems: where frozen stems' outputs are looked up by input content instead of recomputed (the model's
-        own towers; None = always run the whole towers)."""
+        """stems: where the model's frozen stems' outputs are looked up by input content instead of recomputed
+        (models.stem_cache.eval_stems for this model; None = always run the whole towers)."""
+        if stems is not None:
+            stems.check(model)
         self.model = model
         self.device = next(model.parameters()).device
         self.stems = stems
@@ -50,30 +51,27 @@ class TorchEncoders:
     def _tensors(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(a).to(self.device) for a in arrays]
 
+    def _image_stems(self, pixels: np.ndarray) -> torch.Tensor | None:
+        return None if self.stems is None else self.stems.image(pixels, self.device)
+
+    def _text_stems(self, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor | None:
+        return None if self.stems is None else self.stems.text(ids, mask, self.device)
+
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        (x,) = self._tensors(pixels)
-        stems = None if self.stems is None else self.stems.image(x)
-        if stems is None:
-            return self.model.eval().encode_image(x).cpu().numpy()
-        return F.normalize(self.model.eval().image_encoder.head(stems)[1], dim=-1).cpu().numpy()
+        return self.model.eval().encode_image(*self._tensors(pixels), self._image_stems(pixels)).cpu().numpy()
 
     @torch.inference_mode()
     def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        x, ids, mask = self._tensors(pixels, input_ids, attention_mask)
         model = self.model.eval()
-        if self.stems is None:
-            return model.compose(x, ids, mask).cpu().numpy()
-        features = model.features(x, ids, mask, self.stems.image(x), self.stems.text(ids, mask))
+        features = model.features(*self._tensors(pixels, input_ids, attention_mask), self._image_stems(pixels),
+                                  self._text_stems(input_ids, attention_mask))
         return model.compose_features(features).cpu().numpy()
 
     @torch.inference_mode()
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        ids, mask = self._tensors(input_ids, attention_mask)
-        stems = None if self.stems is None else self.stems.text(ids, mask)
-        if stems is None:
-            return self.model.eval().encode_text(ids, mask).cpu().numpy()
-        return F.normalize(self.model.eval().text_encoder.head(stems, mask)[1], dim=-1).cpu().numpy()
+        return self.model.eval().encode_text(*self._tensors(input_ids, attention_mask),
+                                             self._text_stems(input_ids, attention_mask)).cpu().numpy()
 
 
 @dataclass
@@ -166,15 +164,8 @@ def metrics_by_group(emb: Embeddings, data: EvalSet, group_of: dict[int, str],
 
 def evaluate(model: CIRModel, data: EvalSet, tokenizer: Tokenizer, preprocess: PreprocessConfig,
              modes: tuple[str, ...] = QUERY_MODES, stems: EvalStems | None = None) -> EvalResult:
-    """Evaluate the PyTorch model (periodic validation uses this; `stems` as in TorchEncoders).
-
-    Each submodule gets back its own mode afterwards: `model.train()` would also switch encoders that a
-    training stage froze (kept in eval mode) back to train mode, and their BatchNorm statistics would drift.
-    """
-    modes_before = [(m, m.training) for m in model.modules()]
-    result = score_embeddings(embed_eval_set(TorchEncoders(model, stems), data, tokenizer, preprocess, modes), data,
-                              modes)
-    for module, training in modes_before:
-        module.training = training
-    return result
-
+    """Evaluate the PyTorch model (periodic validation uses this; `stems` as in TorchEncoders). Each submodule
+    gets back its own train/eval mode afterwards (models.stem_cache.kept_modes)."""
+    with kept_modes(model):
+        emb = embed_eval_set(TorchEncoders(model, stems), data, tokenizer, preprocess, modes)
+    return score_embeddings(emb, data, modes)

@@ -85,7 +85,6 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
                              config.data.max_train_queries, config.loss.group_by_set, pin=placement.cuda)
     val = build_eval_set(load_split(config.data.kind, Path(config.data.root), config.data.val_split),
                          config.preprocess)
-    val_stems = eval_stems(model, config.stem_cache_dir or None)  # frozen stems: once per val image/caption
     stages = _stages(config, model, method, scale)
 
     state = {"stage": 0, "step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [], "samples": 0,
@@ -107,6 +106,9 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
     batches.use_stems(compute_stems(model, batches.pixels, batches.all_captions(), tokenizer, config.preprocess,
                                     placement.device, images=not config.method.iacma_steps,
                                     store=Path(config.stem_cache_dir) if config.stem_cache_dir else None))
+    # Periodic validation runs a frozen stem once per val image and caption (built on the weights it evaluates).
+    val_stems = eval_stems(model, val.pixels, [q.caption for q in val.split.queries], tokenizer, config.preprocess,
+                           config.stem_cache_dir or None)
 
     for i in range(state["stage"], len(stages)):
         stage = stages[i]
