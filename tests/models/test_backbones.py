@@ -360,8 +360,9 @@ def test_evaluation_runs_frozen_stems_once_per_input_and_run(tmp_path: Path,
                                plain.encode_queries(pixels[::-1].copy(), ids, mask), atol=1e-5)
     assert (again.images.added, again.texts.added) == (0, 0)
 
-    torch.manual_seed(1)
-    other = build_model(config.model).eval()  # other frozen weights: the store has nothing for them
+    other = build_model(config.model).eval()
+    with torch.no_grad():  # other frozen weights (say, another checkpoint's): the store has nothing for them
+        next(other.image_encoder.backbone.parameters()).add_(0.01)
     with pytest.raises(ValueError, match="made for another model's image tower"):
         TorchEncoders(other, stems)
     fresh = memos(other)
