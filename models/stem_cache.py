@@ -59,16 +59,14 @@ def text_stems(model: CIRModel, captions: list[str], tokenizer, device: torch.de
 
 
 def compute_stems(model: CIRModel, pixels: np.ndarray, captions: list[str], tokenizer,
-                  preprocess: PreprocessConfig, device: torch.device, images: bool = True,
-                  store: Path | None = None) -> Stems:
-    """Stems of every cacheable tower (None for the others). images=False leaves the image tower uncached
-    (TMCIR's IACMA stage encodes pseudo-target pixels with the whole tower). store: a directory where stems are
+                  preprocess: PreprocessConfig, device: torch.device, store: Path | None = None) -> Stems:
+    """Stems of every cacheable tower (None for the others). store: a directory where stems are
     kept between runs, named by a hash of everything they depend on (the frozen weights, the preprocessing or
     tokenizer, the decoded pixels or the captions), so runs that differ only in what trains share them."""
     started = time.monotonic()
     image_cache = text_cache = None
     with kept_modes(model):
-        if images and getattr(model.image_encoder, "cacheable", False):
+        if getattr(model.image_encoder, "cacheable", False):
             key = _digest(_weights_digest(model.image_encoder.backbone), repr(preprocess), pixels.shape, pixels)
             image_cache = _stored(store, f"image-{key}.pt", lambda: image_stems(model, pixels, preprocess, device))
         if getattr(model.text_encoder, "cacheable", False):

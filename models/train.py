@@ -36,7 +36,7 @@ from cirflow.models.evaluation import EvalSet, build_eval_set, evaluate
 from cirflow.models.losses import LogitScale
 from cirflow.models.methods.base import Method, encode_batch, similarity_structure_loss
 from cirflow.models.methods.registry import MethodConfig, build_method
-from cirflow.models.stem_cache import EvalStems, compute_stems, eval_stems
+from cirflow.models.stem_cache import EvalStems, Stems, compute_stems, eval_stems
 from cirflow.models.tokenizer import tokenizer_from_json
 from cirflow.models.train_config import LossConfig, OptimConfig, TrainConfig, filled_in, new_tokenizer
 from cirflow.models.train_data import Batch, TripletBatches
@@ -102,16 +102,17 @@ def train(config: TrainConfig, run_dir: Path) -> Path:
         log.info("resuming %s at stage %d step %d", run_dir, state["stage"], state["step"])
     for module in (model, method, scale):
         module.to(placement.device)
-    # TMCIR's IACMA stage encodes pseudo-target pixels through the whole image tower: no image stems there.
-    batches.use_stems(compute_stems(model, batches.pixels, batches.all_captions(), tokenizer, config.preprocess,
-                                    placement.device, images=not config.method.iacma_steps,
-                                    store=Path(config.stem_cache_dir) if config.stem_cache_dir else None))
+    stems = compute_stems(model, batches.pixels, batches.all_captions(), tokenizer, config.preprocess,
+                          placement.device, store=Path(config.stem_cache_dir) if config.stem_cache_dir else None)
     # Periodic validation runs a frozen stem once per val image and caption (built on the weights it evaluates).
     val_stems = eval_stems(model, val.pixels, [q.caption for q in val.split.queries], tokenizer, config.preprocess,
                            config.stem_cache_dir or None)
 
     for i in range(state["stage"], len(stages)):
         stage = stages[i]
+        # TMCIR's IACMA stage edits pixels into pseudo-targets and encodes them through the whole image tower:
+        # its batches carry pixels; every other stage's carry the cached image stems.
+        batches.use_stems(Stems(None, stems.texts) if stage.iacma else stems)
         optimizer = _optimizer(stage, model.lr_scales())
         if resume is not None and i == resume["state"]["stage"]:
             optimizer.load_state_dict(resume["optimizer"])

@@ -137,6 +137,25 @@ def test_freezing_policy_holds_through_a_training_step(policy: str, tiny_overrid
         assert 0 < logged["text_keep"] < 2
 
 
+def test_tmcir_on_a_frozen_image_tower_edits_pixels_only_in_its_iacma_stage(
+        tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IACMA's generator needs pixels; ATF, the longer stage, reads the cached image stems (it ran the whole
+    EfficientNet every step before, ~15x slower)."""
+    from cirflow.models.train_data import TripletBatches
+
+    given = []
+    use_stems = TripletBatches.use_stems
+    monkeypatch.setattr(TripletBatches, "use_stems", lambda self, stems: (given.append(stems),
+                                                                          use_stems(self, stems)))
+    config = load_config(TrainConfig, None, [*tiny_overrides, *BACKBONES["effnet-minilm"],
+                                             "model.backbone.image.train=frozen", "model.backbone.text.train=frozen",
+                                             "method.name=tmcir", "method.generator=oracle", "method.iacma_steps=1",
+                                             "model.composer.name=atf", "optim.max_steps=1"])
+    load_checkpoint(train(config, tmp_path / "run"))
+    assert [stems.images is not None for stems in given] == [False, True]  # IACMA, then ATF
+    assert all(stems.texts is not None for stems in given)
+
+
 def test_gentle_fine_tuning_scales_the_learning_rate_of_pretrained_weights(tiny_overrides: list[str]) -> None:
     import cirflow.models.train as train_module
 
