@@ -42,9 +42,8 @@ def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor,
     clean = None
     if (text_noise or sentences) and not model.fuses_image:
         clean = model.text_encoder.stem(ids, mask) if text_stems is None else text_stems
-        text_stems = clean
-    if text_noise and clean is not None:
-        text_stems = clean + text_noise * clean.detach().pow(2).mean().sqrt() * torch.randn_like(clean)
+        noise = text_noise * clean.detach().pow(2).mean().sqrt() * torch.randn_like(clean) if text_noise else 0
+        text_stems = clean + noise
     if model.fuses_image:  # the text tower reads each query's reference image (hf-blip2's Q-Former fusion)
         context = images if image_stems else model.image_encoder.stem(images)
         image_tokens, pooled = model.image_encoder.head(context)

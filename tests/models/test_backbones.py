@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from tokenizers import Tokenizer
 
 from cirflow.core.config import load_config
 from cirflow.export.bundle import export_bundle
@@ -171,15 +172,21 @@ def test_gentle_fine_tuning_scales_the_learning_rate_of_pretrained_weights(tiny_
         assert group["lr_scale"] == (0.05 if in_bert.pop() else 1.0)
 
 
-def test_cached_stems_give_the_uncached_features(tiny_overrides: list[str]) -> None:
+def frozen_effnet_minilm() -> tuple[TrainConfig, CIRModel, Tokenizer, PreprocessConfig, np.ndarray]:
+    """effnet-minilm with both pretrained networks frozen (a tiny head), its tokenizer and preprocessing, and
+    four random 64 px images (uint8)."""
     config = load_config(TrainConfig, None, [*TINY_MODEL, *BACKBONES["effnet-minilm"], "optim.max_steps=1",
                                              "model.backbone.image.train=frozen", "model.backbone.text.train=frozen",
                                              "model.text.vocab_size=30522"])
     torch.manual_seed(0)
     model = build_model(config.model).eval()
-    tokenizer = backbone_tokenizer(config.model.backbone, 32)
-    preprocess = backbone_preprocess(config.model.backbone, 64)
     pixels = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    return (config, model, backbone_tokenizer(config.model.backbone, 32),
+            backbone_preprocess(config.model.backbone, 64), pixels)
+
+
+def test_cached_stems_give_the_uncached_features() -> None:
+    _, model, tokenizer, preprocess, pixels = frozen_effnet_minilm()
     ids, mask = map(torch.from_numpy, encode_texts(tokenizer, CAPTIONS))
     reference, target = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3])
     images = torch.from_numpy(preprocess_images([Image.fromarray(p) for p in pixels], preprocess))
@@ -347,14 +354,7 @@ def test_evaluation_runs_frozen_stems_once_per_input_and_run(tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """Gallery and reference copies of an image, repeated captions, and a later evaluation of the same split
     share one stem pass (the store keeps them between runs); the vectors are the whole towers'."""
-    config = load_config(TrainConfig, None, [*TINY_MODEL, *BACKBONES["effnet-minilm"], "optim.max_steps=1",
-                                             "model.backbone.image.train=frozen", "model.backbone.text.train=frozen",
-                                             "model.text.vocab_size=30522"])
-    torch.manual_seed(0)
-    model = build_model(config.model).eval()
-    tokenizer = backbone_tokenizer(config.model.backbone, 32)
-    preprocess = backbone_preprocess(config.model.backbone, 64)
-    gallery = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    config, model, tokenizer, preprocess, gallery = frozen_effnet_minilm()
     pixels = preprocess_images([Image.fromarray(p) for p in gallery], preprocess)
     captions = [*CAPTIONS, CAPTIONS[2]]  # the short one again, padded to the longest
     ids, mask = encode_texts(tokenizer, captions)
