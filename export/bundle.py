@@ -1,8 +1,10 @@
-"""Checkpoint -> model bundle: two ONNX encoders, the tokenizer, the preprocessing and a manifest.
+"""Checkpoint -> model bundle: three ONNX encoders, the tokenizer, the preprocessing and a manifest.
 
     query_encoder.onnx (+ .onnx.data)   pixel_values (B,3,H,W) f32, input_ids (B,L) i64, attention_mask (B,L) i64
                                         -> query (B, D) unit length
     image_encoder.onnx (+ .onnx.data)   pixel_values (B,3,H,W) f32 -> embedding (B, D) unit length
+    text_encoder.onnx (+ .onnx.data)    input_ids (B,L) i64, attention_mask (B,L) i64 -> text (B, D) unit length
+                                        (the text-only baseline: the text's vector alone, in the gallery space)
     tokenizer.json, preprocess.json     the checkpoint's tokenizer and PreprocessConfig (training's code reads both)
     manifest.json                       bundle_id (hash of the files and the dims and limits), dims, versions,
                                         source checkpoint + metrics, sha256 of every file
@@ -35,8 +37,7 @@ from cirflow.export.manifest import (
     verify_bundle,
 )
 from cirflow.export.onnx_export import (
-    ImageEncoder,
-    QueryEncoder,
+    WRAPPERS,
     check_graph,
     example_inputs,
     export_graph,
@@ -91,8 +92,8 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
     trace = example_inputs(model, batch=2, length=min(7, max_length))
     check = example_inputs(model, batch=3, length=max(1, min(5, max_length - 1)), seed=1)
     versions = {}
-    for name, module in (("query_encoder", QueryEncoder(model)), ("image_encoder", ImageEncoder(model))):
-        spec = GRAPHS[name]
+    for name, spec in GRAPHS.items():
+        module = WRAPPERS[name](model)
         path = export_graph(module, spec, trace, max_length, out)
         try:
             session = check_graph(path)

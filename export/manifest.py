@@ -19,7 +19,8 @@ from cirflow.core.files import CURRENT, check_files, follow_current, publish_cur
 from cirflow.models.preprocess import PreprocessConfig
 
 # v2: the bundle_id also covers CONTRACT_KEYS (v1 hashed the files alone), so a v1 manifest cannot verify.
-FORMAT = "cirflow-bundle-v2"
+# v3: a third graph, the text encoder (text-only search); a v2 bundle has none, so it is exported again.
+FORMAT = "cirflow-bundle-v3"
 MANIFEST, TOKENIZER, PREPROCESS = "manifest.json", "tokenizer.json", "preprocess.json"
 ID_LENGTH = 16  # hex characters of the sha256 kept as the bundle id: 64 bits, short enough for directory names
 # Manifest entries that callers trust for input validation and wiring (shapes, token id range, tensor names):
@@ -39,7 +40,8 @@ class GraphSpec:
 
 QUERY = GraphSpec("query_encoder.onnx", ("pixel_values", "input_ids", "attention_mask"), "query")
 IMAGE = GraphSpec("image_encoder.onnx", ("pixel_values",), "embedding")
-GRAPHS = {"query_encoder": QUERY, "image_encoder": IMAGE}
+TEXT = GraphSpec("text_encoder.onnx", ("input_ids", "attention_mask"), "text")
+GRAPHS = {"query_encoder": QUERY, "image_encoder": IMAGE, "text_encoder": TEXT}
 
 
 class BundleError(ValueError):

@@ -1,7 +1,8 @@
-"""Export the two inference surfaces of a CIRModel to ONNX with the dynamo exporter, then check the files.
+"""Export the inference surfaces of a CIRModel to ONNX with the dynamo exporter, then check the files.
 
-Only `CIRModel.compose` and `CIRModel.encode_image` are traced (through the small wrappers below), so
-training-only parts (losses, logit scale, stage-2 copies) never reach the graph.
+Only `CIRModel.compose`, `CIRModel.encode_image` and `CIRModel.encode_text` are traced (through the small
+wrappers below), so training-only parts (losses, logit scale, stage-2 copies) never reach the graph. The text
+encoder is the evaluator's text-only baseline (q = t): what a text-only search can honestly answer.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixel_values)
+
+
+class TextEncoder(nn.Module):
+    """(input_ids (B,L), attention_mask (B,L)) -> text (B, D), unit length."""
+
+    def __init__(self, model: CIRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+WRAPPERS = {"query_encoder": QueryEncoder, "image_encoder": ImageEncoder, "text_encoder": TextEncoder}
 
 
 def example_inputs(model: CIRModel, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:

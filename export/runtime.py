@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from cirflow.export.manifest import (
     IMAGE,
     QUERY,
+    TEXT,
     TOKENIZER,
     BundleError,
     read_preprocess,
@@ -74,11 +75,12 @@ class BundleRuntime:
     tokenizer: Tokenizer
     query_session: ort.InferenceSession
     image_session: ort.InferenceSession
+    text_session: ort.InferenceSession
 
     @classmethod
     def load(cls, bundle_dir: Path, providers: str = "auto", require_gpu: bool = False,
              intra_op_threads: int = 0) -> "BundleRuntime":
-        """Verify the bundle's checksums, then open both encoders.
+        """Verify the bundle's checksums, then open the three encoders.
 
         providers: "auto" / "tensorrt" (TensorRT -> CUDA -> CPU), "cuda" (CUDA -> CPU) or "cpu", each limited
         to what the installed onnxruntime offers. require_gpu: raise GPUUnavailableError instead of running on
@@ -108,18 +110,20 @@ class BundleRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         sessions = {spec.file: ort.InferenceSession(str(bundle_dir / spec.file), options, providers=chosen)
-                    for spec in (QUERY, IMAGE)}
+                    for spec in (QUERY, IMAGE, TEXT)}
         used = {name: session.get_providers() for name, session in sessions.items()}
         on_cpu = [name for name, providers in used.items() if not any(p in GPU_PROVIDERS for p in providers)]
         if require_gpu and on_cpu:
             # The provider was offered but could not start (driver, CUDA libraries, or memory for the second
             # session): ORT fell back silently, per session, so each one is checked.
-            raise GPUUnavailableError(f"a GPU was required but {' and '.join(on_cpu)} "
+            names = on_cpu[0] if len(on_cpu) == 1 else f"{', '.join(on_cpu[:-1])} and {on_cpu[-1]}"
+            raise GPUUnavailableError(f"a GPU was required but {names} "
                                       f"{'runs' if len(on_cpu) == 1 else 'run'} on the CPU (providers per graph: "
                                       f"{used}; requested {chosen}); check the CUDA driver and libraries that "
                                       "onnxruntime-gpu needs")
         log.info("bundle %s (bundle_id %s) on %s", bundle_dir, manifest["bundle_id"], used)
-        return cls(bundle_dir, manifest, preprocess, tokenizer, sessions[QUERY.file], sessions[IMAGE.file])
+        return cls(bundle_dir, manifest, preprocess, tokenizer, sessions[QUERY.file], sessions[IMAGE.file],
+                   sessions[TEXT.file])
 
     @property
     def bundle_id(self) -> str:
@@ -153,6 +157,13 @@ class BundleRuntime:
         feeds = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
         return self.query_session.run([QUERY.output], feeds)[0]
 
+    def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Token ids and mask (B, L) int64 -> (B, D) unit text vectors (the text-only baseline's queries)."""
+        ids, mask = self._check_tokens(input_ids, attention_mask)
+        if len(ids) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return self.text_session.run([TEXT.output], {"input_ids": ids, "attention_mask": mask})[0]
+
     # --- images and texts in: the same preprocessing and tokenisation as training ---------------------------
 
     def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
@@ -165,6 +176,10 @@ class BundleRuntime:
             raise InputError(f"batch mismatch: {len(images)} images but {len(texts)} texts")
         ids, mask = self._tokenize(texts)
         return self.encode_queries(self._pixels(images), ids, mask)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts alone -> (N, D) unit vectors in the gallery space (text-only search)."""
+        return self.encode_texts(*self._tokenize(texts))
 
     def _pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
         size = self.preprocess.size

@@ -50,8 +50,8 @@ class Profile:
 
 
 def profiles(image_size: int, max_batch: int, max_seq: int) -> dict[str, Profile]:
-    """Shapes per graph. The query encoder serves one query at a time (opt batch 1, a typical caption of half
-    the maximum length); the image encoder embeds catalogs in full batches (opt batch = max)."""
+    """Shapes per graph. The query and text encoders serve one query at a time (opt batch 1, a typical caption
+    of half the maximum length); the image encoder embeds catalogs in full batches (opt batch = max)."""
     s, b, half = image_size, max_batch, max(1, (max_seq + 1) // 2)
 
     def pixels(opt: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -59,11 +59,12 @@ def profiles(image_size: int, max_batch: int, max_seq: int) -> dict[str, Profile
 
     tokens = ((1, 1), (1, half), (b, max_seq))
     return {"query_encoder": Profile({"pixel_values": pixels(1), "input_ids": tokens, "attention_mask": tokens}),
-            "image_encoder": Profile({"pixel_values": pixels(b)})}
+            "image_encoder": Profile({"pixel_values": pixels(b)}),
+            "text_encoder": Profile({"input_ids": tokens, "attention_mask": tokens})}
 
 
 def build_engines(bundle_dir: Path, fp16: bool = True, max_batch: int = 64, max_seq: int | None = None) -> dict:
-    """Build `<graph>.plan` for both encoders, record them in the manifest and return its "engines" section.
+    """Build `<graph>.plan` for every encoder, record them in the manifest and return its "engines" section.
 
     max_seq defaults to the bundle's max_text_length (what the tokenizer emits) and may not exceed the
     graphs' max_sequence_length.

@@ -19,7 +19,7 @@ from tests.export.conftest import bundle_checkpoint
 
 COMPOSER = "sum"  # the cheapest bundle; parity for every composer lives in test_parity.py
 FILES = {"query_encoder.onnx", "query_encoder.onnx.data", "image_encoder.onnx", "image_encoder.onnx.data",
-         "tokenizer.json", "preprocess.json", "manifest.json"}
+         "text_encoder.onnx", "text_encoder.onnx.data", "tokenizer.json", "preprocess.json", "manifest.json"}
 
 
 def test_bundle_layout_and_manifest(bundle_for) -> None:
@@ -44,7 +44,8 @@ def test_bundle_layout_and_manifest(bundle_for) -> None:
 def test_every_graph_passes_checker_and_loads_in_pinned_ort(bundle_for) -> None:
     _, bundle = bundle_for(COMPOSER)
     expected = {"query_encoder.onnx": (["pixel_values", "input_ids", "attention_mask"], ["query"]),
-                "image_encoder.onnx": (["pixel_values"], ["embedding"])}
+                "image_encoder.onnx": (["pixel_values"], ["embedding"]),
+                "text_encoder.onnx": (["input_ids", "attention_mask"], ["text"])}
     for name, (inputs, outputs) in expected.items():
         onnx.checker.check_model(str(bundle / name), full_check=True)  # by path: external data checked too
         model = onnx.load(str(bundle / name), load_external_data=False)
@@ -54,7 +55,7 @@ def test_every_graph_passes_checker_and_loads_in_pinned_ort(bundle_for) -> None:
         assert [i.name for i in session.get_inputs()] == inputs
         assert [o.name for o in session.get_outputs()] == outputs
         dims = {i.name: i.shape for i in session.get_inputs()}
-        assert isinstance(dims["pixel_values"][0], str)  # dynamic batch
+        assert isinstance(next(iter(dims.values()))[0], str)  # dynamic batch
         if "input_ids" in dims:
             assert all(isinstance(d, str) for d in dims["input_ids"])  # dynamic batch and sequence
         # No debug metadata (absolute source paths) that would tie the bundle id to a checkout.
@@ -128,10 +129,11 @@ def test_manifest_without_limits_or_of_an_older_format_is_refused(bundle_copy: P
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="manifest.json lacks max_text_length, graphs"):
         verify_bundle(bundle_copy)
-    _edit_manifest(bundle_copy, format="cirflow-bundle-v1")  # v1 ids hashed the files alone
-    with pytest.raises(BundleError, match=r"not a cirflow-bundle-v2 manifest \(format 'cirflow-bundle-v1'\); "
-                                          "export the checkpoint again"):
-        verify_bundle(bundle_copy)
+    for old in ("cirflow-bundle-v1", "cirflow-bundle-v2"):  # v1 ids hashed the files alone; v2 had no text graph
+        _edit_manifest(bundle_copy, format=old)
+        with pytest.raises(BundleError, match=rf"not a cirflow-bundle-v3 manifest \(format '{old}'\); "
+                                              "export the checkpoint again"):
+            verify_bundle(bundle_copy)
 
 
 def _add_engines(bundle: Path) -> dict:

@@ -47,6 +47,10 @@ def test_encoders_match_pytorch(composer: str, bundle_for) -> None:
             assert got.shape == (batch, model.embed_dim) and got.dtype == np.float32
             np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0, err_msg=f"B={batch} L={length}")
             np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+            with torch.inference_mode():
+                expected = model.encode_text(*(torch.from_numpy(a) for a in (ids, mask))).numpy()
+            np.testing.assert_allclose(runtime.encode_texts(ids, mask), expected, atol=ATOL, rtol=0,
+                                       err_msg=f"text encoder B={batch} L={length}")
 
 
 def test_atf_parity_covers_the_fusion_branch(bundle_for) -> None:

@@ -97,7 +97,8 @@ def test_require_gpu_catches_orts_silent_cpu_fallback(bundle_for, monkeypatch: p
     if CUDA in ort.get_available_providers():
         pytest.skip("CUDA provider really available here")
     monkeypatch.setattr(rt.ort, "get_available_providers", lambda: [CUDA, CPU])
-    with pytest.raises(GPUUnavailableError, match=r"query_encoder\.onnx and image_encoder\.onnx run on the CPU "
+    with pytest.raises(GPUUnavailableError, match=r"query_encoder\.onnx, image_encoder\.onnx and text_encoder\.onnx "
+                                                  r"run on the CPU "
                                                   r"\(providers per graph: .*'CPUExecutionProvider'\]"):
         BundleRuntime.load(bundle_for(COMPOSER)[1], providers="cuda", require_gpu=True)
 
@@ -115,16 +116,18 @@ class _FakeSession:
         return [CUDA, CPU] if self.file in self.on_gpu else [CPU]
 
 
-@pytest.mark.parametrize("on_gpu, on_cpu", [({"query_encoder.onnx"}, "image_encoder.onnx"),
-                                            ({"image_encoder.onnx"}, "query_encoder.onnx")])
-def test_require_gpu_checks_both_sessions(bundle_for, monkeypatch: pytest.MonkeyPatch, on_gpu: set[str],
+ALL_GRAPHS = {"query_encoder.onnx", "image_encoder.onnx", "text_encoder.onnx"}
+
+
+@pytest.mark.parametrize("on_cpu", sorted(ALL_GRAPHS))
+def test_require_gpu_checks_every_session(bundle_for, monkeypatch: pytest.MonkeyPatch,
                                           on_cpu: str) -> None:
     monkeypatch.setattr(rt.ort, "get_available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(rt.ort, "InferenceSession", _FakeSession)
-    monkeypatch.setattr(_FakeSession, "on_gpu", on_gpu)
+    monkeypatch.setattr(_FakeSession, "on_gpu", ALL_GRAPHS - {on_cpu})
     with pytest.raises(GPUUnavailableError, match=rf"but {on_cpu} runs on the CPU"):
         BundleRuntime.load(bundle_for(COMPOSER)[1], providers="cuda", require_gpu=True)
-    monkeypatch.setattr(_FakeSession, "on_gpu", {"query_encoder.onnx", "image_encoder.onnx"})
+    monkeypatch.setattr(_FakeSession, "on_gpu", ALL_GRAPHS)
     runtime = BundleRuntime.load(bundle_for(COMPOSER)[1], providers="cuda", require_gpu=True)
     assert runtime.providers == [CUDA, CPU] and runtime.image_session.get_providers() == [CUDA, CPU]
 
