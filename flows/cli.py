@@ -83,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("-k", type=int, default=10, help="results to return (at most the index size)")
     search.add_argument("--exclude-id", type=int, help="catalog id to leave out (the reference's own)")
 
+    serve = sub.add_parser("serve", help="the search service and page over HTTP (FastAPI + uvicorn)")
+    serve.add_argument("--index", type=Path, required=True,
+                       help="WORKDIR/indexes/<catalog> (its CURRENT is served and hot-reloaded) or one version")
+    serve.add_argument("--bundle", type=Path, help="a bundle, or a directory of bundles searched for the index's "
+                       "bundle_id (default: WORKDIR/bundles)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--providers", default="auto", help="ONNX Runtime providers: auto, tensorrt, cuda, cpu")
+    serve.add_argument("--workers", type=int, default=0, help="request threads (default: one per core)")
+    serve.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads per request")
+    serve.add_argument("--reload-seconds", type=float, default=2.0, help="CURRENT poll interval; 0: no reload")
+    serve.add_argument("--verify", default="sha256", choices=["sha256", "size"],
+                       help="index file check at each load (size: fast start on huge indexes)")
+    serve.add_argument("--max-k", type=int, default=100)
+
     demo = sub.add_parser("demo", help="the main job end to end on the built-in shapes benchmark")
     demo.add_argument("--workdir", type=Path, default=Path("workdir"))
     demo.add_argument("--config", type=Path, help="training YAML (default: built-in defaults)")
@@ -141,6 +156,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(run_embed(load_config(EmbedConfig, args.config, args.overrides)))
     elif args.command == "index":
         return _index(args)
+    elif args.command == "serve":
+        from cirflow.indexing.service import serve
+        from cirflow.indexing.service_state import ServiceConfig
+
+        config = ServiceConfig(args.index, args.bundle, providers=args.providers, verify=args.verify,
+                               reload_seconds=args.reload_seconds, workers=args.workers,
+                               ort_threads=args.ort_threads, max_k=args.max_k)
+        serve(config, args.host, args.port)
     elif args.command == "demo":
         from cirflow.flows.demo import DemoConfig, run_demo
 

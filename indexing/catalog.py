@@ -3,6 +3,14 @@
 Two sources: an image folder or a manifest (Parquet or CSV with `id` and `uri` columns: the ids are the shop's
 own). Ids are never row numbers.
 
+A manifest's other columns (all but `id`, `uri` and `version`) are the entries' **metadata** (a `category`, a
+`price`): scalar columns only, stored as string, int64, float64 or bool (dictionary-encoded columns, e.g. pandas
+categoricals, are decoded; an all-empty CSV column is a string column), nulls allowed. CSV gives no types:
+integers, floats and booleans are inferred, everything else (dates included) stays the text as written. They
+travel with the catalog's state (`fingerprint`) into each embedding snapshot and index version, so a change of
+metadata alone makes a new snapshot (whose vectors are all reused) and a new index version. Folder catalogs have
+none.
+
 A folder catalog lists every non-hidden entry under the folder that is not a directory, so that each one ends
 up embedded or in the job's errors table, never silently dropped:
 - files, whatever their content (a non-image becomes an errors row);
@@ -50,6 +58,8 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("version", pa.string())])
+# Metadata column types by the name search reports them under (VectorIndex.metadata_fields).
+METADATA_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 CHANGE_KEYS = ("stat", "sha256")
 UNREADABLE = "unreadable"
 # Metadata calls (and sha256 reads) overlap well on network file systems and object stores; local disks do not mind.
@@ -64,7 +74,8 @@ class CatalogError(ValueError):
 class CatalogConfig:
     name: str = ""  # the catalog's name in embeddings/<name>/ and indexes/<name>/
     folder: str | None = None  # an image folder ...
-    manifest: str | None = None  # ... or a Parquet/CSV file with `id` and `uri` columns (exactly one of the two)
+    # ... or a Parquet/CSV file with `id` and `uri` columns, and metadata columns (exactly one of the two)
+    manifest: str | None = None
     # How an entry's version is found when the manifest has no `version` column: "stat" or "sha256" (module doc).
     change_key: str = "stat"
 
@@ -90,8 +101,8 @@ def stable_id(key: str) -> int:
 
 
 def load_catalog(config: CatalogConfig) -> pa.Table:
-    """(id int64, uri string, version string) rows sorted by id; ids unique. Raises CatalogError naming what is
-    wrong."""
+    """(id int64, uri string, version string, then the manifest's metadata columns) rows sorted by id; ids
+    unique. Raises CatalogError naming what is wrong."""
     config.check()
     if config.folder:
         table = _list_folder(Path(config.folder), config.change_key)
@@ -100,7 +111,9 @@ def load_catalog(config: CatalogConfig) -> pa.Table:
     if "version" not in table.column_names:
         versions = entry_versions(table.column("uri").to_pylist(), config.change_key)
         table = table.append_column("version", pa.array(versions, pa.string()))
-    table = table.select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
+    metadata = metadata_columns(table.schema)
+    table = table.select(CATALOG_SCHEMA.names + metadata).cast(pa.schema([*CATALOG_SCHEMA, *(
+        table.schema.field(name) for name in metadata)]))
     if table.num_rows == 0:
         raise CatalogError(f"catalog {config.name!r} ({config.source}) has no entries")
     table = table.sort_by("id")
@@ -115,7 +128,9 @@ def load_catalog(config: CatalogConfig) -> pa.Table:
 
 
 def fingerprint(table: pa.Table) -> str:
-    """A hash of the (id, uri, version) rows: the catalog's state, which names its embedding snapshot."""
+    """A hash of the (id, uri, version) rows and the metadata columns (load_catalog's table): the catalog's
+    state, which names its embedding snapshot. A catalog without metadata hashes as before metadata existed, so
+    its snapshots keep their names."""
     digest = hashlib.sha256()
     for column in CATALOG_SCHEMA.names:
         if column not in table.column_names:
@@ -123,7 +138,50 @@ def fingerprint(table: pa.Table) -> str:
         for buffer in table.column(column).combine_chunks().buffers():
             if buffer is not None:
                 digest.update(buffer)
+    metadata = metadata_digest(table)
+    if metadata is not None:
+        digest.update(metadata.encode())
     return digest.hexdigest()[:16]
+
+
+def metadata_columns(schema: pa.Schema) -> list[str]:
+    """The metadata column names of a catalog table (or of an index's items), in their order."""
+    return [name for name in schema.names if name not in CATALOG_SCHEMA.names]
+
+
+def metadata_fields(schema: pa.Schema) -> dict[str, str]:
+    """Metadata column name -> its METADATA_TYPES name ("string", "int", "float", "bool")."""
+    names = {str(t): name for name, t in METADATA_TYPES.items()}
+    return {name: names.get(str(schema.field(name).type), str(schema.field(name).type))
+            for name in metadata_columns(schema)}
+
+
+def metadata_digest(table: pa.Table) -> str | None:
+    """A sha256 of the metadata columns (names, types, nulls and values, row by row), None when there are none.
+    Computed from values, never from raw Arrow buffers: a null's slot and a sliced array's buffers may hold
+    anything."""
+    names = metadata_columns(table.schema)
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    digest.update(table.column("id").combine_chunks().to_numpy(zero_copy_only=False).tobytes())
+    for name in names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_large_string(column.type):
+            column = column.cast(pa.string())
+        digest.update(f"\0{name}\0{column.type}\0".encode())
+        digest.update(pc.is_null(column).to_numpy(zero_copy_only=False).tobytes())
+        if pa.types.is_string(column.type):
+            filled = pc.fill_null(column, "")
+            offsets = np.frombuffer(filled.buffers()[1], np.int32)[filled.offset:filled.offset + len(filled) + 1]
+            digest.update(np.diff(offsets).tobytes())
+            data = filled.buffers()[2]
+            if data is not None and len(filled):
+                digest.update(memoryview(data)[offsets[0]:offsets[-1]])
+        else:
+            filled = pc.fill_null(column, pa.scalar(False if pa.types.is_boolean(column.type) else 0, column.type))
+            digest.update(filled.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
 
 
 def entry_versions(uris: list[str], change_key: str = "stat") -> list[str]:
@@ -234,14 +292,19 @@ def _read_manifest(path: Path) -> pa.Table:
         raise CatalogError(f"catalog manifest {path} does not exist")
     try:
         if path.suffix == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={"id": pa.int64(), "uri": pa.string()}))
+            table = _read_csv(path)
         elif path.suffix == ".parquet":
             table = pq.read_table(path)
+            # pandas' to_parquet stores a DataFrame's index as a column; it is not the shop's metadata
+            index_columns = (table.schema.pandas_metadata or {}).get("index_columns", [])
+            table = table.drop_columns([c for c in index_columns if isinstance(c, str) and c in table.column_names])
         else:
             raise CatalogError(f"catalog manifest {path}: expected a .parquet or .csv file")
     except (pa.ArrowInvalid, OSError) as e:
         raise CatalogError(f"catalog manifest {path}: cannot read ({e})") from e
+    if len(set(table.column_names)) != len(table.column_names):
+        repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+        raise CatalogError(f"catalog manifest {path}: column(s) {repeated} appear more than once")
     missing = sorted({"id", "uri"} - set(table.column_names))
     if missing:
         raise CatalogError(f"catalog manifest {path}: missing column(s) {missing}; has {table.column_names}")
@@ -266,7 +329,49 @@ def _read_manifest(path: Path) -> pa.Table:
             raise CatalogError(f"catalog manifest {path}: row {row} has no version (leave the column out to have "
                                "versions computed)")
         columns["version"] = version.cast(pa.string())
+    for name in metadata_columns(table.schema):
+        columns[name] = _metadata_column(path, name, table.column(name))
     return pa.table(columns)
+
+
+def _read_csv(path: Path) -> pa.Table:
+    """A CSV manifest; a metadata column that Arrow would read as dates or times keeps its text instead (CSV has
+    no types: the text is what the shop wrote, and search filters support no temporal types)."""
+    types = {"id": pa.int64(), "uri": pa.string()}
+    table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+    # `version` is read as it always was (an updated-at stamp as a timestamp, then cast to text), so that existing
+    # snapshots keep their versions.
+    temporal = [f.name for f in table.schema if f.name not in (*types, "version") and pa.types.is_temporal(f.type)]
+    if temporal:
+        types.update({name: pa.string() for name in temporal})
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+    return table
+
+
+def _metadata_column(path: Path, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A manifest's metadata column in its METADATA_TYPES type, or CatalogError naming the column."""
+    if not name or name.startswith("_"):
+        raise CatalogError(f"catalog manifest {path}: column {name!r}: metadata column names must be non-empty and "
+                           "must not start with '_'")
+    kind = column.type
+    if pa.types.is_dictionary(kind):  # e.g. a pandas categorical: its values are what matters
+        kind = kind.value_type
+    if pa.types.is_null(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        target = METADATA_TYPES["string"]
+    elif pa.types.is_boolean(kind):
+        target = METADATA_TYPES["bool"]
+    elif pa.types.is_integer(kind):
+        target = METADATA_TYPES["int"]
+    elif pa.types.is_floating(kind):
+        target = METADATA_TYPES["float"]
+    else:
+        raise CatalogError(f"catalog manifest {path}: metadata column {name!r} is {column.type}; metadata columns "
+                           f"must be strings, integers, floats or booleans (cast it, e.g. to a string)")
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise CatalogError(f"catalog manifest {path}: metadata column {name!r} ({column.type}) does not fit "
+                           f"{target}: {e}") from e
 
 
 def local_path(uri: str) -> str | None:

@@ -7,11 +7,13 @@ entrypoint of a job submitted to a Ray cluster (README.md); `run_embed` is the e
     embeddings/<catalog>/<bundle_id>/<snapshot_id>/   one state of the catalog (shards.py has the format)
     embeddings/<catalog>/<bundle_id>/CURRENT          the latest complete snapshot
 
-A snapshot's id hashes the catalog's (id, uri, version) rows (catalog.py) and the shard size, so an unchanged
-catalog finds its finished snapshot and does nothing. A changed one gets a new snapshot, made from the CURRENT
-one: entries with the same id, uri and version keep their vector (copied, byte for byte) or their errors row,
-new and changed entries are embedded, removed ones are left out. The snapshot moves CURRENT when complete; the
-older ones stay (`keep_snapshots`) and are never modified.
+A snapshot's id hashes the catalog's (id, uri, version) rows and metadata columns (catalog.py) and the shard
+size, so an unchanged catalog finds its finished snapshot and does nothing. A changed one gets a new snapshot,
+made from the CURRENT one: entries with the same id, uri and version keep their vector (copied, byte for byte) or
+their errors row, new and changed entries are embedded, removed ones are left out. A change of metadata alone
+(a category renamed) thus makes a new snapshot that embeds nothing: its catalog.parquet carries the new
+metadata to the index built from it. The snapshot moves CURRENT when complete; the older ones stay
+(`keep_snapshots`) and are never modified.
 
 Ray Data reads and decodes in tasks, and embeds in a fixed pool of actors (one bundle runtime each); the
 driver gathers each shard's rows and writes the shard (temp name, rename) once every entry of it is accounted
@@ -44,7 +46,7 @@ from cirflow.core.config import check_non_negative, check_positive, to_dict
 from cirflow.core.files import check_files, follow_current, publish_current
 from cirflow.export.manifest import read_preprocess, resolve_bundle_dir, verify_bundle
 from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog
+from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog, metadata_fields
 from cirflow.indexing.embed_stages import ImageEmbedder, decode_batch
 from cirflow.indexing.ray_cluster import check_job_paths, connect_ray
 from cirflow.models.preprocess import PreprocessConfig
@@ -129,6 +131,8 @@ def run_embed(config: EmbedConfig) -> Path:
     num_shards = math.ceil(catalog.num_rows / config.rows_per_shard)
     described = {"name": config.catalog.name, "source": config.catalog.source, "entries": catalog.num_rows,
                  "fingerprint": fingerprint(catalog), "snapshot": snapshot}
+    if metadata_fields(catalog.schema):
+        described["metadata_fields"] = metadata_fields(catalog.schema)
     previous = _previous_snapshot(base, run_dir)
     reuse = Reuse.plan(catalog, previous)
     manifest = _resume_or_start(run_dir, bundle, described, config.rows_per_shard, num_shards, catalog, reuse)
@@ -165,7 +169,8 @@ def run_embed(config: EmbedConfig) -> Path:
 
 
 def snapshot_id(catalog: pa.Table, rows_per_shard: int) -> str:
-    """The snapshot directory name of a catalog state: its (id, uri, version) rows and the shard size."""
+    """The snapshot directory name of a catalog state: its (id, uri, version) rows, metadata and the shard
+    size."""
     return hashlib.sha256(f"{fingerprint(catalog)}/{rows_per_shard}".encode()).hexdigest()[:16]
 
 

@@ -2,8 +2,8 @@
 
     build_index(run, queries, indexes_root, config) -> indexes/<catalog>/<index_id>/
 
-The index_id hashes everything the index depends on (the embedding shards' sha256s, the configuration, the
-tuning queries and their references), so a rerun with the same inputs finds the verified directory and returns
+The index_id hashes everything the index depends on (the embedding shards' sha256s, the catalog's metadata
+where it has any, the configuration, the tuning queries and their references), so a rerun with the same inputs finds the verified directory and returns
 it untouched. The directory is assembled under a temp name beside its final place and renamed whole; the
 manifest, written last, records the plan and its reason, the tuned search setting and the recall measured there
 with real composed queries (split by reference image, each query's reference left out as search leaves it out;
@@ -29,6 +29,7 @@ from faiss.contrib.ondisk import merge_ondisk
 from cirflow.core.files import publish_dir, temp_dir_beside
 from cirflow.export.manifest import ID_LENGTH
 from cirflow.indexing import index_store as store
+from cirflow.indexing.catalog import metadata_digest, metadata_fields
 from cirflow.indexing.faiss_device import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
 from cirflow.indexing.index_plan import IndexConfig, IndexPlan, plan_index
 from cirflow.indexing.queries import Queries, catalog_ids
@@ -95,6 +96,9 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
                     "factory": plan.factory, "params": plan.params, "reason": plan.reason,
                     "plan_warnings": list(plan.warnings), "layout": layout, "index_files": files,
                     "estimated_bytes": plan.estimated_bytes}
+        fields = store.read_metadata(tmp).schema
+        if fields.names:
+            manifest["metadata_fields"] = metadata_fields(fields)
         tuning = tune_index(tmp, manifest, plan, run, queries, config, on_gpu)
         tuned_at = time.perf_counter()
         index_bytes = sum((tmp / name).stat().st_size for name in files)
@@ -123,12 +127,22 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
 
 
 def index_id(run: EmbeddingRun, queries: Queries, config: IndexConfig) -> str:
-    """Hash of the shards' sha256s, the configuration (all but where it runs) and the tuning queries."""
+    """Hash of the shards' sha256s, the catalog's metadata, the configuration (all but where it runs) and the
+    tuning queries."""
     recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},
               "queries": queries_digest(queries)}
+    add_metadata_digest(recipe, run)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
+
+
+def add_metadata_digest(recipe: dict[str, Any], run: EmbeddingRun) -> None:
+    """Put the snapshot's metadata into an index recipe: a change of metadata alone leaves every shard as it was
+    but must make a new index version. Left out without metadata, so that those ids stay what they were."""
+    metadata = run.read_metadata()
+    if metadata is not None:
+        recipe["metadata"] = metadata_digest(metadata)
 
 
 def check_queries(queries: Queries, dim: int) -> Queries:
@@ -213,7 +227,8 @@ def _sample(run: EmbeddingRun, count: int, seed: int) -> np.ndarray:
 
 def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, merge: bool,
          on_gpu: bool) -> tuple[str, list[str], np.ndarray]:
-    """Add the shards with their catalog ids; returns (layout, FAISS file names, all ids). Writes uris.parquet."""
+    """Add the shards with their catalog ids; returns (layout, FAISS file names, all ids). Writes uris.parquet
+    (with the snapshot's metadata)."""
     ivf = plan.index_type in ("ivf_flat", "ivf_pq")
     whole = trained if merge and not ivf else None  # Flat/HNSW merged: one index grows shard by shard
     parts_dir = out / "_parts" if merge and ivf else out
@@ -241,7 +256,7 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, me
     if offset != run.rows:
         raise IndexBuildError(f"{run.run_dir}: the shards hold {offset} rows, the manifest says {run.rows}")
     ids = np.concatenate(all_ids)
-    store.write_uris(out, ids, all_uris)
+    store.write_uris(out, ids, all_uris, run.read_metadata())
     if whole is not None:
         faiss.write_index(whole, str(out / store.INDEX_FILE))
         return "single", [store.INDEX_FILE], ids

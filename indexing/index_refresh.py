@@ -6,7 +6,8 @@ what changed, and the ids whose old vectors are dead. Its cost follows the chang
         delta.faiss         IndexIDMap2(Flat): the vectors of ids new since the base, or changed
         dead.npy            sorted ids of base vectors no longer valid (removed or changed since the base)
         base_ids.npy        sorted ids the base holds
-        uris.parquet, manifest.json (section "overlay")
+        uris.parquet        this snapshot's ids, uris and metadata
+        manifest.json       with the section "overlay"
 
 Search (indexing/search.py) asks the base for more than k, drops dead ids, merges the delta's exact results and
 keeps the top k: the same answer as an index rebuilt from the snapshot, up to the base's own approximation. The
@@ -16,6 +17,9 @@ An overlay is made only on the previous version that was built from the snapshot
 from (embed.py records the ids it added, changed and removed), with the same bundle and configuration; when
 the dead ids and the delta together exceed `max_fraction` of the base, or anything else differs, it returns
 None and the caller builds in full (the compaction: a new base).
+
+A snapshot that changed only metadata (no vector) gets an overlay with the previous version's dead ids and
+delta, nothing added: the same vectors under the new metadata.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from cirflow.core.files import publish_dir, temp_dir_beside
 from cirflow.export.manifest import ID_LENGTH
 from cirflow.indexing import index_store as store
 from cirflow.indexing import shards
-from cirflow.indexing.index_build import build_index, check_queries, queries_digest, tune_index
+from cirflow.indexing.catalog import metadata_fields
+from cirflow.indexing.index_build import add_metadata_digest, build_index, check_queries, queries_digest, tune_index
 from cirflow.indexing.index_plan import IndexConfig, IndexPlan
 from cirflow.indexing.queries import Queries, catalog_ids
 from cirflow.indexing.tuning import GroundTruth, load_truth, refresh_truth
@@ -94,7 +99,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
         faiss.write_index(delta, str(tmp / store.DELTA_FILE))
         np.save(tmp / store.DEAD_FILE, dead)
         np.save(tmp / store.BASE_IDS_FILE, base_ids)
-        store.write_uris(tmp, ids, uris)
+        store.write_uris(tmp, ids, uris, run.read_metadata())
         base = manifest.get("overlay", {}).get("base", manifest["index_id"])
         kept = {key: manifest[key] for key in ("catalog", "embed_dim", "metric", "type", "factory", "params",
                                                "reason", "plan_warnings", "layout", "index_files",
@@ -103,6 +108,9 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
                "overlay": {"base": base, "previous": manifest["index_id"], "dead": int(len(dead)),
                            "delta": int(len(delta_ids)), "base_vectors": int(len(base_ids)),
                            "max_fraction": max_fraction}}
+        fields = store.read_metadata(tmp).schema
+        if fields.names:
+            new["metadata_fields"] = metadata_fields(fields)
         plan = IndexPlan(manifest["type"], manifest["factory"], manifest["params"], manifest["search"]["param"],
                          manifest["estimated_bytes"], 0, manifest["reason"])
         built_at = time.perf_counter()
@@ -169,6 +177,7 @@ def _overlay_id(manifest: dict[str, Any], run: shards.EmbeddingRun, queries: Que
     recipe = {"format": store.FORMAT, "overlay_on": manifest["index_id"], "bundle_id": run.bundle_id,
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": _comparable(config), "queries": queries_digest(queries)}
+    add_metadata_digest(recipe, run)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
 
 

@@ -3,7 +3,8 @@
     indexes/<catalog>/<index_id>/
         index.faiss (+ index.ivfdata)   merge=True: one index; IVF lists merged on disk in index.ivfdata
         shard-00000.faiss ...           merge=False: one index per embedding shard, searched together
-        uris.parquet                    id int64, uri string, sorted by id
+        uris.parquet                    id int64, uri string, then the catalog's metadata columns (none in indexes
+                                        of folder catalogs or of older cirflow), sorted by id
         truth.npz                       the tuning queries' exact top lists (ids, scores, excluded id per query)
         delta.faiss, dead.npy, base_ids.npy    an overlay version only (index_refresh.py)
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
@@ -96,8 +97,9 @@ def resolve_index_dir(path: Path) -> Path:
     return path
 
 
-def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str]) -> None:
-    """id -> uri for the whole catalog, sorted by id; ids must be unique."""
+def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str], metadata: pa.Table | None = None) -> None:
+    """id -> uri (and metadata) for the whole catalog, sorted by id; ids must be unique. metadata: (id, then its
+    columns) rows of the snapshot's catalog (EmbeddingRun.read_metadata), a row for every id at least."""
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     if len(ids) > 1 and bool((ids[1:] == ids[:-1]).any()):
@@ -105,6 +107,17 @@ def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str]) -> None:
         raise IndexFormatError(f"catalog id {dup} occurs in more than one embedding row; ids must be unique")
     table = pa.table([pa.array(ids, pa.int64()), pa.array([uris[i] for i in order], pa.string())],
                      schema=URIS_SCHEMA)
+    if metadata is not None and metadata.num_columns > 1:
+        metadata = metadata.sort_by("id")
+        known = metadata.column("id").to_numpy()
+        rows = np.searchsorted(known, ids).clip(max=max(len(known) - 1, 0))
+        missing = ids[known[rows] != ids] if len(known) else ids
+        if len(missing):
+            raise IndexFormatError(f"catalog ids {missing[:5].tolist()} have vectors but no metadata row")
+        taken = metadata.take(pa.array(rows, pa.int64()))
+        for field in metadata.schema:
+            if field.name != "id":
+                table = table.append_column(field, taken.column(field.name))
     write_parquet_atomic(table, index_dir / URIS)
 
 
@@ -112,6 +125,14 @@ def read_uris(index_dir: Path) -> tuple[np.ndarray, pa.StringArray]:
     """(ids sorted int64, uris in the same order); uris stay an Arrow array, compact for millions of rows."""
     table = pq.read_table(Path(index_dir) / URIS, columns=["id", "uri"])
     return table.column("id").to_numpy(), table.column("uri").combine_chunks()
+
+
+def read_metadata(index_dir: Path) -> pa.Table:
+    """The metadata columns of uris.parquet, row for row with read_uris; a table without columns for an index
+    without metadata."""
+    path = Path(index_dir) / URIS
+    names = [name for name in pq.read_schema(path).names if name not in URIS_SCHEMA.names]
+    return pq.read_table(path, columns=names)
 
 
 def read_faiss(path: Path, layout: str, mmap: bool) -> faiss.Index:

@@ -3,7 +3,8 @@
 An embedding run (one snapshot of a catalog, embed.py) lives in `embeddings/<catalog>/<bundle_id>/<snapshot>/`;
 the bundle directory's CURRENT names the latest complete one, and `open_run` follows it:
 
-    catalog.parquet          id int64, uri string, version string: the catalog state this snapshot embeds
+    catalog.parquet          id int64, uri string, version string, then the catalog's metadata columns (catalog.py):
+                             the catalog state this snapshot embeds; index builds take the metadata from it
     changes.parquet          id int64, change string (added, changed, removed): against the previous snapshot
     part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
     errors.parquet           id int64, uri string, reason string (written when the run completes)
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cirflow.core.files import check_files, follow_current, read_json, sha256_file, write_atomic, write_json_atomic
+from cirflow.indexing.catalog import metadata_columns
 
 FORMAT = "cirflow-embeddings-v1"
 MANIFEST = "manifest.json"
@@ -196,6 +198,16 @@ class EmbeddingRun:
             return np.zeros(0, np.int64), []
         table = pa.concat_tables(tables)
         return table.column("id").to_numpy(), table.column("uri").to_pylist()
+
+    def read_metadata(self) -> pa.Table | None:
+        """The catalog's metadata as (id, then each metadata column) rows of catalog.parquet, checked against the
+        manifest when the run was opened; None when it has none (a folder catalog, a run written from vectors
+        made elsewhere, a snapshot of an older cirflow)."""
+        path = self.run_dir / CATALOG
+        if not path.is_file():
+            return None
+        names = metadata_columns(pq.read_schema(path))
+        return pq.read_table(path, columns=["id", *names]) if names else None
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         parts = list(self.iter_shards())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.shards import EmbeddingRun
-from cirflow.models.tiny import make_checkpoint
+from cirflow.models.tiny import TINY_MODEL, make_checkpoint
 
 BUNDLE_ID = "0123456789abcdef"
 
@@ -88,3 +89,22 @@ def built(toy_run: EmbeddingRun, toy_queries: np.ndarray, tmp_path_factory: pyte
     root = tmp_path_factory.mktemp("indexes")
     queries = Queries.unreferenced(toy_queries)
     return {name: build_index(toy_run, queries, root, config) for name, config in TYPE_CONFIGS.items()}
+
+
+@pytest.fixture(scope="session")
+def service_bundles(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """seed -> an exported tiny bundle trained 60 steps on the tiny shapes (enough to tell images apart: an
+    untrained tower maps every image to nearly the same vector), made once per session and seed."""
+    from cirflow.models.train_job import train_run
+
+    root = tmp_path_factory.mktemp("service-bundles")
+    made: dict[int, Path] = {}
+
+    def bundle(seed: int) -> Path:
+        if seed not in made:
+            checkpoint = train_run(None, [f"data.root={tiny_shapes}", *TINY_MODEL, "optim.max_steps=60",
+                                          "optim.lr=3e-3", f"seed={seed}"], root / "work", run_id=f"seed-{seed}")
+            made[seed] = export_bundle(checkpoint, root / f"tiny-{seed}")
+        return made[seed]
+
+    return bundle

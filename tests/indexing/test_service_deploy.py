@@ -1,0 +1,179 @@
+"""The service's specs: the container's dependency subset suffices, the Kubernetes probes and arguments match
+the app and the CLI, and the Ray Serve deployment serves the same answers on a local Ray cluster."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from cirflow.indexing.service import create_app
+from cirflow.indexing.service_state import ServiceConfig, ServiceError
+from tests.indexing.service_setup import Shop, free_socket, index_version, make_shop
+
+REPO = Path(__file__).parents[2]
+DOCKERFILE = REPO / "deploy" / "docker" / "search.Dockerfile"
+K8S = REPO / "deploy" / "k8s" / "search-service.yaml"
+SERVE_CONFIG = REPO / "deploy" / "ray" / "serve-search.yaml"
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path, service_bundles: Callable[[int], Path]
+         ) -> Shop:
+    shop = make_shop(tmp_path_factory.mktemp("deploy"), tiny_shapes / "images" / "test", service_bundles(0),
+                     count=24)
+    index_version(shop, shop.workdir / "bundles" / "tiny-0")
+    return shop
+
+
+def _dockerfile_subset() -> set[str]:
+    match = re.search(r"keep = \{([^}]*)\}", DOCKERFILE.read_text())
+    assert match, "search.Dockerfile lists the serving subset as keep = {...}"
+    return {name.strip(" '\\\n") for name in match.group(1).split(",") if name.strip(" '\\\n")}
+
+
+# Run in a fresh interpreter as if only the container's distributions were installed: importing a module that
+# only other distributions provide fails as a missing package would (optional imports fall back, as in the
+# image). Then load the service and answer a composed query.
+_PROBE = """
+import base64, importlib.abc, json, sys
+from importlib.metadata import packages_distributions
+from pathlib import Path
+allowed = set(json.loads(sys.argv[3]))
+owners = {name: {d.lower().replace("_", "-").replace(".", "-") for d in dists}
+          for name, dists in packages_distributions().items()}
+
+class OnlyTheImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        dists = owners.get(name.split(".")[0])
+        if dists and not dists & allowed:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in the image)", name=name)
+        return None
+
+sys.meta_path.insert(0, OnlyTheImage())
+from cirflow.indexing.service import answer
+from cirflow.indexing.service_requests import SearchRequest, check
+from cirflow.indexing.service_state import Published, ServiceConfig
+config = ServiceConfig(index=Path(sys.argv[1]), providers="cpu")
+version = Published(config).load()
+request = SearchRequest(image_base64=base64.b64encode(Path(sys.argv[2]).read_bytes()).decode(), text="make it red")
+assert answer(version, check(request, None, config)).results
+print("served")
+"""
+
+
+def test_the_container_subset_of_dependencies_serves(shop: Shop) -> None:
+    from importlib.metadata import distribution, requires
+
+    keep = _dockerfile_subset()
+    pinned = {re.split(r"[=<>\[ ]", d)[0] for d in _pyproject_dependencies()}
+    assert keep <= pinned, f"search.Dockerfile keeps {sorted(keep - pinned)}, which pyproject.toml does not pin"
+    closure, todo = {"cirflow", "pip"}, [_norm(k) for k in keep]
+    while todo:  # every distribution pip installs for the kept ones (on this Python, no extras)
+        name = todo.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        for line in requires(distribution(name).metadata["Name"]) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(_norm(requirement.name))
+    assert not {"torch", "ray", "prefect", "onnx"} & closure
+    reference = shop.workdir / "shop" / "item 001.png"
+    result = subprocess.run([sys.executable, "-c", _PROBE, str(shop.indexes), str(reference),
+                             json.dumps(sorted(closure))], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "served", result.stderr[-3000:]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pyproject_dependencies() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_kubernetes_probes_and_args_match_the_app_and_the_cli(shop: Shop) -> None:
+    deployment, service = yaml.safe_load_all(K8S.read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    paths = {route.path for route in create_app(ServiceConfig(index=shop.indexes)).routes}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["path"] in paths
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    args = container["args"]
+    assert args[0] == "serve" and args[args.index("--host") + 1] == "0.0.0.0"
+    usage = subprocess.run([sys.executable, "-m", "cirflow.flows.cli", "serve", "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in usage, f"{flag} of {K8S.name} is not an option of cirflow serve"
+    assert 'ENTRYPOINT ["cirflow"]' in DOCKERFILE.read_text()
+
+
+def test_serve_app_builder_reads_the_config_file_args(shop: Shop) -> None:
+    from cirflow.indexing.ray_serve import app_builder
+
+    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    assert app["import_path"] == "cirflow.indexing.ray_serve:app_builder"
+    built = app_builder({**app["args"], "index": str(shop.indexes)})
+    assert built is not None
+    with pytest.raises(ServiceError, match=r"unknown search deployment args \['idx'\]"):
+        app_builder({"index": str(shop.indexes), "idx": "x"})
+    with pytest.raises(ServiceError, match="needs args.index"):
+        app_builder({})
+
+
+@pytest.fixture(scope="module")
+def ray_serve() -> Iterator[int]:
+    import ray
+    from ray import serve
+
+    from cirflow.indexing.ray_cluster import start_local_ray
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    start_local_ray(2, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_ray_serve_deployment_answers_like_the_library(shop: Shop, ray_serve: int) -> None:
+    from ray import serve
+
+    from cirflow.indexing.ray_serve import deployment
+
+    serve.run(deployment(ServiceConfig(index=shop.indexes, providers="cpu")), name="search", route_prefix="/")
+    url = f"http://127.0.0.1:{ray_serve}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    image = shop.images[1003]
+    expected = shop.searcher().search(image, "make it red", k=5)
+    response = httpx.post(f"{url}/search", json={"image_base64": base64.b64encode(image).decode(),
+                                                 "text": "make it red", "k": 5}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert [int(r["id"]) for r in response.json()["results"]] == [int(i) for i in expected.ids]
+    assert httpx.post(f"{url}/search", json={"k": 5}, timeout=60).status_code == 422
