@@ -96,6 +96,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
           f"recall@10 {refreshed['validation']['recall@10']:.4f} on {refreshed['validation']['held_out_queries']} "
           "held-out composed queries")
     log.info("demo finished: bundle %s, index %s", bundle, refreshed["index_dir"])
+    print(f"try it in a browser: cirflow serve --index {workdir / 'indexes' / CATALOG}  ->  http://127.0.0.1:8000/")
     return {"pytorch": results, "onnxruntime": ort, "search": search, "first": first, "refresh": refreshed,
             "change": change}
 

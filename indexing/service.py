@@ -7,9 +7,10 @@ Endpoints: POST /search (composed, image-only or text-only; JSON or multipart), 
 OpenAPI schema at /openapi.json (/docs to try it), and the search page at /. The index and bundle load in the
 lifespan; the watcher (service_state.Published) swaps in new index versions while requests keep flowing.
 
-Decoding, encoding and searching block, so they run in a thread pool of `ServiceConfig.threads`; each request
-uses one ONNX Runtime thread (ort_threads) and one FAISS thread, so concurrent requests fill the cores instead
-of contending inside one call. Bad input is a 4xx naming the field; an unexpected error is a 500 that is
+Checking, decoding, encoding and searching block, so they run in a thread pool of `ServiceConfig.threads`; each
+request uses one ONNX Runtime thread (ort_threads) and one FAISS thread (FAISS parallelises over the queries of
+a call, and a request is one query), so concurrent requests fill the cores instead of contending inside one
+call. Bad input is a 4xx naming the field; an unexpected error is a 500 that is
 logged with its traceback, and the worker keeps serving.
 """
 
@@ -151,7 +152,8 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
                          422: {"description": "a bad field; the message names it"}})
     async def search(request: Request) -> SearchResponse:
         version = serving()  # this request's version, whatever is swapped in meanwhile
-        query = check(*await _read_search(request), config)
+        body, upload = await _read_search(request)
+        query = await run(check, body, upload, config)  # base64 and the image header: off the event loop
         response = await run(answer, version, query)
         for stage in ("decode", "encode", "search"):
             metrics.stages.labels(stage).observe(getattr(response.took_ms, stage) / 1000)

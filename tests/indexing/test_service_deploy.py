@@ -177,3 +177,37 @@ def test_ray_serve_deployment_answers_like_the_library(shop: Shop, ray_serve: in
     assert response.status_code == 200, response.text
     assert [int(r["id"]) for r in response.json()["results"]] == [int(i) for i in expected.ids]
     assert httpx.post(f"{url}/search", json={"k": 5}, timeout=60).status_code == 422
+
+
+def test_cirflow_serve_serves_until_sigterm(shop: Shop) -> None:
+    """The command line as deployed: `cirflow serve` finds the bundle beside the index, answers, and a SIGTERM
+    (a rolling update) ends it cleanly."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "cirflow.flows.cli", "serve", "--index", str(shop.indexes),
+                               "--port", str(port), "--reload-seconds", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        response = httpx.post(f"{url}/search", json={"text": "make it red", "k": 3}, timeout=30)
+        assert response.status_code == 200 and len(response.json()["results"]) == 3
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, out[-2000:]
+    assert "Application shutdown complete" in out
+
+
+def test_cirflow_serve_names_a_bad_index_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "cirflow.flows.cli", "serve", "--index", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "neither an index directory" in result.stderr and "Traceback" not in result.stderr

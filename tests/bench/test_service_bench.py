@@ -1,0 +1,90 @@
+"""bench/service.py: its summary helpers, and the --quick run end to end (a real `cirflow serve` on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bench.scripts import ROOT, load_bench_script
+
+bench = load_bench_script("service")
+
+
+def record(start: float, ms: float, status: int = 200, server_ms: float | None = 1.0, index_id: str | None = "a",
+           error: str | None = None) -> object:
+    return bench.Record(start, start + ms / 1000, status, server_ms, index_id, error)
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert bench.percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+    assert bench.percentile([7.0], 99) == 7.0
+    assert math.isnan(bench.percentile([], 50))
+
+
+def test_summary_counts_errors_and_leaves_them_out_of_the_server_times() -> None:
+    records = [record(0.0, 10.0, server_ms=4.0), record(0.0, 20.0, server_ms=6.0), record(0.0, 30.0, server_ms=8.0),
+               record(0.0, 40.0, 503, None, None, "HTTP 503"), record(0.0, 60_000.0, 0, None, None, "ReadTimeout")]
+    summary = bench.summarize(records, seconds=2.0)
+    assert summary["requests"] == 5 and summary["rps"] == 2.5
+    assert summary["p50"] == pytest.approx(30.0) and summary["server_p50"] == pytest.approx(6.0)
+    assert summary["errors"] == 2 and summary["error_kinds"] == {"HTTP 503": 1, "ReadTimeout": 1}
+    empty = bench.summarize([], seconds=0.0)
+    assert empty["requests"] == 0 and empty["rps"] == 0.0 and math.isnan(empty["p50"])
+
+
+def test_reload_checks_find_versions_and_switch_delays() -> None:
+    run = bench.Run(records=[record(0.0, 5, index_id="v1"), record(1.0, 5, index_id="v1"),  # sent before the switch
+                             record(1.2, 5, index_id="v1"), record(1.5, 5, index_id="v2"),  # v2 after 0.505 s
+                             record(2.1, 5, index_id="v2"), record(2.3, 5, index_id="v1")],  # v1 again after 0.305 s
+                    seconds=3.0, switched=[1.0, 2.0])
+    checks = bench.reload_checks(run, "v1", "v2")
+    assert checks["seen"] == {"v1": 4, "v2": 2} and checks["only_two"] and checks["second_served"]
+    assert checks["delays"] == [pytest.approx(0.505), pytest.approx(0.305)]
+    stray = bench.Run(records=[record(0.0, 5, index_id="v1"), record(0.1, 5, index_id="old")], switched=[0.05])
+    checks = bench.reload_checks(stray, "v1", "v2")
+    assert checks["foreign"] == ["old"] and not checks["only_two"] and not checks["second_served"]
+    assert checks["delays"] == [None]
+
+
+def test_quick_defaults_keep_the_real_section_untouched(tmp_path: Path) -> None:
+    quick = bench.parse_args(["--quick", "--workdir", str(tmp_path)])
+    assert quick.doc == tmp_path / "service-quick.md" and quick.data == tmp_path / "data" / "shapes-quick"
+    assert quick.duration == bench.QUICK_DURATION_S
+    full = bench.parse_args([])
+    assert full.doc == bench.DOC and full.duration == bench.DURATION_S and full.requests == bench.REQUESTS
+    with pytest.raises(SystemExit, match="--workers"):
+        bench.parse_args(["--workers", "0"])
+
+
+def test_quick_run_writes_the_section(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "service.py"), "--quick", "--workdir",
+                           str(tmp_path / "work"), "--doc", str(doc)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = doc.read_text()
+    assert text.count("<!-- begin service -->") == 1 and text.count("<!-- end service -->") == 1
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| level")}
+    for label in ("in-process library (Searcher.search, sequential)", "concurrency 1", "concurrency 4",
+                  "hot reload, concurrency 4 (2 switches)"):
+        assert label in rows, (label, list(rows))
+        requests, seconds, rps, p50 = (float(v) for v in rows[label][:4])
+        assert requests > 0 and seconds > 0 and rps > 0 and p50 > 0
+    assert rows["hot reload, concurrency 4 (2 switches)"][6] == "0"  # errors
+    ratio = re.search(r"Service p50 at concurrency 1 / in-process library p50 \(same queries\): \*\*([0-9.]+)\*\*",
+                      text)
+    assert ratio and float(ratio.group(1)) > 0
+    assert re.search(r"Hot reload: 0 errors \(expected 0\); responses per version: \w+ \(published\): \d+, "
+                     r"\w+ \(hnsw\): \d+; every response from one of the two versions: yes", text)
+    results = json.loads((tmp_path / "work" / "service-results.json").read_text())
+    assert [row["concurrency"] for row in results["levels"]] == [1, 4]
+    assert results["reload"]["errors"] == 0 and results["reload_checks"]["second_served"]
+    assert "Shutting down" in (tmp_path / "work" / "service.log").read_text()  # stopped by SIGTERM, gracefully
