@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -202,7 +203,8 @@ def test_cirflow_serve_serves_until_sigterm(shop: Shop) -> None:
     finally:
         server.terminate()
         out, _ = server.communicate(timeout=60)
-    assert server.returncode == 0, out[-2000:]
+    # uvicorn finishes the shutdown, then re-raises the signal it caught: the exit status says "terminated".
+    assert server.returncode in (0, -signal.SIGTERM), out[-2000:]
     assert "Application shutdown complete" in out
 
 
