@@ -25,6 +25,16 @@ def tiny_overrides(tiny_shapes: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported untrained tiny bundle ("sum" composer, seed 0), made once per session: many tests need real
+    graphs and none needs its own (an export takes ~8 s). Read-only: tests copy it to change it."""
+    from cirflow.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    return export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
+
+
+@pytest.fixture(scope="session")
 def effnet_minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, bundle) of an untrained effnet-minilm model (pretrained towers, tiny joint layers): its
     export takes about a minute, so the export and embedding tests share one."""

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cirflow.export.bundle import export_bundle
-from cirflow.models.tiny import make_checkpoint
 from tests.bench.scripts import ROOT, load_bench_script
 
 TYPES = ["flat", "hnsw", "ivf_flat", "ivf_pq"]
@@ -77,12 +75,6 @@ def test_quick_defaults_keep_the_real_section_untouched(tmp_path: Path) -> None:
     quick = bench.parse_args(["--quick", "--bundle", str(tmp_path), "--workdir", str(tmp_path)])
     assert quick.doc == tmp_path / "indexing-quick.md" and quick.sizes == [2000, 10000]
     assert bench.parse_args(["--bundle", str(tmp_path)]).doc == bench.DOC
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("indexing-bench-bundle")
-    return export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
 
 
 def test_quick_run_reports_every_type_and_size(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cirflow.export.bundle import export_bundle
 from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
-from cirflow.models.tiny import make_checkpoint
 from tests.bench.scripts import ROOT, load_bench_script
 
 bench = load_bench_script("refresh")
@@ -55,12 +53,6 @@ def test_applied_change_is_what_the_catalog_sees(tmp_path: Path) -> None:
     (name, source), = change.changed
     assert not (folder / name).is_symlink() and (folder / name).read_bytes() == source.read_bytes()
     assert stable_id(name) in change.ids("changed")
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("refresh-bench-bundle")
-    return export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
 
 
 def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, tmp_path: Path) -> None:

@@ -63,11 +63,11 @@ def test_quick_defaults_keep_the_real_section_untouched(tmp_path: Path) -> None:
         bench.parse_args(["--workers", "0"])
 
 
-def test_quick_run_writes_the_section(tmp_path: Path) -> None:
+def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "service.py"), "--quick", "--workdir",
-                           str(tmp_path / "work"), "--doc", str(doc)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=400)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "service.py"), "--quick", "--bundle", str(tiny_bundle),
+                           "--data", str(tiny_shapes), "--workdir", str(tmp_path / "work"), "--doc", str(doc)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = doc.read_text()
     assert text.count("<!-- begin service -->") == 1 and text.count("<!-- end service -->") == 1

@@ -8,22 +8,20 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cirflow.export.bundle import export_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
 from cirflow.indexing.index_build import build_index
 from cirflow.indexing.queries import Queries
-from cirflow.models.tiny import make_checkpoint
 from tests.export.conftest import random_images
 from tests.indexing.conftest import clustered, query_like, write_run
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
 
 @pytest.fixture(scope="module")
-def index_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def index_and_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> tuple[Path, Path]:
     """A tiny real bundle and a flat index of random vectors under its bundle id."""
     root = tmp_path_factory.mktemp("search-inputs")
-    bundle = export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
+    bundle = tiny_bundle
     runtime = BundleRuntime.load(bundle, providers="cpu")
     run = write_run(root / "run", clustered(50, runtime.embed_dim, seed=0), rows_per_shard=50,
                     bundle_id=runtime.bundle_id)

@@ -36,8 +36,6 @@ from prefect.workers.process import ProcessWorker
 from rich.console import Console
 
 from cirflow.core.files import follow_current
-from cirflow.export.bundle import export_bundle
-from cirflow.models.tiny import make_checkpoint
 from tests.indexing.test_ray_cluster import exposed, listening_sockets, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,9 +244,9 @@ def prefect_cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
 
 
 def test_server_worker_runs_catalog_deployment(prefect_server: dict[str, str], tiny_shapes: Path,
-                                               tmp_path: Path) -> None:
+                                               tiny_bundle: Path, tmp_path: Path) -> None:
     env = prefect_server
-    bundle = export_bundle(make_checkpoint(tmp_path / "tiny.pt", "sum"), tmp_path / "bundle")
+    bundle = tiny_bundle
     workdir, catalog = tmp_path / "workdir", "shapes-test-e2e"
 
     prefect_cli(env, "work-pool", "create", "cirflow-process", "--type", "process")

@@ -111,12 +111,8 @@ def test_training_flow_registers_caches_and_gates(prefect_harness: None, tiny_sh
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cirflow.export.bundle import export_bundle
-    from cirflow.models.tiny import make_checkpoint
-
-    root = tmp_path_factory.mktemp("flow-bundle")
-    return export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_shapes: Path, bundle: Path,

@@ -15,7 +15,7 @@ from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.shards import EmbeddingRun
-from cirflow.models.tiny import TINY_MODEL, make_checkpoint
+from cirflow.models.tiny import TINY_MODEL
 
 BUNDLE_ID = "0123456789abcdef"
 
@@ -65,11 +65,9 @@ def toy_queries() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def tiny_runtime(tmp_path_factory: pytest.TempPathFactory) -> BundleRuntime:
-    """An exported tiny bundle (untrained weights: parity tests need real graphs, not a good model)."""
-    root = tmp_path_factory.mktemp("bundle")
-    bundle = export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
-    return BundleRuntime.load(bundle, providers="cpu")
+def tiny_runtime(tiny_bundle: Path) -> BundleRuntime:
+    """The session's untrained tiny bundle (parity tests need real graphs, not a good model)."""
+    return BundleRuntime.load(tiny_bundle, providers="cpu")
 
 
 # One configuration per index type, sized for the toy catalog. IVF-PQ's codes (16 x 6 bits for 32 dims) cap

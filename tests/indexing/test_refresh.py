@@ -14,19 +14,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from cirflow.export.bundle import export_bundle
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog
 from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.models.tiny import make_checkpoint
 from tests.export.conftest import random_images
 from tests.indexing.test_embed import REPO, png_bytes, write_images
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("refresh-bundle")
-    return export_bundle(make_checkpoint(root / "model.pt", "sum"), root / "bundle")
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 def job(bundle: Path, workdir: Path, **catalog: str) -> EmbedConfig:
