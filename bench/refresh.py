@@ -85,7 +85,7 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
-from report import DOC, default_bundle, machine, today, write_section
+from report import DOC, default_bundle, machine, progress, today, warn_if_busy, write_section
 
 from cirflow.core.files import follow_current, read_json, write_bytes_atomic, write_json_atomic
 from cirflow.export.runtime import BundleRuntime
@@ -109,7 +109,6 @@ ADDED, REMOVED, CHANGED = 0.005, 0.0025, 0.0025
 FULL_DATA = ShapesConfig(scale=4)  # 104,412 training images: a 100k catalog and a pool of ~4.4k
 QUICK_DATA = ShapesConfig(seed=0, train_triplets=160, val_queries=40, test_queries=40, workers=1)  # tiny_shapes
 QUICK_POOL = 8  # tiny catalog: training images kept out for additions and overwrites
-QUIET_LOAD = 0.5
 BUSY_CORES = 0.2  # other processes' CPU (cores, averaged over a run) above which the report flags the run
 SAMPLE_S = 1.0  # OtherJobs' sampling period: ~10 ms of CPU per sample
 APART_REPEATS = 3  # listings measured apart: the median
@@ -632,14 +631,8 @@ def main(argv: list[str] | None = None) -> None:
         handler.setLevel(logging.WARNING)
     command = shlex.join([".venv/bin/python", "bench/refresh.py", *(sys.argv[1:] if argv is None else argv)])
     cores = len(os.sched_getaffinity(0))
-    started = time.monotonic()
-
-    def say(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
-
-    load = os.getloadavg()[0]
-    if not args.quick and load > QUIET_LOAD:
-        say(f"warning: load average {load:.1f} on {cores} cores: other jobs skew every timing here")
+    say = progress()
+    warn_if_busy(say, args.quick)
     if not (args.data / SHAPES_MANIFEST).exists():
         say(f"generating the shapes dataset in {args.data} ...")
         generate_shapes(QUICK_DATA if args.quick else FULL_DATA, args.data)

@@ -6,6 +6,8 @@ import datetime as dt
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cirflow.core.files import write_text_atomic
@@ -28,6 +30,28 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     cores = len(os.sched_getaffinity(0))
     return f"{cpu}, {cores} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+QUIET_LOAD = 0.5  # load average above which other jobs share the cores with a bench
+
+
+def progress() -> Callable[[str], None]:
+    """A print function that stamps each line with the seconds since this call."""
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
+
+    return say
+
+
+def warn_if_busy(say: Callable[[str], None], quick: bool) -> float:
+    """The load average now, with a warning when a real (not --quick) run starts on a busy machine."""
+    load = os.getloadavg()[0]
+    if not quick and load > QUIET_LOAD:
+        cores = len(os.sched_getaffinity(0))
+        say(f"warning: load average {load:.1f} on {cores} cores: other jobs skew every timing here")
+    return load
 
 
 def today() -> str:

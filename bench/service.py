@@ -73,7 +73,7 @@ from typing import Any, Callable, Sequence
 import httpx
 import numpy as np
 import pyarrow as pa
-from report import DOC, machine, today, write_section
+from report import DOC, machine, progress, today, warn_if_busy, write_section
 
 from cirflow.core.files import publish_current, write_json_atomic
 from cirflow.export.bundle import export_bundle
@@ -107,7 +107,6 @@ WARMUP_PER_WORKER = 2  # requests per worker before a level: connections opened,
 WARMUP_MAX_S = 10.0
 REQUEST_TIMEOUT = 60.0
 READY_TIMEOUT = 300.0  # the MiniLM bundle's sha256 check and session load, on a busy machine
-QUIET_LOAD = 0.5
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -526,14 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     command = shlex.join([".venv/bin/python", "bench/service.py", *(sys.argv[1:] if argv is None else argv)])
     cores = len(os.sched_getaffinity(0))
-    started = time.monotonic()
-
-    def say(text: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
-
-    load = os.getloadavg()[0]
-    if not args.quick and load > QUIET_LOAD:
-        say(f"warning: load average {load:.1f} on {cores} cores: other jobs skew every timing here")
+    say = progress()
+    load = warn_if_busy(say, args.quick)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not (args.data / SHAPES_MANIFEST).exists():
         say(f"generating the shapes dataset in {args.data} ...")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -106,3 +106,16 @@ def service_bundles(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory)
         return made[seed]
 
     return bundle
+
+
+@pytest.fixture(scope="session")
+def new_shop(tiny_shapes: Path, service_bundles: Callable[[int], Path]) -> Callable[..., tuple[Any, Path]]:
+    """(root, count=None) -> (a search-service shop of the tiny shapes' test images with the seed-0 service
+    bundle, its first index version, embedded, built and published)."""
+    from tests.indexing.service_setup import index_version, make_shop
+
+    def build(root: Path, count: int | None = None) -> tuple[Any, Path]:
+        shop = make_shop(root, tiny_shapes / "images" / "test", service_bundles(0), count=count)
+        return shop, index_version(shop, shop.workdir / "bundles" / "tiny-0")
+
+    return build

@@ -106,6 +106,19 @@ def free_socket() -> socket.socket:
     return sock
 
 
+def wait_ready(url: str, timeout: float, ready: bool = True) -> bool:
+    """Poll GET url/readyz until it answers 200 (ready) or answers at all (not ready); False at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200 or not ready:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 class LiveServer:
     """uvicorn serving `app` on 127.0.0.1 in a thread; entering waits until /readyz says ready (wait_ready) or
     until the port answers at all."""
@@ -122,14 +135,8 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200 or not self.wait_ready:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        if wait_ready(self.url, self.ready_timeout, self.wait_ready):
+            return self
         self.__exit__()
         raise TimeoutError(f"the service at {self.url} was not ready within {self.ready_timeout} s")
 

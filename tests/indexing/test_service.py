@@ -16,7 +16,7 @@ import pytest
 from cirflow.indexing.search import Searcher
 from cirflow.indexing.service import create_app
 from cirflow.indexing.service_state import ServiceConfig, ServiceError
-from tests.indexing.service_setup import CATALOG, TEXTS, LiveServer, Shop, index_version, make_shop, png
+from tests.indexing.service_setup import CATALOG, TEXTS, LiveServer, Shop, png
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
 K = 8
@@ -24,11 +24,8 @@ BODY_LIMIT = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path, service_bundles: Callable[[int], Path]
-         ) -> Shop:
-    shop = make_shop(tmp_path_factory.mktemp("service"), tiny_shapes / "images" / "test", service_bundles(0))
-    index_version(shop, shop.workdir / "bundles" / "tiny-0")
-    return shop
+def shop(tmp_path_factory: pytest.TempPathFactory, new_shop: Callable[..., tuple[Shop, Path]]) -> Shop:
+    return new_shop(tmp_path_factory.mktemp("service"))[0]
 
 
 @pytest.fixture(scope="module")

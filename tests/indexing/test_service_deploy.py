@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,7 +19,7 @@ from packaging.requirements import Requirement
 
 from cirflow.indexing.service import create_app
 from cirflow.indexing.service_state import ServiceConfig, ServiceError
-from tests.indexing.service_setup import Shop, free_socket, index_version, make_shop
+from tests.indexing.service_setup import Shop, free_socket, wait_ready
 
 REPO = Path(__file__).parents[2]
 DOCKERFILE = REPO / "deploy" / "docker" / "search.Dockerfile"
@@ -29,12 +28,8 @@ SERVE_CONFIG = REPO / "deploy" / "ray" / "serve-search.yaml"
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path, service_bundles: Callable[[int], Path]
-         ) -> Shop:
-    shop = make_shop(tmp_path_factory.mktemp("deploy"), tiny_shapes / "images" / "test", service_bundles(0),
-                     count=24)
-    index_version(shop, shop.workdir / "bundles" / "tiny-0")
-    return shop
+def shop(tmp_path_factory: pytest.TempPathFactory, new_shop: Callable[..., tuple[Shop, Path]]) -> Shop:
+    return new_shop(tmp_path_factory.mktemp("deploy"), count=24)[0]
 
 
 def _dockerfile_subset() -> set[str]:
@@ -163,14 +158,7 @@ def test_ray_serve_deployment_answers_like_the_library(shop: Shop, ray_serve: in
 
     serve.run(deployment(ServiceConfig(index=shop.indexes, providers="cpu")), name="search", route_prefix="/")
     url = f"http://127.0.0.1:{ray_serve}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    assert wait_ready(url, 120)
     image = shop.images[1003]
     expected = shop.searcher().search(image, "make it red", k=5)
     response = httpx.post(f"{url}/search", json={"image_base64": base64.b64encode(image).decode(),
@@ -191,13 +179,7 @@ def test_cirflow_serve_serves_until_sigterm(shop: Shop) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        assert wait_ready(url, 120)
         response = httpx.post(f"{url}/search", json={"text": "make it red", "k": 3}, timeout=30)
         assert response.status_code == 200 and len(response.json()["results"]) == 3
     finally:

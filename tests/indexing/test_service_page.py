@@ -15,7 +15,7 @@ import pytest
 
 from cirflow.indexing.service import create_app
 from cirflow.indexing.service_state import ServiceConfig
-from tests.indexing.service_setup import LiveServer, Shop, index_version, make_shop
+from tests.indexing.service_setup import LiveServer, Shop
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(os.environ.get("CIRFLOW_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
@@ -38,12 +38,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path, service_bundles: Callable[[int], Path]
-         ) -> Shop:
-    shop = make_shop(tmp_path_factory.mktemp("page"), tiny_shapes / "images" / "test", service_bundles(0),
-                     count=36)
-    index_version(shop, shop.workdir / "bundles" / "tiny-0")
-    return shop
+def shop(tmp_path_factory: pytest.TempPathFactory, new_shop: Callable[..., tuple[Shop, Path]]) -> Shop:
+    return new_shop(tmp_path_factory.mktemp("page"), count=36)[0]
 
 
 @pytest.fixture(scope="module")

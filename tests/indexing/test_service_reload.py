@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from cirflow.core.files import publish_current
 from cirflow.indexing.service import create_app
 from cirflow.indexing.service_state import ServiceConfig
-from tests.indexing.service_setup import LiveServer, add_bundle, index_version, make_shop
+from tests.indexing.service_setup import LiveServer, Shop, add_bundle, index_version
 
 TEXT = "make it red"
 K = 6
@@ -31,9 +31,8 @@ def _answer(response: httpx.Response) -> tuple[str, str, tuple[str, ...], tuple[
 
 
 def test_hot_reload_under_load_loses_no_request_and_mixes_no_versions(
-        tmp_path: Path, tiny_shapes: Path, service_bundles: Callable[[int], Path]) -> None:
-    shop = make_shop(tmp_path, tiny_shapes / "images" / "test", service_bundles(0))
-    first = index_version(shop, shop.workdir / "bundles" / "tiny-0")
+        tmp_path: Path, new_shop: Callable[..., tuple[Shop, Path]], service_bundles: Callable[[int], Path]) -> None:
+    shop, first = new_shop(tmp_path)
     reference = shop.images[1003]
     query = {"image_base64": base64.b64encode(reference).decode(), "text": TEXT, "k": K}
 
@@ -93,9 +92,8 @@ def test_hot_reload_under_load_loses_no_request_and_mixes_no_versions(
 
 
 def test_a_version_that_fails_to_load_keeps_the_old_one_serving(
-        tmp_path: Path, tiny_shapes: Path, service_bundles: Callable[[int], Path]) -> None:
-    shop = make_shop(tmp_path, tiny_shapes / "images" / "test", service_bundles(0), count=24)
-    first = index_version(shop, shop.workdir / "bundles" / "tiny-0")
+        tmp_path: Path, new_shop: Callable[..., tuple[Shop, Path]]) -> None:
+    shop, first = new_shop(tmp_path, count=24)
     broken = first.parent / "broken-version"
     shutil.copytree(first, broken)
     (broken / "index.faiss").write_bytes(b"damaged")
@@ -114,9 +112,8 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(
 
 
 def test_one_index_version_or_reload_off_is_never_swapped(
-        tmp_path: Path, tiny_shapes: Path, service_bundles: Callable[[int], Path]) -> None:
-    shop = make_shop(tmp_path, tiny_shapes / "images" / "test", service_bundles(0), count=24)
-    first = index_version(shop, shop.workdir / "bundles" / "tiny-0")
+        tmp_path: Path, new_shop: Callable[..., tuple[Shop, Path]]) -> None:
+    shop, first = new_shop(tmp_path, count=24)
     app = create_app(ServiceConfig(index=first, reload_seconds=0.05))  # one version: nothing to watch
     with LiveServer(app) as live:
         assert app.state.published.watching is False
