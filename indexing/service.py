@@ -125,7 +125,7 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
                               "modification text in, catalog items out.")
     app.state.published, app.state.metrics, app.state.config = published, metrics, config
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it also times 413s and 503s
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # outermost: times 413s too
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:

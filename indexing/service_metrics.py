@@ -67,9 +67,11 @@ class MetricsMiddleware:
     """ASGI middleware timing every HTTP request (a plain ASGI class: BaseHTTPMiddleware would add its own
     task and stream copies to every request)."""
 
-    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: Any, metrics: ServiceMetrics, routes: list[Any]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's routes (filled after this is made): to name requests refused unrouted
+        self._plain: set[str] | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -87,6 +89,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe(template, scope["method"], status, time.perf_counter() - start)
+            self.metrics.observe(self._template(scope), scope["method"], status, time.perf_counter() - start)
+
+    def _template(self, scope: dict) -> str:
+        """The matched route's path template; for a request refused before routing (a 413 from the body limit),
+        its path when that is a route without parameters; else "unmatched" (raw paths would be unbounded)."""
+        template = getattr(scope.get("route"), "path", None)
+        if template:
+            return template
+        if self._plain is None:
+            self._plain = {r.path for r in self.routes if "{" not in getattr(r, "path", "{")}
+        return scope["path"] if scope["path"] in self._plain else "unmatched"

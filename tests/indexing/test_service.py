@@ -253,6 +253,8 @@ def test_bad_bodies_get_a_clear_4xx(server: LiveServer, shop: Shop) -> None:
         response = post(server, **kwargs)
         assert response.status_code == status, (message, response.text)
         assert message in response.json()["detail"], (message, response.text)
+    metrics = httpx.get(f"{server.url}/metrics").text  # refused before routing, still counted under its route
+    assert 'cirflow_requests_total{method="POST",outcome="client_error",route="/search",status="413"}' in metrics
 
 
 def test_a_truncated_image_that_passes_the_header_check_is_a_422(server: LiveServer, shop: Shop) -> None:
