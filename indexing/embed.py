@@ -131,8 +131,9 @@ def run_embed(config: EmbedConfig) -> Path:
     num_shards = math.ceil(catalog.num_rows / config.rows_per_shard)
     described = {"name": config.catalog.name, "source": config.catalog.source, "entries": catalog.num_rows,
                  "fingerprint": fingerprint(catalog), "snapshot": snapshot}
-    if metadata_fields(catalog.schema):
-        described["metadata_fields"] = metadata_fields(catalog.schema)
+    fields = metadata_fields(catalog.schema)
+    if fields:
+        described["metadata_fields"] = fields
     previous = _previous_snapshot(base, run_dir)
     reuse = Reuse.plan(catalog, previous)
     manifest = _resume_or_start(run_dir, bundle, described, config.rows_per_shard, num_shards, catalog, reuse)

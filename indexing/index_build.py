@@ -96,9 +96,7 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
                     "factory": plan.factory, "params": plan.params, "reason": plan.reason,
                     "plan_warnings": list(plan.warnings), "layout": layout, "index_files": files,
                     "estimated_bytes": plan.estimated_bytes}
-        fields = store.read_metadata(tmp).schema
-        if fields.names:
-            manifest["metadata_fields"] = metadata_fields(fields)
+        record_metadata_fields(manifest, tmp)
         tuning = tune_index(tmp, manifest, plan, run, queries, config, on_gpu)
         tuned_at = time.perf_counter()
         index_bytes = sum((tmp / name).stat().st_size for name in files)
@@ -143,6 +141,13 @@ def add_metadata_digest(recipe: dict[str, Any], run: EmbeddingRun) -> None:
     metadata = run.read_metadata()
     if metadata is not None:
         recipe["metadata"] = metadata_digest(metadata)
+
+
+def record_metadata_fields(manifest: dict[str, Any], index_dir: Path) -> None:
+    """Name the metadata fields of the uris.parquet just written in `index_dir` in its manifest (none: no key)."""
+    fields = store.read_metadata(index_dir).schema
+    if fields.names:
+        manifest["metadata_fields"] = metadata_fields(fields)
 
 
 def check_queries(queries: Queries, dim: int) -> Queries:

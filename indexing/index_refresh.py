@@ -44,8 +44,14 @@ from cirflow.core.files import publish_dir, temp_dir_beside
 from cirflow.export.manifest import ID_LENGTH
 from cirflow.indexing import index_store as store
 from cirflow.indexing import shards
-from cirflow.indexing.catalog import metadata_fields
-from cirflow.indexing.index_build import add_metadata_digest, build_index, check_queries, queries_digest, tune_index
+from cirflow.indexing.index_build import (
+    add_metadata_digest,
+    build_index,
+    check_queries,
+    queries_digest,
+    record_metadata_fields,
+    tune_index,
+)
 from cirflow.indexing.index_plan import IndexConfig, IndexPlan
 from cirflow.indexing.queries import Queries, catalog_ids
 from cirflow.indexing.tuning import GroundTruth, load_truth, refresh_truth
@@ -108,9 +114,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
                "overlay": {"base": base, "previous": manifest["index_id"], "dead": int(len(dead)),
                            "delta": int(len(delta_ids)), "base_vectors": int(len(base_ids)),
                            "max_fraction": max_fraction}}
-        fields = store.read_metadata(tmp).schema
-        if fields.names:
-            new["metadata_fields"] = metadata_fields(fields)
+        record_metadata_fields(new, tmp)
         plan = IndexPlan(manifest["type"], manifest["factory"], manifest["params"], manifest["search"]["param"],
                          manifest["estimated_bytes"], 0, manifest["reason"])
         built_at = time.perf_counter()

@@ -187,8 +187,7 @@ class VectorIndex:
         if self._delta.ntotal:
             delta_scores, delta_ids = self._delta.search(queries, min(k, self._delta.ntotal))
             scores, ids = np.hstack([scores, delta_scores]), np.hstack([ids, delta_ids])
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        return best_k(scores, ids, k)
 
     def _live_base(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The base's k best per query without dead ids: asks for more, and for rows that lost too many, asks
@@ -221,9 +220,7 @@ class VectorIndex:
             scores, ids = filtered_search(self.index, queries, k, base)
         if self._delta is not None and in_delta.any():
             delta_scores, delta_ids = filtered_search(self._delta, queries, k, allowed[in_delta])
-            scores, ids = np.hstack([scores, delta_scores]), np.hstack([ids, delta_ids])
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+            scores, ids = best_k(np.hstack([scores, delta_scores]), np.hstack([ids, delta_ids]), k)
         return scores, ids
 
     def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -304,10 +301,14 @@ class VectorIndex:
     def unknown_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Sorted unique int64 ids among `ids` that the index's catalog does not hold (empty when all are known)."""
         ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        return ids[~self._held(ids)]
+
+    def _held(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the sorted int64 `ids` the catalog holds (a bool mask)."""
         if not len(self._ids):
-            return ids
+            return np.zeros(len(ids), bool)
         pos = np.searchsorted(self._ids, ids).clip(max=len(self._ids) - 1)
-        return ids[self._ids[pos] != ids]
+        return self._ids[pos] == ids
 
     def uris_of(self, ids: np.ndarray) -> list[str]:
         """The uri of each catalog id (ids the index returned)."""
@@ -346,8 +347,7 @@ class VectorIndex:
         if allowed.dtype.kind == "u":  # above int64: in no catalog
             allowed = allowed[allowed <= np.iinfo(np.int64).max]
         allowed = np.unique(allowed.astype(np.int64))
-        pos = np.searchsorted(self._ids, allowed).clip(max=len(self._ids) - 1)
-        return allowed[self._ids[pos] == allowed]
+        return allowed[self._held(allowed)]
 
     @staticmethod
     def _check_exclude(exclude_ids: Sequence[int | None] | np.ndarray | None, count: int) -> np.ndarray:
@@ -370,6 +370,13 @@ def _fits(kind: str, value: Any) -> bool:
     if kind == "float":
         return isinstance(value, (int, float, np.integer, np.floating))
     return kind == "string" and isinstance(value, str)
+
+
+def best_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (scores, ids) of each row of row-aligned (Q, m) results, best first; ties keep their order (the
+    merge of a base's and a delta's results, or of shards')."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -424,9 +431,7 @@ def filtered_search(index: faiss.Index, queries: np.ndarray, k: int,
         found_scores, found_ids = np.hstack([f[0] for f in found]), np.hstack([f[1] for f in found])
         found_scores[found_ids < 0] = PAD_SCORE
         if len(parts) > 1:
-            order = np.argsort(-found_scores, axis=1, kind="stable")[:, :k]
-            found_scores = np.take_along_axis(found_scores, order, axis=1)
-            found_ids = np.take_along_axis(found_ids, order, axis=1)
+            found_scores, found_ids = best_k(found_scores, found_ids, k)
         scores[rows], ids[rows] = found_scores, found_ids
         short = (found_ids >= 0).sum(axis=1) < want
         if param is None or value >= limit or not short.any():

@@ -36,7 +36,7 @@ from starlette.formparsers import MultiPartException
 from cirflow.export.runtime import InputError
 from cirflow.indexing import index_store as store
 from cirflow.indexing.catalog import read_bytes
-from cirflow.indexing.search import SearchError, UnknownFieldError, UnknownIdError
+from cirflow.indexing.search import SearchError, UnknownIdError
 from cirflow.indexing.service_metrics import MetricsMiddleware, ServiceMetrics
 from cirflow.indexing.service_requests import (
     ANSWERS,
@@ -179,11 +179,7 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
              response_class=Response)
     async def item_image(item_id: str) -> Response:
         row = _item(serving(), item_id)
-        try:
-            data = await run(read_bytes, row["uri"])
-        except Exception as e:  # OSError, fsspec's own errors: the item exists but its image cannot be read here
-            raise RequestError(404, f"item {row['id']}: its image at {row['uri']} cannot be read by this service "
-                                    f"({type(e).__name__})") from e
+        data = await run(_image_bytes, row, "item", 404)
         media = mimetypes.guess_type(row["uri"])[0] or "application/octet-stream"
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=60"})
 
@@ -294,7 +290,8 @@ def answer(version: Version, query: Query) -> SearchResponse:
     allow = _allowed(version, query)
     image = None
     if query.mode != "text-only":
-        data = query.image if query.reference_id is None else _reference_bytes(version, query.reference_id)
+        data = (query.image if query.reference_id is None
+                else _image_bytes(version.index.item(query.reference_id), "reference_id", 422))
         try:
             image = load_image(data, name="image")
         except ImageError as e:
@@ -335,9 +332,7 @@ def _allowed(version: Version, query: Query) -> np.ndarray | None:
     if query.filter is not None:
         try:
             matching = index.matching_ids(query.filter)
-        except UnknownFieldError as e:
-            raise RequestError(422, f"filter: {e}") from e
-        except SearchError as e:
+        except SearchError as e:  # an unknown field (its message lists the known ones) or a value of another type
             raise RequestError(422, f"filter: {e}") from e
         allow = matching if allow is None else np.intersect1d(allow, matching)
     if allow is not None and query.exclude_ids:
@@ -359,13 +354,14 @@ def _top(index: Any, vector: np.ndarray, k: int, excluded: tuple[int, ...],
     return ids[0][:k][found], scores[0][:k][found]
 
 
-def _reference_bytes(version: Version, reference_id: int) -> bytes:
-    uri = version.index.item(reference_id)["uri"]
+def _image_bytes(row: dict[str, Any], role: str, status: int) -> bytes:
+    """A catalog item's image bytes; an item whose uri this service cannot read is a RequestError (`status`)
+    naming it in its `role` (the item asked for, or a query's reference)."""
     try:
-        return read_bytes(uri)
-    except Exception as e:  # OSError, fsspec's own errors
-        raise RequestError(422, f"reference_id {reference_id}: its image at {uri} cannot be read by this service "
-                                f"({type(e).__name__}: {e})") from e
+        return read_bytes(row["uri"])
+    except Exception as e:  # OSError, fsspec's own errors: the item exists but its image cannot be read here
+        raise RequestError(status, f"{role} {row['id']}: its image at {row['uri']} cannot be read by this service "
+                                   f"({type(e).__name__}: {e})") from e
 
 
 def _search_body_schema() -> dict[str, Any]:
