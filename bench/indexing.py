@@ -16,12 +16,14 @@ the job's own function (indexing.embed_stages.read_image), batches of 64 through
 ONNX Runtime with one intra-op thread per core. Then the Ray job (indexing.embed.run_embed, default actor
 settings) on a fresh local Ray cluster with one CPU per core, in a fresh workdir; one after the other, never
 side by side. Its images/s come from the job's own timing (manifest "last_run": after the cluster is up, actor
-start and Ray Data planning included); the wall time adds ray.init and listing the catalog. Peak memory is the
+start included); the wall time adds ray.init and listing the catalog. Peak memory is the
 largest sum of PSS (proportional set size: shared pages split among the processes sharing them, so the Ray
 workers' shared libraries and object store are counted once) over the bench process and all its descendants
 (the Ray cluster's processes are children of the driver), sampled every second from /proc (Linux; psutil is not
 among the dependencies; a sample costs ~40 ms of CPU with Ray's 13 processes, so denser sampling would slow the
-job it measures). Resume: the last two shards are taken out of the finished run's manifest (complete
+job it measures). The driver's own memory is its PSS peak above its PSS when the job starts (the bench's earlier
+data aside), measured for the whole catalog and for its first quarter (a manifest catalog): the workers write
+the shards, so it must not grow with the catalog. Resume: the last two shards are taken out of the finished run's manifest (complete
 false, their files deleted), exactly the state a kill leaves, and the job is rerun on a fresh cluster; the
 resumed run must list the same ids. The plain loop's vectors are compared with the job's (max abs diff).
 
@@ -78,12 +80,13 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
+import pyarrow.csv as pacsv
 from report import DOC, default_bundle, machine, today, write_section
 
 from cirflow.core.files import read_json, write_json_atomic
@@ -110,6 +113,7 @@ FULL_DATA = ShapesConfig(scale=4)  # ~106k training images: >= 100k real vectors
 QUICK_DATA = ShapesConfig(seed=0, train_triplets=160, val_queries=40, test_queries=40, workers=1)  # tiny_shapes
 QUICK_ROWS_PER_SHARD = 64  # several shards from ~240 images, so that the resume has shards to redo
 RESUME_SHARDS = 2  # shards a simulated kill leaves unfinished
+SMALL_CATALOG_FRACTION = 4  # the driver's memory is also measured on this fraction of the catalog
 NN_SAMPLE = 2000  # real vectors whose nearest-neighbour distance sets the noise scale
 DEGENERATE_NN = 1e-3  # a median nearest-neighbour distance below this: the vectors have no spread to copy
 # Above every type's size at 1M (Flat 520 MB, HNSW ~800 MB): the budget decides nothing, each type gets its
@@ -164,11 +168,14 @@ def pss_mb(pid: int) -> float:
 
 
 class PeakMemory:
-    """Samples the summed PSS of this process tree in a thread while the `with` block runs."""
+    """Samples the summed PSS of this process tree in a thread while the `with` block runs, and this process's
+    own (the driver's): its PSS when the block starts and its peak."""
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
         self.processes = 0  # tree size at the peak
+        self.driver_start_mb = pss_mb(os.getpid())
+        self.driver_peak_mb = self.driver_start_mb
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -183,7 +190,9 @@ class PeakMemory:
     def _sample(self) -> None:
         while True:
             pids = descendants(os.getpid())
-            total = sum(pss_mb(p) for p in pids)
+            sizes = [pss_mb(p) for p in pids]
+            self.driver_peak_mb = max(self.driver_peak_mb, sizes[0])  # descendants() lists the root first
+            total = sum(sizes)
             if total > self.peak_mb:
                 self.peak_mb, self.processes = total, len(pids)
             if self._stop.wait(MEMORY_SAMPLE_S):
@@ -215,6 +224,18 @@ def embed_with_ray(config: EmbedConfig, cores: int) -> dict[str, Any]:
     finally:
         ray.shutdown()
     return {"run_dir": str(run_dir), "init_s": init_s, "wall_s": time.perf_counter() - started}
+
+
+def driver_growth(memory: PeakMemory) -> float:
+    """MB the driver's PSS rose above what it held when the job started (the bench's own earlier data aside)."""
+    return max(0.0, memory.driver_peak_mb - memory.driver_start_mb)
+
+
+def first_entries(catalog: CatalogConfig, table: Any, count: int, path: Path) -> CatalogConfig:
+    """A manifest catalog of the first `count` entries (id order) of `table` (load_catalog's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pacsv.write_csv(table.slice(0, count).select(["id", "uri", "version"]), path)
+    return CatalogConfig(name=f"{catalog.name}-first-{count}", manifest=str(path))
 
 
 def simulate_kill(run_dir: Path, count: int) -> int:
@@ -263,9 +284,21 @@ def measure_embedding(bundle: Path, catalog: CatalogConfig, workdir: Path, cores
         raise RuntimeError(f"{run_dir}: the job's ids differ from the catalog's ({run.manifest['errors']} errors)")
     result["ray"] = {**ray_run, "seconds": last["seconds"], "images_per_s": last["entries_per_s"],
                      "peak_mb": memory.peak_mb, "processes": memory.processes, "shards": run.manifest["num_shards"],
-                     "actors": last["actors"],
+                     "actors": last["actors"], "driver_mb": driver_growth(memory),
                      "max_abs_diff": float(np.abs(vectors - plain).max())}
-    print(f"  {last['entries_per_s']:.0f} images/s (job), {ray_run['wall_s']:.1f} s wall", flush=True)
+    print(f"  {last['entries_per_s']:.0f} images/s (job), {ray_run['wall_s']:.1f} s wall, driver +"
+          f"{result['ray']['driver_mb']:.0f} MB", flush=True)
+
+    part = max(1, len(uris) // SMALL_CATALOG_FRACTION)
+    print(f"part 1: Ray job on the first {part:,} images (the driver's memory against the catalog's size) ...",
+          flush=True)
+    small = first_entries(catalog, table, part, workdir / "small-catalog.csv")
+    with PeakMemory() as memory:
+        small_run = embed_with_ray(replace(config, catalog=small), cores)
+    small_last = shards.read_manifest(Path(small_run["run_dir"]))["last_run"]
+    result["small"] = {**small_run, "images": part, "seconds": small_last["seconds"],
+                       "images_per_s": small_last["entries_per_s"], "driver_mb": driver_growth(memory)}
+    print(f"  driver +{result['small']['driver_mb']:.0f} MB", flush=True)
 
     print(f"part 1: resume after a simulated kill ({RESUME_SHARDS} shards unfinished) ...", flush=True)
     removed = simulate_kill(run_dir, RESUME_SHARDS)
@@ -406,11 +439,17 @@ def render_embedding(e: dict[str, Any], cores: int) -> list[str]:
              f"{resume['rows']} | {resume['seconds']:.1f} | {resume['rows'] / resume['seconds']:.0f} | "
              f"{resume['wall_s']:.1f} | {resume['peak_mb']:.0f} ({resume['processes']}) |", ""]
     ratio, wall_ratio = ray["images_per_s"] / plain["images_per_s"], plain["seconds"] / ray["wall_s"]
+    small = e["small"]
     lines += [f"Scaling ratio Ray job / plain loop: **{ratio:.2f}x** by the job's own timing, {wall_ratio:.2f}x "
               f"by wall time (ray.init took {ray['init_s']:.1f} s). Resume: {resume['rows']} rows redone in "
               f"{resume['wall_s']:.1f} s wall (ray.init {resume['init_s']:.1f} s); the resumed run lists "
               f"{'the same' if resume['same_ids'] else 'DIFFERENT'} ids. Plain loop vs job vectors: max abs diff "
-              f"{ray['max_abs_diff']:.1e}."]
+              f"{ray['max_abs_diff']:.1e}.", "",
+              f"Driver memory (the job's own process: it lists the catalog and records the workers' shards; its "
+              f"PSS peak above its PSS at the job's start): **+{small['driver_mb']:.0f} MB** for "
+              f"{small['images']:,} images, **+{ray['driver_mb']:.0f} MB** for {e['images']:,} "
+              f"({e['images'] / small['images']:.0f}x the images; the small run: {small['images_per_s']:.0f} "
+              "images/s)."]
     return lines
 
 
@@ -543,7 +582,8 @@ def estimate_minutes(args: argparse.Namespace, shapes: ShapesConfig, generate: b
                for t, s in EST_INDEX_S_PER_M.items()}
     parts = {"data": sum(images.values()) / EST_RENDER_PER_S if generate else 0.0,
              "embedding": images["train"] / EST_PLAIN_PER_S + images["train"] / EST_RAY_PER_S + 2 * EST_RAY_START_S
-             + RESUME_SHARDS * EmbedConfig().rows_per_shard / EST_RAY_PER_S}
+             + RESUME_SHARDS * EmbedConfig().rows_per_shard / EST_RAY_PER_S
+             + images["train"] / SMALL_CATALOG_FRACTION / EST_RAY_PER_S + EST_RAY_START_S}
     for size in args.sizes:
         parts[f"{size:,} vectors"] = sum(index_s[t] * size / 1e6 + EST_INDEX_FIXED_S for t in args.types)
     return {k: v / 60 for k, v in parts.items()}

@@ -391,8 +391,7 @@ def measure_apart(catalog: CatalogConfig, bundle: Path, batch_size: int, change:
     started = time.perf_counter()
     embedder = ImageEmbedder(str(bundle), "cpu", False, os.cpu_count() or 1)
     for lo in range(0, len(uris), batch_size):
-        batch = {"id": ids[lo:lo + batch_size], "uri": uris[lo:lo + batch_size],
-                 "shard": np.zeros(len(ids[lo:lo + batch_size]), np.int64)}
+        batch = {"id": ids[lo:lo + batch_size], "uri": uris[lo:lo + batch_size]}
         embedder(decode_batch(batch, embedder.preprocess))
     encode = time.perf_counter() - started
     with OtherJobs() as others:

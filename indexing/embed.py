@@ -15,12 +15,17 @@ their errors row, new and changed entries are embedded, removed ones are left ou
 metadata to the index built from it. The snapshot moves CURRENT when complete; the older ones stay
 (`keep_snapshots`) and are never modified.
 
-Ray Data reads and decodes in tasks, and embeds in a fixed pool of actors (one bundle runtime each); the
-driver gathers each shard's rows and writes the shard (temp name, rename) once every entry of it is accounted
-for, embedded, reused or recorded as an error. A delta smaller than `local_below` images is embedded in this
-process with the same code instead: starting a Ray instance costs more than it does. Shards are cut from the
-id-sorted catalog (indexing/shards.py), so a rerun after a kill redoes only the unfinished shards and ends with
-exactly the same rows. Every start checks the files the manifest records (size and sha256) and redoes the
+The driver lists the catalog, plans the reuse and writes the snapshot's catalog.parquet (one row group per
+shard) and manifest; the shards are built by workers, a pool of Ray actors (indexing/embed_stages.py
+ShardBuilder, one bundle runtime each) handed one shard at a time. A worker reads its shard's rows from
+catalog.parquet, copies the unchanged entries' vectors from the previous snapshot, reads, decodes and embeds the
+others, and writes the shard's files itself (temp name, rename) into the snapshot directory, which every node
+sees (a shared filesystem); it returns only the files' size and sha256, which the driver records in the
+manifest. No pixel or vector passes through the driver. An actor lost with its node gives its shard back to the
+others. A delta smaller than `local_below` images is built in this process with the same code instead:
+starting a Ray instance costs more than it does. Shards are cut from the id-sorted catalog (indexing/shards.py),
+so a rerun after a kill redoes only the unfinished shards and ends with exactly the same rows. Every start
+checks the files the manifest records (size and sha256) and redoes the
 shards whose files were deleted or changed.
 """
 
@@ -31,12 +36,11 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -47,9 +51,8 @@ from cirflow.core.files import check_files, follow_current, publish_current
 from cirflow.export.manifest import read_preprocess, resolve_bundle_dir, verify_bundle
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog, metadata_fields
-from cirflow.indexing.embed_stages import ImageEmbedder, decode_batch
+from cirflow.indexing.embed_stages import ShardBuilder, ShardJob, compare_rows
 from cirflow.indexing.ray_cluster import check_job_paths, connect_ray
-from cirflow.models.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,9 @@ class EmbedConfig:
     bundle: str = ""  # model bundle directory (export stage), or a bundles directory whose CURRENT names one
     workdir: str = "workdir"  # the run goes to WORKDIR/embeddings/<catalog.name>/<bundle_id>/
     rows_per_shard: int = 8192  # resume granularity; ~4 MB of Parquet per shard at 128 dims
-    batch_size: int = 64  # images per read/decode/encode task (and per encoder call)
-    # Encoder copies, each holding one ONNX Runtime session pair; 0: as many as the cluster's CPUs (or GPUs, with
-    # num_gpus) allow. Ray fuses the read/decode stage into these actors (same CPU request), so each actor
-    # reads, decodes and embeds its own batches and pixels never travel through the object store.
+    batch_size: int = 64  # images per encoder call (a worker reads and decodes a batch, then encodes it)
+    # Encoder actors (workers), each holding one bundle runtime and building one shard at a time; 0: as many as
+    # the cluster's CPUs (or GPUs, with num_gpus) allow, at most one per unfinished shard.
     num_actors: int = 0
     cpus_per_actor: int = 1  # also the actor's ONNX Runtime thread count
     num_gpus: float = 0.0  # GPUs per actor; > 0 runs the encoder on them and fails fast where there are none
@@ -120,7 +122,7 @@ def run_embed(config: EmbedConfig) -> Path:
     # Resolved once: a bundles directory's CURRENT re-pointed mid-job must not change what the actors load.
     bundle_dir = resolve_bundle_dir(Path(config.bundle)).resolve()
     bundle = verify_bundle(bundle_dir)
-    preprocess = read_preprocess(bundle_dir)
+    read_preprocess(bundle_dir)  # a bad preprocess.json fails here, not in every worker
     catalog = load_catalog(config.catalog)
     base = Path(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
     if (base / shards.MANIFEST).exists():
@@ -143,29 +145,33 @@ def run_embed(config: EmbedConfig) -> Path:
         _publish(run_dir, config.keep_snapshots)
         return run_dir
     pending = [k for k in range(num_shards) if shards.shard_name(k) not in manifest["shards"]]
-    writer = ShardWriter(run_dir, manifest, catalog, config.rows_per_shard, pending, reuse)
-    todo = writer.todo()
+    tasks = [(k, k * config.rows_per_shard, min((k + 1) * config.rows_per_shard, catalog.num_rows))
+             for k in pending]
+    count = sum(int((~reuse.unchanged[lo:hi]).sum()) for _, lo, hi in tasks)
     log.info("snapshot %s of catalog %r (%d entries): %s; %d of %d shards to write, %d images to embed", snapshot,
-             config.catalog.name, catalog.num_rows, _delta_text(manifest["delta"]), len(pending), num_shards,
-             todo.num_rows)
+             config.catalog.name, catalog.num_rows, _delta_text(manifest["delta"]), len(pending), num_shards, count)
+    job = ShardJob(str(run_dir), str(reuse.previous) if reuse.previous else None, str(bundle_dir),
+                   bundle["bundle_id"], int(bundle["embed_dim"]), config.batch_size)
     started = time.perf_counter()
-    writer.write_reused_only()
-    where, actors = "none", 0
-    if todo.num_rows:
-        if _in_process(config, todo.num_rows):
-            where, actors = "in-process", 1
-            _embed_in_process(config, bundle_dir, todo, preprocess, writer)
-        else:
-            where, actors = "ray", _embed_with_ray(config, bundle_dir, todo, preprocess, writer)
-    writer.check_done()
+    if not tasks:  # every shard was written by an earlier attempt, which stopped before finishing the run
+        where, actors, nodes = "none", 0, 0
+    elif _in_process(config, count):
+        where, actors, nodes = "in-process", 1, 1
+        _build_in_process(job, tasks, lambda result: _record(run_dir, manifest, result))
+    else:
+        where = "ray"
+        actors, nodes = _build_with_ray(config, job, tasks, lambda result: _record(run_dir, manifest, result))
+    missing = sorted(k for k in pending if shards.shard_name(k) not in manifest["shards"])
+    if missing:
+        raise EmbedError(f"shards {missing} of {run_dir} were not written; rerun to redo them")
     seconds = time.perf_counter() - started
     _finish(run_dir, manifest, {"config": to_dict(config), "bundle_dir": str(bundle_dir), "embedded_by": where,
-                                "actors": actors, "shards": len(pending), "entries": todo.num_rows,
+                                "actors": actors, "nodes": nodes, "shards": len(pending), "entries": count,
                                 "seconds": round(seconds, 2),
-                                "entries_per_s": round(todo.num_rows / seconds, 1) if seconds else None})
+                                "entries_per_s": round(count / seconds, 1) if seconds else None})
     _publish(run_dir, config.keep_snapshots)
     log.info("embedding snapshot complete: %d rows, %d errors; %d images embedded (%s) in %.1f s", manifest["rows"],
-             manifest["errors"], todo.num_rows, where, seconds)
+             manifest["errors"], count, where, seconds)
     return run_dir
 
 
@@ -191,13 +197,12 @@ def _previous_snapshot(base: Path, run_dir: Path) -> shards.EmbeddingRun | None:
 @dataclass(frozen=True)
 class Reuse:
     """What a new snapshot takes from the previous one: for each catalog row (id order) whether its vector or
-    errors row carries over, and where to read them."""
+    errors row carries over (the workers do the carrying, shard by shard: embed_stages.PreviousSnapshot)."""
 
     unchanged: np.ndarray  # (N,) bool over the new catalog's rows
     delta: dict[str, Any]
     changes: pa.Table  # id, change (added, changed, removed): what an index of the previous snapshot must update
-    previous: shards.EmbeddingRun | None
-    errors: dict[int, str]  # id -> reason, of unchanged entries that failed before
+    previous: Path | None  # the previous snapshot's directory
 
     @classmethod
     def plan(cls, catalog: pa.Table, previous: shards.EmbeddingRun | None) -> Reuse:
@@ -208,133 +213,25 @@ class Reuse:
         if previous is None:
             return cls(np.zeros(n, bool), {"previous": None, "added": n, "changed": 0, "removed": 0,
                                            "unchanged": 0, "reused_vectors": 0, "reused_errors": 0},
-                       _changes([], [], []), None, {})
-        old = pq.read_table(previous.run_dir / shards.CATALOG).sort_by("id")
+                       _changes([], [], []), None)
+        old = pq.read_table(previous.run_dir / shards.CATALOG, columns=["id", "uri", "version"]).sort_by("id")
+        present, same, _ = compare_rows(catalog, old)
         new_ids, old_ids = catalog.column("id").to_numpy(), old.column("id").to_numpy()
-        pos = np.searchsorted(old_ids, new_ids).clip(max=max(len(old_ids) - 1, 0))
-        present = (old_ids[pos] == new_ids) if len(old_ids) else np.zeros(n, bool)
-        same = present.copy()
-        for column in ("uri", "version"):
-            ours = np.array(catalog.column(column).to_pylist(), dtype=object)
-            theirs = np.array(old.column(column).to_pylist(), dtype=object)
-            same &= ours == theirs[pos]
-        errors_table = pq.read_table(previous.run_dir / shards.ERRORS, columns=["id", "reason"])
-        failed = dict(zip(errors_table.column("id").to_pylist(), errors_table.column("reason").to_pylist()))
-        errors = {i: failed[i] for i in new_ids[same].tolist() if i in failed}
+        failed = pq.read_table(previous.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
+        reused_errors = int(np.isin(new_ids[same], failed).sum())
         removed = np.setdiff1d(old_ids, new_ids)
         delta = {"previous": previous.run_dir.name, "added": int((~present).sum()),
                  "changed": int((present & ~same).sum()), "removed": len(removed),
-                 "unchanged": int(same.sum()), "reused_vectors": int(same.sum()) - len(errors),
-                 "reused_errors": len(errors)}
+                 "unchanged": int(same.sum()), "reused_vectors": int(same.sum()) - reused_errors,
+                 "reused_errors": reused_errors}
         changes = _changes(new_ids[~present], new_ids[present & ~same], removed)
-        return cls(same, delta, changes, previous, errors)
+        return cls(same, delta, changes, previous.run_dir)
 
 
 def _changes(added: Any, changed: Any, removed: Any) -> pa.Table:
     ids = np.concatenate([np.asarray(x, np.int64) for x in (added, changed, removed)])
     kinds = ["added"] * len(added) + ["changed"] * len(changed) + ["removed"] * len(removed)
     return pa.table({"id": pa.array(ids, pa.int64()), "change": pa.array(kinds, pa.string())}).sort_by("id")
-
-
-class ShardWriter:
-    """Assembles each pending shard from reused rows and embedded batches, and writes it when every entry of it
-    is accounted for."""
-
-    def __init__(self, run_dir: Path, manifest: dict[str, Any], catalog: pa.Table, rows_per_shard: int,
-                 pending: list[int], reuse: Reuse) -> None:
-        self.run_dir, self.manifest, self.reuse = run_dir, manifest, reuse
-        self.slices = {k: (k * rows_per_shard, min((k + 1) * rows_per_shard, catalog.num_rows)) for k in pending}
-        self.catalog = catalog
-        self.expected = {k: int((~reuse.unchanged[lo:hi]).sum()) for k, (lo, hi) in self.slices.items()}
-        self.buffers: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-        self.seen: dict[int, int] = defaultdict(int)
-        self.vectors = PreviousVectors(reuse.previous) if reuse.previous is not None else None
-
-    def todo(self) -> pa.Table:
-        """(id, uri, shard) of the pending shards' entries to embed, in id order."""
-        parts = []
-        for k, (lo, hi) in self.slices.items():
-            rows = np.flatnonzero(~self.reuse.unchanged[lo:hi]) + lo
-            part = self.catalog.take(pa.array(rows, pa.int64())).select(["id", "uri"])
-            parts.append(part.append_column("shard", pa.array(np.full(len(rows), k, np.int64))))
-        schema = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("shard", pa.int64())])
-        return pa.concat_tables(parts) if parts else schema.empty_table()
-
-    def write_reused_only(self) -> None:
-        for k in [k for k, n in self.expected.items() if n == 0]:
-            self._write(k)
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for k in np.unique(batch["shard"]).tolist():
-            rows = batch["shard"] == k
-            self.buffers[k].append({key: batch[key][rows] for key in ROW_KEYS})
-            self.seen[k] += int(rows.sum())
-            if self.seen[k] == self.expected[k]:
-                self._write(k)
-
-    def check_done(self) -> None:
-        lost = {k: (self.seen[k], n) for k, n in self.expected.items()
-                if shards.shard_name(k) not in self.manifest["shards"]}
-        if lost:
-            raise EmbedError(f"shards {sorted(lost)} came back incomplete (rows seen, expected: {lost}); rerun to "
-                             "redo them")
-
-    def _write(self, k: int) -> None:
-        lo, hi = self.slices[k]
-        parts = self.buffers.pop(k, [])
-        rows = np.flatnonzero(self.reuse.unchanged[lo:hi]) + lo
-        if len(rows):
-            part = self.catalog.take(pa.array(rows, pa.int64()))
-            ids = part.column("id").to_numpy()
-            failed = np.array([i in self.reuse.errors for i in ids.tolist()], dtype=bool)
-            vectors = np.zeros((len(ids), self.manifest["embed_dim"]), np.float32)
-            if (~failed).any() and self.vectors is not None:
-                vectors[~failed] = self.vectors.take(ids[~failed])
-            parts.append({"id": ids, "uri": np.array(part.column("uri").to_pylist(), dtype=object),
-                          "embedding": vectors,
-                          "error": np.array([self.reuse.errors.get(i, "") for i in ids.tolist()], dtype=object)})
-        _write_shard(self.run_dir, k, parts, self.manifest)
-
-
-ROW_KEYS = ("id", "uri", "embedding", "error")
-
-
-class PreviousVectors:
-    """Vectors of the previous snapshot by id, read shard by shard (both snapshots are id-sorted, so one new
-    shard needs one or two old ones; the last two read stay in memory)."""
-
-    def __init__(self, run: shards.EmbeddingRun) -> None:
-        self.run = run
-        self.ranges = []
-        for path in run.shard_files:
-            ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
-            if len(ids):
-                self.ranges.append((int(ids[0]), int(ids[-1]), path))
-        self.cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(ids), self.run.dim), np.float32)
-        found = np.zeros(len(ids), bool)
-        for lo, hi, path in self.ranges:
-            if hi < ids[0] or lo > ids[-1]:
-                continue
-            old_ids, vectors = self._read(path)
-            pos = np.searchsorted(old_ids, ids).clip(max=len(old_ids) - 1)
-            hit = old_ids[pos] == ids
-            out[hit] = vectors[pos[hit]]
-            found |= hit
-        if not found.all():
-            raise EmbedError(f"previous snapshot {self.run.run_dir} lacks the vectors of ids "
-                             f"{ids[~found][:5].tolist()} that its catalog lists; delete it to embed everything")
-        return out
-
-    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        if path not in self.cache:
-            if len(self.cache) >= 2:
-                self.cache.pop(next(iter(self.cache)))
-            ids, vectors, _ = shards.read_shard(path, self.run.dim)
-            self.cache[path] = (ids, vectors)
-        return self.cache[path]
 
 
 def _delta_text(delta: dict[str, Any]) -> str:
@@ -350,7 +247,8 @@ def _resume_or_start(run_dir: Path, bundle: dict[str, Any], catalog: dict[str, A
     manifest = shards.read_manifest(run_dir)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        catalog_file = shards.write_parquet_atomic(table, run_dir / shards.CATALOG)
+        # One row group per shard: a worker reads its shard's entries alone (shards.read_rows).
+        catalog_file = shards.write_parquet_atomic(table, run_dir / shards.CATALOG, row_group_size=rows_per_shard)
         manifest = shards.new_manifest(bundle["bundle_id"], int(bundle["embed_dim"]), catalog, rows_per_shard,
                                        num_shards)
         manifest["catalog_file"] = {shards.CATALOG: catalog_file}
@@ -392,52 +290,81 @@ def _in_process(config: EmbedConfig, count: int) -> bool:
     return not joining and config.num_gpus == 0 and count < config.local_below
 
 
-def _embed_in_process(config: EmbedConfig, bundle_dir: Path, todo: pa.Table, preprocess: PreprocessConfig,
-                      writer: ShardWriter) -> None:
-    """The Ray pipeline's two stages, called in this process on each batch."""
-    embedder = ImageEmbedder(str(bundle_dir), "cpu", False, os.cpu_count() or 1)
-    for start in range(0, todo.num_rows, config.batch_size):
-        block = todo.slice(start, config.batch_size)
-        batch = {"id": block.column("id").to_numpy(), "uri": np.array(block.column("uri").to_pylist(), object),
-                 "shard": block.column("shard").to_numpy()}
-        writer.add(embedder(decode_batch(batch, preprocess)))
+def _build_in_process(job: ShardJob, tasks: list[tuple[int, int, int]],
+                      record: Callable[[dict[str, Any]], None]) -> None:
+    """The workers' code, called in this process shard after shard, with every core for ONNX Runtime."""
+    builder = ShardBuilder(replace(job, threads=os.cpu_count() or 1))
+    for task in tasks:
+        record(builder(*task))
 
 
-def _embed_with_ray(config: EmbedConfig, bundle_dir: Path, todo: pa.Table, preprocess: PreprocessConfig,
-                    writer: ShardWriter) -> int:
-    """Runs the Ray pipeline over the entries to embed; returns the number of encoder actors."""
+def _build_with_ray(config: EmbedConfig, job: ShardJob, tasks: list[tuple[int, int, int]],
+                    record: Callable[[dict[str, Any]], None]) -> tuple[int, int]:
+    """Builds the shards on a pool of Ray actors (ShardBuilder); returns the number of actors and of the nodes
+    they ran on."""
     import ray
 
     started = connect_ray(config.ray.address, config.ray.num_cpus)
     try:
-        return _run_pipeline(config, bundle_dir, todo, preprocess, writer)
+        num_actors = min(_pool_size(config, ray.cluster_resources()), len(tasks))
+        providers, use_gpu = actor_providers(config)
+        job = replace(job, providers=providers, require_gpu=use_gpu, threads=config.cpus_per_actor)
+        # SPREAD: one actor per node first, so that every node's CPUs (and local disk cache) take part. No
+        # restarts: an actor lost with its node would wait for resources that may never come back; its shard
+        # goes to the surviving actors instead (_dispatch).
+        worker = ray.remote(ShardBuilder).options(num_cpus=config.cpus_per_actor,
+                                                  num_gpus=config.num_gpus if use_gpu else 0,
+                                                  scheduling_strategy="SPREAD", max_restarts=0)
+        actors = [worker.remote(job) for _ in range(num_actors)]
+        nodes = ray.get([actor.node.remote() for actor in actors])
+        log.info("%d encoder actor(s) on %d node(s)", num_actors, len(set(nodes)))
+        _dispatch(actors, tasks, record)
+        return num_actors, len(set(nodes))
     finally:
         if started:  # a cluster this job started ends with it; a caller's or a submitted job's stays
             ray.shutdown()
 
 
-def _run_pipeline(config: EmbedConfig, bundle_dir: Path, todo: pa.Table, preprocess: PreprocessConfig,
-                  writer: ShardWriter) -> int:
+def _dispatch(actors: list[Any], tasks: list[tuple[int, int, int]], record: Callable[[dict[str, Any]], None]) -> None:
+    """Hand shards to idle actors one at a time (a fast actor takes more, a slow one holds up one shard only)
+    and record each as it finishes. An actor that dies (its node lost, its process killed) gives its shard back
+    to the others; with none left the job fails and a rerun redoes the unfinished shards."""
     import ray
+    from ray.exceptions import RayActorError
 
-    num_actors = _pool_size(config, ray.cluster_resources())
-    blocks = [todo.slice(i, config.batch_size) for i in range(0, todo.num_rows, config.batch_size)]
-    context = ray.data.DataContext.get_current()
-    # In-order output lets the driver finish shards one after another, holding about one shard in memory.
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = sys.stderr.isatty()
-    ds = ray.data.from_arrow(blocks).map_batches(decode_batch, fn_kwargs={"preprocess": preprocess},
-                                                 batch_size=None, batch_format="numpy")
-    providers, use_gpu = actor_providers(config)
-    ds = ds.map_batches(
-        ImageEmbedder, batch_size=config.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "providers": providers, "require_gpu": use_gpu,
-                               "threads": config.cpus_per_actor},
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=config.cpus_per_actor,
-        num_gpus=config.num_gpus if use_gpu else None)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(batch)
-    return num_actors
+    queue, idle = deque(tasks), list(actors)
+    running: dict[Any, tuple[Any, tuple[int, int, int]]] = {}
+    lost: list[str] = []
+    while queue or running:
+        while queue and idle:
+            actor, task = idle.pop(), queue.popleft()
+            running[actor.__call__.remote(*task)] = (actor, task)
+        if not running:
+            raise EmbedError(f"every encoder actor died ({'; '.join(lost[-3:])}); {len(queue)} shards are "
+                             "unfinished: rerun to redo them")
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, task = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError as e:
+            lost.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning("encoder actor lost while building shard %d (%s); giving the shard to the others",
+                        task[0], lost[-1])
+            queue.appendleft(task)
+            continue
+        idle.append(actor)
+        record(result)
+
+
+def _record(run_dir: Path, manifest: dict[str, Any], result: dict[str, Any]) -> None:
+    """A worker wrote a shard's files: add them to the manifest (a rerun then skips the shard)."""
+    for uri, reason in result["first_errors"]:
+        log.warning("skipped %s: %s", uri, reason)
+    shards.record_shard(manifest, result["name"], result["info"], result["errors_info"])
+    shards.write_manifest(run_dir, manifest)
+    errors = result["errors_info"]["rows"] if result["errors_info"] else 0
+    log.info("shard %s: %d rows, %d errors, %d embedded (%d/%d shards)", result["name"], result["info"]["rows"],
+             errors, result["embedded"], len(manifest["shards"]), manifest["num_shards"])
 
 
 def _pool_size(config: EmbedConfig, resources: dict[str, float]) -> int:
@@ -457,31 +384,6 @@ def _pool_size(config: EmbedConfig, resources: dict[str, float]) -> int:
     log.info("%d encoder actor(s), %d CPU(s)%s each", n, config.cpus_per_actor,
              f" and {config.num_gpus:g} GPU" if config.num_gpus else "")
     return n
-
-
-def _write_shard(run_dir: Path, k: int, parts: list[dict[str, np.ndarray]], manifest: dict[str, Any]) -> None:
-    rows = {key: np.concatenate([p[key] for p in parts]) for key in ROW_KEYS}
-    failed = np.array([bool(e) for e in rows["error"]], dtype=bool)
-    ok = ~failed
-    uris = [str(u) for u in rows["uri"]]
-    name = shards.shard_name(k)
-    table = shards.embedding_table(rows["id"][ok], [u for u, good in zip(uris, ok) if good],
-                                   rows["embedding"][ok], manifest["bundle_id"])
-    info = shards.write_parquet_atomic(table, run_dir / name)
-    errors_path = run_dir / shards.SHARD_ERRORS_DIR / name
-    errors_info = None
-    if failed.any():
-        errors = shards.error_table(rows["id"][failed], [u for u, bad in zip(uris, failed) if bad],
-                                    [str(e) for e in rows["error"][failed]])
-        errors_info = shards.write_parquet_atomic(errors, errors_path)
-        for uri, reason in zip(errors.column("uri").to_pylist()[:5], errors.column("reason").to_pylist()):
-            log.warning("skipped %s: %s", uri, reason)
-    else:
-        errors_path.unlink(missing_ok=True)  # a killed earlier attempt may have left one
-    shards.record_shard(manifest, name, info, errors_info)
-    shards.write_manifest(run_dir, manifest)
-    log.info("shard %s: %d rows, %d errors (%d/%d shards)", name, info["rows"], int(failed.sum()),
-             len(manifest["shards"]), manifest["num_shards"])
 
 
 def _finish(run_dir: Path, manifest: dict[str, Any], this_run: dict[str, Any]) -> None:

@@ -1,16 +1,24 @@
-"""The worker side of the embedding job: read + decode (Ray tasks) and embed (an actor per model copy).
+"""The worker side of the embedding job: a worker builds whole shards (ShardBuilder, one Ray actor per model
+copy, or the job's own process for a small delta) and writes them itself.
 
-Both stages pass every row on: a row whose image cannot be read carries its reason in `error` (and zero
-pixels), so the driver can account for every catalog entry of a shard before writing it.
+For each shard it reads the shard's catalog rows from the snapshot's catalog.parquet, carries over the vectors
+and errors rows of entries unchanged since the previous snapshot, reads, decodes and embeds the others, and
+writes the shard's files. A row whose image cannot be read gets its reason in the shard's errors file; every
+catalog entry of the shard ends up in one of the two.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from cirflow.indexing import shards
 from cirflow.indexing.catalog import read_bytes
 from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, normalize_uint8, resize_uint8
 
@@ -33,7 +41,7 @@ def read_image(uri: str, preprocess: PreprocessConfig) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
-    """Rows (id, uri, shard) -> + pixels (B, H, W, 3) uint8 and error (str, "" when decoded)."""
+    """Rows (id, uri) -> + pixels (B, H, W, 3) uint8 and error (str, "" when decoded)."""
     n, size = len(batch["id"]), preprocess.size
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
@@ -60,5 +68,153 @@ class ImageEmbedder:
         vectors = np.zeros((len(ok), self.runtime.embed_dim), dtype=np.float32)
         if ok.any():
             vectors[ok] = self.runtime.encode_images(normalize_uint8(batch["pixels"][ok], self.preprocess))
-        return {"id": batch["id"], "uri": batch["uri"], "shard": batch["shard"], "embedding": vectors,
-                "error": batch["error"]}
+        return {"id": batch["id"], "uri": batch["uri"], "embedding": vectors, "error": batch["error"]}
+
+
+def compare_rows(new: pa.Table, old: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of `new` (id, uri, version; sorted by id) against `old` (the same columns, sorted by id):
+    (present: its id is in old, same: and with the same uri and version, pos: its row in old where present)."""
+    new_ids, old_ids = new.column("id").to_numpy(), old.column("id").to_numpy()
+    if not len(old_ids):
+        nothing = np.zeros(len(new_ids), bool)
+        return nothing, nothing.copy(), np.zeros(len(new_ids), np.int64)
+    pos = np.searchsorted(old_ids, new_ids).clip(max=len(old_ids) - 1)
+    present = old_ids[pos] == new_ids
+    same = present.copy()
+    for column in ("uri", "version"):
+        ours = np.array(new.column(column).to_pylist(), dtype=object)
+        theirs = np.array(old.column(column).to_pylist(), dtype=object)
+        same &= ours == theirs[pos]
+    return present, same, pos
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of one embedding run shares: where to read and write, and the encoder to load."""
+
+    run_dir: str  # the snapshot directory: its catalog.parquet lists the entries, the shards are written there
+    previous_dir: str | None  # the snapshot whose unchanged entries' vectors and errors rows carry over
+    bundle_dir: str
+    bundle_id: str
+    dim: int
+    batch_size: int
+    providers: str = "cpu"
+    require_gpu: bool = False
+    threads: int = 1
+
+
+class ShardBuilder:
+    """A worker: builds whole shards of a snapshot from the catalog file, the previous snapshot and its own
+    encoder, writes each shard's files in place (temp name, rename) and returns only their description, so
+    no pixel or vector travels to the driver. The encoder loads on the first shard that has images to embed
+    (a refresh whose shards are all reused never loads it)."""
+
+    def __init__(self, job: ShardJob) -> None:
+        self.job = job
+        self.run_dir = Path(job.run_dir)
+        self.embedder: ImageEmbedder | None = None
+        self.previous = PreviousSnapshot(Path(job.previous_dir)) if job.previous_dir else None
+
+    def __call__(self, k: int, lo: int, hi: int) -> dict[str, Any]:
+        """Build shard k (catalog rows lo..hi-1 in id order); its description for the manifest."""
+        rows = shards.read_rows(self.run_dir / shards.CATALOG, lo, hi, ["id", "uri", "version"])
+        ids = rows.column("id").to_numpy()
+        uris = np.array(rows.column("uri").to_pylist(), dtype=object)
+        vectors = np.zeros((len(ids), self.job.dim), np.float32)
+        errors = np.full(len(ids), "", dtype=object)
+        reused = np.zeros(len(ids), bool)
+        if self.previous is not None and len(ids):
+            reused, errors = self.previous.carry_over(rows, vectors)
+        todo = np.flatnonzero(~reused)
+        for start in range(0, len(todo), self.job.batch_size):
+            at = todo[start:start + self.job.batch_size]
+            batch = self._embed({"id": ids[at], "uri": uris[at]})
+            vectors[at], errors[at] = batch["embedding"], batch["error"]
+        return write_shard(self.run_dir, k, ids, uris, vectors, errors, self.job.bundle_id) | {
+            "embedded": len(todo)}
+
+    def node(self) -> str:
+        """The Ray node this worker runs on (an actor's method: the job records how many nodes took part)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.embedder is None:
+            self.embedder = ImageEmbedder(self.job.bundle_dir, self.job.providers, self.job.require_gpu,
+                                          self.job.threads)
+        return self.embedder(decode_batch(batch, self.embedder.preprocess))
+
+
+class PreviousSnapshot:
+    """The unchanged entries' vectors and errors rows of the previous snapshot, read for one id range at a
+    time: both snapshots are id-sorted, so a new shard needs one or two old ones (the last two read stay in
+    memory), found from the old shards' id statistics without reading them."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run = shards.open_run(run_dir, verify=False)  # the driver verified it when it planned the reuse
+        self.ranges = [(lo, hi, path) for path in self.run.shard_files for lo, hi in [shards.id_range(path)]
+                       if lo is not None]
+        self.cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+
+    def carry_over(self, rows: pa.Table, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fill `vectors` for the rows (id, uri, version) that are unchanged since the previous snapshot;
+        returns (reused mask, errors: the previous reason of unchanged rows that failed, "" elsewhere)."""
+        ids = rows.column("id").to_numpy()
+        id_filter = [("id", ">=", int(ids[0])), ("id", "<=", int(ids[-1]))]
+        old = pq.read_table(self.run.run_dir / shards.CATALOG, columns=["id", "uri", "version"],
+                            filters=id_filter).sort_by("id")
+        _, same, _ = compare_rows(rows, old)
+        failed = pq.read_table(self.run.run_dir / shards.ERRORS, columns=["id", "reason"], filters=id_filter)
+        reasons = dict(zip(failed.column("id").to_pylist(), failed.column("reason").to_pylist()))
+        errors = np.array([reasons.get(i, "") if s else "" for i, s in zip(ids.tolist(), same)], dtype=object)
+        good = same & (errors == "")
+        if good.any():
+            vectors[good] = self._take(ids[good])
+        return same, errors
+
+    def _take(self, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), self.run.dim), np.float32)
+        found = np.zeros(len(ids), bool)
+        for lo, hi, path in self.ranges:
+            if hi < ids[0] or lo > ids[-1]:
+                continue
+            old_ids, vectors = self._read(path)
+            pos = np.searchsorted(old_ids, ids).clip(max=len(old_ids) - 1)
+            hit = old_ids[pos] == ids
+            out[hit] = vectors[pos[hit]]
+            found |= hit
+        if not found.all():
+            raise shards.EmbeddingsError(
+                f"previous snapshot {self.run.run_dir} lacks the vectors of ids {ids[~found][:5].tolist()} that "
+                "its catalog lists; delete it to embed everything")
+        return out
+
+    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        if path not in self.cache:
+            if len(self.cache) >= 2:
+                self.cache.pop(next(iter(self.cache)))
+            ids, vectors, _ = shards.read_shard(path, self.run.dim)
+            self.cache[path] = (ids, vectors)
+        return self.cache[path]
+
+
+def write_shard(run_dir: Path, k: int, ids: np.ndarray, uris: np.ndarray, vectors: np.ndarray, errors: np.ndarray,
+                bundle_id: str) -> dict[str, Any]:
+    """Write shard k's Parquet file and, when some entries failed, its errors file (each temp name, then
+    rename; a stale errors file of a killed attempt is removed); returns what the manifest records of them
+    and the first failures, for the driver's log."""
+    failed = np.array([bool(e) for e in errors], dtype=bool)
+    ok = ~failed
+    name = shards.shard_name(k)
+    table = shards.embedding_table(ids[ok], [str(u) for u in uris[ok]], vectors[ok], bundle_id)
+    info = shards.write_parquet_atomic(table, run_dir / name)
+    errors_path = run_dir / shards.SHARD_ERRORS_DIR / name
+    errors_info = None
+    if failed.any():
+        table = shards.error_table(ids[failed], [str(u) for u in uris[failed]], [str(e) for e in errors[failed]])
+        errors_info = shards.write_parquet_atomic(table, errors_path)
+    else:
+        errors_path.unlink(missing_ok=True)
+    first = list(zip([str(u) for u in uris[failed][:5]], [str(e) for e in errors[failed][:5]]))
+    return {"shard": k, "name": name, "info": info, "errors_info": errors_info, "first_errors": first}

@@ -70,9 +70,9 @@ def error_table(ids: np.ndarray, uris: list[str], reasons: list[str]) -> pa.Tabl
                      pa.array([reasons[i] for i in order], pa.string())], schema=ERROR_SCHEMA)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> dict[str, Any]:
+def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> dict[str, Any]:
     """Write under a temp name, rename into place; returns {"rows", "bytes", "sha256"} of the final file."""
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
     return {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -233,6 +233,41 @@ def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
     if problem:
         raise EmbeddingsError(f"embedding run {run_dir}: {problem} (damaged or replaced)")
     return EmbeddingRun(run_dir, manifest)
+
+
+def read_rows(path: Path, lo: int, hi: int, columns: list[str]) -> pa.Table:
+    """Rows lo..hi-1 of a Parquet file, reading only the row groups that hold them (a snapshot's catalog file
+    has one row group per shard)."""
+    file = pq.ParquetFile(path)
+    groups, start = [], 0
+    for i in range(file.metadata.num_row_groups):
+        end = start + file.metadata.row_group(i).num_rows
+        if start < hi and end > lo:
+            groups.append((i, start))
+        start = end
+    if not groups:
+        return file.schema_arrow.empty_table().select(columns)
+    table = file.read_row_groups([i for i, _ in groups], columns=columns)
+    first = groups[0][1]
+    return table.slice(lo - first, hi - lo)
+
+
+def id_range(path: Path) -> tuple[int | None, int | None]:
+    """(smallest, largest) id of a shard from its Parquet statistics, without reading it; (None, None) when
+    empty."""
+    metadata = pq.ParquetFile(path).metadata
+    column = metadata.schema.to_arrow_schema().get_field_index("id")
+    lows, highs = [], []
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        stats = group.column(column).statistics
+        if group.num_rows and (stats is None or not stats.has_min_max):
+            ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()  # a writer that kept no statistics
+            return int(ids.min()), int(ids.max())
+        if group.num_rows:
+            lows.append(stats.min)
+            highs.append(stats.max)
+    return (min(lows), max(highs)) if lows else (None, None)
 
 
 def read_shard(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -15,7 +15,7 @@ from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.shards import EmbeddingRun
-from cirflow.models.tiny import TINY_MODEL
+from cirflow.models.tiny import TINY_MODEL, make_checkpoint
 
 BUNDLE_ID = "0123456789abcdef"
 
@@ -51,6 +51,13 @@ def write_run(run_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.n
     parts = ((ids[i:i + rows_per_shard], vectors[i:i + rows_per_shard], uris[i:i + rows_per_shard]) for i in starts)
     catalog_info = {"name": catalog, "source": "test", "entries": n, "fingerprint": "test"}
     return shards.write_run(run_dir, parts, bundle_id, catalog_info, rows_per_shard)
+
+
+@pytest.fixture(scope="session")
+def combiner_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny combiner bundle (its images' vectors differ by ~1e-4): the embedding job's tests."""
+    root = tmp_path_factory.mktemp("combiner-bundle")
+    return export_bundle(make_checkpoint(root / "model.pt", "combiner"), root / "bundle")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ import ray
 from PIL import Image
 
 from cirflow.core.config import ConfigError, load_config
-from cirflow.export.bundle import export_bundle
 from cirflow.export.manifest import register_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
@@ -30,7 +29,6 @@ from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
 from cirflow.indexing.embed import EmbedConfig, EmbedError, actor_providers, run_embed
 from cirflow.indexing.ray_cluster import connect_ray
-from cirflow.models.tiny import make_checkpoint
 from tests.export.conftest import random_images
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
@@ -45,9 +43,8 @@ def cluster() -> str:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("embed-bundle")
-    return export_bundle(make_checkpoint(root / "model.pt", "combiner"), root / "bundle")
+def bundle(combiner_bundle: Path) -> Path:
+    return combiner_bundle
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

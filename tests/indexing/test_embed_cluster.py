@@ -1,0 +1,173 @@
+"""The embedding job on a simulated two-node Ray cluster (ray.cluster_utils.Cluster, one CPU per node, both on
+127.0.0.1): the workers on both nodes write their shards themselves, the rows are exactly those of a
+single-process run, and the job survives kill -9 of a worker node."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cirflow.indexing import shards
+from cirflow.indexing.catalog import CatalogConfig, folder_entries
+from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.ray_cluster import _single_machine_mode
+from tests.export.conftest import random_images
+from tests.indexing.test_embed import png_bytes
+
+IMAGES, ROWS_PER_SHARD = 40, 4  # 10 shards: enough for both workers to take several
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> tuple[Cluster, object]:
+    """A head and a worker node of one CPU each; the driver (this process) joins the head."""
+    with _single_machine_mode():
+        # Fast failure detection: a killed node is declared dead within ~2 s instead of ~30.
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+        worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address)
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(combiner_bundle: Path) -> Path:
+    return combiner_bundle
+
+
+def catalog(folder: Path, manifest: Path) -> dict[str, bytes]:
+    """IMAGES images in `folder`, listed with a fixed version in a manifest CSV (so that a file later replaced by
+    a FIFO and back is the same catalog state); uri -> bytes."""
+    folder.mkdir(parents=True)
+    data = {}
+    for i, pixels in enumerate(random_images(IMAGES, 64, seed=7)):
+        path = folder / f"item-{i:03d}.png"
+        data[str(path.resolve())] = png_bytes(pixels)
+        path.write_bytes(data[str(path.resolve())])
+    table = folder_entries(folder, sorted(folder.iterdir())).sort_by("id")
+    pacsv.write_csv(table.append_column("version", pa.array(["v1"] * table.num_rows)), manifest)
+    return data
+
+
+def job(name: str, bundle: Path, workdir: Path, manifest: Path, **settings: object) -> EmbedConfig:
+    return EmbedConfig(catalog=CatalogConfig(name=name, manifest=str(manifest)), bundle=str(bundle),
+                       workdir=str(workdir), rows_per_shard=ROWS_PER_SHARD, batch_size=2, **settings)
+
+
+def rows(run_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    return shards.open_run(run_dir).read_all()
+
+
+def blocked_workers() -> int:
+    """Ray workers blocked opening a FIFO for reading (the kernel's wait for a writer: no fd exists yet)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "wchan").read_text() == "wait_for_partner" and \
+                    (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                count += 1
+        except OSError:  # gone, or not ours to read
+            continue
+    return count
+
+
+def feed(fifo: Path, data: bytes, stop: threading.Event) -> None:
+    """Serve the image's bytes to every reader of the FIFO (a shard given to another worker opens it again)."""
+    while not stop.is_set():
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader yet
+            time.sleep(0.05)
+            continue
+        os.set_blocking(fd, True)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BrokenPipeError:  # the reader died (its node was killed): the next one gets the bytes again
+            continue
+
+
+def test_two_workers_on_two_nodes_write_exactly_the_single_process_rows(two_nodes: tuple[Cluster, object],
+                                                                        bundle: Path, tmp_path: Path) -> None:
+    cluster, _ = two_nodes
+    manifest = tmp_path / "catalog.csv"
+    catalog(tmp_path / "images", manifest)
+    # The reference: the same code in this process, no Ray (local_below above the catalog's size).
+    single = run_embed(job("single", bundle, tmp_path / "work", manifest, local_below=10**6))
+    assert shards.read_manifest(single)["last_run"]["embedded_by"] == "in-process"
+
+    spread = run_embed(job("spread", bundle, tmp_path / "work", manifest, local_below=0))
+    last = shards.read_manifest(spread)["last_run"]
+    assert last["embedded_by"] == "ray" and last["actors"] == 2 and last["nodes"] == 2
+    ids, vectors, uris = rows(spread)
+    single_ids, single_vectors, single_uris = rows(single)
+    np.testing.assert_array_equal(ids, single_ids)
+    assert uris == single_uris and len(set(ids.tolist())) == IMAGES
+    # An untrained tower: the images' vectors differ by ~1e-4, the two runs' by rounding (1 ORT thread vs 2).
+    assert np.abs(vectors - vectors.mean(0)).max() > 1e-4
+    np.testing.assert_allclose(vectors, single_vectors, atol=1e-6)
+    assert not [p for p in spread.rglob("*") if ".tmp" in p.name]
+
+
+def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cluster, object], bundle: Path,
+                                                             tmp_path: Path) -> None:
+    """Both workers block reading a FIFO in their first shard; the worker node is killed (SIGKILL to all its
+    processes, as a lost machine); then the FIFOs are fed. The surviving worker takes over the lost shard, and a
+    rerun finds nothing left to do: the rows are exactly a single-process run's."""
+    cluster, worker = two_nodes
+    manifest = tmp_path / "catalog.csv"
+    data = catalog(tmp_path / "images", manifest)
+    single = run_embed(job("single", bundle, tmp_path / "work", manifest, local_below=10**6))
+    uris = sorted(data, key=lambda u: rows(single)[2].index(u))
+    fifos = [Path(uris[0]), Path(uris[ROWS_PER_SHARD])]  # the first entries of shards 0 and 1
+    for fifo in fifos:
+        fifo.unlink()
+        os.mkfifo(fifo)
+
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["run_dir"] = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
+        except Exception as e:  # noqa: BLE001 - a failed first run is allowed: the rerun must complete it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and blocked_workers() < 2:
+        time.sleep(0.2)
+    assert blocked_workers() == 2, "the two workers never reached their shards"
+    cluster.remove_node(worker, allow_graceful=False)  # SIGKILL to the node's raylet, workers and agents
+    stop = threading.Event()
+    feeders = [threading.Thread(target=feed, args=(f, data[str(f)], stop), daemon=True) for f in fifos]
+    for feeder in feeders:
+        feeder.start()
+    thread.join(timeout=180)
+    stop.set()
+    assert not thread.is_alive(), "the job hung after the node was lost"
+    for fifo in fifos:
+        fifo.unlink()
+        fifo.write_bytes(data[str(fifo)])  # the same path and version: the same catalog state
+
+    run_dir = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
+    # The surviving worker took over the lost shard: the first run completed, the rerun had nothing to do.
+    assert outcome.get("run_dir") == run_dir, outcome
+    assert shards.read_manifest(run_dir)["last_run"]["actors"] == 2
+    ids, vectors, uris_after = rows(run_dir)
+    single_ids, single_vectors, single_uris = rows(single)
+    np.testing.assert_array_equal(ids, single_ids)
+    assert uris_after == single_uris
+    np.testing.assert_allclose(vectors, single_vectors, atol=1e-6)
+    assert shards.read_manifest(run_dir)["errors"] == 0
