@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--max-batch", type=int, default=64)
     trt.add_argument("--max-seq", type=int, help="default: the bundle's max_text_length")
 
-    embed = sub.add_parser("embed", help="embed a catalog with a bundle (Ray Data): Parquet shards + errors table")
+    embed = sub.add_parser("embed", help="embed a catalog with a bundle (on Ray): Parquet shards + errors table")
     embed.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.embed.EmbedConfig)")
     embed.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. catalog.folder=images/")
 
