@@ -90,6 +90,7 @@ import pyarrow.csv as pacsv
 from report import DOC, default_bundle, machine, today, write_section
 
 from cirflow.core.files import read_json, write_json_atomic
+from cirflow.core.ray_local import start_local_ray
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
@@ -99,7 +100,6 @@ from cirflow.indexing.index_build import build_index, index_id, tune_index
 from cirflow.indexing.index_plan import INDEX_TYPES, IndexConfig, plan_index
 from cirflow.indexing.index_store import verify_index
 from cirflow.indexing.queries import Queries, encode_query_split
-from cirflow.indexing.ray_cluster import start_local_ray
 from cirflow.indexing.search import Searcher, VectorIndex
 from cirflow.indexing.shards import EmbeddingRun
 from cirflow.models.data.loaders import load_split

@@ -1,24 +1,15 @@
-"""Where the embedding job runs on Ray: a new local instance bound to loopback, or a running cluster; and the
-check that a job submitted with `ray job submit --working-dir` names no path inside Ray's copy of that dir.
-
-Loopback: a Ray node binds its servers (GCS, raylet, workers, agents, dashboard, metrics) to 127.0.0.1 only
-when its node IP is 127.0.0.1, and Ray replaces 127.0.0.1 by the machine's outward address (even when given as
-`ray start --node-ip-address` or `ray.init(_node_ip_address=...)`) unless it runs in single-machine mode, its
-default on macOS and Windows: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by every Ray process when it imports
-ray. A driver joining a node bound to loopback needs the mode too, or it dials the outward address.
+"""The check that a job submitted with `ray job submit --working-dir` names no path inside Ray's copy of that dir.
+(Joining a cluster or starting a local instance bound to loopback: cirflow.core.ray_local, which training
+shares.)
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
-SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray's job supervisor gives a submitted job's entrypoint its job config (runtime_env included) in this
 # variable, and starts it in the unpacked working_dir (dashboard/modules/job/job_supervisor.py).
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -26,66 +17,6 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 class RayJobPathError(ValueError):
     """A relative path in a job submitted with a working_dir: it would resolve inside Ray's temporary copy."""
-
-
-def connect_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Join the cluster at `address` (None: RAY_ADDRESS, which `ray job submit` sets for its jobs), or, with
-    neither, start a new Ray instance on this machine with `num_cpus` CPUs (None: all), bound to 127.0.0.1.
-
-    Returns True when this call connected; the caller then ends with ray.shutdown(), which stops an instance
-    it started and only disconnects from a cluster it joined. False: the process was connected already.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target:
-        with _single_machine_mode() if is_loopback(target) else nullcontext():
-            ray.init(address=address)
-    else:
-        start_local_ray(num_cpus)
-    return True
-
-
-def start_local_ray(num_cpus: int | None, **init_kwargs: object) -> None:
-    """A new Ray instance of this process on 127.0.0.1 only: "local" even when RAY_ADDRESS or a `ray start`
-    left on this machine names another cluster, whose binding is not ours."""
-    import ray
-
-    with _single_machine_mode():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
-
-
-@contextmanager
-def _single_machine_mode() -> Iterator[None]:
-    """Ray's single-machine mode while ray.init starts or joins a node bound to loopback (see the module doc)."""
-    from ray._private import ray_constants
-
-    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[SINGLE_MACHINE_ENV] = "0"  # for the processes ray.init starts: they read it when importing ray
-    # This process read the variable when it imported ray. A private attribute of the pinned Ray 2.60:
-    # tests/indexing/test_ray_cluster.py fails if a release moves or ignores it.
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[SINGLE_MACHINE_ENV] = saved_env
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a Ray address (host:port, [v6]:port, ray://host:port) names this machine's loopback."""
-    host = urlsplit("//" + address.split("://", 1)[-1]).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, or "auto"
-        return False
 
 
 def submitted_working_dir() -> str | None:

@@ -22,13 +22,13 @@ import ray
 from PIL import Image
 
 from cirflow.core.config import ConfigError, load_config
+from cirflow.core.ray_local import connect_ray
 from cirflow.export.manifest import register_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
 from cirflow.indexing.embed import EmbedConfig, EmbedError, actor_providers, run_embed
-from cirflow.indexing.ray_cluster import connect_ray
 from tests.export.conftest import random_images
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 

@@ -16,10 +16,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from cirflow.core.ray_local import _single_machine_mode
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries
 from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.ray_cluster import _single_machine_mode
 from tests.export.conftest import random_images
 from tests.indexing.test_embed import png_bytes
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from cirflow.core.config import load_config
+from cirflow.core.ray_local import SINGLE_MACHINE_ENV
 from cirflow.export.manifest import register_bundle, resolve_bundle_dir
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import shards
 from cirflow.indexing.embed import EmbedConfig
-from cirflow.indexing.ray_cluster import SINGLE_MACHINE_ENV
 from tests.indexing.test_ray_cluster import exposed, listening_sockets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def test_a_driver_outside_single_machine_mode_joins_the_head_by_its_address(head
     """Ray rewrites 127.0.0.1 to the machine's outward address, where this head does not listen: connect_ray
     joins a loopback address in single-machine mode itself."""
     env = {k: v for k, v in head.env.items() if k != SINGLE_MACHINE_ENV} | {"RAY_AUTH_MODE": "token"}
-    script = ("import ray\nfrom cirflow.indexing.ray_cluster import connect_ray\n"
+    script = ("import ray\nfrom cirflow.core.ray_local import connect_ray\n"
               f"assert connect_ray('127.0.0.1:{head.gcs_port}', None)\nprint(ray.cluster_resources()['CPU'])")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=90)

@@ -137,7 +137,7 @@ def ray_serve() -> Iterator[int]:
     import ray
     from ray import serve
 
-    from cirflow.indexing.ray_cluster import start_local_ray
+    from cirflow.core.ray_local import start_local_ray
 
     sock = free_socket()
     port = sock.getsockname()[1]
