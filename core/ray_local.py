@@ -1,4 +1,5 @@
-"""Where a Ray job runs: a new local instance bound to loopback, or a running cluster. Shared by every stage
+"""Where a Ray job runs: a new local instance bound to loopback, or a running cluster; and the check that a job
+submitted with `ray job submit --working-dir` names no path inside Ray's copy of that dir. Shared by every stage
 that uses Ray (training's distributed path, the embedding job); `ray` is imported only when a function is called.
 
 Loopback: a Ray node binds its servers (GCS, raylet, workers, agents, dashboard, metrics) to 127.0.0.1 only
@@ -11,12 +12,17 @@ ray. A driver joining a node bound to loopback needs the mode too, or it dials t
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from urllib.parse import urlsplit
 
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray's job supervisor gives a submitted job's entrypoint its job config (runtime_env included) in this
+# variable, and starts it in the unpacked working_dir (dashboard/modules/job/job_supervisor.py).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def connect_ray(address: str | None, num_cpus: int | None, **local_kwargs: object) -> bool:
@@ -79,3 +85,34 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name, or "auto"
         return False
+
+
+class RayJobPathError(ValueError):
+    """A relative path in a job submitted with a working_dir: it would resolve inside Ray's temporary copy."""
+
+
+def submitted_working_dir() -> str | None:
+    """The working_dir of the Ray job whose entrypoint this process is; None outside a job or without one."""
+    job_config = os.environ.get(JOB_CONFIG_ENV)
+    if not job_config:
+        return None
+    return (json.loads(job_config).get("runtime_env") or {}).get("working_dir") or None
+
+
+def check_job_paths(paths: Mapping[str, str | None]) -> None:
+    """Refuse relative local paths (config key -> path; None: not set) in a job submitted with a working_dir.
+
+    Such a job runs in Ray's temporary copy of the working dir, which lacks every file .gitignore matches and
+    is deleted with the job: a relative input is not found there, and a relative output "succeeds" into it.
+    The submitter's directory is not known here, so the path cannot be resolved for them.
+    """
+    working_dir = submitted_working_dir()
+    if working_dir is None:
+        return
+    for key, value in paths.items():
+        if value and not Path(value).is_absolute():
+            raise RayJobPathError(
+                f"{key}={value!r} is a relative path, and this Ray job runs in Ray's temporary copy of its "
+                f"working_dir ({working_dir}): it would resolve to {os.path.abspath(value)}, which lacks the "
+                "files .gitignore excludes and is deleted with the job. Pass an absolute path, e.g. "
+                f"{key}=$PWD/{value} on the `ray job submit` command line")

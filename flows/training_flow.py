@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from cirflow.core.config import load_config, to_dict
+from cirflow.core.config import load_config
 from cirflow.core.files import CURRENT, sha256_file
 from cirflow.export.bundle import export_bundle
 from cirflow.export.evaluate_bundle import evaluate_bundle
@@ -30,7 +30,7 @@ from cirflow.flows.plots import plot_training, read_training_log
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 from cirflow.models.eval_job import EvalJobConfig, run_eval
 from cirflow.models.train import train
-from cirflow.models.train_config import TrainConfig
+from cirflow.models.train_config import TrainConfig, run_identity
 from cirflow.models.train_job import run_id_for
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def run_training(cfg: TrainingFlowConfig) -> dict[str, Any]:
     data_key = prepare_data(cfg)
     run_dir = workdir / "runs" / run_id_for(cfg.train)
     checkpoint = cached(train_model, lambda c: Path(c).is_file(),
-                        key=content_key(to_dict(cfg.train), data_key, str(run_dir)), config=cfg.train,
+                        key=content_key(run_identity(cfg.train), data_key, str(run_dir)), config=cfg.train,
                         run_dir=str(run_dir))
     checkpoint_sha = sha256_file(Path(checkpoint))
     results = cached(evaluate_checkpoint, lambda r: (run_dir / "eval" / "metrics.json").is_file(),

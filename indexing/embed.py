@@ -48,12 +48,11 @@ import pyarrow.parquet as pq
 
 from cirflow.core.config import check_non_negative, check_positive, to_dict
 from cirflow.core.files import check_files, follow_current, publish_current
-from cirflow.core.ray_local import connect_ray
+from cirflow.core.ray_local import check_job_paths, connect_ray
 from cirflow.export.manifest import read_preprocess, resolve_bundle_dir, verify_bundle
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog, metadata_fields
 from cirflow.indexing.embed_stages import ShardBuilder, ShardJob, compare_rows
-from cirflow.indexing.ray_cluster import check_job_paths
 
 log = logging.getLogger(__name__)
 

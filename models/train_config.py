@@ -7,7 +7,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer
 
-from cirflow.core.config import check_non_negative, check_positive
+from cirflow.core.config import check_non_negative, check_positive, to_dict
 from cirflow.models.backbones.registry import backbone_preprocess, backbone_tokenizer
 from cirflow.models.cir_model import ModelConfig
 from cirflow.models.device import DEVICES, PRECISIONS
@@ -83,6 +83,33 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel training on Ray Train (models/train_ray.py), on when workers > 1 or an address is given.
+    Where a run executes, not what it computes: a run resumes under other values, and they do not name it."""
+
+    # Ray Train workers (processes; one GPU each when training on GPUs). optim.batch_size stays the global
+    # batch, split evenly across them, so results do not depend on this number.
+    workers: int = 1
+    # A running Ray cluster ("auto", "host:port"); "" = RAY_ADDRESS when set (a `ray job submit` job), else a
+    # new local Ray instance on 127.0.0.1 for this run.
+    address: str = ""
+    # Where Ray Train keeps the run's checkpoints: a directory or a URI (s3://bucket/runs); "" = <run dir>/ray.
+    # On a multi-node cluster it must be storage every node sees.
+    storage: str = ""
+    cpus_per_worker: int = 1  # CPUs Ray reserves for each worker; also its torch threads
+
+    def __post_init__(self) -> None:
+        check_positive(self, "workers", "cpus_per_worker")
+        if self.storage and not self.enabled:
+            raise ValueError(f"storage={self.storage!r} is Ray Train's checkpoint storage, used only by "
+                             "distributed training: set workers > 1 or an address too")
+
+    @property
+    def enabled(self) -> bool:
+        return self.workers > 1 or bool(self.address)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     recipe: str = "one_stage"  # one_stage: everything with the configured composer; two_stage: CLIP4Cir's
@@ -97,6 +124,7 @@ class TrainConfig:
     # auto: a CUDA GPU when torch sees one, else the CPU (models/device.py); cuda without a GPU is an error.
     device: str = "auto"
     precision: str = "fp32"  # bf16: autocast on CUDA (weights and optimiser in fp32)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # Ray Train; off by default
     # A directory that keeps frozen pretrained stems between runs (models/stem_cache.py), e.g. for an ablation
     # whose rows differ only in what trains; "" = computed per run.
     stem_cache_dir: str = ""
@@ -131,9 +159,23 @@ class TrainConfig:
             raise ValueError("loss.text_keep compares with the frozen MiniLM tower's sentence vectors: it needs "
                              "model.backbone.name tiny-minilm or effnet-minilm and model.backbone.text.train=frozen "
                              f"(got {self.model.backbone.name!r}, {self.model.backbone.text.train!r})")
+        workers = self.distributed.workers
+        for name in ("optim", "stage2") if self.recipe == "two_stage" else ("optim",):
+            batch_size = getattr(self, name).batch_size
+            if batch_size % workers:
+                raise ValueError(f"{name}.batch_size={batch_size} is not divisible by distributed.workers={workers}: "
+                                 "the batch size is the global batch, split evenly across the workers")
         if self.tokenizer.max_length > self.model.text.max_length:
             raise ValueError(f"tokenizer.max_length={self.tokenizer.max_length} exceeds model.text.max_length="
                              f"{self.model.text.max_length}")
+
+
+def run_identity(config: TrainConfig) -> dict:
+    """The config as far as it defines what a run computes: without `distributed`, which says only where it
+    runs. Runs are named (models/train_job.py) and resumes checked (models/train.py) by this."""
+    tree = to_dict(config)
+    del tree["distributed"]
+    return tree
 
 
 def new_tokenizer(config: TrainConfig, captions: Iterable[str]) -> Tokenizer:

@@ -1,6 +1,7 @@
 """The `cirflow train` job: a YAML config plus overrides -> a run directory under WORKDIR/runs -> a checkpoint.
 
-It imports the training stage only (no export, ONNX, Ray or FAISS), so a training host needs nothing else.
+It imports the training stage only (no export, ONNX or FAISS; Ray only for distributed training), so a training
+host needs nothing else.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from cirflow.core.config import load_config, to_dict
+from cirflow.core.config import load_config
 from cirflow.models.train import train
-from cirflow.models.train_config import TrainConfig
+from cirflow.models.train_config import TrainConfig, run_identity
 
 log = logging.getLogger(__name__)
 
 
 def run_id_for(config: TrainConfig) -> str:
-    """Runs are named by their config: the same command resumes or reuses its run instead of starting over."""
-    digest = hashlib.sha1(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
+    """Runs are named by their config: the same command resumes or reuses its run instead of starting over (with
+    any `distributed` settings: they say where a run executes, not what it computes)."""
+    digest = hashlib.sha1(json.dumps(run_identity(config), sort_keys=True).encode()).hexdigest()[:10]
     return f"{config.data.kind.replace('/', '-')}-{config.model.composer.name}-{digest}"
 
 

@@ -13,10 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from cirflow.core.ray_local import SINGLE_MACHINE_ENV, is_loopback
+from cirflow.core.ray_local import (
+    JOB_CONFIG_ENV,
+    SINGLE_MACHINE_ENV,
+    RayJobPathError,
+    check_job_paths,
+    is_loopback,
+    submitted_working_dir,
+)
 from cirflow.indexing.catalog import CatalogConfig
 from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.ray_cluster import JOB_CONFIG_ENV, RayJobPathError, check_job_paths, submitted_working_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp{,6}

@@ -56,6 +56,9 @@ OUT_OF_RANGE = {
     "log_every_steps=0": "config: log_every_steps must be positive",
     "val_every_minutes=-1": "config: val_every_minutes must not be negative",
     "checkpoint_every_minutes=-1": "config: checkpoint_every_minutes must not be negative",
+    "distributed.workers=0": "config.distributed: workers must be positive, got 0",
+    "distributed.workers=-2": "config.distributed: workers must be positive, got -2",
+    "distributed.cpus_per_worker=0": "config.distributed: cpus_per_worker must be positive, got 0",
 }
 
 
@@ -82,3 +85,31 @@ def test_zero_means_none_where_documented() -> None:
         "model.composer.dropout=1", "method.w_hca=0",
     ])
     assert (cfg.optim.max_steps, cfg.optim.max_minutes, cfg.stage2.max_steps) == (10, 0.0, 0)
+
+
+def test_distributed_batches_split_evenly_and_storage_needs_distribution() -> None:
+    # optim.batch_size is the global batch: every worker takes an equal share of it.
+    with pytest.raises(ConfigError, match=r"config: optim.batch_size=10 is not divisible by distributed.workers=4: "
+                                          "the batch size is the global batch, split evenly across the workers"):
+        load_config(TrainConfig, None, ["optim.batch_size=10", "distributed.workers=4"])
+    with pytest.raises(ConfigError, match=r"config: stage2.batch_size=30 is not divisible by distributed.workers=4"):
+        load_config(TrainConfig, None, ["recipe=two_stage", "optim.batch_size=32", "stage2.batch_size=30",
+                                        "distributed.workers=4"])
+    # stage2 is not trained by one_stage: its batch size does not matter there.
+    assert load_config(TrainConfig, None, ["optim.batch_size=32", "stage2.batch_size=30",
+                                           "distributed.workers=4"]).distributed.enabled
+    with pytest.raises(ConfigError, match=r"config.distributed: storage='s3://bucket/runs' is Ray Train's checkpoint "
+                                          "storage, used only by distributed training"):
+        load_config(TrainConfig, None, ["distributed.storage=s3://bucket/runs"])
+    # A single worker on a given cluster is distributed training too (e.g. to reach the cluster's GPU).
+    single = load_config(TrainConfig, None, ["distributed.address=auto", "distributed.storage=/shared/ray"])
+    assert single.distributed.enabled and single.distributed.workers == 1
+    assert not load_config(TrainConfig, None, []).distributed.enabled
+
+
+def test_where_a_run_executes_does_not_name_it() -> None:
+    from cirflow.models.train_job import run_id_for
+
+    plain = load_config(TrainConfig, None, ["optim.batch_size=32"])
+    spread = load_config(TrainConfig, None, ["optim.batch_size=32", "distributed.workers=4", "distributed.address=auto"])
+    assert run_id_for(plain) == run_id_for(spread) != run_id_for(load_config(TrainConfig, None, []))
