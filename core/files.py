@@ -4,6 +4,12 @@ Every result file of every stage is written here: under a temp name beside the t
 renamed over it, so a reader or a resumed job never sees a half-written file, even after a power loss.
 Directories (bundles, indexes) are assembled in a temp directory beside their place and published whole by
 `publish_dir`, which flushes their files before the rename.
+
+A location given as a URI (`s3://bucket/x`, `file:///x`, any fsspec protocol whose package is installed) is a
+UPath (universal_pathlib: pathlib's API over fsspec); `location` makes one, and the functions here that a
+remote location can reach (the embedding job's files) accept both. A remote file is written whole to a local
+temp file, uploaded under a temp name beside its place, then moved there: object stores publish an object
+whole, so readers see the old file or the new one.
 """
 
 from __future__ import annotations
@@ -14,9 +20,14 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:  # universal_pathlib is imported only when a URI is given (not every machine that runs us has it)
+    from upath import UPath
+
+    Location = Path | UPath  # a local path, or a URI's UPath
 
 
 class FileFormatError(ValueError):
@@ -28,12 +39,26 @@ def temp_path_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` to fill a temp file beside `path`, fsync it, rename it to `path` and fsync the directory.
+def location(path: str | Location) -> Location:
+    """A local Path, or for a URI (`scheme://...`) the UPath that reaches it through fsspec."""
+    if isinstance(path, Path) or hasattr(path, "fs"):  # a Path, or already a UPath
+        return path
+    if "://" not in str(path):
+        return Path(path)
+    from upath import UPath
+
+    return UPath(path)
+
+
+def write_atomic(path: Location, write: Callable[[Path], None]) -> Location:
+    """Run `write(tmp)` to fill a temp file beside `path`, fsync it, rename it to `path` and fsync the directory
+    (a remote `path`: `write` fills a local temp file, which is uploaded and moved into place).
 
     A failure leaves `path` as it was and removes the temp file.
     """
-    path = Path(path)
+    path = location(path)
+    if not isinstance(path, Path):
+        return _write_remote(path, write)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_beside(path)
     try:
@@ -45,6 +70,33 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return path
+
+
+def _write_remote(path: UPath, write: Callable[[Path], None]) -> UPath:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as local:
+        tmp = Path(local) / path.name
+        write(tmp)
+        remote_tmp = temp_path_beside(path)
+        path.fs.makedirs(path.parent.path, exist_ok=True)
+        try:
+            path.fs.put_file(str(tmp), remote_tmp.path)
+            path.fs.mv(remote_tmp.path, path.path)
+        finally:
+            if path.fs.exists(remote_tmp.path):
+                path.fs.rm(remote_tmp.path)
+    return path
+
+
+def remove_tree(path: Location) -> None:
+    """Delete a directory and everything in it, local or remote."""
+    import shutil
+
+    if isinstance(path, Path):
+        shutil.rmtree(path)
+    else:
+        path.fs.rm(path.path, recursive=True)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
@@ -118,9 +170,12 @@ def _numpy_scalar(o: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def sha256_file(path: Location) -> str:
+    digest = hashlib.sha256()
+    with location(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -129,7 +184,7 @@ def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any
             for name in sorted(names)}
 
 
-def check_files(directory: Path, files: dict[str, dict[str, Any]], checksums: bool = True) -> str | None:
+def check_files(directory: Location, files: dict[str, dict[str, Any]], checksums: bool = True) -> str | None:
     """The first listed file that is missing or differs from its recorded size (or sha256), described in a
     phrase naming the file; None when all match. Bundles, engines, embedding runs and indexes share this check."""
     for name, meta in sorted(files.items()):
@@ -144,11 +199,11 @@ def check_files(directory: Path, files: dict[str, dict[str, Any]], checksums: bo
     return None
 
 
-def read_json(path: Path, error: type[Exception] = FileFormatError) -> Any:
+def read_json(path: Location, error: type[Exception] = FileFormatError) -> Any:
     """Parse a JSON file; a missing, unreadable or malformed file raises `error` (the caller's own type)
     with a message naming the file and, for bad JSON, the line and column."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = location(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or e
         raise error(f"{path}: cannot read the file ({reason})") from e
@@ -161,16 +216,16 @@ def read_json(path: Path, error: type[Exception] = FileFormatError) -> Any:
 CURRENT = "CURRENT"  # in a directory of versions (bundles, indexes of a catalog): the name of the published one
 
 
-def publish_current(version_dir: Path) -> Path:
+def publish_current(version_dir: Location) -> Location:
     """Point `version_dir`'s parent's CURRENT at it. The pointer is replaced by a rename, so a reader sees the
     old name or the new one, whole; the versions themselves are never modified."""
-    version_dir = Path(version_dir)
+    version_dir = location(version_dir)
     return write_text_atomic(version_dir.parent / CURRENT, version_dir.name + "\n")
 
 
-def follow_current(path: Path, error: type[Exception] = FileFormatError) -> Path | None:
+def follow_current(path: Location, error: type[Exception] = FileFormatError) -> Location | None:
     """The version directory that `path`/CURRENT names, or None when `path` has no CURRENT file."""
-    pointer = Path(path) / CURRENT
+    pointer = location(path) / CURRENT
     if not pointer.is_file():
         return None
     try:

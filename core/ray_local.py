@@ -110,7 +110,7 @@ def check_job_paths(paths: Mapping[str, str | None]) -> None:
     if working_dir is None:
         return
     for key, value in paths.items():
-        if value and not Path(value).is_absolute():
+        if value and "://" not in value and not Path(value).is_absolute():  # a URI names no local path
             raise RayJobPathError(
                 f"{key}={value!r} is a relative path, and this Ray job runs in Ray's temporary copy of its "
                 f"working_dir ({working_dir}): it would resolve to {os.path.abspath(value)}, which lacks the "

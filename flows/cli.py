@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     queries.add_argument("--split", default="val")
     queries.add_argument("--out", type=Path, required=True, help="queries Parquet file to write")
     build = index.add_parser("build", help="build, tune and publish a FAISS index from an embedding run")
-    build.add_argument("--embeddings", type=Path, required=True, help="WORKDIR/embeddings/<catalog>/<bundle_id>")
+    build.add_argument("--embeddings", required=True, help="WORKDIR/embeddings/<catalog>/<bundle_id> (a path or URI)")
     build.add_argument("--queries", type=Path, required=True, help="real composed query vectors (index queries); "
                        "references found in the catalog are left out of their results while tuning, as search does")
     build.add_argument("--out", type=Path, default=Path("workdir/indexes"), help="indexes root")

@@ -35,24 +35,25 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cirflow.core.config import check_non_negative, check_positive, to_dict
-from cirflow.core.files import check_files, follow_current, publish_current
+from cirflow.core.files import check_files, follow_current, location, publish_current, remove_tree
 from cirflow.core.ray_local import check_job_paths, connect_ray
 from cirflow.export.manifest import read_preprocess, resolve_bundle_dir, verify_bundle
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog, metadata_fields
 from cirflow.indexing.embed_stages import ShardBuilder, ShardJob, compare_rows
+
+if TYPE_CHECKING:
+    from cirflow.core.files import Location
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def actor_providers(config: EmbedConfig) -> tuple[str, bool]:
     return "cpu", False
 
 
-def run_embed(config: EmbedConfig) -> Path:
+def run_embed(config: EmbedConfig) -> Location:
     """Embed the catalog's current state (resuming an interrupted run, reusing the previous snapshot's vectors);
     returns the snapshot directory, which is then CURRENT."""
     if not config.bundle:
@@ -124,7 +125,7 @@ def run_embed(config: EmbedConfig) -> Path:
     bundle = verify_bundle(bundle_dir)
     read_preprocess(bundle_dir)  # a bad preprocess.json fails here, not in every worker
     catalog = load_catalog(config.catalog)
-    base = Path(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
+    base = location(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
     if (base / shards.MANIFEST).exists():
         raise EmbedError(f"{base} holds an embedding run of an older cirflow (no snapshots); delete it to embed "
                          "the catalog again")
@@ -181,7 +182,7 @@ def snapshot_id(catalog: pa.Table, rows_per_shard: int) -> str:
     return hashlib.sha256(f"{fingerprint(catalog)}/{rows_per_shard}".encode()).hexdigest()[:16]
 
 
-def _previous_snapshot(base: Path, run_dir: Path) -> shards.EmbeddingRun | None:
+def _previous_snapshot(base: Location, run_dir: Location) -> shards.EmbeddingRun | None:
     """The CURRENT snapshot to reuse vectors from, verified; None when there is none (or it is damaged: then
     everything is embedded again, with a warning)."""
     current = follow_current(base, EmbedError)
@@ -214,10 +215,10 @@ class Reuse:
             return cls(np.zeros(n, bool), {"previous": None, "added": n, "changed": 0, "removed": 0,
                                            "unchanged": 0, "reused_vectors": 0, "reused_errors": 0},
                        _changes([], [], []), None)
-        old = pq.read_table(previous.run_dir / shards.CATALOG, columns=["id", "uri", "version"]).sort_by("id")
+        old = shards.read_table(previous.run_dir / shards.CATALOG, columns=["id", "uri", "version"]).sort_by("id")
         present, same, _ = compare_rows(catalog, old)
         new_ids, old_ids = catalog.column("id").to_numpy(), old.column("id").to_numpy()
-        failed = pq.read_table(previous.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
+        failed = shards.read_table(previous.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
         reused_errors = int(np.isin(new_ids[same], failed).sum())
         removed = np.setdiff1d(old_ids, new_ids)
         delta = {"previous": previous.run_dir.name, "added": int((~present).sum()),
@@ -242,7 +243,7 @@ def _delta_text(delta: dict[str, Any]) -> str:
             f"{delta['reused_errors']} errors rows reused)")
 
 
-def _resume_or_start(run_dir: Path, bundle: dict[str, Any], catalog: dict[str, Any], rows_per_shard: int,
+def _resume_or_start(run_dir: Location, bundle: dict[str, Any], catalog: dict[str, Any], rows_per_shard: int,
                      num_shards: int, table: pa.Table, reuse: Reuse) -> dict[str, Any]:
     manifest = shards.read_manifest(run_dir)
     if manifest is None:
@@ -267,7 +268,7 @@ def _resume_or_start(run_dir: Path, bundle: dict[str, Any], catalog: dict[str, A
     return manifest
 
 
-def _drop_damaged(run_dir: Path, manifest: dict[str, Any]) -> None:
+def _drop_damaged(run_dir: Location, manifest: dict[str, Any]) -> None:
     """Reopen what a rerun would otherwise trust blindly: recorded shards whose files were deleted or changed are
     dropped (to be redone), and a complete run whose errors.parquet is damaged is merged again. Every file is
     hashed: that costs seconds per GB, far less than embedding its rows did."""
@@ -356,7 +357,7 @@ def _dispatch(actors: list[Any], tasks: list[tuple[int, int, int]], record: Call
         record(result)
 
 
-def _record(run_dir: Path, manifest: dict[str, Any], result: dict[str, Any]) -> None:
+def _record(run_dir: Location, manifest: dict[str, Any], result: dict[str, Any]) -> None:
     """A worker wrote a shard's files: add them to the manifest (a rerun then skips the shard)."""
     for uri, reason in result["first_errors"]:
         log.warning("skipped %s: %s", uri, reason)
@@ -386,17 +387,18 @@ def _pool_size(config: EmbedConfig, resources: dict[str, float]) -> int:
     return n
 
 
-def _finish(run_dir: Path, manifest: dict[str, Any], this_run: dict[str, Any]) -> None:
-    tables = [pq.read_table(run_dir / shards.SHARD_ERRORS_DIR / name)
+def _finish(run_dir: Location, manifest: dict[str, Any], this_run: dict[str, Any]) -> None:
+    tables = [shards.read_table(run_dir / shards.SHARD_ERRORS_DIR / name)
               for name, info in sorted(manifest["shards"].items()) if info["errors"]]
     errors = pa.concat_tables(tables).sort_by("id") if tables else shards.ERROR_SCHEMA.empty_table()
     manifest["errors_file"] = {shards.ERRORS: shards.write_parquet_atomic(errors, run_dir / shards.ERRORS)}
     manifest["last_run"] = this_run
+    manifest["completed_at"] = time.time()  # orders the snapshots for keep_snapshots (any storage)
     manifest["complete"] = True
     shards.write_manifest(run_dir, manifest)
 
 
-def _publish(run_dir: Path, keep: int) -> None:
+def _publish(run_dir: Location, keep: int) -> None:
     """Point CURRENT at the snapshot, then delete complete snapshots beyond the `keep` newest (CURRENT and the
     one before it are always kept; incomplete ones are left to be resumed)."""
     base = run_dir.parent
@@ -408,8 +410,11 @@ def _publish(run_dir: Path, keep: int) -> None:
         if path.is_dir() and not path.name.startswith("."):
             manifest = shards.read_manifest(path)
             if manifest is not None and manifest.get("complete"):
-                complete.append(((path / shards.MANIFEST).stat().st_mtime_ns, path))
-    for _, path in sorted(complete, reverse=True)[max(keep, 2):]:
+                # Snapshots of an older cirflow have no completed_at: their manifest's mtime (local ones).
+                done = manifest.get("completed_at") or ((path / shards.MANIFEST).stat().st_mtime
+                                                        if isinstance(path, Path) else 0.0)
+                complete.append((done, path.name, path))
+    for _, _, path in sorted(complete, reverse=True)[max(keep, 2):]:
         if path != run_dir:
             log.info("removing embedding snapshot %s (keep_snapshots=%d)", path, keep)
-            shutil.rmtree(path)
+            remove_tree(path)

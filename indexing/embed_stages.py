@@ -12,15 +12,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from cirflow.core.files import location
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import read_bytes
 from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, normalize_uint8, resize_uint8
+
+if TYPE_CHECKING:
+    from cirflow.core.files import Location
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +114,9 @@ class ShardBuilder:
 
     def __init__(self, job: ShardJob) -> None:
         self.job = job
-        self.run_dir = Path(job.run_dir)
+        self.run_dir = location(job.run_dir)
         self.embedder: ImageEmbedder | None = None
-        self.previous = PreviousSnapshot(Path(job.previous_dir)) if job.previous_dir else None
+        self.previous = PreviousSnapshot(location(job.previous_dir)) if job.previous_dir else None
 
     def __call__(self, k: int, lo: int, hi: int) -> dict[str, Any]:
         """Build shard k (catalog rows lo..hi-1 in id order); its description for the manifest."""
@@ -151,21 +154,21 @@ class PreviousSnapshot:
     time: both snapshots are id-sorted, so a new shard needs one or two old ones (the last two read stay in
     memory), found from the old shards' id statistics without reading them."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Location) -> None:
         self.run = shards.open_run(run_dir, verify=False)  # the driver verified it when it planned the reuse
         self.ranges = [(lo, hi, path) for path in self.run.shard_files for lo, hi in [shards.id_range(path)]
                        if lo is not None]
-        self.cache: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def carry_over(self, rows: pa.Table, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fill `vectors` for the rows (id, uri, version) that are unchanged since the previous snapshot;
         returns (reused mask, errors: the previous reason of unchanged rows that failed, "" elsewhere)."""
         ids = rows.column("id").to_numpy()
         id_filter = [("id", ">=", int(ids[0])), ("id", "<=", int(ids[-1]))]
-        old = pq.read_table(self.run.run_dir / shards.CATALOG, columns=["id", "uri", "version"],
+        old = shards.read_table(self.run.run_dir / shards.CATALOG, columns=["id", "uri", "version"],
                             filters=id_filter).sort_by("id")
         _, same, _ = compare_rows(rows, old)
-        failed = pq.read_table(self.run.run_dir / shards.ERRORS, columns=["id", "reason"], filters=id_filter)
+        failed = shards.read_table(self.run.run_dir / shards.ERRORS, columns=["id", "reason"], filters=id_filter)
         reasons = dict(zip(failed.column("id").to_pylist(), failed.column("reason").to_pylist()))
         errors = np.array([reasons.get(i, "") if s else "" for i, s in zip(ids.tolist(), same)], dtype=object)
         good = same & (errors == "")
@@ -190,16 +193,16 @@ class PreviousSnapshot:
                 "its catalog lists; delete it to embed everything")
         return out
 
-    def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        if path not in self.cache:
+    def _read(self, path: Location) -> tuple[np.ndarray, np.ndarray]:
+        if str(path) not in self.cache:
             if len(self.cache) >= 2:
                 self.cache.pop(next(iter(self.cache)))
             ids, vectors, _ = shards.read_shard(path, self.run.dim)
-            self.cache[path] = (ids, vectors)
-        return self.cache[path]
+            self.cache[str(path)] = (ids, vectors)
+        return self.cache[str(path)]
 
 
-def write_shard(run_dir: Path, k: int, ids: np.ndarray, uris: np.ndarray, vectors: np.ndarray, errors: np.ndarray,
+def write_shard(run_dir: Location, k: int, ids: np.ndarray, uris: np.ndarray, vectors: np.ndarray, errors: np.ndarray,
                 bundle_id: str) -> dict[str, Any]:
     """Write shard k's Parquet file and, when some entries failed, its errors file (each temp name, then
     rename; a stale errors file of a killed attempt is removed); returns what the manifest records of them

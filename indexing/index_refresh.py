@@ -38,7 +38,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cirflow.core.files import publish_dir, temp_dir_beside
 from cirflow.export.manifest import ID_LENGTH
@@ -79,7 +78,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
         log.info("index %s: full build (%s)", previous.name, reason)
         return None
     base_ids = store.read_base_ids(previous, manifest)
-    changes = pq.read_table(run.run_dir / shards.CHANGES)
+    changes = shards.read_table(run.run_dir / shards.CHANGES)
     touched = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["changed", "removed"])))
     touched = np.sort(touched.column("id").to_numpy())
     dead = np.union1d(store.read_dead(previous, manifest), np.intersect1d(touched, base_ids))

@@ -1,6 +1,7 @@
 """The embedding-run format: Parquet shards with an explicit schema, an errors table, and the run manifest.
 
-An embedding run (one snapshot of a catalog, embed.py) lives in `embeddings/<catalog>/<bundle_id>/<snapshot>/`;
+An embedding run (one snapshot of a catalog, embed.py) lives in `embeddings/<catalog>/<bundle_id>/<snapshot>/`
+under a local path or any fsspec URI (core/files.py `location`: every function here takes either);
 the bundle directory's CURRENT names the latest complete one, and `open_run` follows it:
 
     catalog.parquet          id int64, uri string, version string, then the catalog's metadata columns (catalog.py):
@@ -23,14 +24,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cirflow.core.files import check_files, follow_current, read_json, sha256_file, write_atomic, write_json_atomic
+from cirflow.core.files import (
+    check_files,
+    follow_current,
+    location,
+    read_json,
+    sha256_file,
+    write_atomic,
+    write_json_atomic,
+)
 from cirflow.indexing.catalog import metadata_columns
+
+if TYPE_CHECKING:
+    from cirflow.core.files import Location
 
 FORMAT = "cirflow-embeddings-v1"
 MANIFEST = "manifest.json"
@@ -70,7 +82,7 @@ def error_table(ids: np.ndarray, uris: list[str], reasons: list[str]) -> pa.Tabl
                      pa.array([reasons[i] for i in order], pa.string())], schema=ERROR_SCHEMA)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> dict[str, Any]:
+def write_parquet_atomic(table: pa.Table, path: Location, row_group_size: int | None = None) -> dict[str, Any]:
     """Write under a temp name, rename into place; returns {"rows", "bytes", "sha256"} of the final file."""
     write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
     return {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -106,7 +118,7 @@ def _count_rows(manifest: dict[str, Any]) -> None:
     manifest["errors"] = sum(s["errors"] for s in manifest["shards"].values())
 
 
-def write_run(run_dir: Path, parts: Iterable[tuple[np.ndarray, np.ndarray, list[str]]], bundle_id: str,
+def write_run(run_dir: Location, parts: Iterable[tuple[np.ndarray, np.ndarray, list[str]]], bundle_id: str,
               catalog: dict[str, Any], rows_per_shard: int) -> "EmbeddingRun":
     """A complete run from vectors already in memory, one shard per (ids, vectors, uris) part: vectors made
     elsewhere (benchmark catalogs, tests). The manifest, written last, marks it complete; ids must be unique."""
@@ -128,7 +140,7 @@ def write_run(run_dir: Path, parts: Iterable[tuple[np.ndarray, np.ndarray, list[
     return open_run(run_dir)
 
 
-def damaged_shards(run_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
+def damaged_shards(run_dir: Location, manifest: dict[str, Any]) -> dict[str, str]:
     """Recorded shard name -> what is wrong with its files (missing, another size or sha256: its Parquet file or,
     when it had errors, its errors file), for each recorded shard that fails the check."""
     damaged = {}
@@ -147,13 +159,13 @@ def damaged_shards(run_dir: Path, manifest: dict[str, Any]) -> dict[str, str]:
     return damaged
 
 
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(run_dir: Location, manifest: dict[str, Any]) -> None:
     write_json_atomic(run_dir / MANIFEST, manifest, sort_keys=True)
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+def read_manifest(run_dir: Location | str) -> dict[str, Any] | None:
     """The run's manifest, or None when the run has not started."""
-    path = Path(run_dir) / MANIFEST
+    path = location(run_dir) / MANIFEST
     if not path.exists():
         return None
     manifest = read_json(path, EmbeddingsError)
@@ -167,7 +179,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 class EmbeddingRun:
     """A complete, verified embedding run: what index building and search read."""
 
-    run_dir: Path
+    run_dir: Location  # a local path, or a URI's UPath
     manifest: dict[str, Any]
 
     @property
@@ -183,7 +195,7 @@ class EmbeddingRun:
         return int(self.manifest["rows"])
 
     @property
-    def shard_files(self) -> list[Path]:
+    def shard_files(self) -> list[Location]:
         return [self.run_dir / name for name in sorted(self.manifest["shards"])]
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
@@ -193,7 +205,7 @@ class EmbeddingRun:
 
     def read_ids_and_uris(self) -> tuple[np.ndarray, list[str]]:
         """Every row's id and uri, in shard order, without the vectors."""
-        tables = [pq.read_table(path, columns=["id", "uri"]) for path in self.shard_files]
+        tables = [read_table(path, columns=["id", "uri"]) for path in self.shard_files]
         if not tables:
             return np.zeros(0, np.int64), []
         table = pa.concat_tables(tables)
@@ -206,8 +218,8 @@ class EmbeddingRun:
         path = self.run_dir / CATALOG
         if not path.is_file():
             return None
-        names = metadata_columns(pq.read_schema(path))
-        return pq.read_table(path, columns=["id", *names]) if names else None
+        names = metadata_columns(parquet_file(path).schema_arrow)
+        return read_table(path, columns=["id", *names]) if names else None
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         parts = list(self.iter_shards())
@@ -217,10 +229,11 @@ class EmbeddingRun:
                 [u for p in parts for u in p[2]])
 
 
-def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
-    """Open a finished run (a snapshot directory, or the bundle directory whose CURRENT names one); `verify`
-    checks every shard's and the catalog file's size and sha256 against the manifest."""
-    run_dir = follow_current(Path(run_dir), EmbeddingsError) or Path(run_dir)
+def open_run(run_dir: Location | str, verify: bool = True) -> EmbeddingRun:
+    """Open a finished run (a snapshot directory, or the bundle directory whose CURRENT names one; a local path
+    or a URI); `verify` checks every shard's and the catalog file's size and sha256 against the manifest."""
+    run_dir = location(run_dir)
+    run_dir = follow_current(run_dir, EmbeddingsError) or run_dir
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise EmbeddingsError(f"{run_dir}: no {MANIFEST}; run the embedding job first")
@@ -235,10 +248,21 @@ def open_run(run_dir: Path, verify: bool = True) -> EmbeddingRun:
     return EmbeddingRun(run_dir, manifest)
 
 
-def read_rows(path: Path, lo: int, hi: int, columns: list[str]) -> pa.Table:
+def read_table(path: Location, **kwargs: Any) -> pa.Table:
+    """pq.read_table of a local or remote file (`columns`, `filters`, ...)."""
+    if isinstance(path, Path):
+        return pq.read_table(path, **kwargs)
+    return pq.read_table(path.path, filesystem=path.fs, **kwargs)
+
+
+def parquet_file(path: Location) -> pq.ParquetFile:
+    return pq.ParquetFile(path if isinstance(path, Path) else path.fs.open(path.path, "rb"))
+
+
+def read_rows(path: Location, lo: int, hi: int, columns: list[str]) -> pa.Table:
     """Rows lo..hi-1 of a Parquet file, reading only the row groups that hold them (a snapshot's catalog file
     has one row group per shard)."""
-    file = pq.ParquetFile(path)
+    file = parquet_file(path)
     groups, start = [], 0
     for i in range(file.metadata.num_row_groups):
         end = start + file.metadata.row_group(i).num_rows
@@ -252,17 +276,17 @@ def read_rows(path: Path, lo: int, hi: int, columns: list[str]) -> pa.Table:
     return table.slice(lo - first, hi - lo)
 
 
-def id_range(path: Path) -> tuple[int | None, int | None]:
+def id_range(path: Location) -> tuple[int | None, int | None]:
     """(smallest, largest) id of a shard from its Parquet statistics, without reading it; (None, None) when
     empty."""
-    metadata = pq.ParquetFile(path).metadata
+    metadata = parquet_file(path).metadata
     column = metadata.schema.to_arrow_schema().get_field_index("id")
     lows, highs = [], []
     for i in range(metadata.num_row_groups):
         group = metadata.row_group(i)
         stats = group.column(column).statistics
         if group.num_rows and (stats is None or not stats.has_min_max):
-            ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()  # a writer that kept no statistics
+            ids = read_table(path, columns=["id"]).column("id").to_numpy()  # a writer that kept no statistics
             return int(ids.min()), int(ids.max())
         if group.num_rows:
             lows.append(stats.min)
@@ -270,8 +294,8 @@ def id_range(path: Path) -> tuple[int | None, int | None]:
     return (min(lows), max(highs)) if lows else (None, None)
 
 
-def read_shard(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    table = pq.read_table(path, columns=["id", "uri", "embedding"])
+def read_shard(path: Location, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    table = read_table(path, columns=["id", "uri", "embedding"])
     column = table.column("embedding").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != dim:
         raise EmbeddingsError(f"{path}: embedding column is {column.type}, expected fixed_size_list<float, {dim}>")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cirflow.indexing import index_store as store
 from cirflow.indexing import shards
@@ -56,8 +55,8 @@ def expected_ids(run: shards.EmbeddingRun) -> np.ndarray:
     catalog = run.run_dir / shards.CATALOG
     if not catalog.is_file():
         return np.sort(np.concatenate([ids for ids, _, _ in run.iter_shards()]))
-    ids = pq.read_table(catalog, columns=["id"]).column("id").to_numpy()
-    errors = pq.read_table(run.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
+    ids = shards.read_table(catalog, columns=["id"]).column("id").to_numpy()
+    errors = shards.read_table(run.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
     return np.setdiff1d(ids, errors)
 
 

@@ -97,8 +97,9 @@ def test_quick_run_reports_every_type_and_size(tiny_bundle: Path, tmp_path: Path
     ratio = re.search(r"Scaling ratio Ray job / plain loop: \*\*([0-9.]+)x\*\*", text)
     assert ratio and float(ratio.group(1)) > 0
     assert "the resumed run lists the same ids" in text
-    driver = re.search(r"\*\*\+(\d+) MB\*\* for ([\d,]+) images, \*\*\+(\d+) MB\*\* for ([\d,]+)", text)
+    driver = re.search(r"\*\*(\d+) MB\*\* for ([\d,]+) images, \*\*(\d+) MB\*\* for ([\d,]+)", text)
     assert driver and int(driver.group(2).replace(",", "")) < int(driver.group(4).replace(",", ""))
+    assert 0 < int(driver.group(1)) and 0 < int(driver.group(3))  # the driver process was sampled
 
     for size in ("2,000", "10,000"):
         rows = found[f"{size} vectors"]

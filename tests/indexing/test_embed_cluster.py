@@ -60,12 +60,12 @@ def catalog(folder: Path, manifest: Path) -> dict[str, bytes]:
     return data
 
 
-def job(name: str, bundle: Path, workdir: Path, manifest: Path, **settings: object) -> EmbedConfig:
+def job(name: str, bundle: Path, workdir: Path | str, manifest: Path, **settings: object) -> EmbedConfig:
     return EmbedConfig(catalog=CatalogConfig(name=name, manifest=str(manifest)), bundle=str(bundle),
                        workdir=str(workdir), rows_per_shard=ROWS_PER_SHARD, batch_size=2, **settings)
 
 
-def rows(run_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def rows(run_dir: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return shards.open_run(run_dir).read_all()
 
 
@@ -118,6 +118,13 @@ def test_two_workers_on_two_nodes_write_exactly_the_single_process_rows(two_node
     assert np.abs(vectors - vectors.mean(0)).max() > 1e-4
     np.testing.assert_allclose(vectors, single_vectors, atol=1e-6)
     assert not [p for p in spread.rglob("*") if ".tmp" in p.name]
+
+    # The same job writing to a URI (file://: fsspec's code path, on a filesystem both nodes see).
+    at_uri = run_embed(job("spread", bundle, f"file://{tmp_path / 'store'}", manifest, local_below=0))
+    assert str(at_uri).startswith("file://") and shards.read_manifest(at_uri)["last_run"]["nodes"] == 2
+    uri_ids, uri_vectors, uri_uris = rows(at_uri)
+    np.testing.assert_array_equal(uri_ids, single_ids)
+    assert uri_uris == single_uris and uri_vectors.tobytes() == vectors.tobytes()
 
 
 def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cluster, object], bundle: Path,

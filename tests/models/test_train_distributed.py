@@ -158,3 +158,25 @@ def test_bad_distributed_configs_are_refused(tiny_overrides: list[str], ray_addr
                                                   "relative path"):
             train(config(tiny_overrides, "optim.max_steps=1", "distributed.workers=2"), Path("workdir/runs/x"))
     assert not Path("workdir/runs/x").exists()
+
+
+def test_the_rayjob_manifest_trains_one_worker_per_gpu_pod() -> None:
+    """deploy/ray/rayjob-train.yaml: its entrypoint is `cirflow train` with a config that loads strictly, one
+    Ray Train worker per GPU pod, absolute paths only (a Ray job runs in a copy of its working dir)."""
+    import shlex
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    rayjob = yaml.safe_load((repo / "deploy" / "ray" / "rayjob-train.yaml").read_text())
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["cirflow", "train"]
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert flags["--config"] == "/data/configs/shapes_demo.yaml" and flags["--workdir"].startswith("/")
+    overrides = [a for a in argv[2:] if "=" in a and not a.startswith("--")]
+    job = load_config(TrainConfig, repo / "configs" / "shapes_demo.yaml", overrides)
+    assert job.data.root.startswith("/") and job.device == "cuda"
+    assert job.optim.batch_size % job.distributed.workers == 0
+    [workers] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert workers["replicas"] == workers["minReplicas"] == job.distributed.workers and gpus == "1"
