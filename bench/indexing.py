@@ -113,6 +113,7 @@ FULL_DATA = ShapesConfig(scale=4)  # ~106k training images: >= 100k real vectors
 QUICK_DATA = ShapesConfig(seed=0, train_triplets=160, val_queries=40, test_queries=40, workers=1)  # tiny_shapes
 QUICK_ROWS_PER_SHARD = 64  # several shards from ~240 images, so that the resume has shards to redo
 RESUME_SHARDS = 2  # shards a simulated kill leaves unfinished
+DRIVER_SAMPLE_S = 0.05
 SMALL_CATALOG_FRACTION = 4  # the driver's memory is also measured on this fraction of the catalog
 NN_SAMPLE = 2000  # real vectors whose nearest-neighbour distance sets the noise scale
 DEGENERATE_NN = 1e-3  # a median nearest-neighbour distance below this: the vectors have no spread to copy
@@ -168,14 +169,11 @@ def pss_mb(pid: int) -> float:
 
 
 class PeakMemory:
-    """Samples the summed PSS of this process tree in a thread while the `with` block runs, and the peak PSS of
-    one process of it (`driver`, once set)."""
+    """Samples the summed PSS of this process tree in a thread while the `with` block runs."""
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
         self.processes = 0  # tree size at the peak
-        self.driver: int | None = None  # a process of the tree whose own peak is wanted too (the job's driver)
-        self.driver_peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -190,10 +188,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while True:
             pids = descendants(os.getpid())
-            sizes = {p: pss_mb(p) for p in pids}
-            if self.driver in sizes:
-                self.driver_peak_mb = max(self.driver_peak_mb, sizes[self.driver])
-            total = sum(sizes.values())
+            total = sum(pss_mb(p) for p in pids)
             if total > self.peak_mb:
                 self.peak_mb, self.processes = total, len(pids)
             if self._stop.wait(MEMORY_SAMPLE_S):
@@ -213,9 +208,10 @@ def embed_plain(bundle: Path, uris: list[str], threads: int, batch: int) -> np.n
     return np.concatenate(parts)
 
 
-def embed_with_ray(config: EmbedConfig, cores: int, memory: PeakMemory) -> dict[str, Any]:
-    """The job as a user runs it: `cirflow embed` in a process of its own (the driver, whose peak PSS `memory`
-    samples), which starts a local Ray instance of `cores` CPUs and stops it at the end; wall seconds."""
+def embed_with_ray(config: EmbedConfig, cores: int) -> dict[str, Any]:
+    """The job as a user runs it: `cirflow embed` in a process of its own (the driver), which starts a local Ray
+    instance of `cores` CPUs and stops it at the end; wall seconds and the driver's peak PSS (sampled every
+    DRIVER_SAMPLE_S: one process's PSS costs little to read)."""
     catalog = config.catalog
     source = f"catalog.folder={catalog.folder}" if catalog.folder else f"catalog.manifest={catalog.manifest}"
     command = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING", "embed",
@@ -224,12 +220,21 @@ def embed_with_ray(config: EmbedConfig, cores: int, memory: PeakMemory) -> dict[
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local instance, as bench's own
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    memory.driver = proc.pid
+    peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], pss_mb(proc.pid))
+            time.sleep(DRIVER_SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     output = proc.communicate()[0]
     wall = time.perf_counter() - started
+    sampler.join()
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(command)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"run_dir": output.strip().splitlines()[-1], "wall_s": wall, "driver_mb": memory.driver_peak_mb}
+    return {"run_dir": output.strip().splitlines()[-1], "wall_s": wall, "driver_mb": peak[0]}
 
 
 def first_entries(catalog: CatalogConfig, table: Any, count: int, path: Path) -> CatalogConfig:
@@ -276,7 +281,7 @@ def measure_embedding(bundle: Path, catalog: CatalogConfig, workdir: Path, cores
 
     print("part 1: Ray job ...", flush=True)
     with PeakMemory() as memory:
-        ray_run = embed_with_ray(config, cores, memory)
+        ray_run = embed_with_ray(config, cores)
     run_dir = Path(ray_run["run_dir"])
     run = shards.open_run(run_dir)
     last = run.manifest["last_run"]
@@ -293,8 +298,7 @@ def measure_embedding(bundle: Path, catalog: CatalogConfig, workdir: Path, cores
     print(f"part 1: Ray job on the first {part:,} images (the driver's memory against the catalog's size) ...",
           flush=True)
     small = first_entries(catalog, table, part, workdir / "small-catalog.csv")
-    with PeakMemory() as memory:
-        small_run = embed_with_ray(replace(config, catalog=small), cores, memory)
+    small_run = embed_with_ray(replace(config, catalog=small), cores)
     small_last = shards.read_manifest(Path(small_run["run_dir"]))["last_run"]
     result["small"] = {**small_run, "images": part, "seconds": small_last["seconds"],
                        "images_per_s": small_last["entries_per_s"]}
@@ -303,7 +307,7 @@ def measure_embedding(bundle: Path, catalog: CatalogConfig, workdir: Path, cores
     print(f"part 1: resume after a simulated kill ({RESUME_SHARDS} shards unfinished) ...", flush=True)
     removed = simulate_kill(run_dir, RESUME_SHARDS)
     with PeakMemory() as memory:
-        resumed = embed_with_ray(config, cores, memory)
+        resumed = embed_with_ray(config, cores)
     run = shards.open_run(run_dir)
     result["resume"] = {**resumed, "shards": RESUME_SHARDS, "rows": removed, "peak_mb": memory.peak_mb,
                         "processes": memory.processes, "seconds": run.manifest["last_run"]["seconds"],

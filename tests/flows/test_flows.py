@@ -187,10 +187,10 @@ def test_injected_failures_leave_the_published_index_untouched(prefect_harness: 
     link_catalog(sorted((tiny_shapes / "images" / "val").iterdir())[:1], shop)
     real_write = shards.write_parquet_atomic
 
-    def full_disk(table: Any, path: Path) -> dict[str, Any]:
+    def full_disk(table: Any, path: Path, **options: Any) -> dict[str, Any]:
         if path.name.startswith("part-"):
             raise OSError(28, "No space left on device", str(path))
-        return real_write(table, path)
+        return real_write(table, path, **options)
 
     monkeypatch.setattr(shards, "write_parquet_atomic", full_disk)
     failed = catalog(overrides=overrides, return_state=True)
