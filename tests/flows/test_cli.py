@@ -12,7 +12,8 @@ from cirflow.flows.cli import main
 from cirflow.models.tiny import TINY_MODEL
 
 # The export and indexing stacks: a training host must not need them (nor pay their import time).
-NOT_FOR_TRAINING = {"onnx", "onnxruntime", "onnxscript", "faiss", "ray", "pyarrow", "prefect", "tensorrt"}
+NOT_FOR_TRAINING = {"onnx", "onnxruntime", "onnxscript", "faiss", "ray", "pyarrow", "prefect", "tensorrt", "upath",
+                    "fsspec"}
 
 
 def test_train_then_eval(tiny_shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
