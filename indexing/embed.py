@@ -38,6 +38,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -154,14 +155,15 @@ def run_embed(config: EmbedConfig) -> Location:
     job = ShardJob(str(run_dir), str(reuse.previous) if reuse.previous else None, str(bundle_dir),
                    bundle["bundle_id"], int(bundle["embed_dim"]), config.batch_size)
     started = time.perf_counter()
+    record = partial(_record, run_dir, manifest)  # called with each shard a worker wrote
     if not tasks:  # every shard was written by an earlier attempt, which stopped before finishing the run
         where, actors, nodes = "none", 0, 0
     elif _in_process(config, count):
         where, actors, nodes = "in-process", 1, 1
-        _build_in_process(job, tasks, lambda result: _record(run_dir, manifest, result))
+        _build_in_process(job, tasks, record)
     else:
         where = "ray"
-        actors, nodes = _build_with_ray(config, job, tasks, lambda result: _record(run_dir, manifest, result))
+        actors, nodes = _build_with_ray(config, job, tasks, record)
     missing = sorted(k for k in pending if shards.shard_name(k) not in manifest["shards"])
     if missing:
         raise EmbedError(f"shards {missing} of {run_dir} were not written; rerun to redo them")
@@ -203,7 +205,7 @@ class Reuse:
     unchanged: np.ndarray  # (N,) bool over the new catalog's rows
     delta: dict[str, Any]
     changes: pa.Table  # id, change (added, changed, removed): what an index of the previous snapshot must update
-    previous: Path | None  # the previous snapshot's directory
+    previous: Location | None  # the previous snapshot's directory
 
     @classmethod
     def plan(cls, catalog: pa.Table, previous: shards.EmbeddingRun | None) -> Reuse:
@@ -216,7 +218,7 @@ class Reuse:
                                            "unchanged": 0, "reused_vectors": 0, "reused_errors": 0},
                        _changes([], [], []), None)
         old = shards.read_table(previous.run_dir / shards.CATALOG, columns=["id", "uri", "version"]).sort_by("id")
-        present, same, _ = compare_rows(catalog, old)
+        present, same = compare_rows(catalog, old)
         new_ids, old_ids = catalog.column("id").to_numpy(), old.column("id").to_numpy()
         failed = shards.read_table(previous.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
         reused_errors = int(np.isin(new_ids[same], failed).sum())

@@ -74,13 +74,13 @@ class ImageEmbedder:
         return {"id": batch["id"], "uri": batch["uri"], "embedding": vectors, "error": batch["error"]}
 
 
-def compare_rows(new: pa.Table, old: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def compare_rows(new: pa.Table, old: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """For each row of `new` (id, uri, version; sorted by id) against `old` (the same columns, sorted by id):
-    (present: its id is in old, same: and with the same uri and version, pos: its row in old where present)."""
+    (present: its id is in old, same: and with the same uri and version)."""
     new_ids, old_ids = new.column("id").to_numpy(), old.column("id").to_numpy()
     if not len(old_ids):
         nothing = np.zeros(len(new_ids), bool)
-        return nothing, nothing.copy(), np.zeros(len(new_ids), np.int64)
+        return nothing, nothing.copy()
     pos = np.searchsorted(old_ids, new_ids).clip(max=len(old_ids) - 1)
     present = old_ids[pos] == new_ids
     same = present.copy()
@@ -88,7 +88,7 @@ def compare_rows(new: pa.Table, old: pa.Table) -> tuple[np.ndarray, np.ndarray, 
         ours = np.array(new.column(column).to_pylist(), dtype=object)
         theirs = np.array(old.column(column).to_pylist(), dtype=object)
         same &= ours == theirs[pos]
-    return present, same, pos
+    return present, same
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,8 @@ class PreviousSnapshot:
         ids = rows.column("id").to_numpy()
         id_filter = [("id", ">=", int(ids[0])), ("id", "<=", int(ids[-1]))]
         old = shards.read_table(self.run.run_dir / shards.CATALOG, columns=["id", "uri", "version"],
-                            filters=id_filter).sort_by("id")
-        _, same, _ = compare_rows(rows, old)
+                                filters=id_filter).sort_by("id")
+        _, same = compare_rows(rows, old)
         failed = shards.read_table(self.run.run_dir / shards.ERRORS, columns=["id", "reason"], filters=id_filter)
         reasons = dict(zip(failed.column("id").to_pylist(), failed.column("reason").to_pylist()))
         errors = np.array([reasons.get(i, "") if s else "" for i, s in zip(ids.tolist(), same)], dtype=object)
@@ -220,4 +220,4 @@ def write_shard(run_dir: Location, k: int, ids: np.ndarray, uris: np.ndarray, ve
     else:
         errors_path.unlink(missing_ok=True)
     first = list(zip([str(u) for u in uris[failed][:5]], [str(e) for e in errors[failed][:5]]))
-    return {"shard": k, "name": name, "info": info, "errors_info": errors_info, "first_errors": first}
+    return {"name": name, "info": info, "errors_info": errors_info, "first_errors": first}

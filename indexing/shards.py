@@ -83,9 +83,16 @@ def error_table(ids: np.ndarray, uris: list[str], reasons: list[str]) -> pa.Tabl
 
 
 def write_parquet_atomic(table: pa.Table, path: Location, row_group_size: int | None = None) -> dict[str, Any]:
-    """Write under a temp name, rename into place; returns {"rows", "bytes", "sha256"} of the final file."""
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
-    return {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """Write under a temp name, rename into place; returns {"rows", "bytes", "sha256"} of the final file,
+    taken from the temp file before it is published (a remote file is not downloaded again to hash it)."""
+    described: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
+        described.update(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=sha256_file(tmp))
+
+    write_atomic(path, write)
+    return described
 
 
 def new_manifest(bundle_id: str, dim: int, catalog: dict[str, Any], rows_per_shard: int,

@@ -51,7 +51,7 @@ def train_distributed(config: TrainConfig, run_dir: Path) -> Path:
     spec = config.distributed
     # A job submitted with a working_dir runs in Ray's temporary copy of it: relative paths would land there.
     check_job_paths({"run_dir (cirflow train --workdir)": str(run_dir), "data.root": config.data.root,
-                     "distributed.storage": spec.storage if "://" not in spec.storage else None,
+                     "distributed.storage": spec.storage,
                      "stem_cache_dir": config.stem_cache_dir})
     run_dir = run_dir.resolve()  # workers run in Ray Train's own working directories
     # A local instance gets a dashboard: Ray Train's placement-group cleaner asks its state API every second
