@@ -126,7 +126,7 @@ def run_embed(config: EmbedConfig) -> Location:
     bundle = verify_bundle(bundle_dir)
     read_preprocess(bundle_dir)  # a bad preprocess.json fails here, not in every worker
     catalog = load_catalog(config.catalog)
-    base = location(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
+    base = _output(config.workdir) / "embeddings" / config.catalog.name / bundle["bundle_id"]
     if (base / shards.MANIFEST).exists():
         raise EmbedError(f"{base} holds an embedding run of an older cirflow (no snapshots); delete it to embed "
                          "the catalog again")
@@ -176,6 +176,17 @@ def run_embed(config: EmbedConfig) -> Location:
     log.info("embedding snapshot complete: %d rows, %d errors; %d images embedded (%s) in %.1f s", manifest["rows"],
              manifest["errors"], count, where, seconds)
     return run_dir
+
+
+def _output(workdir: str) -> Location:
+    """The workdir as a location, its filesystem reached once: an unknown URI scheme, or one whose fsspec
+    package is not installed (s3:// without s3fs), fails here with the setting's name."""
+    try:
+        root = location(workdir)
+        root.exists()
+    except (ValueError, ImportError) as e:
+        raise EmbedError(f"workdir={workdir!r} cannot be used: {e}") from e
+    return root
 
 
 def snapshot_id(catalog: pa.Table, rows_per_shard: int) -> str:

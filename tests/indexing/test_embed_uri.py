@@ -4,16 +4,18 @@ two-node Ray cluster writing to a file:// URI: tests/indexing/test_embed_cluster
 
 from __future__ import annotations
 
+import importlib.util
 import uuid
 from pathlib import Path
 
 import fsspec
 import numpy as np
+import pytest
 
 from cirflow.core.files import location
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed
 from cirflow.indexing.index_build import build_index
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.validate import expected_ids
@@ -64,3 +66,15 @@ def test_a_snapshot_at_a_uri_is_made_refreshed_checked_pruned_and_indexed(tiny_b
     queries = Queries(near / np.linalg.norm(near, axis=1, keepdims=True), tuple(uris[:6]))
     index_dir = build_index(run, queries, tmp_path / "indexes")
     assert (index_dir / "manifest.json").is_file()
+
+
+def test_a_workdir_uri_that_cannot_be_reached_is_named(tiny_bundle: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "catalog", 2, seed=1)
+    cases = [("nosuchfs://bucket/x", "Unsupported filesystem: 'nosuchfs'")]
+    if importlib.util.find_spec("s3fs") is None:  # not among our dependencies: s3:// names the package to install
+        cases.append(("s3://bucket/x", "Install s3fs to access S3"))
+    for workdir, reason in cases:
+        config = EmbedConfig(catalog=CatalogConfig(name="shop", folder=str(tmp_path / "catalog")),
+                             bundle=str(tiny_bundle), workdir=workdir)
+        with pytest.raises(EmbedError, match=f"workdir='{workdir}' cannot be used: {reason}"):
+            run_embed(config)
