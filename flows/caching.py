@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 from prefect import Task
@@ -38,19 +36,3 @@ def cached(task: Task, valid: Callable[[Any], bool], **parameters: Any) -> Any:
         return result
     log.warning("%s: the cached result %s no longer checks out; running the task again", task.name, result)
     return task.with_options(refresh_cache=True)(**parameters)
-
-
-def data_fingerprint(root: Path) -> str:
-    """(relative path, size, mtime_ns) of every file under a dataset directory: one stat per file, no reads,
-    like the catalog's default change key (indexing/catalog.py)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset directory {root} does not exist")
-    digest = hashlib.sha256()
-    for directory, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(directory, name)
-            st = os.stat(path)
-            digest.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]

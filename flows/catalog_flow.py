@@ -33,10 +33,11 @@ from prefect import flow, task
 
 from cirflow.core.config import check_fraction, check_positive, load_config, to_dict
 from cirflow.core.files import follow_current, sha256_file, write_atomic
+from cirflow.core.fingerprint import data_fingerprint
 from cirflow.export.manifest import resolve_bundle_dir, verify_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.artifacts import markdown_table, publish_links, publish_markdown
-from cirflow.flows.caching import by_key, cached, content_key, data_fingerprint
+from cirflow.flows.caching import by_key, cached, content_key
 from cirflow.flows.plots import plot_tuning_sweep
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog

@@ -20,11 +20,12 @@ from prefect import flow, task
 
 from cirflow.core.config import load_config
 from cirflow.core.files import CURRENT, sha256_file
+from cirflow.core.fingerprint import data_fingerprint
 from cirflow.export.bundle import export_bundle
 from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.manifest import BundleError, register_bundle, resolve_bundle_dir, verify_bundle
 from cirflow.flows.artifacts import markdown_table, publish_links, publish_markdown
-from cirflow.flows.caching import by_key, cached, content_key, data_fingerprint
+from cirflow.flows.caching import by_key, cached, content_key
 from cirflow.flows.gate import GateConfig, GateRefused, decide
 from cirflow.flows.plots import plot_training, read_training_log
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
@@ -101,7 +102,7 @@ def run_training(cfg: TrainingFlowConfig) -> dict[str, Any]:
     """The flow's body, callable from another flow (pipeline) with a loaded config."""
     workdir = Path(cfg.workdir)
     data_key = prepare_data(cfg)
-    run_dir = workdir / "runs" / run_id_for(cfg.train)
+    run_dir = workdir / "runs" / run_id_for(cfg.train, data_key)  # new training data: a new run
     checkpoint = cached(train_model, lambda c: Path(c).is_file(),
                         key=content_key(run_identity(cfg.train), data_key, str(run_dir)), config=cfg.train,
                         run_dir=str(run_dir))

@@ -3,7 +3,8 @@
 `train(config, run_dir)` is the entry point. A run directory holds the resolved config, the tokenizer,
 `checkpoints/last.pt` (with optimiser state, for resuming) and, once finished, `checkpoints/model.pt` plus
 `metrics.json`. Rerunning on a finished run directory returns at once; on an unfinished one it resumes. Either
-is refused when the config differs from the one the run was started with (its `config.yaml`).
+is refused when the config differs from the one the run was started with (its `config.yaml`), or the data does
+(`data.json`: the fingerprint of data.root when the run started; new data is a new run).
 
 One recipe (`run_recipe`) serves a single process and each worker of data-parallel training on Ray Train
 (models/train_ray.py, when distributed.workers > 1 or an address is set): a worker encodes its share of every
@@ -12,6 +13,7 @@ global batch (models/data_parallel.py), and its leader (rank 0) validates and wr
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,7 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cirflow.core.config import ConfigError, load_config, to_dict
-from cirflow.core.files import write_json_atomic, write_text_atomic
+from cirflow.core.files import read_json, write_json_atomic, write_text_atomic
+from cirflow.core.fingerprint import data_fingerprint
 from cirflow.models.checkpoint import save_checkpoint
 from cirflow.models.cir_model import CIRModel, build_model, count_parameters
 from cirflow.models.composers import ComposerConfig, SumComposer
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 # Keys that training fills in itself (from the run's tokenizer, and for a pretrained backbone the preprocessing
 # of its weights): a resumed run's config.yaml differs there.
 HISTORY_KEYS = ("stage", "step", "minutes", "train_seconds")  # a history entry's other keys are val metrics
+DATA_FILE = "data.json"  # the fingerprint of the data a run started on (core/fingerprint.py)
 FILLED_IN = frozenset({"model.text.vocab_size", "preprocess.mean", "preprocess.std", "preprocess.resize",
                        "preprocess.mode"})
 
@@ -81,6 +85,7 @@ class Stage:
 def train(config: TrainConfig, run_dir: Path) -> Path:
     """Train (or resume, or return a finished run) in `run_dir`; returns the final checkpoint's path."""
     _check_same_config(config, run_dir)
+    _check_same_data(config, run_dir)
     final = run_dir / "checkpoints" / "model.pt"
     if final.exists():
         log.info("run %s is already finished: %s", run_dir, final)
@@ -101,8 +106,12 @@ def load_train_split(config: TrainConfig) -> CIRSplit:
 
 
 def prepare_run(config: TrainConfig, train_split: CIRSplit, run_dir: Path) -> tuple[TrainConfig, Tokenizer]:
-    """The run's tokenizer (made once, then read back) and the config filled in from it, saved as config.yaml."""
+    """The run's tokenizer (made once, then read back) and the config filled in from it, saved as config.yaml; the
+    data's fingerprint in data.json (once: a resume has checked it)."""
     tokenizer = _tokenizer(config, train_split, run_dir)
+    if not (run_dir / DATA_FILE).is_file():
+        write_json_atomic(run_dir / DATA_FILE, {"root": str(config.data.root),
+                                                "fingerprint": data_fingerprint(Path(config.data.root))})
     config = filled_in(config, tokenizer)
     _write_config(config, run_dir)
     return config, tokenizer
@@ -139,7 +148,9 @@ def run_recipe(config: TrainConfig, tokenizer: Tokenizer, train_split: CIRSplit,
         model.load_state_dict(resume["model"])
         method.load_state_dict(resume["method"])
         scale.load_state_dict(resume["scale"])
-        state = resume["state"]
+        # A copy: the loop below moves `state` on to later stages, while the optimiser state in `resume` belongs
+        # to the stage the checkpoint was taken in, and to no other.
+        state = copy.deepcopy(resume["state"])
         run = replace(run, started=run.started - state["wall"])  # wall time of the earlier attempts counts too
         torch.set_rng_state(resume["torch_rng"])
         log.info("resuming %s at stage %d step %d", run.dir, state["stage"], state["step"])
@@ -157,7 +168,7 @@ def run_recipe(config: TrainConfig, tokenizer: Tokenizer, train_split: CIRSplit,
         # its batches carry pixels; every other stage's carry the cached image stems.
         batches.use_stems(Stems(None, stems.texts) if stage.iacma else stems)
         optimizer = _optimizer(stage, model.lr_scales())
-        if resume is not None and i == resume["state"]["stage"]:
+        if resume is not None and i == resume["state"]["stage"]:  # the stage the checkpoint was taken in
             optimizer.load_state_dict(resume["optimizer"])
         _run_stage(config, stage, model, scale, optimizer, batches, (val, val_stems), tokenizer, state, i, run)
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
@@ -202,6 +213,22 @@ def _check_same_config(config: TrainConfig, run_dir: Path) -> None:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(f"run {run_dir} was started with another config ({details}); train into a new run "
                           "directory (cirflow train: another --run-id) or use the run's own config.yaml")
+
+
+def _check_same_data(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume a run (or hand back its model) on other data than it started on (its data.json, written
+    by prepare_run): a resumed run would keep the old run's tokenizer and mix two datasets."""
+    path = run_dir / DATA_FILE
+    if not path.is_file():
+        if (run_dir / "checkpoints").exists():
+            log.warning("run %s records no data fingerprint (an older cirflow made it): assuming the same data",
+                        run_dir)
+        return
+    started, now = read_json(path, ConfigError).get("fingerprint"), data_fingerprint(Path(config.data.root))
+    if started != now:
+        raise ConfigError(f"run {run_dir} was started on other data ({config.data.root}: fingerprint {started}, "
+                          f"now {now}: files were added, removed or changed); train into a new run directory "
+                          "(cirflow train without --run-id names the run by its data)")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

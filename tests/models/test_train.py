@@ -1,6 +1,7 @@
 """Training on the tiny shapes dataset: it learns, checkpoints rebuild the model, a killed run resumes exactly."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,56 @@ def test_methods_train_through_the_recipe(method: str, extra: list[str], tiny_ov
         assert [h["stage"] for h in metrics["history"]] == ["iacma", "train"]
     terms = {"cala": {"qtm", "tbia", "ctr"}, "dra": {"qtm", "imp", "aug"}, "tmcir": {"iacma"}}[method]
     assert terms <= set(log[0]), log[0]
+
+
+@pytest.mark.parametrize("extra", [
+    ["recipe=two_stage", "model.composer.name=combiner", "stage2.max_steps=3", "stage2.max_minutes=0",
+     "stage2.batch_size=8"],  # CLIP4Cir's (and DRA's) two stages
+    ["method.name=tmcir", "model.composer.name=atf", "model.composer.atf_heads=2", "method.iacma_steps=3"],
+], ids=["two_stage", "tmcir-iacma"])
+def test_multi_stage_run_killed_in_its_first_stage_resumes_to_identical_weights(
+        extra: list[str], tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint taken in stage 1 holds stage 1's optimiser state: a resume loads it into stage 1's optimiser
+    and into no later stage's (it once was loaded into stage 2's too: a ValueError, or silently wrong moments)."""
+    cfg = config(tiny_overrides, "optim.max_steps=3", "optim.batch_size=8", "checkpoint_every_minutes=0", *extra)
+    straight = load_checkpoint(train(cfg, tmp_path / "straight")).model.state_dict()
+    real_loss, calls = train_module._loss, {"n": 0}
+
+    def dying_loss(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2:  # in the first stage, after its first checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["state"]["stage"] == 0
+    resumed = load_checkpoint(train(cfg, tmp_path / "resumed")).model.state_dict()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_new_training_data_is_a_new_run_and_an_old_run_refuses_it(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """The weekly retrain: the default run id names the data, so new data trains anew while the same data reuses
+    the finished run; a run directory given explicitly refuses data it was not started on."""
+    from cirflow.models.train_job import train_run
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(next(o for o in tiny_overrides if o.startswith("data.root=")).removeprefix("data.root=")),
+                    data)
+    overrides = [*[o for o in tiny_overrides if not o.startswith("data.root=")], f"data.root={data}",
+                 "optim.max_steps=2"]
+    captions = data / "captions" / "cap.rc2.train.json"
+    triplets = json.loads(captions.read_text())
+    captions.write_text(json.dumps(triplets[:-8]))  # last week's data
+    first = train_run(None, overrides, tmp_path / "wd")
+    assert train_run(None, overrides, tmp_path / "wd") == first  # same data, same config: the finished run
+    captions.write_text(json.dumps(triplets))  # the week's new triplets
+    second = train_run(None, overrides, tmp_path / "wd")
+    assert second != first and second.is_file()
+    assert json.loads((second.parent.parent / "data.json").read_text())["fingerprint"] != json.loads(
+        (first.parent.parent / "data.json").read_text())["fingerprint"]
+    with pytest.raises(ConfigError, match=r"was started on other data .* train into a new run directory"):
+        train_run(None, overrides, tmp_path / "wd", run_id=first.parent.parent.name)

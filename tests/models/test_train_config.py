@@ -112,4 +112,5 @@ def test_where_a_run_executes_does_not_name_it() -> None:
 
     plain = load_config(TrainConfig, None, ["optim.batch_size=32"])
     spread = load_config(TrainConfig, None, ["optim.batch_size=32", "distributed.workers=4", "distributed.address=auto"])
-    assert run_id_for(plain) == run_id_for(spread) != run_id_for(load_config(TrainConfig, None, []))
+    assert run_id_for(plain, "d1") == run_id_for(spread, "d1") != run_id_for(load_config(TrainConfig, None, []), "d1")
+    assert run_id_for(plain, "d1") != run_id_for(plain, "d2")  # new training data is a new run
