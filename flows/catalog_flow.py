@@ -13,7 +13,8 @@
    published version, indexing/index_refresh.py, while its delta stays under `index_delta_max`), validated
    (indexing/validate.py: recall on held-out queries re-measured, ids equal to the catalog's minus its errors
    rows) and only then published as a new version; a failed validation fails the run and leaves the published
-   index as it was.
+   index as it was. After an operator's rollback, a snapshot and bundle that the rolled-back version was built
+   from are not indexed or published again (index_versions.held) until a newer snapshot or bundle comes.
 
 Snapshot, embedding, query encoding and index build are cached on content keys (catalog fingerprint, bundle id,
 configs), so a rerun with nothing changed embeds and builds nothing.
@@ -45,7 +46,7 @@ from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed, snapshot_
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_refresh import build_or_refresh
 from cirflow.indexing.index_store import IndexFormatError, read_manifest, verify_index
-from cirflow.indexing.index_versions import publish
+from cirflow.indexing.index_versions import held, publish
 from cirflow.indexing.queries import encode_query_split, read_queries, write_queries
 from cirflow.indexing.validate import validate_index
 
@@ -163,21 +164,32 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
                           config=job, run_dir=str(run_dir), ray_job_address=cfg.ray_job_address))
     data_key = data_fingerprint(Path(cfg.queries.root))
     queries_key = content_key(bundle_id, to_dict(cfg.queries), data_key)
-    queries = cached(encode_queries, lambda q: Path(q).is_file(), key=queries_key, bundle_dir=str(bundle_dir),
-                     source=cfg.queries, out=str(workdir / "queries" / bundle_id / f"{queries_key[:16]}.parquet"))
+    queries_out = workdir / "queries" / bundle_id / f"{queries_key[:16]}.parquet"
+    queries = cached(encode_queries, lambda q: Path(q).is_file(), key=content_key(queries_key, str(queries_out)),
+                     bundle_dir=str(bundle_dir), source=cfg.queries, out=str(queries_out))
     run_manifest = shards.read_manifest(run_dir)
-    published = follow_current(workdir / "indexes" / job.catalog.name, IndexFormatError)
-    previous = str(published) if published is not None and published.is_dir() else None
-    # Not keyed on the published version an overlay would build on: a snapshot's index is made once (in full,
-    # or on the version published when it first ran), and a rerun of the same snapshot reuses it.
-    index_key = content_key(run_dir.name, bundle_id, sha256_file(Path(queries)), to_dict(cfg.index),
-                            cfg.index_delta_max)
-    index_dir = cached(build, _index_ok, key=index_key, run_dir=str(run_dir), queries=queries, config=cfg.index,
-                       indexes=str(workdir / "indexes"), previous=previous, max_fraction=cfg.index_delta_max)
     delta = run_manifest.get("delta", {})
     encoded = 0 if made_before else run_manifest.get("last_run", {}).get("entries")
     print(f"catalog {job.catalog.name}: snapshot {run_dir.name} made by an earlier run, nothing to embed"
           if made_before else _delta_table(job.catalog.name, run_dir, delta, encoded))
+    catalog_dir = workdir / "indexes" / job.catalog.name
+    hold = held(catalog_dir, run_dir.name, bundle_id)
+    if hold is not None:  # an operator rolled back from an index of this very snapshot and bundle
+        print(f"index of catalog {job.catalog.name} not published: the rollback of {hold['at']} from "
+              f"{hold.get('from')} holds snapshot {run_dir.name} with bundle {bundle_id} back until a newer "
+              "snapshot or bundle (cirflow index versions)")
+        return {"snapshot": run_dir.name, "run_dir": str(run_dir), "delta": delta, "encoded": encoded,
+                "errors": run_manifest["errors"], "index_dir": None, "published": False, "held": hold,
+                "bundle_id": bundle_id}
+    published = follow_current(catalog_dir, IndexFormatError)
+    previous = str(published) if published is not None and published.is_dir() else None
+    # Keyed on the snapshot and where its index goes, not on the published version an overlay builds on: an
+    # overlay is a whole index of its snapshot, whichever version it was made on, so a rerun of the same snapshot
+    # reuses it. A rollback is honoured by the hold above, before this cache is asked.
+    index_key = content_key(run_dir.name, bundle_id, sha256_file(Path(queries)), to_dict(cfg.index),
+                            cfg.index_delta_max, str(workdir / "indexes"))
+    index_dir = cached(build, _index_ok, key=index_key, run_dir=str(run_dir), queries=queries, config=cfg.index,
+                       indexes=str(workdir / "indexes"), previous=previous, max_fraction=cfg.index_delta_max)
     index_manifest = read_manifest(Path(index_dir))
     checked = validate(index_dir, str(run_dir), queries, cfg.min_recall)
     k = index_manifest["recall"]["k"]
@@ -190,7 +202,7 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     _artifacts(workdir, job.catalog.name, run_dir, delta, encoded, Path(index_dir), index_manifest, checked)
     publish_version(index_dir, cfg.keep_versions)
     return {"snapshot": run_dir.name, "run_dir": str(run_dir), "delta": delta, "encoded": encoded,
-            "errors": run_manifest["errors"], "index_dir": index_dir, "validation": checked,
+            "errors": run_manifest["errors"], "index_dir": index_dir, "published": True, "validation": checked,
             "bundle_id": bundle_id}
 
 

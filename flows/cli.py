@@ -202,8 +202,13 @@ def _index(args: argparse.Namespace) -> int:
         from cirflow.indexing.index_versions import versions
 
         for row in versions(args.catalog):
-            flags = ("CURRENT " if row["current"] else "") + ("" if row["exists"] else "(deleted)")
+            flags = ("CURRENT " if row["current"] else "") + ("HELD " if row["held"] else "") + (
+                "" if row["exists"] else "(deleted)")
             print(f"{row['index_id']}\t{row['at']}\t{row['action']}\t{flags.strip()}")
+            if row["held"]:
+                holds = row["holds"]
+                print(f"  HELD: rolled back from {row['from']}; scheduled runs publish nothing built from snapshot "
+                      f"{holds['snapshot']} with bundle {holds['bundle_id']} until a newer snapshot or bundle")
     elif args.index_command == "rollback":
         from cirflow.indexing.index_versions import rollback
 

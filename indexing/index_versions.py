@@ -12,6 +12,11 @@ finds it) and deletes the other versions that were ever published. Builds never 
 refused by the catalog flow's validation) are left for inspection: they are content-addressed, so a rerun with
 the same inputs finds them instead of building again. One publisher per catalog at a time: the flows'
 deployments run with a concurrency limit of one.
+
+A rollback is an operator's decision that scheduled runs must respect: its history entry records what the
+version rolled back from was built from (embedding snapshot and bundle_id), and `held` tells a scheduled run
+that its candidate is built from such a pair, so the catalog flow publishes nothing until a newer snapshot or
+bundle comes (or an operator publishes by hand, which lifts every hold). `versions` shows the hold.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ class VersionError(ValueError):
     """No such version to publish or roll back to; the message lists the ones there are."""
 
 
-def publish(index_dir: Path, keep: int = 5, action: str = "publish") -> Path:
-    """Make `index_dir` its catalog's CURRENT index, record it, prune beyond `keep`; returns the pointer file."""
+def publish(index_dir: Path, keep: int = 5, action: str = "publish", **record: Any) -> Path:
+    """Make `index_dir` its catalog's CURRENT index, record it (with `record`'s items), prune beyond `keep`;
+    returns the pointer file."""
     index_dir = Path(index_dir)
     if keep < 1:
         raise VersionError(f"keep={keep}: keep at least 1 published version")
@@ -48,7 +54,7 @@ def publish(index_dir: Path, keep: int = 5, action: str = "publish") -> Path:
     pointer = publish_current(index_dir)
     history = _read_history(catalog_dir)
     history.append({"index_id": index_dir.name, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "action": action})
+                    "action": action, **record})
     write_json_atomic(catalog_dir / HISTORY, {"versions": history}, sort_keys=True)
     log.info("%s: %s is CURRENT (%s)", catalog_dir, index_dir.name, action)
     prune(catalog_dir, keep)
@@ -67,8 +73,11 @@ def versions(catalog_dir: Path) -> list[dict[str, Any]]:
         rows = {current.name: {"index_id": current.name, "at": None, "action": "publish"}, **rows}
     if current is not None:  # CURRENT first even when an older record names it again
         rows = {current.name: rows[current.name], **rows}
+    holds = _holds(catalog_dir)
     return [{**row, "current": current is not None and name == current.name,
-             "exists": (catalog_dir / name / store.MANIFEST).is_file()} for name, row in rows.items()]
+             "exists": (catalog_dir / name / store.MANIFEST).is_file(),
+             "held": bool(holds) and current is not None and name == current.name}
+            for name, row in rows.items()]
 
 
 def rollback(catalog_dir: Path, to: str | None = None, keep: int = 5) -> Path:
@@ -87,8 +96,36 @@ def rollback(catalog_dir: Path, to: str | None = None, keep: int = 5) -> Path:
         raise VersionError(f"{catalog_dir}: no index version {to!r}; published versions still on disk: "
                            f"{[v['index_id'] for v in known if v['exists']]}")
     store.verify_index(target)  # full checksums: a rollback must not publish a damaged directory
-    publish(target, keep=max(keep, MIN_KEEP), action="rollback")
+    current = follow_current(catalog_dir, store.IndexFormatError)
+    record: dict[str, Any] = {}
+    if current is not None and current != target and (current / store.MANIFEST).is_file():
+        record = {"from": current.name, "holds": built_from(store.read_manifest(current))}
+    publish(target, keep=max(keep, MIN_KEEP), action="rollback", **record)
     return target
+
+
+def built_from(manifest: dict[str, Any]) -> dict[str, str]:
+    """What an index version was made of, as a rollback holds it: its embedding snapshot and bundle_id."""
+    return {"snapshot": Path(manifest.get("embeddings", {}).get("run_dir", "")).name,
+            "bundle_id": manifest["bundle_id"]}
+
+
+def held(catalog_dir: Path, snapshot: str, bundle_id: str) -> dict[str, Any] | None:
+    """The rollback (its history entry) that forbids a scheduled run to publish an index of this snapshot and
+    bundle, or None. Rollbacks hold from their entry until the next publication."""
+    wanted = {"snapshot": snapshot, "bundle_id": bundle_id}
+    return next((entry for entry in _holds(Path(catalog_dir)) if entry["holds"] == wanted), None)
+
+
+def _holds(catalog_dir: Path) -> list[dict[str, Any]]:
+    """The rollback entries since the last publication, newest first."""
+    out = []
+    for entry in reversed(_read_history(catalog_dir)):
+        if entry.get("action") != "rollback":
+            break
+        if isinstance(entry.get("holds"), dict):
+            out.append(entry)
+    return out
 
 
 def prune(catalog_dir: Path, keep: int) -> list[str]:

@@ -15,6 +15,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from cirflow.core.files import CURRENT, follow_current
 from cirflow.flows.catalog_flow import catalog
+from cirflow.flows.cli import main
 from cirflow.flows.pipeline_flow import pipeline
 from cirflow.flows.training_flow import training
 from cirflow.indexing import index_store, shards
@@ -116,7 +117,7 @@ def bundle(tiny_bundle: Path) -> Path:
 
 
 def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_shapes: Path, bundle: Path,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     workdir, shop = tmp_path / "wd", tmp_path / "shop"
     links = link_catalog(sorted((tiny_shapes / "images" / "test").iterdir()), shop)
     overrides = catalog_overrides(tiny_shapes, workdir, shop, bundle)
@@ -148,7 +149,8 @@ def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_sh
     assert changed.is_completed(), changed.message
     after = changed.result()
     assert after["delta"] | {"previous": None} == {"previous": None, "added": 3, "changed": 1, "removed": 2,
-                                                   "unchanged": 51, "reused_vectors": 51, "reused_errors": 0}
+                                                   "unchanged": 51, "reused_vectors": 51, "reused_errors": 0,
+                                                   "retried": 0}
     assert after["encoded"] == 4  # the delta, nothing else
     expected = set(load_catalog(CatalogConfig("shop", str(shop))).column("id").to_pylist())
     assert index_ids(catalog_dir) == expected  # none stale, none missing
@@ -162,9 +164,35 @@ def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_sh
     assert all(new[i] == old[i] for i in new if i in old and i != changed_id)  # byte-identical
     assert new[changed_id] != old[changed_id]
 
-    # Rollback restores the previous version exactly.
+    # Rollback restores the previous version exactly, and the next scheduled runs respect it: the unchanged
+    # catalog's index is neither taken from the cache nor built again and published.
     assert rollback(catalog_dir) == Path(before["index_dir"])
     assert index_ids(catalog_dir) == set(old_ids.tolist())
+    pointer = (catalog_dir / CURRENT).read_bytes()
+    for _ in range(2):
+        nightly = catalog(overrides=overrides, return_state=True)
+        assert nightly.is_completed(), nightly.message
+        assert nightly.result()["published"] is False and nightly.result()["held"]["from"] == Path(
+            after["index_dir"]).name
+        assert (catalog_dir / CURRENT).read_bytes() == pointer
+    row = versions(catalog_dir)[0]
+    assert row["current"] and row["held"] and row["holds"]["snapshot"] == after["snapshot"]
+    assert main(["index", "versions", "--catalog", str(catalog_dir)]) == 0
+    assert "HELD: rolled back from " + Path(after["index_dir"]).name in capsys.readouterr().out
+
+    # Another workdir over the same shop shares Prefect's result store, not its index: its run builds and
+    # publishes in its own tree and leaves this one's CURRENT alone.
+    other = catalog(overrides=catalog_overrides(tiny_shapes, tmp_path / "wd2", shop, bundle), return_state=True)
+    assert other.is_completed(), other.message
+    assert Path(other.result()["index_dir"]).parent == tmp_path / "wd2" / "indexes" / "shop"
+    assert (catalog_dir / CURRENT).read_bytes() == pointer
+
+    # A newer snapshot lifts the hold.
+    link_catalog(val[3:4], shop)
+    newer = catalog(overrides=overrides, return_state=True)
+    assert newer.is_completed(), newer.message
+    assert newer.result()["published"] and follow_current(catalog_dir) == Path(newer.result()["index_dir"])
+    assert not versions(catalog_dir)[0]["held"]
 
 
 def test_injected_failures_leave_the_published_index_untouched(prefect_harness: None, tiny_shapes: Path,
