@@ -3,7 +3,8 @@
 Every result file of every stage is written here: under a temp name beside the target, flushed to disk, then
 renamed over it, so a reader or a resumed job never sees a half-written file, even after a power loss.
 Directories (bundles, indexes) are assembled in a temp directory beside their place and published whole by
-`publish_dir`, which flushes their files before the rename.
+`publish_dir`, which flushes their files before the rename and, for content-addressed versions, keeps a twin
+that another process published first.
 
 A location given as a URI (`s3://bucket/x`, `file:///x`, any fsspec protocol whose package is installed) is a
 UPath (universal_pathlib: pathlib's API over fsspec); `location` makes one, and the functions here that a
@@ -152,16 +153,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def publish_dir(tmp: Path, final: Path) -> None:
+def publish_dir(tmp: Path, final: Path, twin_ok: Callable[[Path], bool] | None = None) -> bool:
     """Rename a fully written directory (from temp_dir_beside) to `final`, atomically, after flushing its files
-    to disk, then make the rename durable. Raises OSError when `final` exists and is not empty (another process
-    published first): the caller decides whether that copy will do."""
+    to disk, then make the rename durable; True when it did.
+
+    When `final` already holds a directory that is not empty, another process published first and the rename
+    fails: without `twin_ok` the OSError is raised; with it, `twin_ok(final)` decides whether that copy will do
+    (a content-addressed version made from the same inputs: it checks the copy, and may raise if it is damaged),
+    and on True publish_dir returns False, leaving `tmp` for the caller's temp_dir_beside to remove."""
     for path in sorted(Path(tmp).rglob("*")):
         if path.is_file() and not path.is_symlink():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if twin_ok is None or not twin_ok(Path(final)):
+            raise
+        return False
     fsync_dir(Path(final).parent)
+    return True
 
 
 def _numpy_scalar(o: object) -> object:

@@ -114,14 +114,23 @@ def build_index(run: EmbeddingRun, queries: Queries, indexes_root: Path,
             "bytes_on_disk": index_bytes, "bytes_per_vector": round(index_bytes / len(ids), 2),
             "queries_sha256": queries_digest(queries), "config": dataclasses.asdict(config)})
         store.write_manifest(tmp, manifest)
-        try:
-            publish_dir(tmp, final)
-        except OSError:
-            if not (final / store.MANIFEST).exists():
-                raise
-            log.info("index %s was built concurrently by another process; keeping that one", final)
-            store.verify_index(final)
+        move_into_place(tmp, final)
         return final
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename an assembled index directory to its content-addressed name. When another process built the same
+    version first, that one is kept, once verified (a damaged one raises IndexFormatError): its files are the
+    same, and CURRENT may already name it."""
+    if not publish_dir(tmp, final, twin_ok=_verified_twin):
+        log.info("index %s was built concurrently by another process; keeping that one", final)
+
+
+def _verified_twin(final: Path) -> bool:
+    if not (final / store.MANIFEST).exists():  # written last: without it, not a whole index directory
+        return False
+    store.verify_index(final)
+    return True
 
 
 def index_id(run: EmbeddingRun, queries: Queries, config: IndexConfig) -> str:

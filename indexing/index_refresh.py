@@ -3,15 +3,22 @@ what changed, and the ids whose old vectors are dead. Its cost follows the chang
 
     indexes/<catalog>/<index_id>/
         index.faiss ...     the base: the last full build's FAISS files, hard-linked (never modified)
-        delta.faiss         IndexIDMap2(Flat): the vectors of ids new since the base, or changed
+        delta.faiss         IndexIDMap2(Flat): the vectors of ids new since the base, or changed, as the base's
+                            codec reconstructs them (below)
         dead.npy            sorted ids of base vectors no longer valid (removed or changed since the base)
         base_ids.npy        sorted ids the base holds
         uris.parquet        this snapshot's ids, uris and metadata
         manifest.json       with the section "overlay"
 
-Search (indexing/search.py) asks the base for more than k, drops dead ids, merges the delta's exact results and
-keeps the top k: the same answer as an index rebuilt from the snapshot, up to the base's own approximation. The
-tuned setting is swept again on the combined index and validation re-measures recall before publication.
+Search (indexing/search.py) searches the base without its dead ids (a faiss selector; a GPU index fetches more
+and drops them), merges the delta's results and keeps the top k: the same answer as an index rebuilt from the
+snapshot, up to the base's own approximation. For that the delta scores each vector on the base's scale: it
+holds the base codec's reconstruction of the vector (sa_encode then sa_decode), so an IVF-PQ base's delta
+item scores q . (centroid + decoded residual), the inner product IVF-PQ itself computes, not the exact q . x;
+exact codecs (Flat, HNSW's flat storage, IVF-Flat) give the vectors back unchanged. What remains approximate
+is where the base looks (IVF: the probed lists; HNSW: the graph walk): the delta is always scanned whole, as if
+its items lay in a probed list. The tuned setting is swept again on the combined index and validation
+re-measures recall before publication.
 
 An overlay is made only on the previous version that was built from the snapshot the new one was refreshed
 from (embed.py records the ids it added, changed and removed), with the same bundle and configuration; when
@@ -39,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cirflow.core.files import publish_dir, temp_dir_beside
+from cirflow.core.files import temp_dir_beside
 from cirflow.export.manifest import ID_LENGTH
 from cirflow.indexing import index_store as store
 from cirflow.indexing import shards
@@ -47,6 +54,7 @@ from cirflow.indexing.index_build import (
     add_metadata_digest,
     build_index,
     check_queries,
+    move_into_place,
     queries_digest,
     record_metadata_fields,
     tune_index,
@@ -100,7 +108,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
             _link(previous / name, tmp / name)
         delta_vectors = _vectors_of(run, delta_ids)
         delta = faiss.IndexIDMap2(faiss.IndexFlatIP(run.dim))
-        delta.add_with_ids(delta_vectors, delta_ids)
+        delta.add_with_ids(base_reconstruction(_base_part(previous, manifest), delta_vectors), delta_ids)
         faiss.write_index(delta, str(tmp / store.DELTA_FILE))
         np.save(tmp / store.DEAD_FILE, dead)
         np.save(tmp / store.BASE_IDS_FILE, base_ids)
@@ -132,7 +140,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
                     "device": "cpu", "queries_sha256": queries_digest(queries)})
         new["bytes_on_disk"] = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         store.write_manifest(tmp, new)
-        publish_dir(tmp, final)
+        move_into_place(tmp, final)
     log.info("index %s: overlay on base %s (%d dead, %d delta vectors) in %.1f s", final.name, base, len(dead),
              len(delta_ids), time.perf_counter() - started)
     return final
@@ -148,7 +156,8 @@ def _refreshed_truth(previous: Path, manifest: dict[str, Any], queries: Queries,
     if not path.is_file() or manifest.get("queries_sha256") != queries_digest(queries):
         return None
     came = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["added", "changed"])))
-    came = came.column("id").to_numpy()
+    # An entry that came and failed to read (a corrupt upload) is an errors row: it has no vector to arrive.
+    came = np.intersect1d(came.column("id").to_numpy(), delta_ids)
     order = np.argsort(ids, kind="stable")
     reference_ids = catalog_ids(queries.references, ids[order], [uris[i] for i in order])
     # What came since the previous snapshot is new to the base or replaces a dead base vector: in the delta.
@@ -179,9 +188,28 @@ def _comparable(config: IndexConfig) -> dict[str, Any]:
 def _overlay_id(manifest: dict[str, Any], run: shards.EmbeddingRun, queries: Queries, config: IndexConfig) -> str:
     recipe = {"format": store.FORMAT, "overlay_on": manifest["index_id"], "bundle_id": run.bundle_id,
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
-              "config": _comparable(config), "queries": queries_digest(queries)}
+              "config": _comparable(config), "queries": queries_digest(queries),
+              "delta": "base codec"}  # overlays made before the delta took the base's codes had exact vectors
     add_metadata_digest(recipe, run)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
+
+
+def base_reconstruction(base: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """(n, D) `vectors` as the CPU index `base` scores them: decoded from the codes its codec gives them
+    (module docstring). The codec is the index under an IndexIDMap, an HNSW's storage, or the index itself (an
+    IVF index encodes the list and the residual)."""
+    codec = faiss.downcast_index(base.index) if isinstance(base, faiss.IndexIDMap) else base
+    if isinstance(codec, faiss.IndexHNSW):
+        codec = faiss.downcast_index(codec.storage)
+    if not len(vectors):
+        return vectors
+    return codec.sa_decode(codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32)))
+
+
+def _base_part(index_dir: Path, manifest: dict[str, Any]) -> faiss.Index:
+    """The first FAISS file of an index's base, memory-mapped where its layout allows: every file of a build holds
+    the same trained codec (index_build clones one trained index per shard)."""
+    return store.read_faiss(index_dir / manifest["index_files"][0], manifest["layout"], mmap=True)
 
 
 def _link(source: Path, target: Path) -> None:

@@ -182,7 +182,8 @@ def read_dead(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray:
 
 
 def open_delta(index_dir: Path, manifest: dict[str, Any]) -> faiss.Index | None:
-    """An overlay's exact index of its new and changed vectors; None for a full build."""
+    """An overlay's flat index of its new and changed vectors, stored as the base's codec reconstructs them
+    (index_refresh.py); None for a full build."""
     if not manifest.get("overlay"):
         return None
     return read_faiss(Path(index_dir) / DELTA_FILE, "single", mmap=False)

@@ -17,6 +17,12 @@ HNSW answers a small allowed set (raw vectors up to EXACT_SUBSET_BYTES) by an ex
 graph walk that skips nearly every node finds few of them (measured: 0.5% of 20k allowed, efSearch 256: recall
 0.2). faiss GPU indexes take no selector: they fetch more neighbours and keep the allowed ones, at most
 GPU_MAX_K per query, so a very selective filter on a GPU index may return fewer than k.
+
+An overlay version (index_refresh.py) leaves its base's dead ids out the same way: a CPU base is searched with
+a selector of all but them (IDSelectorNot, made once per loaded index), so a query whose nearest neighbours
+are all dead costs one search of k, not a growing over-fetch; a GPU base fetches a margin more than k and asks
+again, for the rows left short alone, up to GPU_MAX_K. The delta (the new and changed vectors, stored as the
+base's codec reconstructs them) is scanned whole and merged by score.
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ class VectorIndex:
     """A loaded index directory: (Q, D) query vectors in, the top-k catalog ids and scores out.
 
     An overlay version (index_refresh.py) answers from its base FAISS files without their dead ids, merged with
-    its delta's exact results."""
+    its delta's results (the delta's vectors are stored as the base's codec reconstructs them, so its scores are
+    on the base's scale)."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index, on_gpu: bool,
                  ids: np.ndarray, uris: pa.StringArray, dead: np.ndarray | None = None,
@@ -93,6 +100,10 @@ class VectorIndex:
         self._metadata = metadata if metadata is not None and metadata.num_columns else None
         self._fields = metadata_fields(self._metadata.schema) if self._metadata is not None else {}
         self._subset_parts: list[tuple[np.ndarray, np.ndarray, faiss.Index]] | None = None
+        # Made once per loaded index: faiss only reads a selector while it searches, so request threads share
+        # it (the SearchParameters that carry it are made per search: IndexIDMap writes into them).
+        self._not_dead = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._dead)) if len(self._dead) else None
+        self._short_logged = False
 
     @classmethod
     def open(cls, index_dir: Path, manifest: dict[str, Any], mmap: bool, on_gpu: bool) -> VectorIndex:
@@ -190,20 +201,23 @@ class VectorIndex:
         return best_k(scores, ids, k)
 
     def _live_base(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The base's k best per query without dead ids: asks for more, and for rows that lost too many, asks
-        again with twice as many, until k live ones or the whole base."""
-        fetch = min(self.index.ntotal, k + min(len(self._dead), max(k, 16)))
-        if fetch == 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        while True:
-            scores, ids = self.index.search(queries, fetch)
-            dead = np.isin(ids, self._dead)
-            ids[dead], scores[dead] = -1, PAD_SCORE
-            short = ((ids >= 0).sum(axis=1) < k).any()
-            if not short or fetch >= self.index.ntotal:
-                order = np.argsort(dead, axis=1, kind="stable")[:, :k]  # live ones first, in rank order
-                return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
-            fetch = min(self.index.ntotal, fetch * 2)
+        """The base's k best per query without its dead ids. A CPU index leaves them out inside faiss (a selector,
+        at the tuned setting); a GPU index takes none: it fetches more than k, drops the dead, and asks again
+        for the rows left short only, up to GPU_MAX_K."""
+        if self._not_dead is None:
+            return self.index.search(queries, k)
+        want = min(k, self.index.ntotal - len(self._dead))
+        if not self.on_gpu:
+            return selector_search(self.index, queries, k, self._not_dead, want)
+        limit = max(k, min(self.index.ntotal, GPU_MAX_K))
+        first = min(limit, k + min(len(self._dead), max(k, 16)))
+        scores, ids = overfetch(self.index.search, queries, k, lambda found: ~_members(self._dead, found), want,
+                                limit, first)
+        if not self._short_logged and ((ids >= 0).sum(axis=1) < want).any():
+            self._short_logged = True  # once per loaded index: it says what happened, it is not an alarm
+            log.debug("index %s: a query found fewer than %d live base vectors among its %d nearest (dead ids "
+                      "crowd that neighbourhood); answered short", self.index_dir.name, want, limit)
+        return scores, ids
 
     def _top_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best live vectors per query among `allowed` (sorted catalog ids), padded."""
@@ -411,14 +425,19 @@ def search_setting(index: faiss.Index) -> tuple[str | None, int, int]:
 def filtered_search(index: faiss.Index, queries: np.ndarray, k: int,
                     allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) (Q, k) of a CPU index's k best among `allowed` (sorted ids, all in the index), through a
-    faiss selector at the index's own setting; rows short of min(k, len(allowed)) are searched again with the
-    setting doubled, up to an exhaustive one (module docstring)."""
+    faiss selector at the index's own setting (selector_search)."""
+    return selector_search(index, queries, k, faiss.IDSelectorBatch(allowed), min(k, len(allowed)))
+
+
+def selector_search(index: faiss.Index, queries: np.ndarray, k: int, selector: faiss.IDSelector,
+                    want: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) (Q, k) of a CPU index's k best among the ids `selector` accepts, at the index's own setting;
+    rows short of `want` (at most k: as many as the selector accepts) are searched again with the setting
+    doubled, up to an exhaustive one (module docstring)."""
     scores = np.full((len(queries), k), PAD_SCORE, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
-    want = min(k, len(allowed))
     if want == 0:
         return scores, ids
-    selector = faiss.IDSelectorBatch(allowed)
     param, value, limit = search_setting(index)
     # The shards of a faiss.IndexShards are searched one by one, each with parameters of its own: IndexIDMap
     # swaps its own id translation into the selector it is given while it searches, so shards searching in
@@ -454,17 +473,27 @@ def overfetch_allowed(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.n
     """(scores, ids) (Q, k) of the k best among `allowed` (sorted ids) from an index that takes no selector
     (faiss GPU): `search(queries, n)` gives the n best of all; rows short of min(k, len(allowed)) allowed ones
     ask again for twice as many, up to `limit` (k <= limit)."""
+    return overfetch(search, queries, k, lambda found: _members(allowed, found), min(k, len(allowed)), limit,
+                     min(limit, max(2 * k, OVERFETCH_MIN)))
+
+
+def overfetch(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int,
+              keep: Callable[[np.ndarray], np.ndarray], want: int, limit: int,
+              fetch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) (Q, k) of the k best ids that `keep` (ids -> bool mask) accepts, from an index that takes no
+    selector: `search(queries, n)` gives the n best of all, first `fetch` of them; the rows left with fewer than
+    `want` kept ones (and those alone) ask again for twice as many, up to `limit` (k <= fetch <= limit), then
+    stay short."""
     scores = np.full((len(queries), k), PAD_SCORE, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
-    want = min(k, len(allowed))
     if want == 0:
         return scores, ids
-    rows, fetch = np.arange(len(queries)), min(limit, max(2 * k, OVERFETCH_MIN))
+    rows = np.arange(len(queries))
     while True:
         found_scores, found_ids = search(queries[rows], fetch)
-        keep = np.isin(found_ids, allowed) & (found_ids >= 0)
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # allowed ones first, in rank order
-        kept = np.take_along_axis(keep, order, axis=1)
+        kept = keep(found_ids) & (found_ids >= 0)
+        order = np.argsort(~kept, axis=1, kind="stable")[:, :k]  # kept ones first, in rank order
+        kept = np.take_along_axis(kept, order, axis=1)
         row_ids = np.where(kept, np.take_along_axis(found_ids, order, axis=1), -1)
         row_scores = np.where(kept, np.take_along_axis(found_scores, order, axis=1), PAD_SCORE)
         scores[rows], ids[rows] = row_scores, row_ids
@@ -472,6 +501,15 @@ def overfetch_allowed(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.n
         if fetch >= limit or not short.any():
             return scores, ids
         rows, fetch = rows[short], min(limit, 2 * fetch)
+
+
+def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of `ids` (any shape) are in `sorted_ids` (sorted, unique): a bool mask of ids' shape, by binary search
+    (np.isin would sort the large side on every search)."""
+    if not len(sorted_ids):
+        return np.zeros(ids.shape, bool)
+    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
 
 
 class Searcher:

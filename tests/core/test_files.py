@@ -116,6 +116,32 @@ def test_publish_dir_moves_a_whole_directory_and_never_over_another(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
 
 
+def test_publish_dir_keeps_a_twin_that_the_caller_accepts(tmp_path: Path) -> None:
+    final = tmp_path / "v1"
+    final.mkdir()
+    (final / "done").write_text("theirs")  # another process published the same version first
+    looked: list[Path] = []
+
+    def twin_ok(path: Path) -> bool:
+        looked.append(path)
+        return (path / "done").is_file()
+
+    with temp_dir_beside(final) as tmp:
+        (tmp / "done").write_text("ours")
+        assert publish_dir(tmp, final, twin_ok=twin_ok) is False
+    assert looked == [final] and (final / "done").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
+    (final / "done").unlink()
+    (final / "partial").write_text("")  # not a whole twin: refused, the rename's error raised
+    with temp_dir_beside(final) as tmp:
+        (tmp / "done").write_text("ours")
+        with pytest.raises(OSError):
+            publish_dir(tmp, final, twin_ok=twin_ok)
+    with temp_dir_beside(tmp_path / "v2") as tmp:
+        assert publish_dir(tmp, tmp_path / "v2", twin_ok=twin_ok) is True
+    assert looked == [final, final]
+
+
 def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path) -> None:
     import os
     import subprocess

@@ -107,6 +107,33 @@ def test_overlays_answer_as_a_rebuild_and_chain(bundle: Path, tmp_path: Path, in
     VectorIndex.load(third)  # sha256 of every file, the base's included
 
 
+def test_an_overlay_over_corrupt_uploads_answers_as_a_rebuild(bundle: Path, tmp_path: Path) -> None:
+    """A refresh whose new entry, and an overwritten one, are not images: errors rows, not vectors (the overlay's
+    exact top lists were once updated with them and failed on an index out of bounds)."""
+    folder, workdir = tmp_path / "shop", tmp_path / "wd"
+    paths = write_images(folder, 40, seed=5)
+    job = EmbedConfig(catalog=CatalogConfig(name="shop", folder=str(folder)), bundle=str(bundle),
+                      workdir=str(workdir), rows_per_shard=16)
+    run = shards.open_run(run_embed(job))
+    queries = Queries.unreferenced(unit(np.random.default_rng(1).standard_normal((30, run.dim))))
+    first = build_index(run, queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
+    change(folder, paths, add=2, remove=1, overwrite=1, seed=3)
+    (folder / "broken upload.png").write_bytes(b"\x89PNG not really")
+    paths[5].write_bytes(b"overwritten by a truncated file")
+    second_run = shards.open_run(run_embed(job))
+    assert second_run.manifest["errors"] == 2
+    second = refresh_index(second_run, queries, first, IndexConfig(index_type="flat"), max_fraction=0.5)
+    assert second is not None and validate_index(second, second_run, queries, 0.99).passed
+    # The exact top lists, updated from the first version's with the changes, hold no errors row.
+    saved = load_truth(second / index_store.TRUTH_FILE)
+    anew = exact_knn(queries.vectors, ((i, v) for i, v, _ in second_run.iter_shards()), saved.ids.shape[1])
+    np.testing.assert_allclose(saved.scores, anew.scores, atol=1e-5)
+    assert all(set(a) == set(b) for a, b in zip(saved.ids.tolist(), anew.ids.tolist()))
+    found_ids, found_scores = VectorIndex.load(second).search(queries.vectors, 10)
+    true_ids, true_scores = exact(second_run, queries.vectors, 10)
+    np.testing.assert_allclose(found_scores, true_scores, atol=1e-5)
+
+
 def test_a_large_change_or_another_snapshot_builds_in_full(bundle: Path, tmp_path: Path) -> None:
     folder, workdir, indexes = tmp_path / "shop", tmp_path / "wd", tmp_path / "indexes"
     paths = write_images(folder, 40, seed=12)
