@@ -10,8 +10,9 @@ lifespan; the watcher (service_state.Published) swaps in new index versions whil
 Checking, decoding, encoding and searching block, so they run in a thread pool of `ServiceConfig.threads`; each
 request uses one ONNX Runtime thread (ort_threads) and one FAISS thread (FAISS parallelises over the queries of
 a call, and a request is one query), so concurrent requests fill the cores instead of contending inside one
-call. Bad input is a 4xx naming the field; an unexpected error is a 500 that is
-logged with its traceback, and the worker keeps serving.
+call. A GPU index is searched by one request at a time (faiss's GPU resources are not thread-safe). Bad input
+is a 4xx naming the field; an unexpected error is a 500 that is logged with its traceback, and the worker keeps
+serving.
 """
 
 from __future__ import annotations
@@ -103,12 +104,10 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
     """The app; `published` may be given to share or inspect the holder (tests, Ray Serve)."""
     published = published or Published(config)
     metrics = ServiceMetrics(published)
-    pool = ThreadPoolExecutor(config.threads, thread_name_prefix="cirflow-search")
+    pool = ThreadPoolExecutor(config.threads, thread_name_prefix="cirflow-search", initializer=_one_faiss_thread)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One FAISS thread per call: each request is one query, and requests already run side by side.
-        faiss.omp_set_num_threads(1)
         log.info("search service: %d request threads, %d ONNX Runtime thread(s) and 1 FAISS thread per request",
                  config.threads, config.ort_threads)
         # Loading runs behind the open port: /healthz answers at once, /readyz once the version is in.
@@ -220,6 +219,13 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
     return app
 
 
+def _one_faiss_thread() -> None:
+    """Each request thread's initializer. One FAISS thread per call: a request is one query, and requests already
+    run side by side. OpenMP keeps this setting per thread, so it is made in every request thread (made once on
+    the event loop's thread, it reached none of them)."""
+    faiss.omp_set_num_threads(1)
+
+
 def _load(published: Published) -> None:
     """The first load, then the watcher; a failure is kept for /healthz and /readyz (the process stays up to
     say why; orchestrators restart it on the failing liveness probe)."""
@@ -307,7 +313,8 @@ def answer(version: Version, query: Query) -> SearchResponse:
     except InputError as e:  # a text with no tokens the tokenizer keeps
         raise RequestError(422, f"text: {e}") from e
     encoded = time.perf_counter()
-    ids, scores = _top(index, vector, query.k, query.exclude_ids, allow)
+    with version.searching():  # a GPU index's searches take turns (Version.search_lock)
+        ids, scores = _top(index, vector, query.k, query.exclude_ids, allow)
     uris = index.uris_of(ids)
     done = time.perf_counter()
     hits = [Hit(id=str(i), score=float(s), uri=u, image=f"/items/{i}/image") for i, s, u in zip(ids, scores, uris)]

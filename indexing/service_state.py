@@ -6,7 +6,8 @@ uses that object to the end, so it never mixes two versions, and the old one sta
 memory-mapped index) until the last request holding it returns. A watcher thread polls the catalog's CURRENT
 pointer; when it names another index version, that version (and its bundle, when the bundle changed too) is
 loaded beside the one being served and swapped in only once it loaded and verified. A version that fails to
-load is logged and counted, the old one keeps serving, and the load is retried at the next poll.
+load is logged and counted, and the old one keeps serving; the load is tried again once CURRENT moves or the
+failed version's files (or the bundles) change, not at every poll (a load checks every file's sha256).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cirflow.export.manifest import MANIFEST, BundleError, read_manifest
 from cirflow.export.runtime import BundleRuntime
@@ -72,6 +75,13 @@ class Version:
 
     searcher: Searcher
     loaded_at: float  # time.time() when it was loaded
+    # faiss GPU indexes are not thread-safe (their StandardGpuResources: one stream and scratch memory, made for
+    # this version by faiss_device.to_gpu): its searches take turns under this lock. CPU indexes do not take it.
+    search_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def searching(self) -> AbstractContextManager[Any]:
+        """What one search of this version runs under: its lock when the index is on GPU, nothing on CPU."""
+        return self.search_lock if self.index.on_gpu else nullcontext()
 
     @property
     def index(self) -> VectorIndex:
@@ -95,7 +105,7 @@ def find_bundle(config: ServiceConfig, index_dir: Path, bundle_id: str) -> Path:
     that id under config.bundle (or WORKDIR/bundles beside WORKDIR/indexes)."""
     if config.bundle is not None and (config.bundle / MANIFEST).is_file():
         return config.bundle  # Searcher refuses it if its bundle_id is not the index's
-    root = config.bundle if config.bundle is not None else index_dir.parent.parent.parent / "bundles"
+    root = bundle_source(config, index_dir)
     if not root.is_dir():
         raise ServiceError(f"index {index_dir} holds vectors of bundle {bundle_id}, and {root} is not a directory "
                            "of bundles to find it in; pass --bundle DIR (a bundle, or a directory of bundles)")
@@ -107,6 +117,28 @@ def find_bundle(config: ServiceConfig, index_dir: Path, bundle_id: str) -> Path:
             log.warning("skipping %s while looking for bundle %s: %s", candidate, bundle_id, e)
     raise ServiceError(f"index {index_dir} holds vectors of bundle {bundle_id}, which no bundle under {root} is; "
                        "export it there, or pass --bundle DIR")
+
+
+def bundle_source(config: ServiceConfig, index_dir: Path) -> Path:
+    """Where an index's bundle is looked for: config.bundle (one bundle, or a directory of bundles), else
+    WORKDIR/bundles beside WORKDIR/indexes/<catalog>/<version>."""
+    return config.bundle if config.bundle is not None else index_dir.parent.parent.parent / "bundles"
+
+
+def load_stamp(config: ServiceConfig, index_dir: Path) -> tuple[tuple[Any, ...], ...]:
+    """What a load of `index_dir` reads, as seen from the directory entries alone (nothing is read or hashed):
+    (path, inode, size, mtime) of each entry of the version directory and of the bundle source. A copy that
+    finishes, a file replaced or repaired, or a bundle exported into place changes it."""
+    entries: list[tuple[Any, ...]] = []
+    for directory in (index_dir, bundle_source(config, index_dir)):
+        try:
+            with os.scandir(directory) as scan:
+                for entry in scan:
+                    stat = entry.stat()
+                    entries.append((entry.path, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError as e:  # missing or unreadable: that too is a state, which changes when it is fixed
+            entries.append((str(directory), type(e).__name__))
+    return tuple(sorted(entries, key=lambda entry: entry[0]))
 
 
 def load_version(config: ServiceConfig, index_dir: Path, previous: Version | None = None) -> Version:
@@ -130,6 +162,7 @@ class Published:
         self.last_error: str | None = None  # of the last failed reload
         self.load_error: str | None = None  # of the first load, which left nothing to serve
         self._failed_target: Path | None = None
+        self._failed_stamp: tuple | None = None  # load_stamp of _failed_target when its load failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -156,26 +189,38 @@ class Published:
             self._failed(None, f"cannot resolve {self.config.index}: {e}")
             return False
         if current is not None and target.resolve() == current.index.index_dir.resolve():
+            self._failed_target = self._failed_stamp = None  # CURRENT came back: moving it again tries again
             return False
+        stamp = load_stamp(self.config, target)
+        if target == self._failed_target and stamp == self._failed_stamp:
+            return False  # it failed as it is now: hashing every file again would fail again
         try:
             version = load_version(self.config, target, current)
         except Exception as e:  # any load failure keeps the old version serving
-            self._failed(target, f"cannot load index version {target}: {e}")
+            # The stamp was taken before the load: a change made while it ran is tried again.
+            self._failed(target, f"cannot load index version {target}: {e}", stamp)
             return False
         self.version = version  # the swap: one reference assignment
         self.reloads["ok"] += 1
-        self._failed_target, self.last_error = None, None
+        self._failed_target, self._failed_stamp, self.last_error = None, None, None
         log.info("hot reload: now serving index %s (bundle %s, %d vectors); was %s", version.index_id,
                  version.bundle_id, version.index.ntotal, current.index_id if current else None)
         return True
 
-    def _failed(self, target: Path | None, message: str) -> None:
+    def _failed(self, target: Path | None, message: str, stamp: tuple | None = None) -> None:
+        """Count and log a failed reload: an error once per target; a target tried again because its files
+        changed, and failing again, is a warning."""
         self.reloads["failed"] += 1
         self.last_error = message
-        if target is None or target != self._failed_target:
-            log.error("hot reload: %s; still serving index %s", message,
-                      self.version.index_id if self.version else None)
-        self._failed_target = target
+        serving = self.version.index_id if self.version else None
+        if target is None:
+            log.error("hot reload: %s; still serving index %s", message, serving)
+        elif target != self._failed_target:
+            log.error("hot reload: %s; still serving index %s (tried again once CURRENT moves or this version's "
+                      "files change)", message, serving)
+        else:
+            log.warning("hot reload: %s (tried again: its files changed); still serving index %s", message, serving)
+        self._failed_target, self._failed_stamp = target, stamp
 
     def start_watching(self) -> None:
         if self.config.reload_seconds == 0:

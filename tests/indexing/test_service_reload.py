@@ -13,10 +13,12 @@ from typing import Callable
 
 import httpx
 import pyarrow.parquet as pq
+import pytest
 
 from cirflow.core.files import publish_current
+from cirflow.indexing import service_state
 from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import ServiceConfig
+from cirflow.indexing.service_state import Published, ServiceConfig
 from tests.indexing.service_setup import LiveServer, Shop, add_bundle, index_version
 
 TEXT = "make it red"
@@ -109,6 +111,41 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(
         assert httpx.get(f"{live.url}/readyz").status_code == 200
         metrics = httpx.get(f"{live.url}/metrics").text
         assert 'cirflow_reloads_total{outcome="failed"}' in metrics
+
+
+def test_a_failed_version_is_loaded_once_until_current_moves_or_its_files_change(
+        tmp_path: Path, new_shop: Callable[..., tuple[Shop, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    shop, first = new_shop(tmp_path, count=24)
+    broken = first.parent / "broken-version"
+    shutil.copytree(first, broken)
+    (broken / "index.faiss").write_bytes(b"damaged")  # the manifest still lists the good file's size and sha256
+    published = Published(ServiceConfig(index=shop.indexes, reload_seconds=0.05))
+    published.load()
+    loads: list[Path] = []
+    load_version = service_state.load_version
+
+    def counted(config: ServiceConfig, index_dir: Path, previous: service_state.Version | None = None
+                ) -> service_state.Version:
+        loads.append(index_dir)
+        return load_version(config, index_dir, previous)
+
+    monkeypatch.setattr(service_state, "load_version", counted)
+    publish_current(broken)
+    for _ in range(5):  # the watcher's polls
+        assert published.check() is False
+    assert loads == [broken]  # one load (one sha256 pass over the files), not one per poll
+    assert published.reloads == {"ok": 0, "failed": 1} and "index.faiss" in published.last_error
+
+    publish_current(first)  # CURRENT moves back to the served version, then to the broken one again: tried again
+    assert published.check() is False and len(loads) == 1
+    publish_current(broken)
+    assert published.check() is False and published.check() is False
+    assert len(loads) == 2 and published.reloads["failed"] == 2
+
+    shutil.copyfile(first / "index.faiss", broken / "index.faiss")  # repaired in place (a copy that finished)
+    assert published.check() is True and len(loads) == 3
+    assert published.version.index.index_dir == broken and published.reloads["ok"] == 1
+    assert published.last_error is None
 
 
 def test_one_index_version_or_reload_off_is_never_swapped(
