@@ -8,7 +8,9 @@
    bundle: new and changed images are encoded, unchanged vectors copied, removed ids dropped. A new bundle has
    no previous snapshot: everything is embedded, into its own directory. It runs in this process (a local Ray
    instance, or none for a small delta), or as a Ray job on a cluster when `ray_job_address` is set, the same
-   entry point as `ray job submit -- cirflow embed`, followed to completion.
+   entry point as `ray job submit -- cirflow embed`, followed to completion. Images whose read failed for a
+   reason of the moment (a timeout, a 503) are retried in the job; still failing, they make the snapshot
+   unfinished for this flow, so the next run retries them even when the catalog did not change.
 3. The index is built and tuned with the split's composed queries (for a small change: an overlay on the
    published version, indexing/index_refresh.py, while its delta stays under `index_delta_max`), validated
    (indexing/validate.py: recall on held-out queries re-measured, ids equal to the catalog's minus its errors
@@ -40,9 +42,10 @@ from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.artifacts import markdown_table, publish_links, publish_markdown
 from cirflow.flows.caching import by_key, cached, content_key
 from cirflow.flows.plots import plot_tuning_sweep
+from cirflow.flows.retention import prune_bundles
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog
-from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed, snapshot_id
+from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed, snapshot_dir
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_refresh import build_or_refresh
 from cirflow.indexing.index_store import IndexFormatError, read_manifest, verify_index
@@ -74,6 +77,9 @@ class CatalogFlowConfig:
     # (0.95): the held-out half moves by about a point from the tuning half on a thousand queries.
     min_recall: float = 0.93
     keep_versions: int = 5  # published index versions kept for rollback
+    # Model bundles kept in WORKDIR/bundles (newest first; CURRENT and those of kept index versions always), with
+    # their embedding snapshots and encoded queries (flows/retention.py)
+    keep_bundles: int = 3
     # A refresh updates the published index in place of a rebuild (indexing/index_refresh.py: its files, a delta
     # of new and changed vectors, the ids that died) while delta and dead ids stay under this share of its base;
     # beyond it, or 0, the index is built in full.
@@ -82,7 +88,7 @@ class CatalogFlowConfig:
 
     def __post_init__(self) -> None:
         check_fraction(self, "min_recall", "index_delta_max")
-        check_positive(self, "keep_versions")
+        check_positive(self, "keep_versions", "keep_bundles")
 
 
 class IndexValidationError(RuntimeError):
@@ -103,10 +109,12 @@ def snapshot_catalog(catalog: CatalogConfig, workdir: str) -> dict[str, Any]:
 
 @task(cache_key_fn=by_key, persist_result=True)
 def embed_snapshot(key: str, config: EmbedConfig, run_dir: str, ray_job_address: str | None) -> str:
+    """The job completes `run_dir` (embed.snapshot_dir: a catalog state's snapshot, or the retry of its transient
+    errors), here or as a Ray job."""
     if ray_job_address:
         _submit_ray_job(config, ray_job_address)
     else:
-        run_embed(config)
+        run_dir = str(run_embed(config))
     shards.open_run(Path(run_dir), verify=False)  # complete, or the job did not do its work
     return run_dir
 
@@ -158,7 +166,7 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     job = replace(cfg.embed, bundle=str(bundle_dir), workdir=str(workdir),
                   catalog=CatalogConfig(name=cfg.embed.catalog.name, manifest=snapshot["path"]))
     state = load_catalog(job.catalog)
-    run_dir = workdir / "embeddings" / job.catalog.name / bundle_id / snapshot_id(state, job.rows_per_shard)
+    run_dir = snapshot_dir(workdir / "embeddings" / job.catalog.name / bundle_id, state, job.rows_per_shard)
     made_before = _run_complete(str(run_dir))  # the same catalog state was embedded by an earlier run
     run_dir = Path(cached(embed_snapshot, _run_complete, key=content_key(to_dict(job), bundle_id),
                           config=job, run_dir=str(run_dir), ray_job_address=cfg.ray_job_address))
@@ -172,6 +180,10 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     encoded = 0 if made_before else run_manifest.get("last_run", {}).get("entries")
     print(f"catalog {job.catalog.name}: snapshot {run_dir.name} made by an earlier run, nothing to embed"
           if made_before else _delta_table(job.catalog.name, run_dir, delta, encoded))
+    transient = shards.transient_errors(run_manifest)
+    if transient:
+        log.warning("catalog %s: %d images could not be read for a reason of the moment (errors.parquet, "
+                    "transient); the next run reads them again", job.catalog.name, transient)
     catalog_dir = workdir / "indexes" / job.catalog.name
     hold = held(catalog_dir, run_dir.name, bundle_id)
     if hold is not None:  # an operator rolled back from an index of this very snapshot and bundle
@@ -179,7 +191,8 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
               f"{hold.get('from')} holds snapshot {run_dir.name} with bundle {bundle_id} back until a newer "
               "snapshot or bundle (cirflow index versions)")
         return {"snapshot": run_dir.name, "run_dir": str(run_dir), "delta": delta, "encoded": encoded,
-                "errors": run_manifest["errors"], "index_dir": None, "published": False, "held": hold,
+                "errors": run_manifest["errors"], "transient_errors": transient, "index_dir": None,
+                "published": False, "held": hold,
                 "bundle_id": bundle_id}
     published = follow_current(catalog_dir, IndexFormatError)
     previous = str(published) if published is not None and published.is_dir() else None
@@ -201,17 +214,20 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
           "= catalog minus errors")
     _artifacts(workdir, job.catalog.name, run_dir, delta, encoded, Path(index_dir), index_manifest, checked)
     publish_version(index_dir, cfg.keep_versions)
+    prune_bundles(workdir, cfg.keep_bundles)
     return {"snapshot": run_dir.name, "run_dir": str(run_dir), "delta": delta, "encoded": encoded,
-            "errors": run_manifest["errors"], "index_dir": index_dir, "published": True, "validation": checked,
+            "errors": run_manifest["errors"], "transient_errors": transient, "index_dir": index_dir,
+            "published": True, "validation": checked,
             "bundle_id": bundle_id}
 
 
 def _run_complete(run_dir: str) -> bool:
+    """Whether a snapshot is complete and final: one with transient errors is retried (embed.py)."""
     try:
-        shards.open_run(Path(run_dir))
+        run = shards.open_run(Path(run_dir))
     except shards.EmbeddingsError:
         return False
-    return True
+    return not shards.transient_errors(run.manifest)
 
 
 def _index_ok(index_dir: str) -> bool:
@@ -257,7 +273,7 @@ def _delta_table(name: str, run_dir: Path, delta: dict[str, Any], encoded: int |
     return (f"catalog {name}: snapshot {run_dir.name} from {delta['previous']}: {delta['added']} added, "
             f"{delta['changed']} changed, {delta['removed']} removed, {delta['unchanged']} unchanged; "
             f"{encoded} images encoded this run, {delta['reused_vectors']} vectors and {delta['reused_errors']} "
-            "errors rows reused")
+            f"errors rows reused, {delta.get('retried', 0)} read again after a transient failure")
 
 
 def _artifacts(workdir: Path, name: str, run_dir: Path, delta: dict[str, Any], encoded: int | None,

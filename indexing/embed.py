@@ -15,6 +15,16 @@ their errors row, new and changed entries are embedded, removed ones are left ou
 metadata to the index built from it. The snapshot moves CURRENT when complete; the older ones stay
 (`keep_snapshots`) and are never modified.
 
+An image that could not be read for a reason of the moment (a 503, a timeout, a node without s3fs: the rule is
+in embed_stages.py) is retried in the worker (`read_retries`, `retry_backoff_seconds`) and, still failing, is an
+errors row marked transient (manifest["transient_errors"] counts them). Such a row is never carried over: a
+refresh reads it again, and an unchanged catalog whose snapshot has transient errors is not "nothing to do". As
+a complete snapshot is never modified (an index records the snapshot it was built from), the retry makes a new
+one, `<snapshot_id>-r1` (then -r2, ... while reads keep failing), from the previous one by the same reuse path:
+everything carries over but the transient rows, which are read again and listed in changes.parquet as
+"changed" (an index overlay then adds those that now have a vector) and counted in the delta as `retried`.
+`snapshot_dir` names the directory a run completes; `run_embed` returns it.
+
 The driver lists the catalog, plans the reuse and writes the snapshot's catalog.parquet (one row group per
 shard) and manifest; the shards are built by workers, a pool of Ray actors (indexing/embed_stages.py
 ShardBuilder, one bundle runtime each) handed one shard at a time. A worker reads its shard's rows from
@@ -60,6 +70,7 @@ log = logging.getLogger(__name__)
 
 # What `providers` may name: the GPU execution provider of actors given a GPU (export.runtime.PROVIDERS).
 GPU_PROVIDER_CHOICES = ("auto", "cuda", "tensorrt")
+RETRY_SEP = "-r"  # snapshot <snapshot_id>-r<n>: the n-th retry of a catalog state's transient errors
 
 
 class EmbedError(ValueError):
@@ -95,10 +106,15 @@ class EmbedConfig:
     # whatever the count.
     local_below: int = 2048
     keep_snapshots: int = 2  # complete snapshots kept per catalog and bundle (CURRENT and the one before at least)
+    # A read that failed for a reason of the moment (embed_stages.py) is tried again this many times, after
+    # retry_backoff_seconds, then twice that, ...: 0.5 + 1 + 2 s rides out a throttled or restarting store
+    # without holding a batch for long; still failing, it is retried by the next run.
+    read_retries: int = 3
+    retry_backoff_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         check_positive(self, "rows_per_shard", "batch_size", "cpus_per_actor", "keep_snapshots")
-        check_non_negative(self, "num_actors", "num_gpus", "local_below")
+        check_non_negative(self, "num_actors", "num_gpus", "local_below", "read_retries", "retry_backoff_seconds")
         if self.providers not in GPU_PROVIDER_CHOICES:
             raise ValueError(f"providers={self.providers!r} is not one of {list(GPU_PROVIDER_CHOICES)} (the GPU provider "
                              "of actors with num_gpus > 0; actors without a GPU run on CPU)")
@@ -115,8 +131,9 @@ def actor_providers(config: EmbedConfig) -> tuple[str, bool]:
 
 
 def run_embed(config: EmbedConfig) -> Location:
-    """Embed the catalog's current state (resuming an interrupted run, reusing the previous snapshot's vectors);
-    returns the snapshot directory, which is then CURRENT."""
+    """Embed the catalog's current state (resuming an interrupted run, reusing the previous snapshot's vectors,
+    reading again the entries whose read failed transiently); returns the snapshot directory it completed
+    (`snapshot_dir`), which is then CURRENT."""
     if not config.bundle:
         raise EmbedError("bundle is not set: give the model bundle directory (cirflow export --out ...)")
     check_job_paths({"workdir": config.workdir, "bundle": config.bundle, "catalog.folder": config.catalog.folder,
@@ -130,15 +147,15 @@ def run_embed(config: EmbedConfig) -> Location:
     if (base / shards.MANIFEST).exists():
         raise EmbedError(f"{base} holds an embedding run of an older cirflow (no snapshots); delete it to embed "
                          "the catalog again")
-    snapshot = snapshot_id(catalog, config.rows_per_shard)
-    run_dir = base / snapshot
+    run_dir, retried = _target(base, snapshot_id(catalog, config.rows_per_shard))
+    snapshot = run_dir.name
     num_shards = math.ceil(catalog.num_rows / config.rows_per_shard)
     described = {"name": config.catalog.name, "source": config.catalog.source, "entries": catalog.num_rows,
                  "fingerprint": fingerprint(catalog), "snapshot": snapshot}
     fields = metadata_fields(catalog.schema)
     if fields:
         described["metadata_fields"] = fields
-    previous = _previous_snapshot(base, run_dir)
+    previous = _previous_snapshot(base, run_dir, retried)
     reuse = Reuse.plan(catalog, previous)
     manifest = _resume_or_start(run_dir, bundle, described, config.rows_per_shard, num_shards, catalog, reuse)
     if manifest["complete"]:
@@ -149,11 +166,12 @@ def run_embed(config: EmbedConfig) -> Location:
     pending = [k for k in range(num_shards) if shards.shard_name(k) not in manifest["shards"]]
     tasks = [(k, k * config.rows_per_shard, min((k + 1) * config.rows_per_shard, catalog.num_rows))
              for k in pending]
-    count = sum(int((~reuse.unchanged[lo:hi]).sum()) for _, lo, hi in tasks)
+    count = sum(int((~reuse.carried[lo:hi]).sum()) for _, lo, hi in tasks)
     log.info("snapshot %s of catalog %r (%d entries): %s; %d of %d shards to write, %d images to embed", snapshot,
              config.catalog.name, catalog.num_rows, _delta_text(manifest["delta"]), len(pending), num_shards, count)
     job = ShardJob(str(run_dir), str(reuse.previous) if reuse.previous else None, str(bundle_dir),
-                   bundle["bundle_id"], int(bundle["embed_dim"]), config.batch_size)
+                   bundle["bundle_id"], int(bundle["embed_dim"]), config.batch_size,
+                   read_retries=config.read_retries, retry_backoff_seconds=config.retry_backoff_seconds)
     started = time.perf_counter()
     record = partial(_record, run_dir, manifest)  # called with each shard a worker wrote
     if not tasks:  # every shard was written by an earlier attempt, which stopped before finishing the run
@@ -168,13 +186,17 @@ def run_embed(config: EmbedConfig) -> Location:
     if missing:
         raise EmbedError(f"shards {missing} of {run_dir} were not written; rerun to redo them")
     seconds = time.perf_counter() - started
-    _finish(run_dir, manifest, {"config": to_dict(config), "bundle_dir": str(bundle_dir), "embedded_by": where,
-                                "actors": actors, "nodes": nodes, "shards": len(pending), "entries": count,
-                                "seconds": round(seconds, 2),
-                                "entries_per_s": round(count / seconds, 1) if seconds else None})
+    this_run = {"config": to_dict(config), "bundle_dir": str(bundle_dir), "embedded_by": where, "actors": actors,
+                "nodes": nodes, "shards": len(pending), "entries": count, "seconds": round(seconds, 2),
+                "entries_per_s": round(count / seconds, 1) if seconds else None}
+    _finish(run_dir, manifest, reuse.retried, this_run)
     _publish(run_dir, config.keep_snapshots)
     log.info("embedding snapshot complete: %d rows, %d errors; %d images embedded (%s) in %.1f s", manifest["rows"],
              manifest["errors"], count, where, seconds)
+    transient = shards.transient_errors(manifest)
+    if transient:
+        log.warning("embedding snapshot %s: %d entries could not be read for a reason of the moment (errors rows "
+                    "marked transient); the next run reads them again", run_dir.name, transient)
     return run_dir
 
 
@@ -190,15 +212,47 @@ def _output(workdir: str) -> Location:
 
 
 def snapshot_id(catalog: pa.Table, rows_per_shard: int) -> str:
-    """The snapshot directory name of a catalog state: its (id, uri, version) rows, metadata and the shard
-    size."""
+    """The id of a catalog state: its (id, uri, version) rows, metadata and the shard size. Its first snapshot's
+    directory has this name; the retries of its transient errors are `<id>-r1`, `<id>-r2`, ... (snapshot_dir)."""
     return hashlib.sha256(f"{fingerprint(catalog)}/{rows_per_shard}".encode()).hexdigest()[:16]
 
 
-def _previous_snapshot(base: Location, run_dir: Location) -> shards.EmbeddingRun | None:
-    """The CURRENT snapshot to reuse vectors from, verified; None when there is none (or it is damaged: then
-    everything is embedded again, with a warning)."""
+def snapshot_dir(base: Location | str, catalog: pa.Table, rows_per_shard: int) -> Location:
+    """The snapshot directory that `run_embed` completes for this catalog state under `base`
+    (WORKDIR/embeddings/<catalog>/<bundle_id>): the state's complete snapshot without transient errors when
+    there is one, else the one to make or resume (the first, or the next retry)."""
+    return _target(location(base), snapshot_id(catalog, rows_per_shard))[0]
+
+
+def _target(base: Location, snapshot: str) -> tuple[Location, Location | None]:
+    """(the directory to complete for catalog state `snapshot`, the snapshot of the same state whose transient
+    errors it retries, or None). The walk starts at CURRENT when it is of this state (earlier generations may have
+    been pruned), else at the first snapshot, and moves to the next generation past each complete snapshot that
+    still has transient errors."""
     current = follow_current(base, EmbedError)
+    name = current.name if current is not None and _state_of(current.name) == snapshot else snapshot
+    retried = None
+    while True:
+        run_dir = base / name
+        manifest = shards.read_manifest(run_dir)
+        if manifest is None or not manifest["complete"] or not shards.transient_errors(manifest):
+            return run_dir, retried
+        retried, name = run_dir, f"{snapshot}{RETRY_SEP}{_generation(name) + 1}"
+
+
+def _state_of(name: str) -> str:
+    return name.split(RETRY_SEP, 1)[0]
+
+
+def _generation(name: str) -> int:
+    _, _, n = name.partition(RETRY_SEP)
+    return int(n) if n.isdigit() else 0
+
+
+def _previous_snapshot(base: Location, run_dir: Location, retried: Location | None) -> shards.EmbeddingRun | None:
+    """The snapshot to reuse vectors from, verified: the one whose transient errors `run_dir` retries, else
+    CURRENT; None when there is none (or it is damaged: then everything is embedded again, with a warning)."""
+    current = retried or follow_current(base, EmbedError)
     if current is None or current == run_dir:
         return None
     try:
@@ -211,12 +265,14 @@ def _previous_snapshot(base: Location, run_dir: Location) -> shards.EmbeddingRun
 @dataclass(frozen=True)
 class Reuse:
     """What a new snapshot takes from the previous one: for each catalog row (id order) whether its vector or
-    errors row carries over (the workers do the carrying, shard by shard: embed_stages.PreviousSnapshot)."""
+    errors row carries over (the workers do the carrying, shard by shard: embed_stages.PreviousSnapshot). An
+    unchanged row whose previous read failed transiently does not: it is `retried`, and listed as changed."""
 
-    unchanged: np.ndarray  # (N,) bool over the new catalog's rows
+    carried: np.ndarray  # (N,) bool over the new catalog's rows
     delta: dict[str, Any]
     changes: pa.Table  # id, change (added, changed, removed): what an index of the previous snapshot must update
     previous: Location | None  # the previous snapshot's directory
+    retried: np.ndarray  # the ids read again for their transient failure (sorted); in `changes` as "changed"
 
     @classmethod
     def plan(cls, catalog: pa.Table, previous: shards.EmbeddingRun | None) -> Reuse:
@@ -226,20 +282,23 @@ class Reuse:
             previous = None
         if previous is None:
             return cls(np.zeros(n, bool), {"previous": None, "added": n, "changed": 0, "removed": 0,
-                                           "unchanged": 0, "reused_vectors": 0, "reused_errors": 0},
-                       _changes([], [], []), None)
+                                           "unchanged": 0, "reused_vectors": 0, "reused_errors": 0, "retried": 0},
+                       _changes([], [], []), None, np.zeros(0, np.int64))
         old = shards.read_table(previous.run_dir / shards.CATALOG, columns=["id", "uri", "version"]).sort_by("id")
         present, same = compare_rows(catalog, old)
         new_ids, old_ids = catalog.column("id").to_numpy(), old.column("id").to_numpy()
-        failed = shards.read_table(previous.run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
-        reused_errors = int(np.isin(new_ids[same], failed).sum())
+        failed = shards.read_errors(previous.run_dir / shards.ERRORS)
+        transient = failed.column("transient").to_numpy()
+        failed_ids = failed.column("id").to_numpy()
+        retry = same & np.isin(new_ids, failed_ids[transient])
+        reused_errors = int((same & np.isin(new_ids, failed_ids[~transient])).sum())
         removed = np.setdiff1d(old_ids, new_ids)
         delta = {"previous": previous.run_dir.name, "added": int((~present).sum()),
                  "changed": int((present & ~same).sum()), "removed": len(removed),
-                 "unchanged": int(same.sum()), "reused_vectors": int(same.sum()) - reused_errors,
-                 "reused_errors": reused_errors}
-        changes = _changes(new_ids[~present], new_ids[present & ~same], removed)
-        return cls(same, delta, changes, previous.run_dir)
+                 "unchanged": int(same.sum()), "reused_vectors": int(same.sum()) - reused_errors - int(retry.sum()),
+                 "reused_errors": reused_errors, "retried": int(retry.sum())}
+        changes = _changes(new_ids[~present], new_ids[(present & ~same) | retry], removed)
+        return cls(same & ~retry, delta, changes, previous.run_dir, np.sort(new_ids[retry]))
 
 
 def _changes(added: Any, changed: Any, removed: Any) -> pa.Table:
@@ -253,7 +312,7 @@ def _delta_text(delta: dict[str, Any]) -> str:
         return "no previous snapshot, every entry is new"
     return (f"against {delta['previous']}: {delta['added']} added, {delta['changed']} changed, {delta['removed']} "
             f"removed, {delta['unchanged']} unchanged ({delta['reused_vectors']} vectors and "
-            f"{delta['reused_errors']} errors rows reused)")
+            f"{delta['reused_errors']} errors rows reused, {delta.get('retried', 0)} transient failures read again)")
 
 
 def _resume_or_start(run_dir: Location, bundle: dict[str, Any], catalog: dict[str, Any], rows_per_shard: int,
@@ -374,7 +433,7 @@ def _record(run_dir: Location, manifest: dict[str, Any], result: dict[str, Any])
     """A worker wrote a shard's files: add them to the manifest (a rerun then skips the shard)."""
     for uri, reason in result["first_errors"]:
         log.warning("skipped %s: %s", uri, reason)
-    shards.record_shard(manifest, result["name"], result["info"], result["errors_info"])
+    shards.record_shard(manifest, result["name"], result["info"], result["errors_info"], result["transient"])
     shards.write_manifest(run_dir, manifest)
     errors = result["errors_info"]["rows"] if result["errors_info"] else 0
     log.info("shard %s: %d rows, %d errors, %d embedded (%d/%d shards)", result["name"], result["info"]["rows"],
@@ -400,10 +459,17 @@ def _pool_size(config: EmbedConfig, resources: dict[str, float]) -> int:
     return n
 
 
-def _finish(run_dir: Location, manifest: dict[str, Any], this_run: dict[str, Any]) -> None:
-    tables = [shards.read_table(run_dir / shards.SHARD_ERRORS_DIR / name)
+def _finish(run_dir: Location, manifest: dict[str, Any], retried: np.ndarray, this_run: dict[str, Any]) -> None:
+    """Merge the shards' errors files, take the entries whose retry failed again out of changes.parquet (they
+    have no vector in either snapshot: an index has nothing to update for them), mark the snapshot complete."""
+    tables = [shards.read_errors(run_dir / shards.SHARD_ERRORS_DIR / name)
               for name, info in sorted(manifest["shards"].items()) if info["errors"]]
     errors = pa.concat_tables(tables).sort_by("id") if tables else shards.ERROR_SCHEMA.empty_table()
+    failed_again = np.intersect1d(retried, errors.column("id").to_numpy())
+    if len(failed_again):  # idempotent: a rerun after a kill filters the filtered file again
+        changes = shards.read_table(run_dir / shards.CHANGES)
+        changes = changes.filter(pa.array(~np.isin(changes.column("id").to_numpy(), failed_again)))
+        manifest["changes_file"] = {shards.CHANGES: shards.write_parquet_atomic(changes, run_dir / shards.CHANGES)}
     manifest["errors_file"] = {shards.ERRORS: shards.write_parquet_atomic(errors, run_dir / shards.ERRORS)}
     manifest["last_run"] = this_run
     manifest["completed_at"] = time.time()  # orders the snapshots for keep_snapshots (any storage)

@@ -5,11 +5,27 @@ For each shard it reads the shard's catalog rows from the snapshot's catalog.par
 and errors rows of entries unchanged since the previous snapshot, reads, decodes and embeds the others, and
 writes the shard's files. A row whose image cannot be read gets its reason in the shard's errors file; every
 catalog entry of the shard ends up in one of the two.
+
+A failure is either a property of the input (permanent) or of the moment (transient), and only the first may be
+recorded as the image's fate:
+- permanent: the file is missing (a dangling symlink too), a directory, not a directory on the path, a symlink
+  loop, a name too long, unreadable for its permissions, a uri no filesystem understands (ValueError), empty, or
+  not decodable (ImageError from preprocessing: corrupt, truncated, not an image, too large). Reading it again
+  gives the same answer until the entry changes, and a refresh carries the errors row over unread.
+- transient: every other failure to get the bytes: any other OSError (EIO, ESTALE, a timeout, a lost
+  connection), ImportError or CatalogError (fsspec or the scheme's package missing on this node), and any
+  unexpected exception from the filesystem (botocore, aiohttp, ...). A batch's transient failures are read again
+  after `retry_backoff_seconds`, twice that, ... up to `read_retries` times; those still failing are errors rows
+  marked transient, which a refresh never carries over: the next run reads them again (embed.py).
+A worker whose whole batch failed transiently (an outage, not one flaky read) reads the following batches once,
+without waiting between retries, until a read succeeds again: an outage is not waited out image by image.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +35,7 @@ import pyarrow as pa
 
 from cirflow.core.files import location
 from cirflow.indexing import shards
-from cirflow.indexing.catalog import read_bytes
+from cirflow.indexing.catalog import CatalogError, read_bytes
 from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, normalize_uint8, resize_uint8
 
 if TYPE_CHECKING:
@@ -28,32 +44,71 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# OSErrors that describe the input, whatever the filesystem: reading again gives the same answer.
+PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG,
+                              errno.EACCES, errno.EPERM})
+
+
+class TransientReadError(ImageError):
+    """The bytes could not be read for a reason of the moment (storage, network, this node), not of the input."""
+
+
 def read_image(uri: str, preprocess: PreprocessConfig) -> np.ndarray:
-    """(H, W, 3) uint8 at the bundle's size; raises ImageError with a one-line reason."""
+    """(H, W, 3) uint8 at the bundle's size; raises ImageError with a one-line reason, TransientReadError when
+    reading the bytes failed for a reason that may pass (module docstring)."""
     try:
         data = read_bytes(uri)
     except FileNotFoundError as e:  # also a dangling symlink
         raise ImageError("file not found") from e
-    except OSError as e:  # a directory, a symlink loop, permissions: the reason alone, the row has the uri
-        raise ImageError(f"cannot read ({e.strerror or e})") from e
-    except Exception as e:  # any other filesystem's failure (network, unknown scheme) is this row's error too
+    except (ConnectionError, TimeoutError) as e:  # OSErrors too, but never the input's
+        raise TransientReadError(f"cannot read: {type(e).__name__}: {e}") from e
+    except OSError as e:  # the reason alone, the row has the uri
+        reason = f"cannot read ({e.strerror or e})"
+        if isinstance(e, PERMANENT_OS_ERRORS) or e.errno in PERMANENT_ERRNOS:
+            raise ImageError(reason) from e  # a directory, a symlink loop, permissions
+        raise TransientReadError(reason) from e
+    except CatalogError as e:  # fsspec missing on this node: before ValueError, of which it is one
+        raise TransientReadError(f"cannot read: {e}") from e
+    except ValueError as e:  # an unknown scheme, a malformed uri: the uri's own
         raise ImageError(f"cannot read: {type(e).__name__}: {e}") from e
+    except Exception as e:  # a missing scheme package (ImportError), any filesystem's own failure
+        raise TransientReadError(f"cannot read: {type(e).__name__}: {e}") from e
     if not data:
         raise ImageError("empty file (0 bytes)")
     return resize_uint8(load_image(data, name=uri), preprocess)
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
-    """Rows (id, uri) -> + pixels (B, H, W, 3) uint8 and error (str, "" when decoded)."""
+def decode_batch(batch: dict[str, np.ndarray], preprocess: PreprocessConfig, retries: int = 0,
+                 backoff_seconds: float = 0.0) -> dict[str, np.ndarray]:
+    """Rows (id, uri) -> + pixels (B, H, W, 3) uint8, error (str, "" when decoded) and transient (bool: the
+    error is of the moment). The rows that failed transiently are read again, together, after backoff_seconds,
+    then twice that, ..., `retries` times at most."""
     n, size = len(batch["id"]), preprocess.size
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
-    for i, uri in enumerate(batch["uri"]):
-        try:
-            pixels[i] = read_image(str(uri), preprocess)
-        except ImageError as e:
-            errors[i] = str(e)
-    return {**batch, "pixels": pixels, "error": errors}
+    transient = np.zeros(n, dtype=bool)
+    todo = list(range(n))
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff_seconds * 2 ** (attempt - 1)
+            log.info("%d transient read failure(s); reading them again in %.2f s (retry %d of %d)", len(todo), delay,
+                     attempt, retries)
+            time.sleep(delay)
+        failed = []
+        for i in todo:
+            try:
+                pixels[i] = read_image(str(batch["uri"][i]), preprocess)
+                errors[i], transient[i] = "", False
+            except TransientReadError as e:
+                errors[i], transient[i] = f"{e}; transient, {attempt + 1} attempt(s)", True
+                failed.append(i)
+            except ImageError as e:
+                errors[i], transient[i] = str(e), False
+        todo = failed
+        if not todo:
+            break
+    return {**batch, "pixels": pixels, "error": errors, "transient": transient}
 
 
 class ImageEmbedder:
@@ -71,7 +126,8 @@ class ImageEmbedder:
         vectors = np.zeros((len(ok), self.runtime.embed_dim), dtype=np.float32)
         if ok.any():
             vectors[ok] = self.runtime.encode_images(normalize_uint8(batch["pixels"][ok], self.preprocess))
-        return {"id": batch["id"], "uri": batch["uri"], "embedding": vectors, "error": batch["error"]}
+        return {"id": batch["id"], "uri": batch["uri"], "embedding": vectors, "error": batch["error"],
+                "transient": batch["transient"]}
 
 
 def compare_rows(new: pa.Table, old: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +160,8 @@ class ShardJob:
     providers: str = "cpu"
     require_gpu: bool = False
     threads: int = 1
+    read_retries: int = 0  # transient read failures of a batch are read again this many times ...
+    retry_backoff_seconds: float = 0.0  # ... after this long, doubling each time (EmbedConfig has the defaults)
 
 
 class ShardBuilder:
@@ -117,6 +175,7 @@ class ShardBuilder:
         self.run_dir = location(job.run_dir)
         self.embedder: ImageEmbedder | None = None
         self.previous = PreviousSnapshot(location(job.previous_dir)) if job.previous_dir else None
+        self.outage = False  # the last batch read failed transiently for every row: retry no more until one works
 
     def __call__(self, k: int, lo: int, hi: int) -> dict[str, Any]:
         """Build shard k (catalog rows lo..hi-1 in id order); its description for the manifest."""
@@ -125,6 +184,7 @@ class ShardBuilder:
         uris = np.array(rows.column("uri").to_pylist(), dtype=object)
         vectors = np.zeros((len(ids), self.job.dim), np.float32)
         errors = np.full(len(ids), "", dtype=object)
+        transient = np.zeros(len(ids), bool)
         reused = np.zeros(len(ids), bool)
         if self.previous is not None and len(ids):
             reused, errors = self.previous.carry_over(rows, vectors)
@@ -132,8 +192,8 @@ class ShardBuilder:
         for start in range(0, len(todo), self.job.batch_size):
             at = todo[start:start + self.job.batch_size]
             batch = self._embed({"id": ids[at], "uri": uris[at]})
-            vectors[at], errors[at] = batch["embedding"], batch["error"]
-        return write_shard(self.run_dir, k, ids, uris, vectors, errors, self.job.bundle_id) | {
+            vectors[at], errors[at], transient[at] = batch["embedding"], batch["error"], batch["transient"]
+        return write_shard(self.run_dir, k, ids, uris, vectors, errors, transient, self.job.bundle_id) | {
             "embedded": len(todo)}
 
     def node(self) -> str:
@@ -146,7 +206,14 @@ class ShardBuilder:
         if self.embedder is None:
             self.embedder = ImageEmbedder(self.job.bundle_dir, self.job.providers, self.job.require_gpu,
                                           self.job.threads)
-        return self.embedder(decode_batch(batch, self.embedder.preprocess))
+        retries = 0 if self.outage else self.job.read_retries
+        decoded = decode_batch(batch, self.embedder.preprocess, retries, self.job.retry_backoff_seconds)
+        outage = bool(decoded["transient"].all())
+        if outage and not self.outage:
+            log.warning("every read of a batch of %d failed transiently after %d retries (%s); reading without "
+                        "retries until one succeeds", len(batch["id"]), retries, decoded["error"][0])
+        self.outage = outage
+        return self.embedder(decoded)
 
 
 class PreviousSnapshot:
@@ -162,19 +229,22 @@ class PreviousSnapshot:
 
     def carry_over(self, rows: pa.Table, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fill `vectors` for the rows (id, uri, version) that are unchanged since the previous snapshot;
-        returns (reused mask, errors: the previous reason of unchanged rows that failed, "" elsewhere)."""
+        returns (reused mask, errors: the previous reason of unchanged rows that failed permanently, "" elsewhere).
+        An unchanged row whose previous failure was transient is not reused: it is read again."""
         ids = rows.column("id").to_numpy()
         id_filter = [("id", ">=", int(ids[0])), ("id", "<=", int(ids[-1]))]
         old = shards.read_table(self.run.run_dir / shards.CATALOG, columns=["id", "uri", "version"],
                                 filters=id_filter).sort_by("id")
         _, same = compare_rows(rows, old)
-        failed = shards.read_table(self.run.run_dir / shards.ERRORS, columns=["id", "reason"], filters=id_filter)
+        failed = shards.read_errors(self.run.run_dir / shards.ERRORS, filters=id_filter)
         reasons = dict(zip(failed.column("id").to_pylist(), failed.column("reason").to_pylist()))
-        errors = np.array([reasons.get(i, "") if s else "" for i, s in zip(ids.tolist(), same)], dtype=object)
-        good = same & (errors == "")
+        retry = set(failed.filter(failed.column("transient")).column("id").to_pylist())
+        reused = same & ~np.isin(ids, np.fromiter(retry, np.int64, len(retry)))
+        errors = np.array([reasons.get(i, "") if r else "" for i, r in zip(ids.tolist(), reused)], dtype=object)
+        good = reused & (errors == "")
         if good.any():
             vectors[good] = self._take(ids[good])
-        return same, errors
+        return reused, errors
 
     def _take(self, ids: np.ndarray) -> np.ndarray:
         out = np.zeros((len(ids), self.run.dim), np.float32)
@@ -203,10 +273,10 @@ class PreviousSnapshot:
 
 
 def write_shard(run_dir: Location, k: int, ids: np.ndarray, uris: np.ndarray, vectors: np.ndarray, errors: np.ndarray,
-                bundle_id: str) -> dict[str, Any]:
-    """Write shard k's Parquet file and, when some entries failed, its errors file (each temp name, then
-    rename; a stale errors file of a killed attempt is removed); returns what the manifest records of them
-    and the first failures, for the driver's log."""
+                transient: np.ndarray, bundle_id: str) -> dict[str, Any]:
+    """Write shard k's Parquet file and, when some entries failed, its errors file (`transient` marks the
+    failures of the moment; each temp name, then rename; a stale errors file of a killed attempt is removed);
+    returns what the manifest records of them and the first failures, for the driver's log."""
     failed = np.array([bool(e) for e in errors], dtype=bool)
     ok = ~failed
     name = shards.shard_name(k)
@@ -215,9 +285,11 @@ def write_shard(run_dir: Location, k: int, ids: np.ndarray, uris: np.ndarray, ve
     errors_path = run_dir / shards.SHARD_ERRORS_DIR / name
     errors_info = None
     if failed.any():
-        table = shards.error_table(ids[failed], [str(u) for u in uris[failed]], [str(e) for e in errors[failed]])
+        table = shards.error_table(ids[failed], [str(u) for u in uris[failed]], [str(e) for e in errors[failed]],
+                                   transient[failed])
         errors_info = shards.write_parquet_atomic(table, errors_path)
     else:
         errors_path.unlink(missing_ok=True)
     first = list(zip([str(u) for u in uris[failed][:5]], [str(e) for e in errors[failed][:5]]))
-    return {"name": name, "info": info, "errors_info": errors_info, "first_errors": first}
+    return {"name": name, "info": info, "errors_info": errors_info, "transient": int(transient[failed].sum()),
+            "first_errors": first}

@@ -8,10 +8,13 @@ the bundle directory's CURRENT names the latest complete one, and `open_run` fol
                              the catalog state this snapshot embeds; index builds take the metadata from it
     changes.parquet          id int64, change string (added, changed, removed): against the previous snapshot
     part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
-    errors.parquet           id int64, uri string, reason string (written when the run completes)
+    errors.parquet           id int64, uri string, reason string, transient bool (written when the run completes);
+                             transient: the read failed for a reason of the moment (embed_stages.py), the next run
+                             reads it again. Files written before the column existed read as all permanent.
     _errors/part-00000.parquet   the same rows, per shard (kept: a damaged errors.parquet is merged again)
     manifest.json            catalog fingerprint, bundle id, shard plan, finished shards (rows, bytes, sha256 of
-                             the shard and of its errors file), errors.parquet's size and sha256, complete
+                             the shard and of its errors file, errors and transient counts), errors.parquet's size
+                             and sha256, errors and transient_errors (the snapshot's counts), complete
 
 Shard k holds the catalog entries k*rows_per_shard ... (k+1)*rows_per_shard - 1 in id order, so a shard's
 membership never depends on scheduling: a rerun redoes exactly the shards the manifest does not list as
@@ -50,7 +53,8 @@ CATALOG = "catalog.parquet"
 CHANGES = "changes.parquet"
 ERRORS = "errors.parquet"
 SHARD_ERRORS_DIR = "_errors"
-ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string())])
+ERROR_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("reason", pa.string()),
+                          ("transient", pa.bool_())])
 
 
 class EmbeddingsError(ValueError):
@@ -76,10 +80,30 @@ def embedding_table(ids: np.ndarray, uris: list[str], vectors: np.ndarray, bundl
                      embedding, pa.array([bundle_id] * n, pa.string())], schema=embedding_schema(dim))
 
 
-def error_table(ids: np.ndarray, uris: list[str], reasons: list[str]) -> pa.Table:
+def error_table(ids: np.ndarray, uris: list[str], reasons: list[str],
+                transient: np.ndarray | None = None) -> pa.Table:
+    """Rows sorted by id; `transient` (bool per row) marks failures of the moment (None: every one permanent)."""
     order = np.argsort(ids, kind="stable")
+    transient = np.zeros(len(ids), bool) if transient is None else np.asarray(transient, bool)
     return pa.table([pa.array(ids[order], pa.int64()), pa.array([uris[i] for i in order], pa.string()),
-                     pa.array([reasons[i] for i in order], pa.string())], schema=ERROR_SCHEMA)
+                     pa.array([reasons[i] for i in order], pa.string()), pa.array(transient[order], pa.bool_())],
+                    schema=ERROR_SCHEMA)
+
+
+def read_errors(path: Location, filters: Any = None) -> pa.Table:
+    """An errors file (a snapshot's errors.parquet or a shard's) in ERROR_SCHEMA; one written before failures
+    were classified has no `transient` column, and each of its rows reads as permanent."""
+    names = parquet_file(path).schema_arrow.names
+    table = read_table(path, columns=[c for c in ERROR_SCHEMA.names if c in names], filters=filters)
+    if "transient" not in names:
+        table = table.append_column("transient", pa.array(np.zeros(table.num_rows, bool)))
+    return table.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+
+
+def transient_errors(manifest: dict[str, Any]) -> int:
+    """How many of a snapshot's errors rows are transient (read again by the next run: embed.py makes a retry
+    snapshot of an unchanged catalog for them); 0 for a manifest written before failures were classified."""
+    return int(manifest.get("transient_errors", 0))
 
 
 def write_parquet_atomic(table: pa.Table, path: Location, row_group_size: int | None = None) -> dict[str, Any]:
@@ -100,15 +124,15 @@ def new_manifest(bundle_id: str, dim: int, catalog: dict[str, Any], rows_per_sha
     """The manifest of a run that has not finished a shard. `catalog`: name, source, entries, fingerprint."""
     return {"format": FORMAT, "bundle_id": bundle_id, "embed_dim": dim, "catalog": catalog,
             "rows_per_shard": rows_per_shard, "num_shards": num_shards, "shards": {}, "rows": 0, "errors": 0,
-            "complete": False}
+            "transient_errors": 0, "complete": False}
 
 
 def record_shard(manifest: dict[str, Any], name: str, info: dict[str, Any],
-                 errors_info: dict[str, Any] | None) -> None:
+                 errors_info: dict[str, Any] | None, transient: int = 0) -> None:
     """Add a finished shard: {"rows", "bytes", "sha256"} of its Parquet file and, when some of its entries
-    failed, of its errors file (None when none did)."""
+    failed, of its errors file (None when none did), `transient` of them for a reason of the moment."""
     errors = {"errors": errors_info["rows"], "errors_file": errors_info} if errors_info else {"errors": 0}
-    manifest["shards"][name] = {**info, **errors}
+    manifest["shards"][name] = {**info, **errors, "transient": transient}
     _count_rows(manifest)
 
 
@@ -123,6 +147,7 @@ def drop_shard(manifest: dict[str, Any], name: str) -> None:
 def _count_rows(manifest: dict[str, Any]) -> None:
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"].values())
     manifest["errors"] = sum(s["errors"] for s in manifest["shards"].values())
+    manifest["transient_errors"] = sum(s.get("transient", 0) for s in manifest["shards"].values())
 
 
 def write_run(run_dir: Location, parts: Iterable[tuple[np.ndarray, np.ndarray, list[str]]], bundle_id: str,

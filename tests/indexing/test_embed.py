@@ -141,7 +141,7 @@ def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bu
     after = shards.read_manifest(grown)
     assert after["last_run"]["entries"] == 1 and after["last_run"]["embedded_by"] == "ray"
     assert after["delta"] == {"previous": run_dir.name, "added": 1, "changed": 0, "removed": 0, "unchanged": 13,
-                              "reused_vectors": 9, "reused_errors": 4}
+                              "reused_vectors": 9, "reused_errors": 4, "retried": 0}
     grown_ids, grown_vectors, _ = shards.open_run(grown).read_all()
     keep = np.isin(grown_ids, ids)
     assert keep.sum() == len(ids) and after["errors"] == 4
@@ -183,7 +183,9 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     assert run_dir is not None, f"the job never finished two shards:\n{output[-3000:]}"
     done = sorted(shards.read_manifest(run_dir)["shards"])
     assert not shards.read_manifest(run_dir)["complete"]
-    assert done in ([shards.shard_name(k) for k in range(n)] for n in (2, 3))  # finished in order
+    # Two actors take shards 0 and 1 together, so any two or three of the first three may be done (a loaded
+    # machine finishes them in any order); never shard 3, whose read blocks.
+    assert len(done) in (2, 3) and shards.shard_name(3) not in done
 
     stall.unlink()
     stall.write_bytes(stall_pixels)  # the same path: the catalog (ids, uris) is unchanged

@@ -61,7 +61,8 @@ def test_refresh_embeds_the_delta_and_reuses_the_rest(bundle: Path, tmp_path: Pa
     assert second != first and second.parent == first.parent
     manifest = shards.read_manifest(second)
     assert manifest["delta"] == {"previous": first.name, "added": 3, "changed": 1, "removed": 2,
-                                 "unchanged": 37, "reused_vectors": 37, "reused_errors": 0}
+                                 "unchanged": 37, "reused_vectors": 37, "reused_errors": 0,
+                                 "retried": 0}
     assert manifest["last_run"]["entries"] == 4 and manifest["errors"] == 0  # the delta, and only it
     after = rows(second)
     catalog_ids = set(load_catalog(config.catalog).column("id").to_pylist())
