@@ -6,7 +6,8 @@ Each task is a thin wrapper over a stage function. The expensive ones are cached
 config and a fingerprint of the data; the checkpoint's sha256; the bundle id), so a rerun with unchanged inputs
 trains, evaluates and exports nothing. The gate evaluates the new bundle and the current one with the same
 evaluator on the same split (flows/gate.py) and registers the new one only if it is not worse beyond the
-tolerance; otherwise the flow run fails with both rows of numbers.
+tolerance; otherwise the flow run fails with both rows of numbers. The run directory is named by the config and
+the data's fingerprint: a week's new training data trains a new run, the same data reuses the finished one.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def run_training(cfg: TrainingFlowConfig) -> dict[str, Any]:
                         run_dir=str(run_dir))
     checkpoint_sha = sha256_file(Path(checkpoint))
     results = cached(evaluate_checkpoint, lambda r: (run_dir / "eval" / "metrics.json").is_file(),
-                     key=content_key(checkpoint_sha, data_key), checkpoint=checkpoint)
+                     key=content_key(checkpoint_sha, data_key, checkpoint), checkpoint=checkpoint)
     bundle = cached(export_model, _bundle_ok, key=content_key(checkpoint_sha, str(workdir)), checkpoint=checkpoint,
                     bundle_dir=str(workdir / "bundles" / run_dir.name))
     new_id = verify_bundle(Path(bundle))["bundle_id"]
