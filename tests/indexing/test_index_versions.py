@@ -10,6 +10,7 @@ import pytest
 
 from cirflow.core.files import CURRENT
 from cirflow.flows.cli import main
+from cirflow.indexing import index_store
 from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_versions import HISTORY, VersionError, prune, publish, rollback, versions
@@ -43,13 +44,15 @@ def test_publish_keeps_history_rollback_restores_and_prune_removes(tmp_path: Pat
     # Rollback: the newest published version before CURRENT, restored exactly (same files, same results).
     probe = query_like(0, 5, 16)
     expected = VectorIndex.load(v2).search(probe, 5)
+    v3_bundle = index_store.read_manifest(v3)["bundle_id"]
     assert rollback(catalog) == v2
     assert (catalog / CURRENT).read_text() == v2.name + "\n"
     restored = VectorIndex.load(catalog)
     assert restored.index_dir == v2
     np.testing.assert_array_equal(restored.search(probe, 5)[0], expected[0])
-    assert versions(catalog)[0] | {"at": None} == {"index_id": v2.name, "at": None, "action": "rollback",
-                                                    "current": True, "exists": True}
+    assert versions(catalog)[0] | {"at": None} == {
+        "index_id": v2.name, "at": None, "action": "rollback", "current": True, "exists": True, "held": True,
+        "from": v3.name, "holds": {"snapshot": "run-3", "bundle_id": v3_bundle}}
     # A rollback of the rollback goes forward again to the version it replaced.
     assert rollback(catalog) == v3
 
@@ -60,7 +63,9 @@ def test_publish_keeps_history_rollback_restores_and_prune_removes(tmp_path: Pat
     # The command line: versions, then rollback --to.
     assert main(["index", "versions", "--catalog", str(catalog)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(v3.name) and lines[0].endswith("CURRENT") and "(deleted)" in lines[-1]
+    assert lines[0].startswith(v3.name) and lines[0].endswith("CURRENT HELD") and "(deleted)" in lines[-1]
+    assert lines[1].startswith(f"  HELD: rolled back from {v2.name}; scheduled runs publish nothing built from "
+                                "snapshot run-2")
     assert main(["index", "rollback", "--catalog", str(catalog), "--to", v1.name]) == 0
     assert capsys.readouterr().out.strip() == str(v1)
     assert VectorIndex.load(catalog).index_dir == v1
