@@ -3,7 +3,7 @@
     .venv/bin/python bench/ablation.py [--steps 200] [--seeds 0 1 2] [--thetas 0.1 0.3 0.5]
         [--iacma-fraction 0.25] [--max-train-queries 0] [--workdir workdir/ablation]
         [--data workdir/data/shapes] [--doc docs/benchmarks.md] [--backbone tiny|effnet-minilm]
-    .venv/bin/python bench/ablation.py --quick [--workdir DIR] [--doc PATH]   # smoke test, ~75 s on 2 cores
+    .venv/bin/python bench/ablation.py --quick [--workdir DIR] [--doc PATH] [--no-in-process]   # smoke, ~15 s
 
 Every row trains the default model (batch 256) for the same number of optimiser steps, so rows compare at
 equal samples seen whatever their per-step cost; samples/s and training minutes are reported beside the
@@ -25,8 +25,11 @@ its own section ("ablation-effnet-minilm"), to answer whether the training-only 
 start pretrained. The towers' new layers (projections, necks) are what the branches' gradients reach there.
 
 Each run is a `cirflow train` process (final validation only) and a `cirflow eval` on test and novel-phrasing
-test. Runs are named by their config hash in the workdir, so an interrupted bench resumes where it stopped
-(delete the workdir to redo it). Results go to the "ablation" section of --doc: mean +- std over seeds (sample
+test, so that each run's speed and memory are its own. `--quick` runs those commands inside the bench's process
+instead (`--no-in-process` gives them their processes back): its runs take about a second each, while a process
+start and torch import for each of its 19 commands took 2 s each on 2 quiet cores (10-15 s on busy ones). Runs are
+named by their config hash in the workdir, so an interrupted bench resumes where it stopped (delete the workdir
+to redo it). Results go to the "ablation" section of --doc: mean +- std over seeds (sample
 std), and a reading paragraph generated from the numbers. `--quick` trains every row for 3 steps on a tiny
 model and a tiny dataset (1 seed) and writes to <workdir>/ablation-quick.md unless --doc is given.
 """
@@ -34,6 +37,9 @@ model and a tiny dataset (1 seed) and writes to <workdir>/ablation-quick.md unle
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import math
 import os
@@ -42,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +58,8 @@ from cirflow.core.config import load_config
 from cirflow.models.tiny import TINY_MODEL  # --quick's model, the one the test suite trains
 from cirflow.models.train_config import TrainConfig
 
-CLI = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING"]
+PROGRAM = [sys.executable, "-m", "cirflow.flows.cli"]
+CLI = [*PROGRAM, "--log-level", "WARNING"]
 SPLITS = {"test": "shapes/test", "novel (novel phrasing)": "shapes/novel"}
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Avg")
 UPPER_BOUND = "UPPER BOUND (oracle IACMA)"
@@ -116,15 +124,29 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def run_in_process(cmd: list[str]) -> str:
+    """`run` for a `cirflow` command (CLI + its arguments), executed by this process's interpreter."""
+    from cirflow.flows.cli import main as cirflow_main
+
+    print("+ (in process)", shlex.join(cmd), flush=True)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cirflow_main(cmd[len(PROGRAM):])
+    if code:
+        raise subprocess.CalledProcessError(code, cmd, out.getvalue())
+    return out.getvalue()
+
+
 def train_and_eval(common: list[str], row: Row, seed: int, workdir: Path, started: float,
-                   env: dict[str, str] | None) -> dict:
-    """One run: train (or reuse the config-hashed run), evaluate; returns its metrics and costs."""
-    ckpt = run([*CLI, "train", "--workdir", str(workdir), *common, *row.overrides, f"seed={seed}"],
-               env).strip().splitlines()[-1]
+                   cirflow: Callable[[list[str]], str]) -> dict:
+    """One run: train (or reuse the config-hashed run), evaluate; returns its metrics and costs.
+    `cirflow` runs a command (`run` or `run_in_process`)."""
+    ckpt = cirflow([*CLI, "train", "--workdir", str(workdir), *common, *row.overrides,
+                    f"seed={seed}"]).strip().splitlines()[-1]
     run_dir = Path(ckpt).parent.parent
     eval_path = run_dir / "eval" / "metrics.json"
     if not eval_path.exists():
-        run([*CLI, "eval", "--checkpoint", ckpt], env)
+        cirflow([*CLI, "eval", "--checkpoint", ckpt])
     train_metrics = json.loads((run_dir / "metrics.json").read_text())
     results = json.loads(eval_path.read_text())["results"]
     missing = [s for s in SPLITS.values() if s not in results]
@@ -231,7 +253,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backbone", choices=sorted(BACKBONE_OVERRIDES), default="tiny",
                         help="tiny: the built-in model; effnet-minilm: the pretrained regime (its own doc section)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and data, 1 seed, 3 steps")
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction,
+                        help="run the cirflow commands in this process, not one process each (default: --quick)")
     args = parser.parse_args(argv)
+    args.in_process = args.quick if args.in_process is None else args.in_process
     args.steps = args.steps or (3 if args.quick else 200)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.workdir = args.workdir or Path("workdir/ablation-quick" if args.quick else "workdir/ablation")
@@ -262,12 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     configs = {row.name: load_config(TrainConfig, None, [*common, *row.overrides]) for row in rows}
     batch = configs[rows[0].name].optim.batch_size  # no row overrides it; for the estimate and the report
     # --quick's 0.02 scale: 40 test queries, so galleries exceed the 50 images that R@50 needs (0.01 falls short).
-    run([*CLI, "data", "shapes", "--out", str(args.data), *(["--scale", "0.02"] if args.quick else [])])
     env = None  # full runs: torch's default threads (every core), as the speed figures assume
     if args.quick:
         # One thread: a tiny model gains nothing from two, and on cores busy with other jobs two spinning
         # OpenMP threads made each step ~80x slower (3.4 s instead of 0.04 s, measured).
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if args.in_process:
+            import torch
+
+            torch.set_num_threads(1)
+    cirflow = run_in_process if args.in_process else functools.partial(run, env=env)
+    cirflow([*CLI, "data", "shapes", "--out", str(args.data), *(["--scale", "0.02"] if args.quick else [])])
     jobs = [(seed, row) for seed in args.seeds for row in rows]  # seed-major: each pass is a full comparison
     overhead = OVERHEAD_S["quick" if args.quick else "full"]
     rate = math.inf if args.quick else BASE_SAMPLES_PER_S
@@ -284,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     spent = estimated = 0.0  # over the runs actually trained here (reused runs take seconds)
     for i, (seed, row) in enumerate(jobs):
         t0 = time.monotonic()
-        result = train_and_eval(common, row, seed, args.workdir, started, env)
+        result = train_and_eval(common, row, seed, args.workdir, started, cirflow)
         runs[row.name].append(result)
         elapsed = time.monotonic() - t0
         if not result["reused"]:

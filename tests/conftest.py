@@ -1,14 +1,25 @@
 """Shared fixtures: a tiny shapes dataset, made once per session, and overrides for the tiny model
-(cirflow.models.tiny.TINY_MODEL) trained on it."""
+(cirflow.models.tiny.TINY_MODEL) trained on it; the session's bundles; and Prefect for the flow tests: a private
+home (nothing read from or written to ~/.prefect), no analytics, and one test harness (a temporary server on
+SQLite) shared by the session: it takes 10-20 s to start here."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 from cirflow.models.tiny import TINY_MODEL, make_checkpoint
+
+# Before prefect is imported anywhere (a bench test module may be collected before any flow test): its settings are
+# read once.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cirflow-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +46,17 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_combiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, bundle) of an untrained tiny model with the default composer (combiner), seed 0: the
+    embedding job's tests and the backbone export test of "tiny" need exactly this one."""
+    from cirflow.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("tiny-combiner")
+    checkpoint = make_checkpoint(root / "model.pt", "combiner")
+    return checkpoint, export_bundle(checkpoint, root / "bundle")
+
+
+@pytest.fixture(scope="session")
 def effnet_minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, bundle) of an untrained effnet-minilm model (pretrained towers, tiny joint layers): its
     export takes about a minute, so the export and embedding tests share one."""
@@ -44,3 +66,20 @@ def effnet_minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     root = tmp_path_factory.mktemp("effnet-minilm")
     checkpoint = make_checkpoint(root / "model.pt", "combiner", overrides=["model.backbone.name=effnet-minilm"])
     return checkpoint, export_bundle(checkpoint, root / "bundle")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness: None) -> str:
+    """The harness server's API URL, for a subprocess's PREFECT_API_URL: given it, a process runs its flows there
+    instead of starting a temporary server of its own (another 10-20 s)."""
+    import prefect.settings
+
+    return prefect.settings.PREFECT_API_URL.value()

@@ -51,6 +51,9 @@ def test_doc_defaults_keep_quick_runs_out_of_the_real_section(tmp_path: Path) ->
     assert ablation.parse_args([]).doc == ablation.DOC
     quick = ablation.parse_args(["--quick", "--workdir", str(tmp_path)])
     assert quick.doc == tmp_path / "ablation-quick.md" and quick.steps == 3 and quick.seeds == [0]
+    # --quick runs its cirflow commands in the bench's process; full runs each in its own (speed, memory).
+    assert quick.in_process and not ablation.parse_args([]).in_process
+    assert not ablation.parse_args(["--quick", "--no-in-process"]).in_process
 
 
 def _run(r1: float, sub1: float) -> dict:

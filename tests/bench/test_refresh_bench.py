@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -55,11 +56,14 @@ def test_applied_change_is_what_the_catalog_sees(tmp_path: Path) -> None:
     assert stable_id(name) in change.ids("changed")
 
 
-def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, tmp_path: Path) -> None:
+def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, prefect_api_url: str,
+                                     tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
+    # The flow part runs on the session's Prefect server: a temporary one of the bench's own takes 10-20 s to start.
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "refresh.py"), "--quick", "--bundle",
                            str(tiny_bundle), "--data", str(tiny_shapes), "--workdir", str(tmp_path / "work"),
-                           "--doc", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--doc", str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": prefect_api_url})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = doc.read_text()
     assert text.count("<!-- begin refresh -->") == 1 and text.count("<!-- end refresh -->") == 1

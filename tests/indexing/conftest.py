@@ -15,7 +15,7 @@ from cirflow.indexing.index_build import build_index
 from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.shards import EmbeddingRun
-from cirflow.models.tiny import TINY_MODEL, make_checkpoint
+from cirflow.models.tiny import TINY_MODEL
 
 BUNDLE_ID = "0123456789abcdef"
 
@@ -54,10 +54,9 @@ def write_run(run_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.n
 
 
 @pytest.fixture(scope="session")
-def combiner_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def combiner_bundle(tiny_combiner: tuple[Path, Path]) -> Path:
     """An untrained tiny combiner bundle (its images' vectors differ by ~1e-4): the embedding job's tests."""
-    root = tmp_path_factory.mktemp("combiner-bundle")
-    return export_bundle(make_checkpoint(root / "model.pt", "combiner"), root / "bundle")
+    return tiny_combiner[1]
 
 
 @pytest.fixture(scope="session")

@@ -156,9 +156,11 @@ def test_a_driver_outside_single_machine_mode_joins_the_head_by_its_address(head
 
 
 def test_the_catalog_flow_submits_its_embedding_as_a_ray_job(head: Head, tiny_runtime: BundleRuntime,
-                                                            tiny_shapes: Path, tmp_path: Path) -> None:
+                                                            tiny_shapes: Path, prefect_api_url: str,
+                                                            tmp_path: Path) -> None:
     """`ray_job_address`: the catalog flow runs the embedding through Ray's job API on the head (the entry point
-    of `ray job submit`), follows it to the end, and goes on to build, validate and publish the index."""
+    of `ray job submit`), follows it to the end, and goes on to build, validate and publish the index. The flow
+    runs on the session's Prefect server: a temporary one of its own would take another 10-20 s to start."""
     import json
     import shlex
 
@@ -173,7 +175,7 @@ def test_the_catalog_flow_submits_its_embedding_as_a_ray_job(head: Head, tiny_ru
               "print('RESULT', json.dumps({'run_dir': result['run_dir'], 'index_dir': result['index_dir'], "
               "'jobs': [(j.entrypoint, j.status.value) for j in jobs]}))")
     env = head.env | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+                      "PREFECT_API_URL": prefect_api_url}
     result = subprocess.run(["bash", "-c", f"{head.commands['export']}\n{sys.executable} -c {shlex.quote(script)}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=400)

@@ -105,11 +105,16 @@ POLICIES = {
 }
 
 
+# One training step reads one batch: the first 16 triplets are all it needs (decoded, and their frozen stems
+# computed, once per run: half the run's time with all 160).
+ONE_BATCH = ("optim.max_steps=1", "data.max_train_queries=16")
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_freezing_policy_holds_through_a_training_step(policy: str, tiny_overrides: list[str],
                                                         tmp_path: Path) -> None:
     config = load_config(TrainConfig, None, [*tiny_overrides, *BACKBONES["effnet-minilm"], *POLICIES[policy],
-                                             "optim.max_steps=1", "optim.warmup_steps=0", "optim.lr=1e-2"])
+                                             *ONE_BATCH, "optim.warmup_steps=0", "optim.lr=1e-2"])
     before = {k: v.clone() for k, v in build_model(config.model).state_dict().items()}
     after = load_checkpoint(train(config, tmp_path / "run")).model
     frozen = {id(p) for p in after.frozen_parameters()}
@@ -151,7 +156,7 @@ def test_tmcir_on_a_frozen_image_tower_edits_pixels_only_in_its_iacma_stage(
     config = load_config(TrainConfig, None, [*tiny_overrides, *BACKBONES["effnet-minilm"],
                                              "model.backbone.image.train=frozen", "model.backbone.text.train=frozen",
                                              "method.name=tmcir", "method.generator=oracle", "method.iacma_steps=1",
-                                             "model.composer.name=atf", "optim.max_steps=1"])
+                                             "model.composer.name=atf", *ONE_BATCH])
     load_checkpoint(train(config, tmp_path / "run"))
     assert [stems.images is not None for stems in given] == [False, True]  # IACMA, then ATF
     assert all(stems.texts is not None for stems in given)
@@ -202,11 +207,16 @@ def test_cached_stems_give_the_uncached_features() -> None:
 
 # --- export ----------------------------------------------------------------------------------------------------
 
+# Backbones whose (checkpoint, bundle) other tests export too: the session's fixture of the same checkpoint.
+SHARED_EXPORTS = {"effnet-minilm": "effnet_minilm_bundle",  # with the embedding test: its export takes a minute
+                  "tiny": "tiny_combiner"}  # make_checkpoint(composer="combiner"), as the embedding tests' bundle
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_exports_with_parity_and_its_preprocessing(name: str, tmp_path: Path,
                                                                    request: pytest.FixtureRequest) -> None:
-    if name == "effnet-minilm":  # shared with the embedding test: its export takes a minute
-        ckpt, bundle = request.getfixturevalue("effnet_minilm_bundle")
+    if name in SHARED_EXPORTS:
+        ckpt, bundle = request.getfixturevalue(SHARED_EXPORTS[name])
     else:
         ckpt = make_checkpoint(tmp_path / "model.pt", composer="combiner", overrides=BACKBONES[name])
         bundle = export_bundle(ckpt, tmp_path / "bundle")  # raises when ORT and PyTorch differ by more than 1e-4
