@@ -192,6 +192,7 @@ def check_answers(answers: list[Answer], queries: list[Query], indexes: Path, bu
                   atol: float = 1e-4) -> int:
     """Assert that every answer is the search library's answer for the (index_id, bundle_id) it names, and that
     none failed; returns how many (index, bundle) versions answered. Each version is loaded once."""
+    from cirflow.export.runtime import BundleRuntime
     from cirflow.indexing.search import Searcher, VectorIndex
     from cirflow.indexing.service_state import ServiceConfig, find_bundle
 
@@ -202,8 +203,6 @@ def check_answers(answers: list[Answer], queries: list[Query], indexes: Path, bu
     for index_id, bundle_id in versions:
         index = VectorIndex.load(Path(indexes) / str(index_id), verify="size")
         assert index.bundle_id == bundle_id, (index_id, bundle_id)
-        from cirflow.export.runtime import BundleRuntime
-
         runtime = BundleRuntime.load(find_bundle(ServiceConfig(index=indexes, bundle=bundles), index.index_dir,
                                                  bundle_id), providers="cpu")
         searcher = Searcher(index, runtime)

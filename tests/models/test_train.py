@@ -19,6 +19,22 @@ def config(overrides: list[str], *extra: str) -> TrainConfig:
     return load_config(TrainConfig, None, [*overrides, *extra])
 
 
+def kill_training_at(cfg: TrainConfig, run_dir: Path, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train() killed (KeyboardInterrupt) at its `step`-th loss computation, as a kill -9 would leave the run."""
+    real_loss, calls = train_module._loss, {"n": 0}
+
+    def dying_loss(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_dir)
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+
+
 def test_training_learns_and_checkpoint_rebuilds(tiny_overrides: list[str], tmp_path: Path) -> None:
     cfg = config(tiny_overrides, "optim.max_steps=40", "optim.lr=3e-3")
     final = train(cfg, tmp_path / "run")
@@ -42,18 +58,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_overrides: list[str], tmp_
                  "optim.batch_size=8")
     straight = load_checkpoint(train(cfg, tmp_path / "straight")).model.state_dict()
 
-    real_loss, calls = train_module._loss, {"n": 0}
-
-    def dying_loss(*args: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args)
-
-    monkeypatch.setattr(train_module, "_loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "_loss", real_loss)
+    kill_training_at(cfg, tmp_path / "resumed", 6, monkeypatch)
     assert not (tmp_path / "resumed" / "checkpoints" / "model.pt").exists()
     resumed = load_checkpoint(train(cfg, tmp_path / "resumed")).model.state_dict()
     for name, tensor in straight.items():
@@ -146,18 +151,7 @@ def test_multi_stage_run_killed_in_its_first_stage_resumes_to_identical_weights(
     and into no later stage's (it once was loaded into stage 2's too: a ValueError, or silently wrong moments)."""
     cfg = config(tiny_overrides, "optim.max_steps=3", "optim.batch_size=8", "checkpoint_every_minutes=0", *extra)
     straight = load_checkpoint(train(cfg, tmp_path / "straight")).model.state_dict()
-    real_loss, calls = train_module._loss, {"n": 0}
-
-    def dying_loss(*args: object) -> torch.Tensor:
-        calls["n"] += 1
-        if calls["n"] == 2:  # in the first stage, after its first checkpoint
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args)
-
-    monkeypatch.setattr(train_module, "_loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "_loss", real_loss)
+    kill_training_at(cfg, tmp_path / "resumed", 2, monkeypatch)  # in the first stage, after its first checkpoint
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["state"]["stage"] == 0
     resumed = load_checkpoint(train(cfg, tmp_path / "resumed")).model.state_dict()
     for name, tensor in straight.items():
