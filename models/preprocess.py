@@ -6,16 +6,15 @@ same functions, so training and serving cannot drift apart.
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cirflow.core.config import check_positive
+from cirflow.models.images import ImageError, load_image  # the decoding gate; callers import them from here too
 
 MODES = ("stretch", "center_crop", "targetpad")
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -45,31 +44,6 @@ class PreprocessConfig:
             raise ValueError(f"target_ratio={self.target_ratio} must be at least 1 (long side / short side)")
         if not all(s > 0 for s in self.std):  # normalisation divides by it
             raise ValueError(f"std={list(self.std)} must be positive in every channel")
-
-
-class ImageError(ValueError):
-    """An image cannot be decoded; the message names the file and the reason."""
-
-
-def load_image(source: Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode a file path or encoded bytes into an RGB PIL image, or raise ImageError naming the input."""
-    label = name or (str(source) if isinstance(source, Path) else "<bytes>")
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that, and then decodes (hundreds of MB): refuse
-            # those as well, from the header.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
-                img.load()
-                return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise ImageError(f"image {label}: file not found") from e
-    except UnidentifiedImageError as e:  # its message holds the input's repr (a BytesIO address): not stable
-        raise ImageError(f"image {label}: cannot decode (not a recognised image format)") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # from the header, no pixels
-        raise ImageError(f"image {label}: too large to decode ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"image {label}: cannot decode ({e})") from e
 
 
 def resize_uint8(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
