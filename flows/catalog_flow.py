@@ -89,6 +89,9 @@ class CatalogFlowConfig:
     def __post_init__(self) -> None:
         check_fraction(self, "min_recall", "index_delta_max")
         check_positive(self, "keep_versions", "keep_bundles")
+        if "://" in self.embed.workdir:  # pathlib would take it for a local directory named "ftp:"
+            raise ValueError(f"embed.workdir={self.embed.workdir!r} is a URI; the catalog flow keeps its work directory "
+                             "on a local (or mounted) filesystem: give its path (`cirflow embed` alone writes to a URI)")
 
 
 class IndexValidationError(RuntimeError):
@@ -166,7 +169,8 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     job = replace(cfg.embed, bundle=str(bundle_dir), workdir=str(workdir),
                   catalog=CatalogConfig(name=cfg.embed.catalog.name, manifest=snapshot["path"]))
     state = load_catalog(job.catalog)
-    run_dir = snapshot_dir(workdir / "embeddings" / job.catalog.name / bundle_id, state, job.rows_per_shard)
+    run_dir = snapshot_dir(workdir / "embeddings" / job.catalog.name / bundle_id, state, job.rows_per_shard,
+                           job.images)
     made_before = _run_complete(str(run_dir))  # the same catalog state was embedded by an earlier run
     run_dir = Path(cached(embed_snapshot, _run_complete, key=content_key(to_dict(job), bundle_id),
                           config=job, run_dir=str(run_dir), ray_job_address=cfg.ray_job_address))

@@ -9,7 +9,9 @@ categoricals, are decoded; an all-empty CSV column is a string column), nulls al
 integers, floats and booleans are inferred, everything else (dates included) stays the text as written. They
 travel with the catalog's state (`fingerprint`) into each embedding snapshot and index version, so a change of
 metadata alone makes a new snapshot (whose vectors are all reused) and a new index version. Folder catalogs have
-none.
+none. A metadata column may not take a RESERVED_NAMES name: `format` and `sha256` are what the embedding job
+records of each image, `image` and `index_id` fields the search service adds to an item's JSON (where the
+column's values would be overwritten).
 
 A folder catalog lists every non-hidden entry under the folder that is not a directory, so that each one ends
 up embedded or in the job's errors table, never silently dropped:
@@ -35,7 +37,11 @@ metadata call per entry, never a read, so a refresh of a large catalog costs a l
 bytes. It misses only a rewrite that keeps the size and restores the mtime to the nanosecond (a deliberate
 `touch -d`, or a copy with preserved times of a same-sized picture): "sha256" hashes every entry's bytes
 instead, at the cost of reading the whole catalog on every refresh. An entry that cannot be stat'ed or read
-gets the version "unreadable": its read fails again in the job and becomes an errors row.
+gets the version "unreadable": its read fails again in the job and becomes an errors row. Hashing streams the
+bytes (a huge file costs time, not memory) and never opens what is not a regular file (a FIFO would block).
+
+read_bytes reads an image for the embedding job through the image gate (models/images.py) when given its
+ImageLimits: a file that is not a regular file or is over the size limit is refused before it is read.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote_to_bytes, urlparse
 
 import numpy as np
@@ -55,9 +62,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from cirflow.models.images import ImageLimits, read_file, read_stream
+
 log = logging.getLogger(__name__)
 
 CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("version", pa.string())])
+# What the embedding job records of each embedded image beside its uri (shards.py, index_store.py): the format
+# its bytes decoded as (PIL's name) and their sha256. Not metadata.
+SOURCE_COLUMNS = ("format", "sha256")
+# Names no metadata column may take: the catalog's own columns, SOURCE_COLUMNS, and the fields the search service
+# adds to an item's JSON (indexing/service.py), which would overwrite the column's values there.
+RESERVED_NAMES = (*CATALOG_SCHEMA.names, *SOURCE_COLUMNS, "image", "index_id")
 # Metadata column types by the name search reports them under (VectorIndex.metadata_fields).
 METADATA_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 CHANGE_KEYS = ("stat", "sha256")
@@ -145,8 +160,9 @@ def fingerprint(table: pa.Table) -> str:
 
 
 def metadata_columns(schema: pa.Schema) -> list[str]:
-    """The metadata column names of a catalog table (or of an index's items), in their order."""
-    return [name for name in schema.names if name not in CATALOG_SCHEMA.names]
+    """The metadata column names of a catalog table (or of an index's items), in their order: all but the
+    catalog's own columns and SOURCE_COLUMNS."""
+    return [name for name in schema.names if name not in CATALOG_SCHEMA.names and name not in SOURCE_COLUMNS]
 
 
 def metadata_fields(schema: pa.Schema) -> dict[str, str]:
@@ -216,9 +232,23 @@ def _stat_version(uri: str) -> str:
 
 def _sha256_version(uri: str) -> str:
     try:
-        return "sha256-" + hashlib.sha256(read_bytes(uri)).hexdigest()
+        with _open_entry(uri) as f:
+            return "sha256-" + hashlib.file_digest(f, "sha256").hexdigest()  # streamed: a huge file costs no memory
     except Exception:
         return UNREADABLE
+
+
+def _open_entry(uri: str) -> BinaryIO:
+    """An entry's bytes as a file object to stream, without blocking: a local entry that is not a regular file (a
+    FIFO, a device) is refused when opened (non-blocking, so a FIFO without writer does not wait for one)."""
+    path = local_path(uri)
+    if path is None:
+        return _open_fsspec(uri)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path!r} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def folder_entries(folder: Path, paths: list[Path]) -> pa.Table:
@@ -329,6 +359,10 @@ def _read_manifest(path: Path) -> pa.Table:
             raise CatalogError(f"catalog manifest {path}: row {row} has no version (leave the column out to have "
                                "versions computed)")
         columns["version"] = version.cast(pa.string())
+    reserved = [name for name in table.column_names if name in RESERVED_NAMES and name not in CATALOG_SCHEMA.names]
+    if reserved:
+        raise CatalogError(f"catalog manifest {path}: column(s) {reserved} have reserved names (reserved: "
+                           f"{list(RESERVED_NAMES)}: the job and the search service use them); rename them")
     for name in metadata_columns(table.schema):
         columns[name] = _metadata_column(path, name, table.column(name))
     return pa.table(columns)
@@ -383,15 +417,23 @@ def local_path(uri: str) -> str | None:
     return None
 
 
-def read_bytes(uri: str) -> bytes:
-    """One entry's bytes. Local paths and file:// directly; other schemes through fsspec when installed."""
+def read_bytes(uri: str, limits: ImageLimits | None = None) -> bytes:
+    """One entry's bytes. Local paths and file:// directly; other schemes through fsspec when installed.
+
+    limits: read through the image gate (models/images.py), which raises ImageError for what is not a regular file
+    or holds more than limits.max_bytes, before reading it, and never reads more than that; None: the whole file
+    (reads that are not images'). OSErrors (missing, permissions, I/O) propagate as they are."""
     path = local_path(uri)
     if path is not None:
-        return Path(path).read_bytes()
+        return Path(path).read_bytes() if limits is None else read_file(path, limits, name=uri)
+    with _open_fsspec(uri) as f:
+        return f.read() if limits is None else read_stream(f, limits, uri)
+
+
+def _open_fsspec(uri: str) -> BinaryIO:
     scheme = uri.split("://", 1)[0]
     try:
         import fsspec
     except ImportError as e:
         raise CatalogError(f"uri {uri}: scheme {scheme!r} needs fsspec (and its {scheme} package)") from e
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+    return fsspec.open(uri, "rb").open()

@@ -42,6 +42,7 @@ shards whose files were deleted or changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -61,7 +62,8 @@ from cirflow.core.ray_local import check_job_paths, connect_ray
 from cirflow.export.manifest import read_preprocess, resolve_bundle_dir, verify_bundle
 from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog, metadata_fields
-from cirflow.indexing.embed_stages import ShardBuilder, ShardJob, compare_rows
+from cirflow.indexing.embed_stages import ShardBuilder, ShardJob, compare_rows, limits_changed
+from cirflow.models.images import ImageLimits
 
 if TYPE_CHECKING:
     from cirflow.core.files import Location
@@ -111,6 +113,10 @@ class EmbedConfig:
     # without holding a batch for long; still failing, it is retried by the next run.
     read_retries: int = 3
     retry_backoff_seconds: float = 0.5
+    # What the image gate (models/images.py) lets through: at most max_bytes per file (a larger one is refused
+    # before it is read), max_pixels per picture (refused from its header), only these formats. A refused image
+    # is an errors row.
+    images: ImageLimits = field(default_factory=ImageLimits)
 
     def __post_init__(self) -> None:
         check_positive(self, "rows_per_shard", "batch_size", "cpus_per_actor", "keep_snapshots")
@@ -147,7 +153,7 @@ def run_embed(config: EmbedConfig) -> Location:
     if (base / shards.MANIFEST).exists():
         raise EmbedError(f"{base} holds an embedding run of an older cirflow (no snapshots); delete it to embed "
                          "the catalog again")
-    run_dir, retried = _target(base, snapshot_id(catalog, config.rows_per_shard))
+    run_dir, retried = _target(base, snapshot_id(catalog, config.rows_per_shard, config.images))
     snapshot = run_dir.name
     num_shards = math.ceil(catalog.num_rows / config.rows_per_shard)
     described = {"name": config.catalog.name, "source": config.catalog.source, "entries": catalog.num_rows,
@@ -156,8 +162,9 @@ def run_embed(config: EmbedConfig) -> Location:
     if fields:
         described["metadata_fields"] = fields
     previous = _previous_snapshot(base, run_dir, retried)
-    reuse = Reuse.plan(catalog, previous)
-    manifest = _resume_or_start(run_dir, bundle, described, config.rows_per_shard, num_shards, catalog, reuse)
+    reuse = Reuse.plan(catalog, previous, config.images)
+    manifest = _resume_or_start(run_dir, bundle, described, config.rows_per_shard, num_shards, catalog, reuse,
+                                config.images)
     if manifest["complete"]:
         log.info("embedding snapshot %s is complete (%d rows, %d errors); nothing to do", run_dir, manifest["rows"],
                  manifest["errors"])
@@ -171,7 +178,8 @@ def run_embed(config: EmbedConfig) -> Location:
              config.catalog.name, catalog.num_rows, _delta_text(manifest["delta"]), len(pending), num_shards, count)
     job = ShardJob(str(run_dir), str(reuse.previous) if reuse.previous else None, str(bundle_dir),
                    bundle["bundle_id"], int(bundle["embed_dim"]), config.batch_size,
-                   read_retries=config.read_retries, retry_backoff_seconds=config.retry_backoff_seconds)
+                   read_retries=config.read_retries, retry_backoff_seconds=config.retry_backoff_seconds,
+                   images=config.images)
     started = time.perf_counter()
     record = partial(_record, run_dir, manifest)  # called with each shard a worker wrote
     if not tasks:  # every shard was written by an earlier attempt, which stopped before finishing the run
@@ -211,17 +219,23 @@ def _output(workdir: str) -> Location:
     return root
 
 
-def snapshot_id(catalog: pa.Table, rows_per_shard: int) -> str:
-    """The id of a catalog state: its (id, uri, version) rows, metadata and the shard size. Its first snapshot's
-    directory has this name; the retries of its transient errors are `<id>-r1`, `<id>-r2`, ... (snapshot_dir)."""
-    return hashlib.sha256(f"{fingerprint(catalog)}/{rows_per_shard}".encode()).hexdigest()[:16]
+def snapshot_id(catalog: pa.Table, rows_per_shard: int, images: ImageLimits = ImageLimits()) -> str:
+    """The id of a catalog state: its (id, uri, version) rows, metadata and the shard size, and the image gate's
+    limits where they are not the defaults (other limits may admit other files: another snapshot, whose errors
+    rows are read again). Its first snapshot's directory has this name; the retries of its transient errors are
+    `<id>-r1`, `<id>-r2`, ... (snapshot_dir)."""
+    key = f"{fingerprint(catalog)}/{rows_per_shard}"
+    if images != ImageLimits():  # the defaults add nothing: snapshots named before limits existed keep their names
+        key += "/" + json.dumps(to_dict(images), sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def snapshot_dir(base: Location | str, catalog: pa.Table, rows_per_shard: int) -> Location:
+def snapshot_dir(base: Location | str, catalog: pa.Table, rows_per_shard: int,
+                 images: ImageLimits = ImageLimits()) -> Location:
     """The snapshot directory that `run_embed` completes for this catalog state under `base`
     (WORKDIR/embeddings/<catalog>/<bundle_id>): the state's complete snapshot without transient errors when
     there is one, else the one to make or resume (the first, or the next retry)."""
-    return _target(location(base), snapshot_id(catalog, rows_per_shard))[0]
+    return _target(location(base), snapshot_id(catalog, rows_per_shard, images))[0]
 
 
 def _target(base: Location, snapshot: str) -> tuple[Location, Location | None]:
@@ -275,7 +289,7 @@ class Reuse:
     retried: np.ndarray  # the ids read again for their transient failure (sorted); in `changes` as "changed"
 
     @classmethod
-    def plan(cls, catalog: pa.Table, previous: shards.EmbeddingRun | None) -> Reuse:
+    def plan(cls, catalog: pa.Table, previous: shards.EmbeddingRun | None, images: ImageLimits) -> Reuse:
         n = catalog.num_rows
         if previous is not None and not (previous.run_dir / shards.CATALOG).is_file():
             log.warning("previous snapshot %s has no %s; embedding every entry", previous.run_dir, shards.CATALOG)
@@ -290,6 +304,8 @@ class Reuse:
         failed = shards.read_errors(previous.run_dir / shards.ERRORS)
         transient = failed.column("transient").to_numpy()
         failed_ids = failed.column("id").to_numpy()
+        if limits_changed(previous.manifest, images):  # every errors row is read again (limits_changed)
+            transient = np.ones(len(failed_ids), bool)
         retry = same & np.isin(new_ids, failed_ids[transient])
         reused_errors = int((same & np.isin(new_ids, failed_ids[~transient])).sum())
         removed = np.setdiff1d(old_ids, new_ids)
@@ -316,7 +332,7 @@ def _delta_text(delta: dict[str, Any]) -> str:
 
 
 def _resume_or_start(run_dir: Location, bundle: dict[str, Any], catalog: dict[str, Any], rows_per_shard: int,
-                     num_shards: int, table: pa.Table, reuse: Reuse) -> dict[str, Any]:
+                     num_shards: int, table: pa.Table, reuse: Reuse, images: ImageLimits) -> dict[str, Any]:
     manifest = shards.read_manifest(run_dir)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,6 +344,7 @@ def _resume_or_start(run_dir: Location, bundle: dict[str, Any], catalog: dict[st
         manifest["changes_file"] = {shards.CHANGES: shards.write_parquet_atomic(reuse.changes,
                                                                                run_dir / shards.CHANGES)}
         manifest["delta"] = reuse.delta
+        manifest["images"] = to_dict(images)  # what the gate let through: limits_changed compares the next run's
         shards.write_manifest(run_dir, manifest)
         return manifest
     before = (manifest["catalog"]["fingerprint"], manifest["catalog"]["entries"], manifest["rows_per_shard"])
@@ -432,7 +449,9 @@ def _dispatch(actors: list[Any], tasks: list[tuple[int, int, int]], record: Call
 def _record(run_dir: Location, manifest: dict[str, Any], result: dict[str, Any]) -> None:
     """A worker wrote a shard's files: add them to the manifest (a rerun then skips the shard)."""
     for uri, reason in result["first_errors"]:
-        log.warning("skipped %s: %s", uri, reason)
+        # %r: a catalog's file name (and a reason naming it) may hold a newline or other control characters, which
+        # would forge log lines
+        log.warning("skipped %r: %r", uri, reason)
     shards.record_shard(manifest, result["name"], result["info"], result["errors_info"], result["transient"])
     shards.write_manifest(run_dir, manifest)
     errors = result["errors_info"]["rows"] if result["errors_info"] else 0

@@ -4,14 +4,21 @@ copy, or the job's own process for a small delta) and writes them itself.
 For each shard it reads the shard's catalog rows from the snapshot's catalog.parquet, carries over the vectors
 and errors rows of entries unchanged since the previous snapshot, reads, decodes and embeds the others, and
 writes the shard's files. A row whose image cannot be read gets its reason in the shard's errors file; every
-catalog entry of the shard ends up in one of the two.
+catalog entry of the shard ends up in one of the two. An embedded row records the format its bytes decoded as and
+their sha256 (carried over with the vector), which the search service checks before it serves the image.
+
+Every image is read and decoded through the image gate (models/images.py) under the job's ImageLimits
+(EmbedConfig.images): what is not a regular file (a FIFO, a device, a directory) or is over max_bytes is refused
+before it is read, a format outside `formats` or a picture over max_pixels before it is decoded, and anything a
+decoder raises becomes an ImageError.
 
 A failure is either a property of the input (permanent) or of the moment (transient), and only the first may be
 recorded as the image's fate:
 - permanent: the file is missing (a dangling symlink too), a directory, not a directory on the path, a symlink
   loop, a name too long, unreadable for its permissions, a uri no filesystem understands (ValueError), empty, or
-  not decodable (ImageError from preprocessing: corrupt, truncated, not an image, too large). Reading it again
-  gives the same answer until the entry changes, and a refresh carries the errors row over unread.
+  refused by the gate (ImageError: not a regular file, too many bytes or pixels, a format not allowed, corrupt,
+  truncated, not an image). Reading it again gives the same answer until the entry changes, and a refresh carries
+  the errors row over unread.
 - transient: every other failure to get the bytes: any other OSError (EIO, ESTALE, a timeout, a lost
   connection), ImportError or CatalogError (fsspec or the scheme's package missing on this node), and any
   unexpected exception from the filesystem (botocore, aiohttp, ...). A batch's transient failures are read again
@@ -24,19 +31,22 @@ without waiting between retries, until a read succeeds again: an outage is not w
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from cirflow.core.config import to_dict
 from cirflow.core.files import location
 from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogError, read_bytes
-from cirflow.models.preprocess import ImageError, PreprocessConfig, load_image, normalize_uint8, resize_uint8
+from cirflow.indexing.catalog import SOURCE_COLUMNS, CatalogError, read_bytes
+from cirflow.models.images import ImageLimits, decode
+from cirflow.models.preprocess import ImageError, PreprocessConfig, normalize_uint8, resize_uint8
 
 if TYPE_CHECKING:
     from cirflow.core.files import Location
@@ -54,11 +64,22 @@ class TransientReadError(ImageError):
     """The bytes could not be read for a reason of the moment (storage, network, this node), not of the input."""
 
 
-def read_image(uri: str, preprocess: PreprocessConfig) -> np.ndarray:
-    """(H, W, 3) uint8 at the bundle's size; raises ImageError with a one-line reason, TransientReadError when
-    reading the bytes failed for a reason that may pass (module docstring)."""
+@dataclass(frozen=True)
+class EntryImage:
+    """A catalog entry's image as the job embeds and records it."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8 at the bundle's size
+    format: str  # what its bytes decoded as (PIL's name: "PNG", "JPEG", ...)
+    sha256: str  # hex digest of exactly the bytes read
+
+
+def read_entry(uri: str, preprocess: PreprocessConfig, limits: ImageLimits) -> EntryImage:
+    """Read and decode one entry through the image gate; raises ImageError with a one-line reason,
+    TransientReadError when reading the bytes failed for a reason that may pass (module docstring)."""
     try:
-        data = read_bytes(uri)
+        data = read_bytes(uri, limits)
+    except ImageError:  # the gate's refusal (not a regular file, too large): before ValueError, of which it is one
+        raise
     except FileNotFoundError as e:  # also a dangling symlink
         raise ImageError("file not found") from e
     except (ConnectionError, TimeoutError) as e:  # OSErrors too, but never the input's
@@ -76,16 +97,27 @@ def read_image(uri: str, preprocess: PreprocessConfig) -> np.ndarray:
         raise TransientReadError(f"cannot read: {type(e).__name__}: {e}") from e
     if not data:
         raise ImageError("empty file (0 bytes)")
-    return resize_uint8(load_image(data, name=uri), preprocess)
+    decoded = decode(data, limits, uri)
+    return EntryImage(resize_uint8(decoded.image, preprocess), decoded.format, hashlib.sha256(data).hexdigest())
+
+
+def read_image(uri: str, preprocess: PreprocessConfig, limits: ImageLimits | None = None) -> np.ndarray:
+    """read_entry's pixels alone, under the default limits unless given (benchmarks time the job's reading with
+    it)."""
+    return read_entry(uri, preprocess, limits or ImageLimits()).pixels
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocess: PreprocessConfig, retries: int = 0,
-                 backoff_seconds: float = 0.0) -> dict[str, np.ndarray]:
-    """Rows (id, uri) -> + pixels (B, H, W, 3) uint8, error (str, "" when decoded) and transient (bool: the
-    error is of the moment). The rows that failed transiently are read again, together, after backoff_seconds,
-    then twice that, ..., `retries` times at most."""
+                 backoff_seconds: float = 0.0, limits: ImageLimits | None = None) -> dict[str, np.ndarray]:
+    """Rows (id, uri) -> + pixels (B, H, W, 3) uint8, format and sha256 (str, None where not decoded), error
+    (str, "" when decoded) and transient (bool: the error is of the moment), read under `limits` (None: the
+    defaults). The rows that failed transiently are read again, together, after backoff_seconds, then twice
+    that, ..., `retries` times at most."""
     n, size = len(batch["id"]), preprocess.size
+    limits = limits or ImageLimits()
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    formats = np.full(n, None, dtype=object)
+    sha256s = np.full(n, None, dtype=object)
     errors = np.full(n, "", dtype=object)
     transient = np.zeros(n, dtype=bool)
     todo = list(range(n))
@@ -98,7 +130,8 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: PreprocessConfig, ret
         failed = []
         for i in todo:
             try:
-                pixels[i] = read_image(str(batch["uri"][i]), preprocess)
+                entry = read_entry(str(batch["uri"][i]), preprocess, limits)
+                pixels[i], formats[i], sha256s[i] = entry.pixels, entry.format, entry.sha256
                 errors[i], transient[i] = "", False
             except TransientReadError as e:
                 errors[i], transient[i] = f"{e}; transient, {attempt + 1} attempt(s)", True
@@ -108,7 +141,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: PreprocessConfig, ret
         todo = failed
         if not todo:
             break
-    return {**batch, "pixels": pixels, "error": errors, "transient": transient}
+    return {**batch, "pixels": pixels, "format": formats, "sha256": sha256s, "error": errors, "transient": transient}
 
 
 class ImageEmbedder:
@@ -126,8 +159,8 @@ class ImageEmbedder:
         vectors = np.zeros((len(ok), self.runtime.embed_dim), dtype=np.float32)
         if ok.any():
             vectors[ok] = self.runtime.encode_images(normalize_uint8(batch["pixels"][ok], self.preprocess))
-        return {"id": batch["id"], "uri": batch["uri"], "embedding": vectors, "error": batch["error"],
-                "transient": batch["transient"]}
+        return {"id": batch["id"], "uri": batch["uri"], "embedding": vectors, "format": batch["format"],
+                "sha256": batch["sha256"], "error": batch["error"], "transient": batch["transient"]}
 
 
 def compare_rows(new: pa.Table, old: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +195,7 @@ class ShardJob:
     threads: int = 1
     read_retries: int = 0  # transient read failures of a batch are read again this many times ...
     retry_backoff_seconds: float = 0.0  # ... after this long, doubling each time (EmbedConfig has the defaults)
+    images: ImageLimits = field(default_factory=ImageLimits)  # what the image gate lets through (EmbedConfig.images)
 
 
 class ShardBuilder:
@@ -174,7 +208,7 @@ class ShardBuilder:
         self.job = job
         self.run_dir = location(job.run_dir)
         self.embedder: ImageEmbedder | None = None
-        self.previous = PreviousSnapshot(location(job.previous_dir)) if job.previous_dir else None
+        self.previous = PreviousSnapshot(location(job.previous_dir), job.images) if job.previous_dir else None
         self.outage = False  # the last batch read failed transiently for every row: retry no more until one works
 
     def __call__(self, k: int, lo: int, hi: int) -> dict[str, Any]:
@@ -183,18 +217,21 @@ class ShardBuilder:
         ids = rows.column("id").to_numpy()
         uris = np.array(rows.column("uri").to_pylist(), dtype=object)
         vectors = np.zeros((len(ids), self.job.dim), np.float32)
+        formats = np.full(len(ids), None, dtype=object)
+        sha256s = np.full(len(ids), None, dtype=object)
         errors = np.full(len(ids), "", dtype=object)
         transient = np.zeros(len(ids), bool)
         reused = np.zeros(len(ids), bool)
         if self.previous is not None and len(ids):
-            reused, errors = self.previous.carry_over(rows, vectors)
+            reused, errors = self.previous.carry_over(rows, vectors, formats, sha256s)
         todo = np.flatnonzero(~reused)
         for start in range(0, len(todo), self.job.batch_size):
             at = todo[start:start + self.job.batch_size]
             batch = self._embed({"id": ids[at], "uri": uris[at]})
-            vectors[at], errors[at], transient[at] = batch["embedding"], batch["error"], batch["transient"]
-        return write_shard(self.run_dir, k, ids, uris, vectors, errors, transient, self.job.bundle_id) | {
-            "embedded": len(todo)}
+            vectors[at], formats[at], sha256s[at] = batch["embedding"], batch["format"], batch["sha256"]
+            errors[at], transient[at] = batch["error"], batch["transient"]
+        return write_shard(self.run_dir, k, ids, uris, vectors, errors, transient, self.job.bundle_id,
+                           formats, sha256s) | {"embedded": len(todo)}
 
     def node(self) -> str:
         """The Ray node this worker runs on (an actor's method: the job records how many nodes took part)."""
@@ -207,30 +244,43 @@ class ShardBuilder:
             self.embedder = ImageEmbedder(self.job.bundle_dir, self.job.providers, self.job.require_gpu,
                                           self.job.threads)
         retries = 0 if self.outage else self.job.read_retries
-        decoded = decode_batch(batch, self.embedder.preprocess, retries, self.job.retry_backoff_seconds)
+        decoded = decode_batch(batch, self.embedder.preprocess, retries, self.job.retry_backoff_seconds,
+                               self.job.images)
         outage = bool(decoded["transient"].all())
         if outage and not self.outage:
-            log.warning("every read of a batch of %d failed transiently after %d retries (%s); reading without "
+            # %r: a reason may hold a uri, and a file name may hold a newline (a forged log line)
+            log.warning("every read of a batch of %d failed transiently after %d retries (%r); reading without "
                         "retries until one succeeds", len(batch["id"]), retries, decoded["error"][0])
         self.outage = outage
         return self.embedder(decoded)
 
 
+def limits_changed(manifest: dict[str, Any], images: ImageLimits) -> bool:
+    """Whether a snapshot (its manifest) was read through other image gate limits than `images`: then its errors
+    rows are no verdict on today's limits. A snapshot from before the limits were recorded read with the defaults."""
+    return manifest.get("images", to_dict(ImageLimits())) != to_dict(images)
+
+
 class PreviousSnapshot:
-    """The unchanged entries' vectors and errors rows of the previous snapshot, read for one id range at a
+    """The unchanged entries' vectors (with their format and sha256) and errors rows of the previous snapshot, read
+    for one id range at a
     time: both snapshots are id-sorted, so a new shard needs one or two old ones (the last two read stay in
     memory), found from the old shards' id statistics without reading them."""
 
-    def __init__(self, run_dir: Location) -> None:
+    def __init__(self, run_dir: Location, images: ImageLimits) -> None:
         self.run = shards.open_run(run_dir, verify=False)  # the driver verified it when it planned the reuse
+        self.retry_errors = limits_changed(self.run.manifest, images)
         self.ranges = [(lo, hi, path) for path in self.run.shard_files for lo, hi in [shards.id_range(path)]
                        if lo is not None]
-        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def carry_over(self, rows: pa.Table, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fill `vectors` for the rows (id, uri, version) that are unchanged since the previous snapshot;
-        returns (reused mask, errors: the previous reason of unchanged rows that failed permanently, "" elsewhere).
-        An unchanged row whose previous failure was transient is not reused: it is read again."""
+    def carry_over(self, rows: pa.Table, vectors: np.ndarray, formats: np.ndarray,
+                   sha256s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fill `vectors`, `formats` and `sha256s` (None where the previous snapshot recorded none) for the rows
+        (id, uri, version) that are unchanged since the previous snapshot; returns (reused mask, errors: the
+        previous reason of unchanged rows that failed permanently, "" elsewhere). An unchanged row whose previous
+        failure was transient is not reused: it is read again; nor is any failed row when the image gate's limits
+        changed since the previous snapshot (a file refused as too large may pass a raised cap)."""
         ids = rows.column("id").to_numpy()
         id_filter = [("id", ">=", int(ids[0])), ("id", "<=", int(ids[-1]))]
         old = shards.read_table(self.run.run_dir / shards.CATALOG, columns=["id", "uri", "version"],
@@ -238,49 +288,56 @@ class PreviousSnapshot:
         _, same = compare_rows(rows, old)
         failed = shards.read_errors(self.run.run_dir / shards.ERRORS, filters=id_filter)
         reasons = dict(zip(failed.column("id").to_pylist(), failed.column("reason").to_pylist()))
-        retry = set(failed.filter(failed.column("transient")).column("id").to_pylist())
+        retried = failed if self.retry_errors else failed.filter(failed.column("transient"))
+        retry = set(retried.column("id").to_pylist())
         reused = same & ~np.isin(ids, np.fromiter(retry, np.int64, len(retry)))
         errors = np.array([reasons.get(i, "") if r else "" for i, r in zip(ids.tolist(), reused)], dtype=object)
         good = reused & (errors == "")
         if good.any():
-            vectors[good] = self._take(ids[good])
+            vectors[good], formats[good], sha256s[good] = self._take(ids[good])
         return reused, errors
 
-    def _take(self, ids: np.ndarray) -> np.ndarray:
+    def _take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vectors, formats, sha256s) of these sorted ids, from the old shards that hold them."""
         out = np.zeros((len(ids), self.run.dim), np.float32)
+        formats = np.full(len(ids), None, dtype=object)
+        sha256s = np.full(len(ids), None, dtype=object)
         found = np.zeros(len(ids), bool)
         for lo, hi, path in self.ranges:
             if hi < ids[0] or lo > ids[-1]:
                 continue
-            old_ids, vectors = self._read(path)
+            old_ids, vectors, old_formats, old_sha256s = self._read(path)
             pos = np.searchsorted(old_ids, ids).clip(max=len(old_ids) - 1)
             hit = old_ids[pos] == ids
-            out[hit] = vectors[pos[hit]]
+            out[hit], formats[hit], sha256s[hit] = vectors[pos[hit]], old_formats[pos[hit]], old_sha256s[pos[hit]]
             found |= hit
         if not found.all():
             raise shards.EmbeddingsError(
                 f"previous snapshot {self.run.run_dir} lacks the vectors of ids {ids[~found][:5].tolist()} that "
                 "its catalog lists; delete it to embed everything")
-        return out
+        return out, formats, sha256s
 
-    def _read(self, path: Location) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, path: Location) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if str(path) not in self.cache:
             if len(self.cache) >= 2:
                 self.cache.pop(next(iter(self.cache)))
-            ids, vectors, _ = shards.read_shard(path, self.run.dim)
-            self.cache[str(path)] = (ids, vectors)
+            table = shards.read_columns(path, ["id", "embedding", *SOURCE_COLUMNS])
+            self.cache[str(path)] = (table.column("id").to_numpy(), shards.shard_vectors(table, self.run.dim, path),
+                                     *(np.array(table.column(c).to_pylist(), dtype=object) for c in SOURCE_COLUMNS))
         return self.cache[str(path)]
 
 
 def write_shard(run_dir: Location, k: int, ids: np.ndarray, uris: np.ndarray, vectors: np.ndarray, errors: np.ndarray,
-                transient: np.ndarray, bundle_id: str) -> dict[str, Any]:
-    """Write shard k's Parquet file and, when some entries failed, its errors file (`transient` marks the
-    failures of the moment; each temp name, then rename; a stale errors file of a killed attempt is removed);
-    returns what the manifest records of them and the first failures, for the driver's log."""
+                transient: np.ndarray, bundle_id: str, formats: np.ndarray, sha256s: np.ndarray) -> dict[str, Any]:
+    """Write shard k's Parquet file (with each embedded row's format and sha256; None: unknown) and, when some
+    entries failed, its errors file (`transient` marks the failures of the moment; each temp name, then rename;
+    a stale errors file of a killed attempt is removed); returns what the manifest records of them and the first
+    failures, for the driver's log."""
     failed = np.array([bool(e) for e in errors], dtype=bool)
     ok = ~failed
     name = shards.shard_name(k)
-    table = shards.embedding_table(ids[ok], [str(u) for u in uris[ok]], vectors[ok], bundle_id)
+    table = shards.embedding_table(ids[ok], [str(u) for u in uris[ok]], vectors[ok], bundle_id, list(formats[ok]),
+                                   list(sha256s[ok]))
     info = shards.write_parquet_atomic(table, run_dir / name)
     errors_path = run_dir / shards.SHARD_ERRORS_DIR / name
     errors_info = None

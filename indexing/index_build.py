@@ -242,18 +242,17 @@ def _sample(run: EmbeddingRun, count: int, seed: int) -> np.ndarray:
 def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, merge: bool,
          on_gpu: bool) -> tuple[str, list[str], np.ndarray]:
     """Add the shards with their catalog ids; returns (layout, FAISS file names, all ids). Writes uris.parquet
-    (with the snapshot's metadata)."""
+    (with each image's format and sha256 and the snapshot's metadata)."""
     ivf = plan.index_type in ("ivf_flat", "ivf_pq")
     whole = trained if merge and not ivf else None  # Flat/HNSW merged: one index grows shard by shard
     parts_dir = out / "_parts" if merge and ivf else out
     parts_dir.mkdir(exist_ok=True)
-    files, all_ids, all_uris, offset = [], [], [], 0
-    for shard, (ids, vectors, uris) in enumerate(run.iter_shards()):
+    files, all_ids, offset = [], [], 0
+    for shard, (ids, vectors, _) in enumerate(run.iter_shards()):
         offset += len(ids)
         if len(ids) == 0:
             continue
         all_ids.append(ids)
-        all_uris.extend(uris)
         if whole is not None:
             whole.add_with_ids(vectors, ids)
             continue
@@ -270,7 +269,7 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingRun, out: Path, me
     if offset != run.rows:
         raise IndexBuildError(f"{run.run_dir}: the shards hold {offset} rows, the manifest says {run.rows}")
     ids = np.concatenate(all_ids)
-    store.write_uris(out, ids, all_uris, run.read_metadata())
+    store.write_uris(out, run.read_sources(), run.read_metadata())
     if whole is not None:
         faiss.write_index(whole, str(out / store.INDEX_FILE))
         return "single", [store.INDEX_FILE], ids

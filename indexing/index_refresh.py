@@ -7,7 +7,7 @@ what changed, and the ids whose old vectors are dead. Its cost follows the chang
                             codec reconstructs them (below)
         dead.npy            sorted ids of base vectors no longer valid (removed or changed since the base)
         base_ids.npy        sorted ids the base holds
-        uris.parquet        this snapshot's ids, uris and metadata
+        uris.parquet        this snapshot's ids, uris, formats, sha256s and metadata
         manifest.json       with the section "overlay"
 
 Search (indexing/search.py) searches the base without its dead ids (a faiss selector; a GPU index fetches more
@@ -90,7 +90,8 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
     touched = changes.filter(pc.is_in(changes.column("change"), value_set=pa.array(["changed", "removed"])))
     touched = np.sort(touched.column("id").to_numpy())
     dead = np.union1d(store.read_dead(previous, manifest), np.intersect1d(touched, base_ids))
-    ids, uris = run.read_ids_and_uris()
+    sources = run.read_sources()
+    ids, uris = sources.column("id").to_numpy(), sources.column("uri").to_pylist()
     delta_ids = np.setdiff1d(ids, np.setdiff1d(base_ids, dead))
     if len(dead) + len(delta_ids) > max_fraction * len(base_ids):
         log.info("index %s: full build (%d dead + %d delta vectors exceed %.0f%% of the base's %d)", previous.name,
@@ -112,7 +113,7 @@ def refresh_index(run: shards.EmbeddingRun, queries: Queries, previous: Path, co
         faiss.write_index(delta, str(tmp / store.DELTA_FILE))
         np.save(tmp / store.DEAD_FILE, dead)
         np.save(tmp / store.BASE_IDS_FILE, base_ids)
-        store.write_uris(tmp, ids, uris, run.read_metadata())
+        store.write_uris(tmp, sources, run.read_metadata())
         base = manifest.get("overlay", {}).get("base", manifest["index_id"])
         kept = {key: manifest[key] for key in ("catalog", "embed_dim", "metric", "type", "factory", "params",
                                                "reason", "plan_warnings", "layout", "index_files",

@@ -3,8 +3,11 @@
     indexes/<catalog>/<index_id>/
         index.faiss (+ index.ivfdata)   merge=True: one index; IVF lists merged on disk in index.ivfdata
         shard-00000.faiss ...           merge=False: one index per embedding shard, searched together
-        uris.parquet                    id int64, uri string, then the catalog's metadata columns (none in indexes
-                                        of folder catalogs or of older cirflow), sorted by id
+        uris.parquet                    id int64, uri string, format string, sha256 string (what the embedding
+                                        job read: the format the bytes decoded as and their sha256, null where not
+                                        recorded), then the catalog's metadata columns (none in indexes of folder
+                                        catalogs), sorted by id; indexes of older cirflow lack format and sha256
+                                        (read as nulls) and may lack metadata
         truth.npz                       the tuning queries' exact top lists (ids, scores, excluded id per query)
         delta.faiss, dead.npy, base_ids.npy    an overlay version only (index_refresh.py)
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
@@ -38,15 +41,16 @@ from cirflow.core.files import (
     read_json,
     write_json_atomic,
 )
+from cirflow.indexing.catalog import SOURCE_COLUMNS, metadata_columns
 from cirflow.indexing.faiss_device import to_gpu
-from cirflow.indexing.shards import write_parquet_atomic
+from cirflow.indexing.shards import read_columns, write_parquet_atomic
 
 FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
 DELTA_FILE, DEAD_FILE, BASE_IDS_FILE = "delta.faiss", "dead.npy", "base_ids.npy"
 TRUTH_FILE = "truth.npz"  # the tuning queries' exact top lists over the catalog (index_build.tune_index)
-URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string())])
+URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), *((name, pa.string()) for name in SOURCE_COLUMNS)])
 
 
 class IndexFormatError(ValueError):
@@ -97,16 +101,15 @@ def resolve_index_dir(path: Path) -> Path:
     return path
 
 
-def write_uris(index_dir: Path, ids: np.ndarray, uris: list[str], metadata: pa.Table | None = None) -> None:
-    """id -> uri (and metadata) for the whole catalog, sorted by id; ids must be unique. metadata: (id, then its
-    columns) rows of the snapshot's catalog (EmbeddingRun.read_metadata), a row for every id at least."""
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
+def write_uris(index_dir: Path, sources: pa.Table, metadata: pa.Table | None = None) -> None:
+    """id -> uri, format, sha256 (and metadata) for the whole catalog, sorted by id. sources: the embedded rows'
+    (id, uri, format, sha256) (EmbeddingRun.read_sources), ids unique; metadata: (id, then its columns) rows of the
+    snapshot's catalog (EmbeddingRun.read_metadata), a row for every id at least."""
+    table = sources.select(URIS_SCHEMA.names).cast(URIS_SCHEMA).sort_by("id")
+    ids = table.column("id").to_numpy()
     if len(ids) > 1 and bool((ids[1:] == ids[:-1]).any()):
         dup = int(ids[1:][ids[1:] == ids[:-1]][0])
         raise IndexFormatError(f"catalog id {dup} occurs in more than one embedding row; ids must be unique")
-    table = pa.table([pa.array(ids, pa.int64()), pa.array([uris[i] for i in order], pa.string())],
-                     schema=URIS_SCHEMA)
     if metadata is not None and metadata.num_columns > 1:
         metadata = metadata.sort_by("id")
         known = metadata.column("id").to_numpy()
@@ -127,12 +130,17 @@ def read_uris(index_dir: Path) -> tuple[np.ndarray, pa.StringArray]:
     return table.column("id").to_numpy(), table.column("uri").combine_chunks()
 
 
+def read_sources(index_dir: Path) -> pa.Table:
+    """The format and sha256 columns of uris.parquet, row for row with read_uris; nulls in an index built before
+    they were recorded."""
+    return read_columns(Path(index_dir) / URIS, list(SOURCE_COLUMNS))
+
+
 def read_metadata(index_dir: Path) -> pa.Table:
     """The metadata columns of uris.parquet, row for row with read_uris; a table without columns for an index
     without metadata."""
     path = Path(index_dir) / URIS
-    names = [name for name in pq.read_schema(path).names if name not in URIS_SCHEMA.names]
-    return pq.read_table(path, columns=names)
+    return pq.read_table(path, columns=metadata_columns(pq.read_schema(path)))
 
 
 def read_faiss(path: Path, layout: str, mmap: bool) -> faiss.Index:

@@ -8,7 +8,9 @@ index file against the manifest, memory-maps what faiss can map (index_store), a
 efSearch. A Searcher refuses an index built from another bundle's vectors: the scores would be meaningless.
 
 The index also serves its catalog's entries: `item(id)` and `page(offset, limit)` give each entry's uri and
-metadata (catalog.py), `matching_ids(filters)` the ids whose metadata match. `search(..., allow_ids=...)`
+metadata (catalog.py), `matching_ids(filters)` the ids whose metadata match, `source(id)` where its image is and
+what the embedding job read there (the format its bytes decoded as and their sha256: a server checks the bytes
+it serves against it and names their content type from it, never from the file name). `search(..., allow_ids=...)`
 restricts results to a set of ids (e.g. the matching ones) with faiss's own selectors (IDSelectorBatch in
 SearchParameters, with the tuned nprobe / efSearch carried in: parameters given replace the index's own). A
 filter can leave an approximate index too few candidates where it looks (IVF: the probed lists; HNSW: the visited
@@ -71,6 +73,16 @@ class IndexMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
+class ImageSource:
+    """A catalog entry's image: where it is and what the embedding job read there. format and sha256 are None in
+    an index built before they were recorded (or from vectors made elsewhere)."""
+
+    uri: str
+    format: str | None  # what the bytes decoded as (PIL's name: "PNG", "JPEG", ...)
+    sha256: str | None  # hex digest of exactly the bytes that were embedded
+
+
+@dataclass(frozen=True)
 class SearchResult:
     ids: np.ndarray  # (n,) int64 catalog ids, best first; n = k unless the index found fewer
     scores: np.ndarray  # (n,) float32 inner products = cosine similarities (approximate for IVF-PQ)
@@ -86,13 +98,15 @@ class VectorIndex:
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index, on_gpu: bool,
                  ids: np.ndarray, uris: pa.StringArray, dead: np.ndarray | None = None,
-                 delta: faiss.Index | None = None, metadata: pa.Table | None = None) -> None:
+                 delta: faiss.Index | None = None, metadata: pa.Table | None = None,
+                 sources: pa.Table | None = None) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
         self.index = index  # the base: the whole index unless this is an overlay
         self.on_gpu = on_gpu
-        self._ids = ids  # sorted catalog ids, aligned with _uris and _metadata
+        self._ids = ids  # sorted catalog ids, aligned with _uris, _metadata and _sources
         self._uris = uris
+        self._sources = sources  # (format, sha256) per id; None: not recorded
         self._dead = np.zeros(0, np.int64) if dead is None else dead
         self._delta = delta
         self._delta_ids = (np.sort(faiss.vector_to_array(delta.id_map)) if delta is not None
@@ -116,7 +130,8 @@ class VectorIndex:
         if len(ids) != live:
             raise store.IndexFormatError(f"{index_dir}: {store.URIS} lists {len(ids)} ids, the index holds "
                                          f"{live} live vectors")
-        return cls(index_dir, manifest, index, on_gpu, ids, uris, dead, delta, store.read_metadata(index_dir))
+        return cls(index_dir, manifest, index, on_gpu, ids, uris, dead, delta, store.read_metadata(index_dir),
+                   store.read_sources(index_dir))
 
     @classmethod
     def load(cls, index_dir: Path, use_gpu: str = "auto", verify: str = "sha256", mmap: bool = True) -> VectorIndex:
@@ -289,12 +304,25 @@ class VectorIndex:
     def item(self, id: int) -> dict[str, Any]:
         """{"id", "uri", then each metadata field (None where the entry has no value)} of a catalog id;
         UnknownIdError when the index does not hold it."""
+        row = self._row(id)
+        return self._items(row, row + 1)[0]
+
+    def source(self, id: int) -> ImageSource:
+        """Where a catalog id's image is and what the embedding job read there; UnknownIdError when the index does
+        not hold it."""
+        row = self._row(id)
+        recorded = self._sources.slice(row, 1).to_pylist()[0] if self._sources is not None else {}
+        return ImageSource(self._uris[row].as_py(), recorded.get("format"), recorded.get("sha256"))
+
+    def _row(self, id: int) -> int:
+        """The row of a catalog id in _ids; SearchError for what is not an integer, UnknownIdError for an id the
+        index does not hold."""
         if isinstance(id, (bool, np.bool_)) or not isinstance(id, (int, np.integer)):
             raise SearchError(f"id must be an integer catalog id, got {id!r}")
         row = int(np.searchsorted(self._ids, id)) if 0 <= id < 2**63 else len(self._ids)
         if row >= len(self._ids) or self._ids[row] != id:
             raise UnknownIdError(f"catalog id {id} is not in index {self.index_dir.name}")
-        return self._items(row, row + 1)[0]
+        return row
 
     def page(self, offset: int, limit: int) -> list[dict[str, Any]]:
         """Up to `limit` items (as item() gives them) in id order from the `offset`-th; empty at the end."""

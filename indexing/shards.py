@@ -7,7 +7,11 @@ the bundle directory's CURRENT names the latest complete one, and `open_run` fol
     catalog.parquet          id int64, uri string, version string, then the catalog's metadata columns (catalog.py):
                              the catalog state this snapshot embeds; index builds take the metadata from it
     changes.parquet          id int64, change string (added, changed, removed): against the previous snapshot
-    part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string
+    part-00000.parquet ...   id int64, uri string, embedding fixed_size_list<float32, D>, bundle_id string,
+                             format string, sha256 string: the format the image's bytes decoded as (PIL's name)
+                             and the sha256 of exactly those bytes, carried over with the vector; null in shards
+                             written before they were recorded (those lack the columns) and in runs written from
+                             vectors made elsewhere
     errors.parquet           id int64, uri string, reason string, transient bool (written when the run completes);
                              transient: the read failed for a reason of the moment (embed_stages.py), the next run
                              reads it again. Files written before the column existed read as all permanent.
@@ -42,7 +46,7 @@ from cirflow.core.files import (
     write_atomic,
     write_json_atomic,
 )
-from cirflow.indexing.catalog import metadata_columns
+from cirflow.indexing.catalog import SOURCE_COLUMNS, metadata_columns
 
 if TYPE_CHECKING:
     from cirflow.core.files import Location
@@ -62,22 +66,26 @@ class EmbeddingsError(ValueError):
 
 
 def embedding_schema(dim: int) -> pa.Schema:
-    return pa.schema([("id", pa.int64()), ("uri", pa.string()),
-                      ("embedding", pa.list_(pa.float32(), dim)), ("bundle_id", pa.string())])
+    return pa.schema([("id", pa.int64()), ("uri", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+                      ("bundle_id", pa.string()), *((name, pa.string()) for name in SOURCE_COLUMNS)])
 
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def embedding_table(ids: np.ndarray, uris: list[str], vectors: np.ndarray, bundle_id: str) -> pa.Table:
-    """Rows sorted by id, in the explicit schema (fixed-size lists, not Ray's tensor extension type)."""
+def embedding_table(ids: np.ndarray, uris: list[str], vectors: np.ndarray, bundle_id: str,
+                    formats: list[str | None] | None = None, sha256s: list[str | None] | None = None) -> pa.Table:
+    """Rows sorted by id, in the explicit schema (fixed-size lists, not Ray's tensor extension type). formats,
+    sha256s: per row (None: unknown, e.g. vectors made elsewhere)."""
     order = np.argsort(ids, kind="stable")
     vectors = np.ascontiguousarray(vectors[order], dtype=np.float32)
     n, dim = vectors.shape
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+    sources = [pa.nulls(n, pa.string()) if values is None else pa.array([values[i] for i in order], pa.string())
+               for values in (formats, sha256s)]
     return pa.table([pa.array(ids[order], pa.int64()), pa.array([uris[i] for i in order], pa.string()),
-                     embedding, pa.array([bundle_id] * n, pa.string())], schema=embedding_schema(dim))
+                     embedding, pa.array([bundle_id] * n, pa.string()), *sources], schema=embedding_schema(dim))
 
 
 def error_table(ids: np.ndarray, uris: list[str], reasons: list[str],
@@ -235,13 +243,13 @@ class EmbeddingRun:
         for path in self.shard_files:
             yield read_shard(path, self.dim)
 
-    def read_ids_and_uris(self) -> tuple[np.ndarray, list[str]]:
-        """Every row's id and uri, in shard order, without the vectors."""
-        tables = [read_table(path, columns=["id", "uri"]) for path in self.shard_files]
+    def read_sources(self) -> pa.Table:
+        """Every row's id, uri, format and sha256 (null where not recorded), in shard order, without the vectors."""
+        columns = ["id", "uri", *SOURCE_COLUMNS]
+        tables = [read_columns(path, columns) for path in self.shard_files]
         if not tables:
-            return np.zeros(0, np.int64), []
-        table = pa.concat_tables(tables)
-        return table.column("id").to_numpy(), table.column("uri").to_pylist()
+            return pa.schema([embedding_schema(self.dim).field(name) for name in columns]).empty_table()
+        return pa.concat_tables(tables)
 
     def read_metadata(self) -> pa.Table | None:
         """The catalog's metadata as (id, then each metadata column) rows of catalog.parquet, checked against the
@@ -328,9 +336,24 @@ def id_range(path: Location) -> tuple[int | None, int | None]:
 
 def read_shard(path: Location, dim: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     table = read_table(path, columns=["id", "uri", "embedding"])
+    return table.column("id").to_numpy(), shard_vectors(table, dim, path), table.column("uri").to_pylist()
+
+
+def shard_vectors(table: pa.Table, dim: int, path: Location) -> np.ndarray:
+    """The (n, dim) float32 vectors of a shard's `embedding` column (read from `path`, which errors name)."""
     column = table.column("embedding").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != dim:
         raise EmbeddingsError(f"{path}: embedding column is {column.type}, expected fixed_size_list<float, {dim}>")
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    return table.column("id").to_numpy(), vectors, table.column("uri").to_pylist()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def read_columns(path: Location, columns: list[str]) -> pa.Table:
+    """These columns of a Parquet file (a shard, an index's uris.parquet); SOURCE_COLUMNS, which files written
+    before they were recorded lack, read as nulls there."""
+    names = parquet_file(path).schema_arrow.names
+    table = read_table(path, columns=[c for c in columns if c in names])
+    for name in columns:
+        if name not in names and name in SOURCE_COLUMNS:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    return table.select(columns)
 

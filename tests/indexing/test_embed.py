@@ -30,6 +30,7 @@ from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
 from cirflow.indexing.embed import EmbedConfig, EmbedError, actor_providers, run_embed
 from tests.export.conftest import random_images
+from tests.indexing.held_store import HeldStore
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,17 +151,18 @@ def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bu
 
 
 def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_path: Path) -> None:
-    """A driver killed mid-run resumes to exactly a clean run's rows. The last catalog entry is a FIFO whose
-    read blocks, so the kill lands after two or three of four shards and never after the fourth."""
+    """A driver killed mid-run resumes to exactly a clean run's rows. The last catalog entry is read from a store
+    that holds the read, so the kill lands after two or three of four shards and never after the fourth."""
     folder = tmp_path / "images"
     paths = write_images(folder, 14, seed=4)
     table = folder_entries(folder, paths).sort_by("id")
     stall = Path(table.column("uri")[13].as_py())  # in the last batch (rows 12-13: shard 3)
-    stall_pixels = stall.read_bytes()
-    stall.unlink()
-    os.mkfifo(stall)
+    store = HeldStore({stall.name: stall.read_bytes()})
+    store.hold(stall.name)
+    uris = table.column("uri").to_pylist()
+    uris[13] = store.uri(stall.name)
+    table = table.set_column(1, "uri", pa.array(uris, pa.string()))
     manifest = tmp_path / "catalog.csv"
-    # Versions given: restoring the FIFO's path to a file later must leave the catalog state (and snapshot) as is.
     pacsv.write_csv(table.append_column("version", pa.array(["v1"] * table.num_rows)), manifest)
     job = config("resumed", bundle, tmp_path / "work", manifest=str(manifest))
     args = [f"catalog.name={job.catalog.name}", f"catalog.manifest={manifest}", f"bundle={bundle}",
@@ -179,7 +181,7 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode(errors="replace")
-    _release(stall)
+    store.release()  # an actor of the killed job still waiting finishes, freeing its CPU for the next job
     assert run_dir is not None, f"the job never finished two shards:\n{output[-3000:]}"
     done = sorted(shards.read_manifest(run_dir)["shards"])
     assert not shards.read_manifest(run_dir)["complete"]
@@ -187,8 +189,6 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     # machine finishes them in any order); never shard 3, whose read blocks.
     assert len(done) in (2, 3) and shards.shard_name(3) not in done
 
-    stall.unlink()
-    stall.write_bytes(stall_pixels)  # the same path: the catalog (ids, uris) is unchanged
     (run_dir / done[0]).unlink()  # a finished shard lost as well: found on resume and redone
     assert run_embed(job) == run_dir
     run = shards.open_run(run_dir)
@@ -200,15 +200,7 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     assert len(ids) == len(set(ids.tolist())) == 14
     np.testing.assert_array_equal(ids, clean_ids)
     np.testing.assert_allclose(vectors, clean_vectors, atol=1e-6)
-
-
-def _release(fifo: Path) -> None:
-    """Give a reader still blocked on the FIFO (an actor of the killed job) an end of file, so that it frees
-    its CPU for the next job even if Ray has not killed it yet."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:  # no reader left
-        pass
+    store.close()
 
 
 def test_careless_inputs_each_end_up_embedded_or_in_the_errors_table(cluster: str, bundle: Path,
@@ -249,7 +241,7 @@ def test_careless_inputs_each_end_up_embedded_or_in_the_errors_table(cluster: st
     assert reasons["noise.png"].endswith("noise.png: cannot decode (not a recognised image format)")
     assert reasons["loop.png"] == "cannot read (Too many levels of symbolic links)"
     assert reasons["dangling.png"] == "file not found"
-    assert reasons["linked-dir"] == "cannot read (Is a directory)"
+    assert reasons["linked-dir"].endswith("linked-dir: not a regular file (a directory)")
     names = {u.rsplit("/", 1)[1] for u in uris}
     assert {"with space é.png", "new\nline.png", "inside.png", "latin-%E9.png", "alias.png"} <= names
     assert ("locked.png" in names) == (os.geteuid() == 0) == ("locked.png" not in reasons)

@@ -4,7 +4,6 @@ single-process run, and the job survives kill -9 of a worker node."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries
 from cirflow.indexing.embed import EmbedConfig, run_embed
 from tests.export.conftest import random_images
+from tests.indexing.held_store import HeldStore
 from tests.indexing.test_embed import png_bytes
 
 IMAGES, ROWS_PER_SHARD = 40, 4  # 10 shards: enough for both workers to take several
@@ -46,18 +46,20 @@ def bundle(combiner_bundle: Path) -> Path:
     return combiner_bundle
 
 
-def catalog(folder: Path, manifest: Path) -> dict[str, bytes]:
-    """IMAGES images in `folder`, listed with a fixed version in a manifest CSV (so that a file later replaced by
-    a FIFO and back is the same catalog state); uri -> bytes."""
+def catalog(folder: Path, manifest: Path, store: HeldStore | None = None, rows: tuple[int, ...] = ()) -> None:
+    """IMAGES images in `folder`, listed in id order with a fixed version in a manifest CSV; the entries of `rows`
+    (positions in id order) are served by `store` instead, under their file names."""
     folder.mkdir(parents=True)
-    data = {}
     for i, pixels in enumerate(random_images(IMAGES, 64, seed=7)):
-        path = folder / f"item-{i:03d}.png"
-        data[str(path.resolve())] = png_bytes(pixels)
-        path.write_bytes(data[str(path.resolve())])
+        (folder / f"item-{i:03d}.png").write_bytes(png_bytes(pixels))
     table = folder_entries(folder, sorted(folder.iterdir())).sort_by("id")
+    uris = table.column("uri").to_pylist()
+    for row in rows:
+        path = Path(uris[row])
+        store.files[path.name] = path.read_bytes()
+        uris[row] = store.uri(path.name)
+    table = table.set_column(1, "uri", pa.array(uris, pa.string()))
     pacsv.write_csv(table.append_column("version", pa.array(["v1"] * table.num_rows)), manifest)
-    return data
 
 
 def job(name: str, bundle: Path, workdir: Path | str, manifest: Path, **settings: object) -> EmbedConfig:
@@ -67,35 +69,6 @@ def job(name: str, bundle: Path, workdir: Path | str, manifest: Path, **settings
 
 def rows(run_dir: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return shards.open_run(run_dir).read_all()
-
-
-def blocked_workers() -> int:
-    """Ray workers blocked opening a FIFO for reading (the kernel's wait for a writer: no fd exists yet)."""
-    count = 0
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "wchan").read_text() == "wait_for_partner" and \
-                    (entry / "cmdline").read_bytes().startswith(b"ray::"):
-                count += 1
-        except OSError:  # gone, or not ours to read
-            continue
-    return count
-
-
-def feed(fifo: Path, data: bytes, stop: threading.Event) -> None:
-    """Serve the image's bytes to every reader of the FIFO (a shard given to another worker opens it again)."""
-    while not stop.is_set():
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # no reader yet
-            time.sleep(0.05)
-            continue
-        os.set_blocking(fd, True)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except BrokenPipeError:  # the reader died (its node was killed): the next one gets the bytes again
-            continue
 
 
 def test_two_workers_on_two_nodes_write_exactly_the_single_process_rows(two_nodes: tuple[Cluster, object],
@@ -129,18 +102,15 @@ def test_two_workers_on_two_nodes_write_exactly_the_single_process_rows(two_node
 
 def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cluster, object], bundle: Path,
                                                              tmp_path: Path) -> None:
-    """Both workers block reading a FIFO in their first shard; the worker node is killed (SIGKILL to all its
-    processes, as a lost machine); then the FIFOs are fed. The surviving worker takes over the lost shard, and a
-    rerun finds nothing left to do: the rows are exactly a single-process run's."""
+    """Both workers block reading from a store that holds the read, in their first shard; the worker node is
+    killed (SIGKILL to all its processes, as a lost machine); then the store answers. The surviving worker takes
+    over the lost shard, and a rerun finds nothing left to do: the rows are exactly a single-process run's."""
     cluster, worker = two_nodes
     manifest = tmp_path / "catalog.csv"
-    data = catalog(tmp_path / "images", manifest)
+    store = HeldStore({})
+    catalog(tmp_path / "images", manifest, store, rows=(0, ROWS_PER_SHARD))  # the first entries of shards 0 and 1
     single = run_embed(job("single", bundle, tmp_path / "work", manifest, local_below=10**6))
-    uris = sorted(data, key=lambda u: rows(single)[2].index(u))
-    fifos = [Path(uris[0]), Path(uris[ROWS_PER_SHARD])]  # the first entries of shards 0 and 1
-    for fifo in fifos:
-        fifo.unlink()
-        os.mkfifo(fifo)
+    store.hold(*store.files)
 
     outcome: dict[str, object] = {}
 
@@ -153,20 +123,13 @@ def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cl
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and blocked_workers() < 2:
+    while time.monotonic() < deadline and store.waiting < 2:
         time.sleep(0.2)
-    assert blocked_workers() == 2, "the two workers never reached their shards"
+    assert store.waiting == 2, "the two workers never reached their shards"
     cluster.remove_node(worker, allow_graceful=False)  # SIGKILL to the node's raylet, workers and agents
-    stop = threading.Event()
-    feeders = [threading.Thread(target=feed, args=(f, data[str(f)], stop), daemon=True) for f in fifos]
-    for feeder in feeders:
-        feeder.start()
+    store.release()
     thread.join(timeout=180)
-    stop.set()
     assert not thread.is_alive(), "the job hung after the node was lost"
-    for fifo in fifos:
-        fifo.unlink()
-        fifo.write_bytes(data[str(fifo)])  # the same path and version: the same catalog state
 
     run_dir = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
     # The surviving worker took over the lost shard: the first run completed, the rerun had nothing to do.
@@ -178,3 +141,4 @@ def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cl
     assert uris_after == single_uris
     np.testing.assert_allclose(vectors, single_vectors, atol=1e-6)
     assert shards.read_manifest(run_dir)["errors"] == 0
+    store.close()

@@ -24,6 +24,7 @@ from cirflow.indexing.index_plan import IndexConfig
 from cirflow.indexing.index_refresh import refresh_index
 from cirflow.indexing.queries import Queries
 from cirflow.indexing.search import VectorIndex
+from cirflow.models.images import ImageLimits
 from cirflow.models.preprocess import ImageError, PreprocessConfig
 from tests.indexing.conftest import unit
 from tests.indexing.test_embed import write_images
@@ -40,14 +41,14 @@ class Faults:
         self.failing: dict[str, int | None] = {}
         self.reads: Counter[str] = Counter()
 
-    def __call__(self, uri: str) -> bytes:
+    def __call__(self, uri: str, limits: ImageLimits | None = None) -> bytes:
         self.reads[uri] += 1
         left = self.failing.get(uri, 0)
         if left is None or left > 0:
             if left is not None:
                 self.failing[uri] = left - 1
             raise self.error()
-        return REAL_READ(uri)
+        return REAL_READ(uri, limits)
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def errors(run_dir: Path) -> list[dict]:
 def test_a_read_failure_is_permanent_only_when_it_is_the_inputs(monkeypatch: pytest.MonkeyPatch,
                                                                 error: Exception, transient: bool,
                                                                 reason: str) -> None:
-    def fail(uri: str) -> bytes:
+    def fail(uri: str, limits: ImageLimits | None = None) -> bytes:
         raise error
 
     monkeypatch.setattr(embed_stages, "read_bytes", fail)

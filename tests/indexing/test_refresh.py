@@ -18,6 +18,7 @@ from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog
 from cirflow.indexing.embed import EmbedConfig, run_embed
 from tests.export.conftest import random_images
+from tests.indexing.held_store import HeldStore
 from tests.indexing.test_embed import REPO, png_bytes, write_images
 
 
@@ -87,8 +88,9 @@ def test_refresh_embeds_the_delta_and_reuses_the_rest(bundle: Path, tmp_path: Pa
 
 
 def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_path: Path) -> None:
-    """kill -9 in the middle of a refresh (the driver blocked reading a FIFO in the last shard) leaves CURRENT
-    on the old snapshot; the rerun finishes the new one with exactly the catalog's ids."""
+    """kill -9 in the middle of a refresh (the driver blocked reading from a store that holds the read, in the
+    last shard) leaves CURRENT on the old snapshot; the rerun finishes the new one with exactly the catalog's
+    ids."""
     folder = tmp_path / "images"
     paths = write_images(folder, 24, seed=2)
     table = folder_entries(folder, paths).sort_by("id")
@@ -99,15 +101,18 @@ def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_pat
     first = run_embed(config)
     before = rows(first)
 
-    # The refresh: two new entries, one of them a FIFO whose read blocks until the kill. It must be a new entry:
-    # an unchanged one is reused without being read, and the refresh then races the poll below to completion.
+    # The refresh: two new entries, one of them read from a store that holds the read until the kill. It must be
+    # a new entry: an unchanged one is reused without being read, and the refresh then races the poll below to
+    # completion.
     extra = write_images(folder / "extra", 2, seed=3)
-    added = folder_entries(folder, extra)
+    added = folder_entries(folder, extra).sort_by("id")
+    stall = Path(added.column("uri")[added.num_rows - 1].as_py())
+    store = HeldStore({stall.name: stall.read_bytes()})
+    store.hold(stall.name)
+    uris = added.column("uri").to_pylist()
+    uris[-1] = store.uri(stall.name)
+    added = added.set_column(1, "uri", pa.array(uris, pa.string()))
     grown = pa.concat_tables([table, added]).sort_by("id")
-    stall = Path(added.sort_by("id").column("uri")[added.num_rows - 1].as_py())
-    pixels = stall.read_bytes()
-    stall.unlink()
-    os.mkfifo(stall)
     pacsv.write_csv(grown.append_column("version", pa.array(["v1"] * grown.num_rows)), manifest)
     command = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING", "embed",
                "catalog.name=shop", f"catalog.manifest={manifest}", f"bundle={bundle}",
@@ -130,10 +135,10 @@ def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_pat
     assert not shards.read_manifest(new_dir)["complete"]
     assert shards.open_run(first.parent).run_dir == first  # CURRENT still names the old, complete snapshot
 
-    stall.unlink()
-    stall.write_bytes(pixels)  # the same path and version: the same catalog state, so the same snapshot resumes
+    store.release()  # the same uri and version: the same catalog state, so the same snapshot resumes
     assert run_embed(config) == new_dir
     after = rows(new_dir)
     assert set(after) == set(grown.column("id").to_pylist())
     assert all(after[i] == before[i] for i in before)
     assert shards.open_run(first.parent).run_dir == new_dir
+    store.close()
