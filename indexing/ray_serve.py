@@ -10,6 +10,7 @@ in the replica, and its health check fails a replica whose first load failed, so
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,11 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
+from cirflow.core.config import from_dict
 from cirflow.indexing.service import create_app
+from cirflow.indexing.service_security import read_api_key
 from cirflow.indexing.service_state import ServiceConfig, ServiceError
+from cirflow.models.images import ImageLimits
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -51,13 +55,18 @@ def deployment(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """For `serve run` / a Serve config file: `index` (required), `bundle`, `replicas`, `cpus_per_replica`, and
-    any other ServiceConfig field, as strings or numbers."""
+    """For `serve run` / a Serve config file: `index` (required), `bundle`, `replicas`, `cpus_per_replica`,
+    `api_key_file` (else CIRFLOW_API_KEY in the environment, else no key), `images` (a mapping of ImageLimits
+    fields), and any other ServiceConfig field, as strings or numbers."""
     args = dict(args)
     if "index" not in args:
         raise ServiceError("the search deployment needs args.index: WORKDIR/indexes/<catalog> or one version")
     replicas = int(args.pop("replicas", 1))
     cpus = float(args.pop("cpus_per_replica", 1.0))
+    if "api_key" in args:  # a config file is no place for a secret
+        raise ServiceError("give the search deployment's API key as args.api_key_file or in CIRFLOW_API_KEY, not "
+                           "as args.api_key")
+    key_file = args.pop("api_key_file", None)
     known = {f.name: f for f in fields(ServiceConfig)}
     unknown = sorted(set(args) - set(known))
     if unknown:
@@ -70,6 +79,9 @@ def app_builder(args: dict[str, Any]) -> Application:
             values[name] = str(value)
         elif name == "reload_seconds":
             values[name] = float(value)
+        elif name == "images":
+            values[name] = from_dict(ImageLimits, value, "args.images")
         else:
             values[name] = int(value)
+    values["api_key"] = read_api_key(None if key_file is None else Path(key_file), os.environ)
     return deployment(ServiceConfig(**values), replicas, cpus)

@@ -7,6 +7,12 @@ Endpoints: POST /search (composed, image-only or text-only; JSON or multipart), 
 OpenAPI schema at /openapi.json (/docs to try it), and the search page at /. The index and bundle load in the
 lifespan; the watcher (service_state.Published) swaps in new index versions while requests keep flowing.
 
+The service is an origin on the open web (service_security.py: headers, API key, offline docs). Whatever a
+catalog or a request holds is hostile: uploads go through the image gate (models/images.py: size, pixels,
+format allow-list, any decoder failure a 4xx), and an item's image is served only when its bytes are still
+those the snapshot embedded (their sha256), with the content type of the format they decoded as, never one
+guessed from the file name (a PNG named x.html must not become a page on this origin).
+
 Checking, decoding, encoding and searching block, so they run in a thread pool of `ServiceConfig.threads`; each
 request uses one ONNX Runtime thread (ort_threads) and one FAISS thread (FAISS parallelises over the queries of
 a call, and a request is one query), so concurrent requests fill the cores instead of contending inside one
@@ -18,8 +24,8 @@ serving.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import mimetypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -28,7 +34,7 @@ from typing import Any, AsyncIterator
 
 import faiss
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
@@ -51,12 +57,12 @@ from cirflow.indexing.service_requests import (
     parse_form,
     parse_json,
 )
+from cirflow.indexing.service_security import PAGE_DIR, SecurityHeadersMiddleware, add_docs, require_key
 from cirflow.indexing.service_state import Published, ServiceConfig, Version, find_bundle
-from cirflow.models.preprocess import ImageError, load_image
+from cirflow.models.images import ImageError, ImageLimits, decode, mime_of, probe
 
 log = logging.getLogger(__name__)
 
-PAGE_DIR = Path(__file__).parent / "page"
 MAX_PAGE = 200  # GET /items: items per page
 
 
@@ -119,12 +125,17 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
             loading.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="cirflow search", version="1", lifespan=lifespan,
+    app = FastAPI(title="cirflow search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Composed image retrieval over a published catalog index: a reference image and a "
                               "modification text in, catalog items out.")
     app.state.published, app.state.metrics, app.state.config = published, metrics, config
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # outermost: times 413s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # times 413s too
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every response, a 413 or a 500 included
+    add_docs(app)
+    # Search, the items and /api/info carry catalog data: behind the key when there is one. The probes, the
+    # page and the docs stay open.
+    guarded = [] if config.api_key is None else [Depends(require_key(config.api_key))]
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -144,7 +155,7 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
     async def run(function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
-    @app.post("/search", response_model=SearchResponse, openapi_extra=_search_body_schema(),
+    @app.post("/search", response_model=SearchResponse, openapi_extra=_search_body_schema(), dependencies=guarded,
               summary="Composed, image-only or text-only search",
               responses={413: {"description": "body or image over the limits"},
                          415: {"description": "neither JSON nor multipart"},
@@ -153,12 +164,12 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
         version = serving()  # this request's version, whatever is swapped in meanwhile
         body, upload = await _read_search(request)
         query = await run(check, body, upload, config)  # base64 and the image header: off the event loop
-        response = await run(answer, version, query)
+        response = await run(answer, version, query, config.images)
         for stage in ("decode", "encode", "search"):
             metrics.stages.labels(stage).observe(getattr(response.took_ms, stage) / 1000)
         return response
 
-    @app.get("/items", summary="Catalog items in id order (browse the catalog)")
+    @app.get("/items", dependencies=guarded, summary="Catalog items in id order (browse the catalog)")
     async def items(offset: int = 0, limit: int = 48) -> dict[str, Any]:
         version = serving()
         if not 1 <= limit <= MAX_PAGE:
@@ -169,20 +180,19 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
         return {"items": [_public(row) for row in rows], "offset": offset, "total": version.index.ntotal,
                 "index_id": version.index_id}
 
-    @app.get("/items/{item_id}", summary="A catalog item's uri and metadata")
+    @app.get("/items/{item_id}", dependencies=guarded, summary="A catalog item's uri and metadata")
     async def item(item_id: str) -> dict[str, Any]:
         version = serving()
         return {**_public(_item(version, item_id)), "index_id": version.index_id}
 
-    @app.get("/items/{item_id}/image", summary="A catalog item's image bytes, where its uri is readable",
-             response_class=Response)
+    @app.get("/items/{item_id}/image", dependencies=guarded, response_class=Response,
+             summary="A catalog item's image bytes, while they are those the index embedded")
     async def item_image(item_id: str) -> Response:
-        row = _item(serving(), item_id)
-        data = await run(_image_bytes, row, "item", 404)
-        media = mimetypes.guess_type(row["uri"])[0] or "application/octet-stream"
+        version = serving()
+        data, media = await run(catalog_image, version, _number(item_id), config.images, "item", 404)
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=60"})
 
-    @app.get("/api/info", summary="The served version, query modes and request limits")
+    @app.get("/api/info", dependencies=guarded, summary="The served version, query modes and request limits")
     async def info() -> dict[str, Any]:
         version = serving()
         return {"catalog": version.catalog, "index_id": version.index_id, "bundle_id": version.bundle_id,
@@ -190,7 +200,8 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
                 "metadata_fields": version.index.metadata_fields, "modes": ANSWERS,
                 "loaded_at": version.loaded_at, "reloads": dict(published.reloads),
                 "limits": {"max_k": config.max_k, "max_body_bytes": config.max_body_bytes,
-                           "max_image_pixels": config.max_image_pixels, "max_text_chars": config.max_text_chars,
+                           "max_image_bytes": config.images.max_bytes, "max_image_pixels": config.images.max_pixels,
+                           "image_formats": list(config.images.formats), "max_text_chars": config.max_text_chars,
                            "max_ids": config.max_ids}}
 
     @app.get("/healthz", summary="Liveness: the process answers (503 once the first load has failed)")
@@ -254,7 +265,7 @@ async def _read_search(request: Request) -> tuple[SearchRequest, bytes | None]:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         return parse_json(await request.body()), None
-    if kind == "multipart/form-data":
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the second: a form with no file
         try:
             form = await request.form(max_files=1, max_fields=16)
         except MultiPartException as e:
@@ -270,16 +281,19 @@ async def _read_search(request: Request) -> tuple[SearchRequest, bytes | None]:
         finally:
             await form.close()
     raise RequestError(415, f"content type {kind or 'missing'!r}: send application/json (image_base64) or "
-                            "multipart/form-data (an `image` file)")
+                            "multipart/form-data (an `image` file; form fields alone may also be urlencoded)")
+
+
+def _number(item_id: str) -> int:
+    try:
+        return int(item_id)
+    except ValueError as e:
+        raise RequestError(422, f"item id {item_id!r} is not an integer") from e
 
 
 def _item(version: Version, item_id: str) -> dict[str, Any]:
     try:
-        number = int(item_id)
-    except ValueError as e:
-        raise RequestError(422, f"item id {item_id!r} is not an integer") from e
-    try:
-        return version.index.item(number)
+        return version.index.item(_number(item_id))
     except UnknownIdError as e:
         raise RequestError(404, str(e)) from e
 
@@ -289,17 +303,18 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "id": str(row["id"]), "image": f"/items/{row['id']}/image"}
 
 
-def answer(version: Version, query: Query) -> SearchResponse:
-    """Decode, encode and search one checked query against one version (runs in the thread pool)."""
+def answer(version: Version, query: Query, limits: ImageLimits) -> SearchResponse:
+    """Decode (through the image gate, within `limits`), encode and search one checked query against one
+    version (runs in the thread pool)."""
     start = time.perf_counter()
     index, runtime = version.index, version.searcher.runtime
     allow = _allowed(version, query)
     image = None
     if query.mode != "text-only":
         data = (query.image if query.reference_id is None
-                else _image_bytes(version.index.item(query.reference_id), "reference_id", 422))
+                else catalog_image(version, query.reference_id, limits, "reference_id", 422)[0])
         try:
-            image = load_image(data, name="image")
+            image = decode(data, limits, "image" if query.reference_id is None else "reference_id").image
         except ImageError as e:
             raise RequestError(422, str(e)) from e
     decoded = time.perf_counter()
@@ -361,14 +376,36 @@ def _top(index: Any, vector: np.ndarray, k: int, excluded: tuple[int, ...],
     return ids[0][:k][found], scores[0][:k][found]
 
 
-def _image_bytes(row: dict[str, Any], role: str, status: int) -> bytes:
-    """A catalog item's image bytes; an item whose uri this service cannot read is a RequestError (`status`)
-    naming it in its `role` (the item asked for, or a query's reference)."""
+def catalog_image(version: Version, item_id: int, limits: ImageLimits, role: str, status: int) -> tuple[bytes, str]:
+    """(bytes, content type) of a catalog item's image, re-checked: read through the gate (a regular file under
+    the size cap) and still the bytes the snapshot embedded, so it is an image of the format recorded then,
+    whatever its file name says or its path now points at. An index written before images were recorded has
+    no sha256: its bytes must then be an image of an allowed format (of the recorded one, if any), sent as
+    the type of the format they decode as. A failed check is a RequestError (`status`) naming the item in its
+    `role` (the item asked for, or a query's reference)."""
     try:
-        return read_bytes(row["uri"])
+        source = version.index.source(item_id)
+    except UnknownIdError as e:
+        raise RequestError(404, str(e)) from e
+    where = f"{role} {item_id}: its image at {source.uri!r}"
+    try:
+        data = read_bytes(source.uri, limits)
+    except ImageError as e:
+        raise RequestError(status, f"{where} is not served ({e})") from e
     except Exception as e:  # OSError, fsspec's own errors: the item exists but its image cannot be read here
-        raise RequestError(status, f"{role} {row['id']}: its image at {row['uri']} cannot be read by this service "
-                                   f"({type(e).__name__}: {e})") from e
+        raise RequestError(status, f"{where} cannot be read by this service ({type(e).__name__}: {e})") from e
+    if source.sha256 is not None:
+        if hashlib.sha256(data).hexdigest() != source.sha256:
+            raise RequestError(status, f"{where} changed since index {version.index_id} embedded it; it is served "
+                                       "again once a refresh has embedded the new bytes")
+        return data, mime_of(source.format)
+    try:
+        found = probe(data, limits, f"{role} {item_id}")
+    except ImageError as e:
+        raise RequestError(status, f"{where} is not served ({e})") from e
+    if source.format is not None and found.format != source.format:
+        raise RequestError(status, f"{where} is now {found.format}, not the {source.format} that was embedded")
+    return data, found.mime
 
 
 def _search_body_schema() -> dict[str, Any]:

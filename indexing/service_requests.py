@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 from cirflow.indexing.service_state import ServiceConfig
+from cirflow.models.images import ImageError, ImageTooLarge, probe
 
 Mode = Literal["composed", "image-only", "text-only"]
 # What each mode ranks the catalog by: said in every response, so a client never mistakes one for another.
@@ -52,7 +50,18 @@ def _catalog_id(value: Any) -> Any:
     return value
 
 
+def _count(value: Any) -> Any:
+    """An integer or a decimal string (a form field); never a bool or a float (pydantic's lax mode would take
+    `true` as 1 and 2.0 as 2)."""
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
 CatalogId = Annotated[int, BeforeValidator(_catalog_id)]
+Count = Annotated[int, BeforeValidator(_count)]
 Scalar = str | int | float | bool
 
 
@@ -65,12 +74,12 @@ class SearchRequest(BaseModel):
     text: str | None = Field(None, description="the modification text (or the whole query, text-only)")
     image_base64: str | None = Field(None, description="the reference image's encoded bytes, base64")
     reference_id: CatalogId | None = Field(None, description="a catalog item whose image is the reference")
-    k: int = Field(10, description="how many results (1..max_k; see GET /api/info)")
+    k: Count = Field(10, description="how many results (1..max_k; see GET /api/info)")
     exclude_ids: list[CatalogId] = Field(default_factory=list, description="catalog ids never returned")
     allow_ids: list[CatalogId] | None = Field(None, description="only these catalog ids may be returned")
     filter: dict[str, Scalar | list[Scalar]] | None = Field(
         None, description="metadata filter: field -> value or list of values (any of them); fields AND together")
-    exclude_reference: bool = Field(True, description="leave the reference_id item out of its own results")
+    exclude_reference: StrictBool = Field(True, description="leave the reference_id item out of its own results")
 
 
 class Hit(BaseModel):
@@ -143,7 +152,7 @@ def parse_form(fields: dict[str, str], upload: bytes | None) -> tuple[SearchRequ
         elif name == "filter":
             data[name] = _form_json(name, value)
         elif name == "exclude_reference":
-            data[name] = value.strip().lower() in ("1", "true", "yes", "on")
+            data[name] = _form_bool(name, value)
         else:
             data[name] = value
     try:
@@ -160,6 +169,15 @@ def _form_list(name: str, value: str) -> list[str]:
             raise RequestError(422, f"{name}: expected a JSON list or comma-separated ids")
         return parsed
     return [part for part in (p.strip() for p in value.split(",")) if part]
+
+
+def _form_bool(name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise RequestError(422, f"{name}: expected true or false, got {value!r}")
 
 
 def _form_json(name: str, value: str) -> Any:
@@ -181,7 +199,7 @@ def check(request: SearchRequest, upload: bytes | None, config: ServiceConfig) -
     if image is not None:
         if not image:
             raise RequestError(422, "image: the uploaded image is empty (0 bytes)")
-        check_image_header(image, config.max_image_pixels)
+        check_image_header(image, config)
     text = request.text
     if text is not None:
         if not text.strip():
@@ -213,26 +231,21 @@ def check(request: SearchRequest, upload: bytes | None, config: ServiceConfig) -
 def _base64(value: str) -> bytes:
     if value.startswith("data:") and "," in value:  # a data URL, as a browser's FileReader gives it
         value = value.split(",", 1)[1]
+    # MIME base64 (`base64` the tool, email, PEM) wraps lines at 76 characters: the line breaks are no data.
+    value = "".join(value.split())
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(422, f"image_base64: not valid base64 ({e})") from e
 
 
-def check_image_header(data: bytes, max_pixels: int) -> None:
-    """Refuse bytes that are no image, or an image over `max_pixels`, from the header alone (nothing decoded:
-    a decompression bomb costs a few bytes to send and gigabytes to decode)."""
+def check_image_header(data: bytes, config: ServiceConfig) -> None:
+    """Refuse bytes that are no image of an allowed format, or an image over the pixel limit, from the header
+    alone (the image gate's probe: nothing decoded, since a decompression bomb costs a few bytes to send and
+    gigabytes to decode)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except Image.DecompressionBombError:
-        width = height = None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise RequestError(422, "image: not a readable image (the bytes are no image format this service "
-                                f"decodes: {type(e).__name__})") from e
-    if width is None or height is None or width * height > max_pixels:
-        size = "over PIL's own limit" if width is None else f"{width}x{height} = {width * height:,} pixels"
-        raise RequestError(413, f"image: {size}, over this service's limit of {max_pixels:,} pixels; send a "
-                                "smaller image")
+        probe(data, config.images, "image")
+    except ImageTooLarge as e:
+        raise RequestError(413, f"{e}; send a smaller image") from e
+    except ImageError as e:
+        raise RequestError(422, str(e)) from e

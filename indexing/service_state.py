@@ -25,6 +25,8 @@ from cirflow.export.manifest import MANIFEST, BundleError, read_manifest
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing import index_store as store
 from cirflow.indexing.search import Searcher, VectorIndex
+from cirflow.indexing.service_security import ApiKeyError, check_api_key
+from cirflow.models.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +50,31 @@ class ServiceConfig:
     ort_threads: int = 1  # ONNX Runtime intra-op threads per request (requests run side by side)
     max_k: int = 100
     max_body_bytes: int = 16 * 2**20
-    max_image_pixels: int = 40_000_000  # width x height, read from the header before anything is decoded
+    # Uploads and catalog images pass the image gate with these: bytes, pixels (from the header, before anything
+    # is decoded) and the format allow-list.
+    images: ImageLimits = ImageLimits()
     max_text_chars: int = 1000
     max_ids: int = 10_000  # entries of exclude_ids / allow_ids in one request
+    # A bearer token for search, the items and /api/info (service_security.py); None: open. Kept out of repr
+    # (configs get logged).
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         limits = {"max_k": self.max_k, "max_body_bytes": self.max_body_bytes,
-                  "max_image_pixels": self.max_image_pixels, "max_text_chars": self.max_text_chars,
+                  "max_text_chars": self.max_text_chars,
                   "max_ids": self.max_ids, "ort_threads": self.ort_threads}
         for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServiceError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ServiceError(f"workers must be >= 0 (0 = one per core), got {self.workers!r}")
-        if not self.reload_seconds >= 0:
+        if not isinstance(self.images, ImageLimits):
+            raise ServiceError(f"images must be an ImageLimits, got {self.images!r}")
+        try:
+            check_api_key(self.api_key)
+        except ApiKeyError as e:
+            raise ServiceError(str(e)) from e
+        if not 0 <= self.reload_seconds < float("inf"):
             raise ServiceError(f"reload_seconds must be >= 0 (0 = no hot reload), got {self.reload_seconds!r}")
 
     @property

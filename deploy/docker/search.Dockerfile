@@ -1,6 +1,7 @@
 # docker build -t cirflow-search:latest -f deploy/docker/search.Dockerfile .        (from the repository root)
 # The search service (cirflow serve): FastAPI + uvicorn over a published index and its bundle. The image holds
-# only what serving imports (ONNX Runtime, FAISS, tokenizers, PIL, pyarrow, FastAPI): no torch, Ray or Prefect.
+# only what serving imports (ONNX Runtime, FAISS, tokenizers, PIL, pyarrow, FastAPI, the docs' Swagger UI files):
+# no torch, Ray or Prefect.
 # The index and bundles come from storage mounted at /data (deploy/k8s/search-service.yaml).
 #   docker run -p 8000:8000 -v $PWD/workdir:/data/workdir:ro cirflow-search:latest \
 #       serve --index /data/workdir/indexes/shapes-shop --host 0.0.0.0
@@ -15,7 +16,7 @@ WORKDIR /opt/cirflow
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib, re; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 keep = {'numpy', 'pillow', 'tokenizers', 'pyyaml', 'onnxruntime', 'pyarrow', 'faiss-cpu', 'fastapi', 'uvicorn', \
-'python-multipart', 'prometheus-client'}; \
+'python-multipart', 'prometheus-client', 'fastapi-offline'}; \
 print('\n'.join(d for d in deps if re.split('[=<>\\[ ]', d)[0] in keep))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 

@@ -1,20 +1,66 @@
 // The search page: a reference image (uploaded or picked from the catalog) plus a modification text go to
 // POST /search as multipart; results come back as a grid; clicking one makes it the next reference.
+// A service with an API key answers 401: the page then asks for the key, keeps it for this tab only
+// (sessionStorage) and sends it as a bearer token, images included (fetched, then shown from blob: URLs,
+// since an <img src> cannot carry the header).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const PAGE_SIZE = 24;
+const KEY = "cirflow-api-key";
 const state = { file: null, referenceId: null, offset: 0, total: 0, busy: false };
 
+class AuthError extends Error {}
+
+function authorized(options) {
+  const key = sessionStorage.getItem(KEY);
+  if (!key) return options || {};
+  const headers = new Headers((options && options.headers) || {});
+  headers.set("Authorization", `Bearer ${key}`);
+  return { ...(options || {}), headers };
+}
+
 async function getJSON(url, options) {
-  const response = await fetch(url, options);
+  const response = await fetch(url, authorized(options));
   let body = null;
   try { body = await response.json(); } catch (e) { /* a non-JSON error page */ }
   if (!response.ok) {
     const detail = body && body.detail ? body.detail : `${response.status} ${response.statusText}`;
-    throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+    const message = typeof detail === "string" ? detail : JSON.stringify(detail);
+    if (response.status === 401) {
+      askForKey();
+      throw new AuthError(message);
+    }
+    throw new Error(message);
   }
   return body;
+}
+
+function showImage(img, url) {
+  if (!sessionStorage.getItem(KEY)) {
+    img.src = url;
+    return;
+  }
+  fetch(url, authorized()).then((r) => (r.ok ? r.blob() : Promise.reject(new Error(r.statusText))))
+    .then((blob) => { img.src = URL.createObjectURL(blob); })
+    .catch(() => { img.alt = `${img.alt} (not available)`; });
+}
+
+function askForKey() {
+  sessionStorage.removeItem(KEY);
+  $("key-form").hidden = false;
+  $("key").focus();
+}
+
+function useKey(event) {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("key").value = "";
+  $("key-form").hidden = true;
+  showError("");
+  loadInfo();
 }
 
 function showError(message) {
@@ -34,7 +80,7 @@ async function loadInfo() {
     }
   } catch (e) {
     $("served").textContent = "";
-    showError(`The service is not ready: ${e.message}`);
+    showError(e instanceof AuthError ? e.message : `The service is not ready: ${e.message}`);
   }
 }
 
@@ -45,8 +91,8 @@ async function loadCatalog(offset) {
     state.total = page.total;
     $("catalog").replaceChildren(...page.items.map((item) => {
       const img = new Image();
-      img.src = item.image;
       img.alt = `catalog item ${item.id}`;
+      showImage(img, item.image);
       img.title = item.id;
       img.loading = "lazy";
       img.addEventListener("click", () => useCatalogItem(item.id, item.image));
@@ -62,7 +108,7 @@ async function loadCatalog(offset) {
 }
 
 function setPreview(src, note) {
-  $("preview").src = src;
+  if (src.startsWith("blob:") || !src) $("preview").src = src; else showImage($("preview"), src);
   $("preview").hidden = !src;
   $("drop-hint").hidden = Boolean(src);
   $("reference-note").textContent = note || "";
@@ -143,8 +189,8 @@ function render(answer) {
     card.dataset.id = hit.id;
     card.title = `${hit.uri}\nclick to use it as the next reference`;
     const img = new Image();
-    img.src = hit.image;
     img.alt = `result ${i + 1}: item ${hit.id}`;
+    showImage(img, hit.image);
     const meta = document.createElement("div");
     meta.className = "meta";
     const rank = document.createElement("span");
@@ -176,6 +222,7 @@ function wire() {
   drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
   $("clear-reference").addEventListener("click", clearReference);
   $("search-form").addEventListener("submit", search);
+  $("key-form").addEventListener("submit", useKey);
   $("prev-page").addEventListener("click", () => loadCatalog(Math.max(0, state.offset - PAGE_SIZE)));
   $("next-page").addEventListener("click", () => loadCatalog(state.offset + PAGE_SIZE));
   $("browse").addEventListener("toggle", () => { if ($("browse").open && !$("catalog").children.length) loadCatalog(0); });

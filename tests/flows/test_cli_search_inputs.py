@@ -14,6 +14,7 @@ from cirflow.indexing.index_build import build_index
 from cirflow.indexing.queries import Queries
 from tests.export.conftest import random_images
 from tests.indexing.conftest import clustered, query_like, write_run
+from tests.indexing.test_hostile_catalog import dds_pixel_format_0, im_type_error
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
 
@@ -45,10 +46,12 @@ def test_a_good_image_is_searched(index_and_bundle: tuple[Path, Path], tmp_path:
 
 @pytest.mark.parametrize("name, data, reason", [
     ("bomb.png", decompression_bomb_png(), "too large to decode (Image size (10000000000 pixels) exceeds limit"),
-    ("empty.png", b"", "cannot decode (not a recognised image format)"),
+    ("empty.png", b"", "empty (0 bytes)"),
     ("notes.png", b"not an image", "cannot decode (not a recognised image format)"),
     ("missing.png", None, "file not found"),
-    ("folder.png", "dir", "cannot decode ([Errno 21] Is a directory"),
+    ("folder.png", "dir", "not a regular file (a directory)"),
+    ("x.png", dds_pixel_format_0(), "format DDS is not allowed"),  # a NotImplementedError traceback before the gate
+    ("x.im", im_type_error(), "cannot decode"),  # a TypeError traceback before
 ])
 def test_a_bad_reference_image_is_one_line_naming_the_file(
         index_and_bundle: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],

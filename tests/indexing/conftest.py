@@ -125,3 +125,22 @@ def new_shop(tiny_shapes: Path, service_bundles: Callable[[int], Path]) -> Calla
         return shop, index_version(shop, shop.workdir / "bundles" / "tiny-0")
 
     return build
+
+
+# A valid PNG with an HTML page appended: it decodes, so the catalog embeds it; named x.html, a service that
+# took the content type from the file name would serve a page that runs this script on its origin.
+XSS_ID = 1003
+XSS_PAYLOAD = b"<html><body><script>document.title = 'pwned'; fetch('/pwned-' + document.cookie)</script></body></html>"
+
+
+@pytest.fixture(scope="session")
+def hostile_shop(tiny_shapes: Path, service_bundles: Callable[[int], Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A published shop of 12 tiny shapes whose item XSS_ID is a PNG with a script appended, named `x.html`."""
+    from tests.indexing.service_setup import index_version, make_shop, rename_item
+
+    shop = make_shop(tmp_path_factory.mktemp("hostile"), tiny_shapes / "images" / "test", service_bundles(0),
+                     count=12)
+    rename_item(shop, XSS_ID, "x.html", shop.images[XSS_ID] + XSS_PAYLOAD)
+    index_version(shop, shop.workdir / "bundles" / "tiny-0")
+    return shop

@@ -80,6 +80,20 @@ def make_shop(root: Path, images: Path, bundle: Path, count: int | None = None) 
     return Shop(root, catalog_file, pictures, categories)
 
 
+def rename_item(shop: Shop, catalog_id: int, name: str, data: bytes) -> Path:
+    """Item `catalog_id`'s image becomes `data` under the file name `name` (the manifest's uri follows)."""
+    table = pq.read_table(shop.catalog_file)
+    uris = table.column("uri").to_pylist()
+    row = table.column("id").to_pylist().index(catalog_id)
+    Path(uris[row]).unlink()
+    path = Path(uris[row]).with_name(name)
+    path.write_bytes(data)
+    uris[row] = str(path)
+    pq.write_table(table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(uris)), shop.catalog_file)
+    shop.images[catalog_id] = data
+    return path
+
+
 def add_bundle(workdir: Path, bundle: Path) -> Path:
     """A copy of `bundle` in workdir/bundles (what an export into the workdir leaves)."""
     return Path(shutil.copytree(bundle, workdir / "bundles" / bundle.name))

@@ -63,7 +63,7 @@ from cirflow.indexing.service_state import Published, ServiceConfig
 config = ServiceConfig(index=Path(sys.argv[1]), providers="cpu")
 version = Published(config).load()
 request = SearchRequest(image_base64=base64.b64encode(Path(sys.argv[2]).read_bytes()).decode(), text="make it red")
-assert answer(version, check(request, None, config)).results
+assert answer(version, check(request, None, config), config.images).results
 print("served")
 """
 
@@ -168,26 +168,44 @@ def test_ray_serve_deployment_answers_like_the_library(shop: Shop, ray_serve: in
     assert httpx.post(f"{url}/search", json={"k": 5}, timeout=60).status_code == 422
 
 
-def test_cirflow_serve_serves_until_sigterm(shop: Shop) -> None:
-    """The command line as deployed: `cirflow serve` finds the bundle beside the index, answers, and a SIGTERM
-    (a rolling update) ends it cleanly."""
+def test_cirflow_serve_serves_until_sigterm(shop: Shop, tmp_path: Path) -> None:
+    """The command line as deployed: `cirflow serve` finds the bundle beside the index, answers (with the API key
+    of --api-key-file, and the image limits of its flags), and a SIGTERM (a rolling update) ends it cleanly."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
+    key_file = tmp_path / "api-key"
+    key_file.write_text("0123456789abcdef0123456789abcdef\n")
     server = subprocess.Popen([sys.executable, "-m", "cirflow.flows.cli", "serve", "--index", str(shop.indexes),
-                               "--port", str(port), "--reload-seconds", "0"],
+                               "--port", str(port), "--reload-seconds", "0", "--api-key-file", str(key_file),
+                               "--image-formats", "PNG,JPEG", "--max-image-pixels", "100000"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         assert wait_ready(url, 120)
-        response = httpx.post(f"{url}/search", json={"text": "make it red", "k": 3}, timeout=30)
+        body = {"text": "make it red", "k": 3}
+        assert httpx.post(f"{url}/search", json=body, timeout=30).status_code == 401
+        key = {"authorization": "Bearer 0123456789abcdef0123456789abcdef"}
+        response = httpx.post(f"{url}/search", json=body, headers=key, timeout=30)
         assert response.status_code == 200 and len(response.json()["results"]) == 3
+        limits = httpx.get(f"{url}/api/info", headers=key, timeout=30).json()["limits"]
+        assert (limits["image_formats"], limits["max_image_pixels"]) == (["PNG", "JPEG"], 100_000)
     finally:
         server.terminate()
         out, _ = server.communicate(timeout=60)
     # uvicorn finishes the shutdown, then re-raises the signal it caught: the exit status says "terminated".
     assert server.returncode in (0, -signal.SIGTERM), out[-2000:]
     assert "Application shutdown complete" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--api-key-file", "/nonexistent/key"], "API key file /nonexistent/key: cannot read it"),
+    (["--image-formats", "PNG,NOPE"], "NOPE"), (["--max-image-bytes", "0"], "max_bytes")])
+def test_cirflow_serve_names_a_bad_security_setting_in_one_line(shop: Shop, flags: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "cirflow.flows.cli", "serve", "--index", str(shop.indexes),
+                             *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_cirflow_serve_names_a_bad_index_in_one_line(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ installed by `make test` (make browser); `CIRFLOW_SKIP_BROWSER=1` skips this fil
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,6 +16,7 @@ import pytest
 
 from cirflow.indexing.service import create_app
 from cirflow.indexing.service_state import ServiceConfig
+from tests.indexing.conftest import XSS_ID
 from tests.indexing.service_setup import LiveServer, Shop
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -123,3 +125,58 @@ def test_browsing_the_catalog_picks_a_reference(shop: Shop, browser: webdriver.C
         assert "catalog item 1024" in browser.find_element(By.ID, "reference-note").text
         browser.find_element(By.ID, "go").click()  # no text: an image-only search
         wait.until(lambda d: "image-only" in d.find_element(By.ID, "status").text)
+
+
+def _console_errors(browser: webdriver.Chrome) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_a_catalog_image_named_html_runs_no_script_on_the_origin(hostile_shop: Shop,
+                                                                   browser: webdriver.Chrome) -> None:
+    """The stored XSS of the hostile-input review: a valid PNG with a script appended, named x.html, is in the
+    catalog. Opened in the browser, it must be an image, not a page whose script runs on the service's origin."""
+    browser.get_log("browser")  # drop what earlier tests left
+    with LiveServer(create_app(ServiceConfig(index=hostile_shop.indexes, reload_seconds=0))) as live:
+        browser.get(f"{live.url}/items/{XSS_ID}/image")
+        time.sleep(0.5)  # what a script would have done, it has done by now
+        assert browser.title != "pwned"
+        assert browser.execute_script("return document.contentType") == "image/png"
+        assert browser.execute_script("return document.images.length") == 1  # Chromium's image viewer
+        browser.save_screenshot(str(ARTIFACTS / "xss-image-as-image.png"))
+
+
+def test_the_page_and_the_api_docs_run_under_the_csp_offline(shop: Shop, browser: webdriver.Chrome) -> None:
+    """The page and Swagger UI load from the service alone (Chromium runs with no route to another host) and
+    break no rule of the Content-Security-Policy (a violation is a console error)."""
+    wait = WebDriverWait(browser, 30)
+    browser.get_log("browser")
+    with LiveServer(create_app(ServiceConfig(index=shop.indexes, reload_seconds=0))) as live:
+        browser.get(live.url + "/docs")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"))
+        assert "cirflow search" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path[data-path='/search']"))
+        browser.save_screenshot(str(ARTIFACTS / "api-docs.png"))
+        browser.get(live.url + "/")
+        wait.until(lambda d: "items" in d.find_element(By.ID, "served").text)
+    assert _console_errors(browser) == []
+
+
+def test_the_page_asks_for_the_api_key_and_uses_it(shop: Shop, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    key = "page-key-0123456789abcdef"
+    wait = WebDriverWait(browser, 30)
+    with LiveServer(create_app(ServiceConfig(index=shop.indexes, reload_seconds=0, api_key=key))) as live:
+        browser.get(live.url + "/")
+        wait.until(ec.visibility_of_element_located((By.ID, "key-form")))
+        assert "API key" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "key").send_keys(key)
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait.until(lambda d: "items" in d.find_element(By.ID, "served").text)
+        browser.find_element(By.ID, "text").send_keys("make it red")
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit")) == 24)
+        images = [h.find_element(By.TAG_NAME, "img") for h in browser.find_elements(By.CSS_SELECTOR, "#results .hit")]
+        wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                                                  img) for img in images))
+        assert all(img.get_attribute("src").startswith("blob:") for img in images)
+        browser.save_screenshot(str(ARTIFACTS / "search-page-api-key.png"))
+        browser.execute_script("sessionStorage.clear()")
