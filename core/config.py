@@ -1,11 +1,16 @@
 """Strict loading of nested frozen dataclass configs from YAML/dicts, with `a.b.c=value` overrides.
 
 An unknown key is an error that lists the valid keys: a misspelt option must never be silently ignored.
+A float must be finite: `inf` or `nan` (YAML `.inf`, or an override `lr=inf` that float() accepts) would pass
+a range check such as `lr > 0` and surface only later as NaN scores. No config field means "unbounded" by inf:
+those that can be switched off take 0 for "none" (`max_minutes`, `max_steps`, `grad_clip`), and budgets
+(`memory_budget_mb`) take a large number.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -42,16 +47,21 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         return _convert(value, hint, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError as e:
+            raise ConfigError(f"{where}: must be a finite number, got an integer of {len(str(value))} digits") from e
     if hint is float and isinstance(value, str):
         # YAML 1.1 reads "3e-3" (no dot) as a string; accept any float literal Python accepts.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and
                                                 not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     return value
 
 
@@ -122,20 +132,29 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_finite(name: str, value: Any) -> None:
+    # A config built directly (not through from_dict, e.g. from command-line flags) meets its checks here.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_positive(config: Any, *names: str) -> None:
-    """Raise ValueError naming the first of `names` (fields of `config`) that is not > 0: sizes, rates, steps
-    and budgets are checked when the config is built, before any job creates a directory."""
+    """Raise ValueError naming the first of `names` (fields of `config`) that is not a finite number > 0: sizes,
+    rates, steps and budgets are checked when the config is built, before any job creates a directory."""
     for name in names:
         value = getattr(config, name)
+        _check_finite(name, value)
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
 
 
 def check_non_negative(config: Any, *names: str) -> None:
-    """Raise ValueError naming the first of `names` that is < 0 (fields where 0 means "none" or "auto")."""
+    """Raise ValueError naming the first of `names` that is < 0 or not finite (fields where 0 means "none" or
+    "auto": 0, not inf, is how they say "no limit")."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and not value >= 0:  # `not >=` also rejects NaN
+        _check_finite(name, value)
+        if value is not None and not value >= 0:
             raise ValueError(f"{name} must not be negative, got {value!r}")
 
 

@@ -10,7 +10,9 @@ A location given as a URI (`s3://bucket/x`, `file:///x`, any fsspec protocol who
 UPath (universal_pathlib: pathlib's API over fsspec); `location` makes one, and the functions here that a
 remote location can reach (the embedding job's files) accept both. A remote file is written whole to a local
 temp file, uploaded under a temp name beside its place, then moved there: object stores publish an object
-whole, so readers see the old file or the new one.
+whole, so readers see the old file or the new one. `location` opens the URI's filesystem at once: a server that
+cannot be reached (`ftp://` to a host that refuses) is a LocationError naming the URI, not a socket traceback
+from the first file operation.
 """
 
 from __future__ import annotations
@@ -35,20 +37,33 @@ class FileFormatError(ValueError):
     """A file cannot be read or is not what it should be; the message names the file."""
 
 
+class LocationError(ValueError):
+    """A URI's filesystem cannot be reached (refused, unknown host, login failed); the message names the URI."""
+
+
 def temp_path_beside(path: Path) -> Path:
     """A hidden name next to `path` (same filesystem, so a rename can publish it), unique per call."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def location(path: str | Location) -> Location:
-    """A local Path, or for a URI (`scheme://...`) the UPath that reaches it through fsspec."""
+    """A local Path, or for a URI (`scheme://...`) the UPath that reaches it through fsspec, its filesystem
+    opened: LocationError where it cannot be reached."""
     if isinstance(path, Path) or hasattr(path, "fs"):  # a Path, or already a UPath
         return path
     if "://" not in str(path):
         return Path(path)
     from upath import UPath
 
-    return UPath(path)
+    uri = UPath(path)  # an unknown scheme: ValueError "Unsupported filesystem"; a missing package: ImportError
+    try:
+        uri.fs  # noqa: B018 -- fsspec connects here (ftp, sftp, smb) and caches the instance for later calls
+    except (ValueError, ImportError):
+        raise
+    except Exception as e:  # OSError from a socket, ftplib.error_perm, ...: whatever the protocol's client raises
+        raise LocationError(f"{path}: its {uri.protocol} filesystem cannot be reached "
+                            f"({type(e).__name__}: {' '.join(str(e).split())})") from e  # a server's reply: one line
+    return uri
 
 
 def write_atomic(path: Location, write: Callable[[Path], None]) -> Location:

@@ -8,8 +8,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from cirflow.core.logs import configure_logging
+from cirflow.models.images import DEFAULT_FORMATS, ImageLimits
+
+
+def tcp_port(text: str) -> int:
+    """argparse type: a TCP port to listen on, 1..65535 (uvicorn takes 0 for a random port, and larger numbers
+    modulo 65536: either would listen somewhere else than the log says)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give a whole number in 1..65535")
+    return port
+
+
+def local_dir(text: str) -> Path:
+    """argparse type: a local directory. pathlib would read `ftp://host/x` as the local ./ftp:/host/x, and a job
+    would "succeed" into it."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is a URI; this job writes to a local (or mounted) directory: "
+                                         "give its path")
+    return Path(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", type=Path, help="YAML file (defaults: cirflow.models.train_config.TrainConfig)")
-    train.add_argument("--workdir", type=Path, default=Path("workdir"))
+    train.add_argument("--workdir", type=local_dir, default=Path("workdir"))
     train.add_argument("--run-id", help="run directory name under WORKDIR/runs (default: from the config hash)")
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.max_minutes=2")
 
@@ -89,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--bundle", type=Path, help="a bundle, or a directory of bundles searched for the index's "
                        "bundle_id (default: WORKDIR/bundles)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=tcp_port, default=8000)
     serve.add_argument("--providers", default="auto", help="ONNX Runtime providers: auto, tensorrt, cuda, cpu")
     serve.add_argument("--workers", type=int, default=0, help="request threads (default: one per core)")
     serve.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads per request")
@@ -97,15 +122,29 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--verify", default="sha256", choices=["sha256", "size"],
                        help="index file check at each load (size: fast start on huge indexes)")
     serve.add_argument("--max-k", type=int, default=100)
+    serve.add_argument("--api-key-file", type=Path, help="a file holding the API key that search and the items "
+                       "then need as `Authorization: Bearer <key>` (else CIRFLOW_API_KEY; neither: no key)")
+    serve.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes,
+                       help="largest encoded image (upload or catalog file) the image gate reads")
+    serve.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
+                       help="largest width x height, judged from the header before decoding")
+    serve.add_argument("--image-formats", default=",".join(DEFAULT_FORMATS),
+                       help="the image formats accepted, comma-separated PIL names")
 
     demo = sub.add_parser("demo", help="the main job end to end on the built-in shapes benchmark")
-    demo.add_argument("--workdir", type=Path, default=Path("workdir"))
+    demo.add_argument("--workdir", type=local_dir, default=Path("workdir"))
     demo.add_argument("--config", type=Path, help="training YAML (default: built-in defaults)")
     demo.add_argument("--scale", type=float, default=1.0, help="shapes dataset scale")
     demo.add_argument("overrides", nargs="*", help="training key.path=value overrides")
 
+    flow = sub.add_parser("flow", help="run one Prefect flow (a temporary Prefect server of its own, stopped with "
+                          "this process, unless PREFECT_API_URL is set)")
+    flow.add_argument("name", choices=sorted(FLOWS))
+    flow.add_argument("--config", type=Path, help="the flow's YAML, e.g. configs/catalog_flow.yaml")
+    flow.add_argument("overrides", nargs="*", help="key.path=value overrides")
+
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)  # values from input (file names, URIs) cannot forge a log line
     # Prefect's client logs every API request at INFO, faiss every CPU-feature probe of its loader.
     for noisy in ("httpx", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -158,16 +197,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _index(args)
     elif args.command == "serve":
         from cirflow.indexing.service import serve
+        from cirflow.indexing.service_security import read_api_key
         from cirflow.indexing.service_state import ServiceConfig
 
+        images = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+                             formats=tuple(f.strip() for f in args.image_formats.split(",") if f.strip()))
         config = ServiceConfig(args.index, args.bundle, providers=args.providers, verify=args.verify,
                                reload_seconds=args.reload_seconds, workers=args.workers,
-                               ort_threads=args.ort_threads, max_k=args.max_k)
+                               ort_threads=args.ort_threads, max_k=args.max_k, images=images,
+                               api_key=read_api_key(args.api_key_file, os.environ))
         serve(config, args.host, args.port)
     elif args.command == "demo":
         from cirflow.flows.demo import DemoConfig, run_demo
 
         run_demo(DemoConfig(args.workdir, args.config, args.scale, tuple(args.overrides)))
+    elif args.command == "flow":
+        return _flow(args)
     return 0
 
 
@@ -219,6 +264,26 @@ def _index(args: argparse.Namespace) -> int:
         result = Searcher.load(args.index, args.bundle).search(args.image, args.text, args.k, args.exclude_id)
         for rank, (i, score, uri) in enumerate(zip(result.ids, result.scores, result.uris), 1):
             print(f"{rank}\t{i}\t{score:.4f}\t{uri}")
+    return 0
+
+
+# `cirflow flow NAME`: module and flow object, imported when run.
+FLOWS = {"catalog": ("cirflow.flows.catalog_flow", "catalog"),
+         "pipeline": ("cirflow.flows.pipeline_flow", "pipeline"),
+         "training": ("cirflow.flows.training_flow", "training")}
+
+
+def _flow(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    from cirflow.flows.prefect_server import prefect_api
+
+    module, name = FLOWS[args.name]
+    flow = getattr(importlib.import_module(module), name)
+    with prefect_api():  # the configured server, or a temporary one that dies with this process
+        result = flow(config=str(args.config) if args.config else None, overrides=list(args.overrides))
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 

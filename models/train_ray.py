@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cirflow.core.files import write_atomic
+from cirflow.core.logs import configure_logging
 from cirflow.core.ray_local import check_job_paths, connect_ray
 from cirflow.models.data_parallel import Shard
 from cirflow.models.device import DeviceError, resolve
@@ -108,8 +109,7 @@ def _worker(args: dict[str, Any]) -> None:
     import ray.train
     from ray.train.torch import get_device
 
-    if not logging.getLogger().handlers:  # a Ray worker process: log as the driver does
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.WARNING)  # a Ray worker process: log as the driver does (a no-op where configured)
     logging.getLogger("cirflow").setLevel(args["log_level"])
     if os.path.isdir(args["cwd"]):
         os.chdir(args["cwd"])  # relative paths of the config (data.root, ...) are the driver's

@@ -96,14 +96,53 @@ class Ranged:
     ({"size": 0}, "size must be positive, got 0"),
     ({"optional": -2}, "optional must be positive, got -2"),
     ({"budget": -1.0}, "budget must not be negative, got -1.0"),
-    ({"budget": float("nan")}, "budget must not be negative, got nan"),  # NaN compares false both ways
     ({"rate": 1.5}, "rate must lie in [0, 1], got 1.5"),
-    ({"rate": float("nan")}, "rate must lie in [0, 1], got nan"),
 ])
 def test_range_checks_are_config_errors_naming_the_section(data: dict, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
         from_dict(Ranged, data, "job.limits")
     assert str(info.value) == f"job.limits: {reason}"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "nan", "-Infinity"])
+def test_a_float_that_is_not_finite_is_refused_naming_the_key(value: object) -> None:
+    # inf passes `> 0` and NaN fails every comparison: a range check alone lets them through to the job.
+    with pytest.raises(ConfigError) as info:
+        from_dict(Ranged, {"budget": value}, "job.limits")
+    shown = "-inf" if str(value).startswith("-") else "nan" if "nan" in str(value) else "inf"
+    assert str(info.value) == f"job.limits.budget: must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=inf", "config.optim.lr"),
+    ("optim.lr=.inf", "config.optim.lr"),  # YAML's own spelling, a float already
+    ("optim.max_minutes=nan", "config.optim.max_minutes"),
+    ("model.image.mlp_ratio=-inf", "config.model.image.mlp_ratio"),
+])
+def test_training_config_refuses_non_finite_floats(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number, got -?(inf|nan)$"):
+        load_config(TrainConfig, None, [override])
+
+
+def test_an_integer_too_large_for_a_float_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^config.optim.lr: must be a finite number, got an integer of 400 digits$"):
+        load_config(TrainConfig, None, ["optim.lr=1" + "0" * 399])
+
+
+@pytest.mark.parametrize("check, value", [
+    (check_positive, float("inf")), (check_positive, float("nan")),
+    (check_non_negative, float("inf")), (check_non_negative, float("nan")),
+])
+def test_range_checks_refuse_non_finite_values_of_configs_built_directly(check: object, value: float) -> None:
+    @dataclass(frozen=True)
+    class Direct:  # built from flags, not from_dict: the checks are its only guard
+        rate: float
+
+        def __post_init__(self) -> None:
+            check(self, "rate")  # type: ignore[operator]
+
+    with pytest.raises(ValueError, match=f"^rate must be a finite number, got {value}$"):
+        Direct(value)
 
 
 def test_range_checks_accept_their_bounds() -> None:

@@ -11,9 +11,11 @@ import pytest
 from cirflow.core.files import (
     CURRENT,
     FileFormatError,
+    LocationError,
     check_files,
     describe_files,
     follow_current,
+    location,
     publish_current,
     publish_dir,
     read_json,
@@ -156,3 +158,23 @@ def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path) -> None:
     with temp_dir_beside(tmp_path / "v1"):
         pass
     assert not left.exists() and ours.exists() and other.exists()
+
+
+def test_a_uri_whose_filesystem_cannot_be_reached_is_a_location_error_naming_it() -> None:
+    import socket
+
+    with socket.socket() as closed:  # bound but not listening: a connection to it is refused at once
+        closed.bind(("127.0.0.1", 0))
+        uri = f"ftp://127.0.0.1:{closed.getsockname()[1]}/workdir"
+        with pytest.raises(LocationError) as info:
+            location(uri)
+    # A ValueError (the CLI's one line, the embedding job's "workdir=... cannot be used"), not a socket traceback.
+    assert isinstance(info.value, ValueError)
+    assert str(info.value).startswith(f"{uri}: its ftp filesystem cannot be reached (ConnectionRefusedError: ")
+    assert "\n" not in str(info.value)
+
+
+def test_a_local_path_or_a_reachable_uri_is_a_location() -> None:
+    assert location("a/b") == Path("a/b")
+    memory = location("memory://cirflow-location-test/x")
+    assert not isinstance(memory, Path) and memory.path.endswith("cirflow-location-test/x")

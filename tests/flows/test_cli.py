@@ -1,6 +1,7 @@
 """The cirflow command end to end on tiny sizes: data -> train -> eval, and its error paths."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path, caplog: pytest.LogCa
     ("optim.max_steps=0", "config.optim: max_steps and max_minutes are both 0"),
     ("model.image.heads=3", "config.model.image: dim=32 is not divisible by heads=3"),
     ("stage2.lr=-1", "config.stage2: lr must be positive, got -1"),
+    ("optim.lr=inf", "config.optim.lr: must be a finite number, got inf"),  # inf passed `lr > 0`: NaN scores later
 ])
 def test_out_of_range_config_exits_2_before_any_directory(bad: str, reason: str, tiny_shapes: Path, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
@@ -130,3 +132,63 @@ def test_the_demo_trains_its_chosen_backbone_unless_told_otherwise(tmp_path: Pat
     assert model["text_neck_layers"] == (2 if backbone == "tiny-minilm" else 0)
     loss = yaml.safe_load(path.read_text())["training"]["train"]["loss"]
     assert loss["text_noise"] == (1.0 if backbone == "tiny-minilm" else 0.0)
+
+
+def test_embed_to_an_unreachable_workdir_uri_exits_2_naming_workdir(tiny_bundle: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"img-{i}.png")
+    with socket.socket() as closed:  # bound but not listening: a connection to it is refused at once
+        closed.bind(("127.0.0.1", 0))
+        workdir = f"ftp://127.0.0.1:{closed.getsockname()[1]}/workdir"
+        assert main(["embed", "catalog.name=shop", f"catalog.folder={folder}", f"bundle={tiny_bundle}",
+                     f"workdir={workdir}"]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    message = errors[0].getMessage()
+    assert message.startswith(f"workdir='{workdir}' cannot be used: ") and "Connection refused" in message
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_a_uri_workdir_for_a_local_only_job_is_refused_by_argparse(command: str, tiny_overrides: list[str],
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Path("ftp://host/x") is the local directory ./ftp:/host/x: the job would "succeed" into it.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        # Before argparse checked it, train ran on; demo is made to fail fast here (its config is missing).
+        extra = [*tiny_overrides, "optim.max_steps=1"] if command == "train" else ["--config", "none.yaml"]
+        main([command, "--workdir", "ftp://host/x", *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("argument --workdir: 'ftp://host/x' is a URI; this job writes to a local (or mounted) "
+                        "directory: give its path")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "-1", "http", "80.5"])
+def test_serve_refuses_a_port_outside_1_to_65535(port: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:  # argparse refuses it: nothing is loaded, no port opened
+        main(["serve", "--index", str(tmp_path / "none"), "--port", port])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"argument --port: {port!r} is not a TCP port: give a whole number in 1..65535")
+
+
+def test_serve_accepts_the_port_range_bounds() -> None:
+    from cirflow.flows.cli import tcp_port
+
+    assert (tcp_port("1"), tcp_port("65535"), tcp_port(" 8000 ")) == (1, 65535, 8000)
+
+
+def test_the_catalog_flow_refuses_a_uri_workdir() -> None:
+    # It keeps snapshots, queries, indexes and reports with pathlib: a URI would be a local directory "ftp:".
+    from cirflow.core.config import ConfigError, load_config
+    from cirflow.flows.catalog_flow import CatalogFlowConfig
+
+    with pytest.raises(ConfigError, match=r"^config: embed.workdir='ftp://host/x' is a URI; the catalog flow keeps "
+                                          r"its work directory on a local \(or mounted\) filesystem"):
+        load_config(CatalogFlowConfig, None, ["embed.workdir=ftp://host/x"])

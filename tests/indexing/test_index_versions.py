@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import multiprocessing.synchronize
 import threading
 from pathlib import Path
 
@@ -124,3 +127,46 @@ def test_readers_see_one_version_whole_while_versions_are_published(tmp_path: Pa
     stop.set()
     reader.join()
     assert problems == [] and seen <= {v0.name, v1.name} and seen
+
+
+def _publish_alternately(mine: tuple[str, str], who: int, times: int,
+                         start: multiprocessing.synchronize.Barrier) -> None:
+    """A publisher process: its two versions in turn, each publication tagged with who and which."""
+    start.wait()  # all three begin together
+    for n in range(times):
+        publish(Path(mine[n % 2]), keep=10, who=who, n=n)
+
+
+def test_concurrent_publishers_keep_every_history_entry(tmp_path: Path) -> None:
+    """Three processes publishing at once: each read-modify-write of published.json (and the CURRENT move that
+    goes with it) holds the catalog's lock, so no entry is lost, and a reader always parses the file."""
+    built = [build_version(tmp_path, v) for v in range(6)]
+    catalog = built[0].parent
+    history = catalog / HISTORY
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, as separate `cirflow` commands
+    start = ctx.Barrier(3)
+    # Two versions per process, published in turn: CURRENT never already names the one it publishes, so each
+    # publication is recorded; keep=10 > 6 versions: pruning deletes none that another process will publish.
+    workers = [ctx.Process(target=_publish_alternately, args=((str(built[2 * p]), str(built[2 * p + 1])), p, 30,
+                                                              start)) for p in range(3)]
+    for w in workers:
+        w.start()
+    unparsed, reads = [], 0
+    while any(w.is_alive() for w in workers):
+        if history.is_file():
+            text = history.read_text()
+            reads += 1
+            try:
+                assert isinstance(json.loads(text)["versions"], list)
+            except (ValueError, KeyError, AssertionError) as e:
+                unparsed.append(f"{e!r}: {text[:80]!r}")
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert unparsed == [] and reads > 0
+    entries = json.loads(history.read_text())["versions"]
+    assert len(entries) == 90
+    for p in range(3):  # each process's publications, all of them, in its own order
+        assert [e["n"] for e in entries if e["who"] == p] == list(range(30))
+    # The last entry and CURRENT agree: the pointer moved under the same lock as the record.
+    assert (catalog / CURRENT).read_text().strip() == entries[-1]["index_id"]
