@@ -16,7 +16,6 @@ Every step is cached or idempotent on content keys: a rerun trains, embeds and b
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +55,13 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    # Prefect reads its settings at import: an ephemeral server may take 10-20 s to start on 2 cores.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a local demo
+    from cirflow.flows.prefect_server import prefect_api
+
+    with prefect_api():  # PREFECT_API_URL's server, or a temporary one that dies with this process
+        return _run_demo(config)
+
+
+def _run_demo(config: DemoConfig) -> dict[str, Any]:
     from cirflow.flows.catalog_flow import catalog
     from cirflow.flows.pipeline_flow import pipeline
 
