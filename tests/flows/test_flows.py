@@ -22,6 +22,7 @@ from cirflow.indexing import index_store, shards
 from cirflow.indexing.catalog import CatalogConfig, load_catalog
 from cirflow.indexing.index_versions import rollback, versions
 from cirflow.models.tiny import TINY_MODEL
+from tests.indexing.held_store import HeldStore
 
 
 def task_states(state: Any) -> dict[str, list[str]]:
@@ -258,8 +259,9 @@ def test_shipped_flow_configs_load_strictly() -> None:
 
 def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None, tiny_shapes: Path, bundle: Path,
                                                           tmp_path: Path) -> None:
-    """kill -9 of a catalog flow run in the middle of its embedding (blocked reading a FIFO) leaves the published
-    index as it was, whole; the rerun resumes the snapshot and publishes an index of exactly the new catalog."""
+    """kill -9 of a catalog flow run in the middle of its embedding (blocked on a read that a store holds) leaves
+    the published index as it was, whole; the rerun resumes the snapshot and publishes an index of exactly the new
+    catalog."""
     import os
     import signal
     import subprocess
@@ -282,14 +284,16 @@ def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None,
     catalog_dir = workdir / "indexes" / "shop"
     published = follow_current(catalog_dir)
 
-    # Ten new entries; the last by id is a FIFO: the refresh blocks there, after writing the shards before it.
+    # Ten new entries; the last by id is read from a store that holds the read: the refresh blocks there, after
+    # writing the shards before it. Its version is the manifest's, so serving it later leaves the catalog state as is.
     extra = folder_entries(tiny_shapes / "images", sorted((tiny_shapes / "images" / "val").iterdir())[:10])
     grown = pa.concat_tables([table, extra]).sort_by("id")
     stall = Path(grown.column("uri")[grown.num_rows - 1].as_py())
-    fifo = tmp_path / "stall.png"
-    os.mkfifo(fifo)
-    uris = [str(fifo) if u == str(stall) else u for u in grown.column("uri").to_pylist()]
-    grown = grown.set_column(1, "uri", pa.array(uris))
+    store = HeldStore({stall.name: stall.read_bytes()})
+    store.hold(stall.name)
+    uris = grown.column("uri").to_pylist()
+    uris[-1] = store.uri(stall.name)
+    grown = grown.set_column(1, "uri", pa.array(uris, pa.string()))
     pacsv.write_csv(grown.append_column("version", pa.array(["v1"] * grown.num_rows)), manifest)
     script = f"from cirflow.flows.catalog_flow import catalog\ncatalog(overrides={overrides!r})"
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
@@ -298,22 +302,24 @@ def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None,
     base = next((workdir / "embeddings" / "shop").iterdir())
     first = follow_current(base)
     deadline, snapshot = time.monotonic() + 180, None
-    while time.monotonic() < deadline and proc.poll() is None and snapshot is None:
+    # Until a shard is written and the read of the held entry is in flight.
+    while time.monotonic() < deadline and proc.poll() is None and (snapshot is None or not store.waiting):
         fresh = [p for p in base.iterdir() if p.is_dir() and p != first and (p / "manifest.json").is_file()]
         if fresh and shards.read_manifest(fresh[0])["shards"]:
             snapshot = fresh[0]
         time.sleep(0.2)
+    in_flight = store.waiting
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode(errors="replace")
-    assert snapshot is not None and proc.returncode == -signal.SIGKILL, output[-3000:]
+    store.release()  # the same uri and version: the same catalog state, so the same snapshot resumes
+    assert snapshot is not None and in_flight and proc.returncode == -signal.SIGKILL, output[-3000:]
     assert follow_current(catalog_dir) == published  # untouched, and whole
     verify_index(published)
     assert index_ids(catalog_dir) == set(table.column("id").to_pylist())
 
-    fifo.unlink()
-    shutil.copyfile(stall, fifo)  # the same path and version: the same catalog state, the same snapshot resumes
     rerun = catalog(overrides=overrides, return_state=True)
+    store.close()
     assert rerun.is_completed(), rerun.message
     assert Path(rerun.result()["run_dir"]) == snapshot
     assert index_ids(catalog_dir) == set(grown.column("id").to_pylist())

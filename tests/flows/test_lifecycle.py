@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,10 @@ from cirflow.indexing.index_versions import rollback, versions
 from cirflow.indexing.service import create_app
 from cirflow.indexing.service_state import ServiceConfig
 from cirflow.models import train as train_module
+from cirflow.models.images import ImageLimits
 from cirflow.models.tiny import TINY_MODEL
 from tests.bench.scripts import load_bench_script
+from tests.indexing.held_store import HeldStore
 from tests.indexing.service_setup import LiveServer
 
 DAYS = 28
@@ -161,10 +162,10 @@ def _transient_fault_night(victim: int, shop: Any, nightly: list[str], monkeypat
     uri = shop.entries[victim]["uri"]
     real = embed_stages.read_bytes
 
-    def flaky(u: str) -> bytes:
+    def flaky(u: str, limits: ImageLimits | None = None) -> bytes:
         if u == uri:
             raise TimeoutError(f"simulated storage timeout reading {u}")
-        return real(u)
+        return real(u, limits)
 
     monkeypatch.setattr(embed_stages, "read_bytes", flaky)
     try:
@@ -178,13 +179,19 @@ def _transient_fault_night(victim: int, shop: Any, nightly: list[str], monkeypat
 
 
 def _killed_then_rerun(shop: Any, nightly: list[str], catalog_dir: Path, pool: list[Path]) -> dict[str, Any]:
-    """kill -9 of a nightly run blocked mid-embedding on a FIFO (the newest entry, in the last shard), then the
-    rerun: the published index stays whole meanwhile, and the rerun resumes the same snapshot."""
+    """kill -9 of a nightly run blocked mid-embedding on a read that a store holds (the newest entry, in the last
+    shard), then the rerun: the published index stays whole meanwhile, and the rerun resumes the same snapshot."""
     from prefect.settings import PREFECT_API_URL
 
-    fifo = shop.root / "images" / "stall.png"
-    os.mkfifo(fifo)
-    stalled = shop.add_entry(b"", uri=fifo)
+    # The newest entry's picture is served from the store: its version (the size the store reports) and uri stay
+    # the same until the rerun, so the rerun sees the same catalog state.
+    picture = pool[1].read_bytes()
+    stalled = shop.add_entry(picture)
+    local = shop.entries[stalled]["uri"]
+    store = HeldStore({"stall.png": picture})
+    store.hold("stall.png")
+    shop.entries[stalled]["uri"] = store.uri("stall.png")
+    shop.write()
     published = follow_current(catalog_dir)
     base = catalog_dir.parents[1] / "embeddings" / "shop" / index_store.read_manifest(published)[
         "bundle_id"]
@@ -194,28 +201,27 @@ def _killed_then_rerun(shop: Any, nightly: list[str], catalog_dir: Path, pool: l
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline, snapshot = time.monotonic() + 120, None
-    while time.monotonic() < deadline and proc.poll() is None and snapshot is None:
+    # Until a shard is written and the read of the held entry is in flight.
+    while time.monotonic() < deadline and proc.poll() is None and (snapshot is None or not store.waiting):
         fresh = [p for p in base.iterdir() if p.is_dir() and p not in before and (p / shards.MANIFEST).is_file()]
         if fresh and shards.read_manifest(fresh[0])["shards"]:
             snapshot = fresh[0]
         time.sleep(0.1)
+    in_flight = store.waiting
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode(errors="replace")
-    assert snapshot is not None and proc.returncode == -signal.SIGKILL, output[-3000:]
+    store.release()  # the rerun reads the picture this time
+    assert snapshot is not None and in_flight and proc.returncode == -signal.SIGKILL, output[-3000:]
     assert follow_current(catalog_dir) == published
     index_store.verify_index(published)
 
-    # The rerun reads the FIFO this time: a writer hands it a picture.
-    picture = pool[1].read_bytes()
-    writer = threading.Thread(target=lambda: fifo.write_bytes(picture), daemon=True)
-    writer.start()
     night = catalog(overrides=nightly)
-    writer.join(timeout=30)
     assert Path(night["run_dir"]) == snapshot and stalled in _indexed(catalog_dir)
-    # Tomorrow the entry is an ordinary file again (a FIFO's written mtime would make it a change every night).
-    fifo.unlink()
-    fifo.write_bytes(picture)
+    # Tomorrow the entry is an ordinary file again (the shop's churn writes and removes files at its entries' uris).
+    store.close()
+    shop.entries[stalled]["uri"] = local
+    shop.write()
     return night
 
 
