@@ -54,6 +54,7 @@ from cirflow.indexing.service_requests import (
     SearchResponse,
     Timing,
     check,
+    field_message,
     parse_form,
     parse_json,
 )
@@ -313,10 +314,11 @@ def answer(version: Version, query: Query, limits: ImageLimits) -> SearchRespons
     if query.mode != "text-only":
         data = (query.image if query.reference_id is None
                 else catalog_image(version, query.reference_id, limits, "reference_id", 422)[0])
+        field = "image" if query.reference_id is None else "reference_id"
         try:
-            image = decode(data, limits, "image" if query.reference_id is None else "reference_id").image
+            image = decode(data, limits, field).image
         except ImageError as e:
-            raise RequestError(422, str(e)) from e
+            raise RequestError(422, field_message(e, field)) from e
     decoded = time.perf_counter()
     try:
         if query.mode == "composed":

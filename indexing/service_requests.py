@@ -246,6 +246,12 @@ def check_image_header(data: bytes, config: ServiceConfig) -> None:
     try:
         probe(data, config.images, "image")
     except ImageTooLarge as e:
-        raise RequestError(413, f"{e}; send a smaller image") from e
+        raise RequestError(413, f"{field_message(e, 'image')}; send a smaller image") from e
     except ImageError as e:
-        raise RequestError(422, str(e)) from e
+        raise RequestError(422, field_message(e, "image")) from e
+
+
+def field_message(error: ImageError, field: str) -> str:
+    """The image gate's `image <name>: reason` for a request field decoded under the name `field`, as
+    `field: reason` (the request errors' form)."""
+    return f"{field}: {str(error).removeprefix(f'image {field}: ')}"

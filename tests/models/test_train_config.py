@@ -9,7 +9,7 @@ from cirflow.models.train_config import TrainConfig
 OUT_OF_RANGE = {
     "optim.batch_size=0": "config.optim: batch_size must be positive, got 0",
     "optim.lr=0": "config.optim: lr must be positive, got 0.0",
-    "optim.lr=.nan": "config.optim: lr must be positive, got nan",
+    "optim.lr=.nan": "config.optim.lr: must be a finite number, got nan",
     "optim.weight_decay=-0.1": "config.optim: weight_decay must not be negative",
     "optim.warmup_steps=-1": "config.optim: warmup_steps must not be negative",
     "optim.max_steps=-5": "config.optim: max_steps must not be negative",
