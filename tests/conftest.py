@@ -6,6 +6,9 @@ SQLite) shared by the session: it takes 10-20 s to start here."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,8 @@ import pytest
 
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 from cirflow.models.tiny import TINY_MODEL, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Before prefect is imported anywhere (a bench test module may be collected before any flow test): its settings are
 # read once.
@@ -83,3 +88,29 @@ def prefect_api_url(prefect_harness: None) -> str:
     import prefect.settings
 
     return prefect.settings.PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built as `pip wheel --no-deps .` builds it (setuptools of this environment: offline)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+                    "-w", str(out)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("cirflow-*.whl"))
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed non-editable; its dependencies are this environment's (a .pth line
+    adds our site-packages after its own: nothing downloaded, and our editable install's finder, activated by a
+    .pth file of our site-packages, is not run from a path added that way)."""
+    venv = tmp_path_factory.mktemp("wheel-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    # Installed before the .pth exists, so pip sees no cirflow there to replace (ours is the editable one).
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (Path(site) / "project-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv

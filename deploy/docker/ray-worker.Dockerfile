@@ -17,7 +17,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 # Made by the image's user (ray), so that pip can build the project in place.
 RUN mkdir /home/ray/cirflow
 WORKDIR /home/ray/cirflow
-COPY --chown=ray:users pyproject.toml README.md requirements-gpu.txt ./
+COPY --chown=ray:users pyproject.toml setup.py README.md requirements-gpu.txt ./
 COPY --chown=ray:users core core
 COPY --chown=ray:users models models
 COPY --chown=ray:users export export

@@ -13,7 +13,7 @@ WORKDIR /opt/cirflow
 
 # The serving subset of the pinned dependencies, read from pyproject.toml so that the pins live in one place
 # (tests/indexing/test_service_deploy.py checks that this subset is enough to import and run the service).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 RUN python -c "import tomllib, re; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 keep = {'numpy', 'pillow', 'tokenizers', 'pyyaml', 'onnxruntime', 'pyarrow', 'faiss-cpu', 'fastapi', 'uvicorn', \
 'python-multipart', 'prometheus-client', 'fastapi-offline'}; \

@@ -1,36 +1,43 @@
-"""The stages install under one namespace: cirflow.models, cirflow.export, cirflow.indexing, cirflow.flows."""
+"""The stages install under one namespace: cirflow.models, cirflow.export, cirflow.indexing, cirflow.flows; checked
+on the installed wheel (tests/conftest.py `wheel_venv`), as a downstream service gets it."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def python(wheel_venv: Path) -> Path:
+    return wheel_venv / "bin" / "python"
+
+
+def _python(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # -I: isolated mode, as a downstream service would run (no user site, no PYTHONPATH, no cwd on sys.path).
-    return subprocess.run([sys.executable, "-I", "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(python), "-I", "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_the_package_imports_from_outside_the_checkout(tmp_path: Path) -> None:
-    proc = _python("import cirflow.indexing.search, cirflow.models.cir_model, cirflow.core.files; "
+def test_the_package_imports_from_outside_the_checkout(python: Path, tmp_path: Path) -> None:
+    proc = _python(python, "import cirflow.indexing.search, cirflow.models.cir_model, cirflow.core.files; "
                    "print(cirflow.indexing.search.__name__)", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "cirflow.indexing.search"
 
 
-def test_no_top_level_stage_packages_are_installed(tmp_path: Path) -> None:
+def test_no_top_level_stage_packages_are_installed(python: Path, tmp_path: Path) -> None:
     for name in ("models", "export", "indexing", "flows", "core"):
-        proc = _python(f"import {name}", tmp_path)
+        proc = _python(python, f"import {name}", tmp_path)
         assert "ModuleNotFoundError" in proc.stderr, (name, proc.stderr)
 
 
-def test_a_downstream_models_module_does_not_collide(tmp_path: Path) -> None:
+def test_a_downstream_models_module_does_not_collide(python: Path, tmp_path: Path) -> None:
     (tmp_path / "models.py").write_text("OURS = True\n")
     code = "import sys; sys.path.insert(0, '.'); import models, cirflow.models.cir_model; print(models.OURS)"
-    proc = _python(code, tmp_path)
+    proc = _python(python, code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
 

@@ -68,7 +68,8 @@ print("served")
 """
 
 
-def test_the_container_subset_of_dependencies_serves(shop: Shop) -> None:
+def test_the_container_subset_of_dependencies_serves(shop: Shop, wheel_venv: Path) -> None:
+    """On the installed wheel (the image runs `pip install --no-deps .`), with only the image's distributions."""
     from importlib.metadata import distribution, requires
 
     keep = _dockerfile_subset()
@@ -86,8 +87,9 @@ def test_the_container_subset_of_dependencies_serves(shop: Shop) -> None:
                 todo.append(_norm(requirement.name))
     assert not {"torch", "ray", "prefect", "onnx"} & closure
     reference = shop.workdir / "shop" / "item 001.png"
-    result = subprocess.run([sys.executable, "-c", _PROBE, str(shop.indexes), str(reference),
-                             json.dumps(sorted(closure))], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(wheel_venv / "bin" / "python"), "-I", "-c", _PROBE, str(shop.indexes),
+                             str(reference), json.dumps(sorted(closure))], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "served", result.stderr[-3000:]
 
 

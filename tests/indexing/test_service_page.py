@@ -2,7 +2,8 @@
 reference, type a modification, see the results grid, click a result to make it the next reference.
 
 Screenshots go to $CIRFLOW_TEST_ARTIFACTS (default: test-artifacts/ at the repository root). The browser is
-installed by `make test` (make browser); `CIRFLOW_SKIP_BROWSER=1` skips this file where it cannot be.
+installed by `make test` (make browser) where it can be; where it is missing, or with `CIRFLOW_SKIP_BROWSER=1`, this
+file is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 if os.environ.get("CIRFLOW_SKIP_BROWSER") == "1":
     pytest.skip("CIRFLOW_SKIP_BROWSER=1", allow_module_level=True)
 if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
-    pytest.fail(f"{CHROMIUM} and {DRIVER} are needed (make browser installs Debian's chromium and "
-                "chromium-driver; CIRFLOW_SKIP_BROWSER=1 skips this file)", pytrace=False)
+    # `make test` installs them where it can (Debian/Ubuntu, as root or with sudo) and says so where it cannot.
+    pytest.skip(f"{CHROMIUM} and {DRIVER} are missing (make browser installs Debian's chromium and chromium-driver "
+                "on Debian or Ubuntu, as root or with password-less sudo)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (after the check: the message above is the useful one)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
