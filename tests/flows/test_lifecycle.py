@@ -1,9 +1,10 @@
-"""A simulated month of production, day by day, with the real flows (Prefect's test harness, Ray, FAISS, ONNX
+"""Simulated weeks of production, day by day, with the real flows (Prefect's test harness, Ray, FAISS, ONNX
 Runtime) and the real search service (uvicorn on 127.0.0.1, hot reload) answering a client all the while.
 
 Every day the shop's catalog churns (adds, removes, overwrites, a metadata-only change, one corrupt upload) and
-the nightly catalog flow runs. Once a week the training data grows and the training flow retrains: a new run and
-a new bundle, except the week whose model is worse, which the gate refuses. An operator rolls back an index and
+the nightly catalog flow runs. Every five days (a compressed week: the suite's budget) the training data grows
+and the training flow retrains: a new run and a new bundle, except the one whose model is worse, which the gate
+refuses. An operator rolls back an index and
 the following nightly leaves it alone; a refresh is killed with SIGKILL mid-embedding and rerun; a transient
 storage error on one night is healed the next. Each answer the client got must be the search library's answer for
 the (index_id, bundle_id) it names. At the end everything is pruned to its keep settings, with no temp file, Ray
@@ -41,12 +42,12 @@ from tests.bench.scripts import load_bench_script
 from tests.indexing.held_store import HeldStore
 from tests.indexing.service_setup import LiveServer
 
-DAYS = 28
-# The weekly retrains after the first day's: one model is worse (the gate refuses it), one run is killed in its
+DAYS = 20
+# The "weekly" retrains (every five days: each event of a month, at two thirds of its cost) after the first day's: one model is worse (the gate refuses it), one run is killed in its
 # first stage and run again.
-RETRAIN = {8: "better", 15: "worse", 22: "killed, then better"}
+RETRAIN = {6: "better", 11: "worse", 16: "killed, then better"}
 GROW = 8  # training triplets that arrive each week
-KILL_DAY, ROLLBACK_DAY, FAULT_DAY = 5, 10, 17
+KILL_DAY, ROLLBACK_DAY, FAULT_DAY = 3, 8, 13
 QUIET_DAYS = (ROLLBACK_DAY + 1, FAULT_DAY + 1)  # days the catalog does not change
 K = 5
 KEEP = {"snapshots": 2, "versions": 3, "bundles": 2}

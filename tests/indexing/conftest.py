@@ -136,11 +136,12 @@ XSS_PAYLOAD = b"<html><body><script>document.title = 'pwned'; fetch('/pwned-' + 
 @pytest.fixture(scope="session")
 def hostile_shop(tiny_shapes: Path, service_bundles: Callable[[int], Path],
                  tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A published shop of 12 tiny shapes whose item XSS_ID is a PNG with a script appended, named `x.html`."""
+    """A published shop of 36 tiny shapes whose item XSS_ID is a PNG with a script appended, named `x.html`
+    (the search page's tests browse it too: one shop built instead of two)."""
     from tests.indexing.service_setup import index_version, make_shop, rename_item
 
     shop = make_shop(tmp_path_factory.mktemp("hostile"), tiny_shapes / "images" / "test", service_bundles(0),
-                     count=12)
+                     count=36)
     rename_item(shop, XSS_ID, "x.html", shop.images[XSS_ID] + XSS_PAYLOAD)
     index_version(shop, shop.workdir / "bundles" / "tiny-0")
     return shop

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -42,8 +42,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory, new_shop: Callable[..., tuple[Shop, Path]]) -> Shop:
-    return new_shop(tmp_path_factory.mktemp("page"), count=36)[0]
+def shop(hostile_shop: Shop) -> Shop:
+    """36 catalog items, one of them a PNG named x.html (which the page shows as any other image)."""
+    return hostile_shop
 
 
 @pytest.fixture(scope="module")
