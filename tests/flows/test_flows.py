@@ -22,7 +22,7 @@ from cirflow.indexing import index_store, shards
 from cirflow.indexing.catalog import CatalogConfig, load_catalog
 from cirflow.indexing.index_versions import rollback, versions
 from cirflow.models.tiny import TINY_MODEL
-from tests.indexing.held_store import HeldStore
+from tests.indexing.held_store import held_entry
 
 
 def task_states(state: Any) -> dict[str, list[str]]:
@@ -288,12 +288,7 @@ def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None,
     # writing the shards before it. Its version is the manifest's, so serving it later leaves the catalog state as is.
     extra = folder_entries(tiny_shapes / "images", sorted((tiny_shapes / "images" / "val").iterdir())[:10])
     grown = pa.concat_tables([table, extra]).sort_by("id")
-    stall = Path(grown.column("uri")[grown.num_rows - 1].as_py())
-    store = HeldStore({stall.name: stall.read_bytes()})
-    store.hold(stall.name)
-    uris = grown.column("uri").to_pylist()
-    uris[-1] = store.uri(stall.name)
-    grown = grown.set_column(1, "uri", pa.array(uris, pa.string()))
+    store, grown = held_entry(grown, grown.num_rows - 1)
     pacsv.write_csv(grown.append_column("version", pa.array(["v1"] * grown.num_rows)), manifest)
     script = f"from cirflow.flows.catalog_flow import catalog\ncatalog(overrides={overrides!r})"
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
 
 
 class HeldStore:
@@ -73,3 +76,14 @@ def _handler(store: HeldStore) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def held_entry(table: pa.Table, row: int) -> tuple[HeldStore, pa.Table]:
+    """A store holding the read of catalog row `row`'s file, and `table` (id, uri, ...) with that row's uri
+    pointing at the store: a job embedding it blocks there until release()."""
+    path = Path(table.column("uri")[row].as_py())
+    store = HeldStore({path.name: path.read_bytes()})
+    store.hold(path.name)
+    uris = table.column("uri").to_pylist()
+    uris[row] = store.uri(path.name)
+    return store, table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(uris, pa.string()))

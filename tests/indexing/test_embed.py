@@ -30,7 +30,7 @@ from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
 from cirflow.indexing.embed import EmbedConfig, EmbedError, actor_providers, run_embed
 from tests.export.conftest import random_images
-from tests.indexing.held_store import HeldStore
+from tests.indexing.held_store import held_entry
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,12 +156,7 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     folder = tmp_path / "images"
     paths = write_images(folder, 14, seed=4)
     table = folder_entries(folder, paths).sort_by("id")
-    stall = Path(table.column("uri")[13].as_py())  # in the last batch (rows 12-13: shard 3)
-    store = HeldStore({stall.name: stall.read_bytes()})
-    store.hold(stall.name)
-    uris = table.column("uri").to_pylist()
-    uris[13] = store.uri(stall.name)
-    table = table.set_column(1, "uri", pa.array(uris, pa.string()))
+    store, table = held_entry(table, 13)  # in the last batch (rows 12-13: shard 3)
     manifest = tmp_path / "catalog.csv"
     pacsv.write_csv(table.append_column("version", pa.array(["v1"] * table.num_rows)), manifest)
     job = config("resumed", bundle, tmp_path / "work", manifest=str(manifest))

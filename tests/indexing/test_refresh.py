@@ -18,7 +18,7 @@ from cirflow.indexing import shards
 from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog
 from cirflow.indexing.embed import EmbedConfig, run_embed
 from tests.export.conftest import random_images
-from tests.indexing.held_store import HeldStore
+from tests.indexing.held_store import held_entry
 from tests.indexing.test_embed import REPO, png_bytes, write_images
 
 
@@ -106,12 +106,7 @@ def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_pat
     # completion.
     extra = write_images(folder / "extra", 2, seed=3)
     added = folder_entries(folder, extra).sort_by("id")
-    stall = Path(added.column("uri")[added.num_rows - 1].as_py())
-    store = HeldStore({stall.name: stall.read_bytes()})
-    store.hold(stall.name)
-    uris = added.column("uri").to_pylist()
-    uris[-1] = store.uri(stall.name)
-    added = added.set_column(1, "uri", pa.array(uris, pa.string()))
+    store, added = held_entry(added, added.num_rows - 1)
     grown = pa.concat_tables([table, added]).sort_by("id")
     pacsv.write_csv(grown.append_column("version", pa.array(["v1"] * grown.num_rows)), manifest)
     command = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING", "embed",
