@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser clean gpu-check gpu-wheels
+.PHONY: demo test install browser clean images gpu-check gpu-wheels
 
 # torch is the CPU build: from a local wheel folder when pip is configured with one that holds it (pip's
 # find-links, as on our machines: nothing downloaded), else from PyTorch's CPU index, since PyPI's torch is the
@@ -41,6 +41,12 @@ browser:
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+# The flow runner, Ray worker and search service images, built with buildah (no Docker daemon, no registry) on a
+# Debian base made from Debian's packages, each run once: deploy/docker/build.sh has the settings (BASE, WHEELS).
+IMAGES ?= search flows ray-worker
+images:
+	deploy/docker/build.sh $(IMAGES)
 
 clean:
 	rm -rf $(VENV) workdir test-artifacts

@@ -5,16 +5,19 @@
 # The index and bundles come from storage mounted at /data (deploy/k8s/search-service.yaml).
 #   docker run -p 8000:8000 -v $PWD/workdir:/data/workdir:ro cirflow-search:latest \
 #       serve --index /data/workdir/indexes/shapes-shop --host 0.0.0.0
-FROM python:3.11-slim
+# Without a registry: `make images` (deploy/docker/build.sh) builds it with buildah on a local Debian base (BASE).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/cirflow
 
 # The serving subset of the pinned dependencies, read from pyproject.toml so that the pins live in one place
 # (tests/indexing/test_service_deploy.py checks that this subset is enough to import and run the service).
+# pip's cache lives in the builder (a cache mount), not in the image: a rebuild downloads nothing again.
 COPY pyproject.toml setup.py README.md ./
-RUN python -c "import tomllib, re; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+RUN --mount=type=cache,target=/root/.cache/pip python -c "import tomllib, re; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 keep = {'numpy', 'pillow', 'tokenizers', 'pyyaml', 'onnxruntime', 'pyarrow', 'faiss-cpu', 'fastapi', 'uvicorn', \
 'python-multipart', 'prometheus-client', 'fastapi-offline'}; \
 print('\n'.join(d for d in deps if re.split('[=<>\\[ ]', d)[0] in keep))" > /tmp/requirements.txt \
@@ -25,7 +28,7 @@ COPY models models
 COPY export export
 COPY indexing indexing
 COPY flows flows
-RUN pip install --no-deps . && useradd --create-home --uid 1000 cirflow
+RUN pip install --no-cache-dir --no-deps . && useradd --create-home --uid 1000 cirflow
 
 USER cirflow
 EXPOSE 8000

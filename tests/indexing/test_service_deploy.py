@@ -217,3 +217,47 @@ def test_cirflow_serve_names_a_bad_index_in_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "neither an index directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def search_image() -> str:
+    from tests import container_images
+
+    if reason := container_images.unavailable():
+        pytest.skip(f"the search image is not built here: {reason}")
+    container_images.build("search")
+    return "localhost/cirflow-search:latest"
+
+
+def test_the_search_image_serves_a_published_index_like_the_library(shop: Shop, search_image: str) -> None:
+    """The image as deployed (its own user, the workdir mounted read-only at the path the index's catalog uris
+    name, as every pod of the manifest mounts one volume): ready, then the same answers as the library."""
+    from tests.container_images import container, stop_in_container
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    # The test's temporary folders are private to root; the image's user (uid 1000) only needs to read them.
+    for path in (shop.workdir, *shop.workdir.rglob("*")):
+        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    with container(search_image, {shop.workdir: str(shop.workdir)}) as run:
+        server = subprocess.Popen([*run, "cirflow", "serve", "--index", str(shop.indexes), "--bundle",
+                                   str(shop.workdir / "bundles"), "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            assert wait_ready(url, 120), server.stdout.read() if server.poll() is not None else "not ready"
+            image = shop.images[1003]
+            expected = shop.searcher().search(image, "make it red", k=5)
+            response = httpx.post(f"{url}/search", json={"image_base64": base64.b64encode(image).decode(),
+                                                         "text": "make it red", "k": 5}, timeout=60)
+            assert response.status_code == 200, response.text
+            results = response.json()["results"]
+            assert [int(r["id"]) for r in results] == [int(i) for i in expected.ids]
+            assert [r["score"] for r in results] == pytest.approx([float(s) for s in expected.scores], abs=1e-4)
+            served = httpx.get(f"{url}/items/{results[0]['id']}/image", timeout=30)
+            assert served.status_code == 200 and served.content == shop.images[int(results[0]["id"])]
+        finally:
+            stop_in_container(server)
+            out, _ = server.communicate(timeout=60)
+    assert "Application shutdown complete" in out, out[-2000:]
