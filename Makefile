@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # torch is the CPU build: from a local wheel folder when pip is configured with one that holds it (pip's
 # find-links, as on our machines: nothing downloaded), else from PyTorch's CPU index, since PyPI's torch is the
 # multi-GB CUDA build. The project install then finds torch==2.13.0 satisfied (2.13.0+cpu) and keeps it.
-# GPU machines: README.md, "Installing".
+# GPU machines: docs/installing.md, "GPU machines".
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
@@ -49,7 +49,7 @@ images:
 	deploy/docker/build.sh $(IMAGES)
 
 clean:
-	rm -rf $(VENV) workdir test-artifacts
+	rm -rf $(VENV) workdir test-artifacts build
 
 # The GPU check (bench/gpu_check.py) on a Python that has torch but not our environment: nothing is installed
 # there. The stage folders go on PYTHONPATH as the cirflow.* namespace through symlinks in a throwaway folder,

@@ -2,7 +2,7 @@
 
     make gpu-check OUT=DIR [GPU_CHECK_ARGS="--steps 500 --images 2048"]
     python3 bench/gpu_check.py --out DIR [--device auto|cpu] [--steps N] [--images N] [--deadline-minutes M]
-        [--model default|tiny] [--workdir DIR]        # with cirflow importable: README, "GPU check"
+        [--model default|tiny] [--workdir DIR]        # with cirflow importable: docs/benchmarks-guide.md, "GPU check"
 
 Made for a machine with an NVIDIA GPU and its own Python with torch but not our pinned environment (stack.md, "The
 GPU test machine"); `make gpu-check` puts the source tree (and any wheels from `make gpu-wheels`) on PYTHONPATH,
@@ -19,7 +19,7 @@ installing nothing. The parts, each timed and each recorded even when skipped, w
   export            the trained checkpoint as an ONNX bundle (export/bundle.py; needs onnxscript)
   ort_cpu           export.runtime.BundleRuntime on the CPU against torch on the CPU
   ort_cuda, ort_tensorrt   the same through the CUDA / TensorRT execution providers (onnxruntime-gpu only)
-  faiss_gpu         indexing/faiss_device.py: a flat index searched on the GPU against the same index on the CPU
+  faiss_gpu         indexing/search/placement.py: a flat index searched on the GPU against the same index on the CPU
   tensorrt_engines  export/tensorrt.py's engine build (build only: running a plan needs a CUDA binding we lack)
 
 Parts run in that order under one deadline (--deadline-minutes, from the start): a part that would not fit what is
@@ -66,8 +66,8 @@ AFTER_TRAINING_S = 90  # kept free for the parts after training when the trainin
 # Modules whose presence decides what can run; imported, not just looked up, so that a broken install shows.
 MODULES = ("numpy", "PIL", "yaml", "tqdm", "tokenizers", "pyarrow", "onnx", "onnxruntime", "onnxscript", "onnx_ir",
            "onnxconverter_common", "faiss", "tensorrt", "ray")
-OURS = ("cirflow.models.train", "cirflow.indexing.embed_stages", "cirflow.export.bundle", "cirflow.export.runtime",
-        "cirflow.indexing.faiss_device", "cirflow.export.tensorrt")
+OURS = ("cirflow.models.train", "cirflow.indexing.embedding.embed_stages", "cirflow.export.bundle", "cirflow.export.runtime",
+        "cirflow.indexing.search.placement", "cirflow.export.tensorrt")
 FP32_ATOL = 1e-4  # fp32 against fp32 (export/bundle.py's PARITY_ATOL); CUDA with TF32 off gave 1.5e-7 on an H200
 GPU_EP_ATOL = 1e-3  # ORT's GPU providers choose their own kernels and math modes (TF32 among them)
 TIE_TOL = 1e-4  # neighbour picks whose similarities differ by less than this count as the same pick
@@ -342,7 +342,7 @@ def embedding(config: CheckConfig, data: Data, checkpoint: Path, device: str,
 
 def decode(uris: list[str], preprocess: Any, batch: int) -> np.ndarray:
     """(N, H, W, 3) uint8, read and decoded in batches by the embedding job's decode_batch."""
-    from cirflow.indexing.embed_stages import decode_batch
+    from cirflow.indexing.embedding.embed_stages import decode_batch
 
     out = []
     for start in range(0, len(uris), batch):
@@ -434,7 +434,7 @@ def make_probe(loaded: Any, data: Data) -> Probe:
     and tokenised by the checkpoint's tokenizer, with torch's CPU vectors for them."""
     import torch
 
-    from cirflow.indexing.embed_stages import read_image
+    from cirflow.indexing.embedding.embed_stages import read_image
     from cirflow.models.data.loaders import load_split
     from cirflow.models.preprocess import normalize_uint8
     from cirflow.models.tokenizer import encode_texts
@@ -493,11 +493,11 @@ def ort_gpu(bundle: Path | None, probe: Probe | None, choice: str, on_gpu: bool)
 
 
 def faiss_gpu(vectors: np.ndarray | None, on_gpu: bool, k: int = 10, queries: int = 256) -> dict:
-    """indexing/faiss_device.py's GPU copy of a flat index against the CPU index, on the catalog's CPU vectors."""
+    """indexing/search/placement.py's GPU copy of a flat index against the CPU index, on the catalog's CPU vectors."""
     try:
         import faiss
 
-        from cirflow.indexing.faiss_device import gpu_count, to_gpu
+        from cirflow.indexing.search.placement import gpu_count, to_gpu
     except ImportError as e:
         raise Skipped(f"not importable: {e} (faiss-gpu is a 135 MB wheel, stack.md)") from e
     if gpu_count() == 0:
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         from report import today
     except ImportError as e:
         raise SystemExit(f"cirflow does not import here ({e}): run `make gpu-check`, or put the source tree on "
-                         "PYTHONPATH as README.md's 'GPU check' shows") from e
+                         "PYTHONPATH as docs/benchmarks-guide.md's 'GPU check' shows") from e
     command = shlex.join(["python3", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     device, reason = find_device(config.device)
     if device is None:

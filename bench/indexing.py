@@ -42,7 +42,7 @@ nearest real neighbour (2000 sampled): a copy lies about as far from its source 
 neighbour, so the copies neither duplicate their source (tie-ridden recall) nor scatter into noise (no neighbour
 structure), and the local density grows with N as a larger catalog of the same images would. Copy 0 is the real
 vectors themselves, so each catalog contains the smaller ones. Copies get ids stable_id("<id>/<copy>"), written as
-an embedding run (indexing.shards, one shard per copy) that build_index streams. Every type gets its own default
+an embedding snapshot (indexing.shards, one shard per copy) that build_index streams. Every type gets its own default
 parameters (IndexConfig; memory budget large enough to decide nothing, so IVF-PQ gets dim/2 sub-quantizers). The
 index is then loaded as served (VectorIndex.load: memory-mapped, tuned setting applied) and timed:
 - single-query search latency p50/p99 (one query per call, after a warm-up), with faiss at 1 thread and at
@@ -92,16 +92,16 @@ from report import DOC, default_bundle, machine, today, write_section
 
 from cirflow.core.files import read_json, write_json_atomic
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
-from cirflow.indexing.embed import EmbedConfig
-from cirflow.indexing.embed_stages import read_image
-from cirflow.indexing.index_build import build_index, index_id, tune_index
-from cirflow.indexing.index_plan import INDEX_TYPES, IndexConfig, plan_index
-from cirflow.indexing.index_store import verify_index
-from cirflow.indexing.queries import Queries, encode_query_split
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, load_catalog, stable_id
+from cirflow.indexing.embedding.embed_stages import read_image
+from cirflow.indexing.embedding.job import EmbedConfig
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.index.build import build_index, index_id, tune_index
+from cirflow.indexing.index.plan import INDEX_TYPES, IndexConfig, plan_index
+from cirflow.indexing.index.queries import Queries, encode_query_split
 from cirflow.indexing.search import Searcher, VectorIndex
-from cirflow.indexing.shards import EmbeddingRun
+from cirflow.indexing.search.index_store import verify_index
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
@@ -234,7 +234,7 @@ def embed_with_ray(config: EmbedConfig, cores: int) -> dict[str, Any]:
     sampler.join()
     if proc.returncode:
         raise RuntimeError(f"{shlex.join(command)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"run_dir": output.strip().splitlines()[-1], "wall_s": wall, "driver_mb": peak[0]}
+    return {"snapshot_dir": output.strip().splitlines()[-1], "wall_s": wall, "driver_mb": peak[0]}
 
 
 def first_entries(catalog: CatalogConfig, table: Any, count: int, path: Path) -> CatalogConfig:
@@ -244,20 +244,20 @@ def first_entries(catalog: CatalogConfig, table: Any, count: int, path: Path) ->
     return CatalogConfig(name=f"{catalog.name}-first-{count}", manifest=str(path))
 
 
-def simulate_kill(run_dir: Path, count: int) -> int:
+def simulate_kill(snapshot_dir: Path, count: int) -> int:
     """Leave the run as a kill does: its last `count` shards unfinished (files gone, not in the manifest).
     Returns the rows taken out."""
-    manifest = shards.read_manifest(run_dir)
+    manifest = shards.read_manifest(snapshot_dir)
     assert manifest is not None and manifest["complete"]
     removed = 0
     for name in sorted(manifest["shards"])[-count:]:
         removed += manifest["shards"].pop(name)["rows"]
-        (run_dir / name).unlink()
-        (run_dir / shards.SHARD_ERRORS_DIR / name).unlink(missing_ok=True)
+        (snapshot_dir / name).unlink()
+        (snapshot_dir / shards.SHARD_ERRORS_DIR / name).unlink(missing_ok=True)
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"].values())
     manifest["errors"] = sum(s["errors"] for s in manifest["shards"].values())
     manifest["complete"] = False
-    shards.write_manifest(run_dir, manifest)
+    shards.write_manifest(snapshot_dir, manifest)
     return removed
 
 
@@ -282,12 +282,12 @@ def measure_embedding(bundle: Path, catalog: CatalogConfig, workdir: Path, cores
     print("part 1: Ray job ...", flush=True)
     with PeakMemory() as memory:
         ray_run = embed_with_ray(config, cores)
-    run_dir = Path(ray_run["run_dir"])
-    run = shards.open_run(run_dir)
+    snapshot_dir = Path(ray_run["snapshot_dir"])
+    run = shards.open_snapshot(snapshot_dir)
     last = run.manifest["last_run"]
     ids, vectors, _ = run.read_all()
     if not np.array_equal(ids, table.column("id").to_numpy()):
-        raise RuntimeError(f"{run_dir}: the job's ids differ from the catalog's ({run.manifest['errors']} errors)")
+        raise RuntimeError(f"{snapshot_dir}: the job's ids differ from the catalog's ({run.manifest['errors']} errors)")
     result["ray"] = {**ray_run, "seconds": last["seconds"], "images_per_s": last["entries_per_s"],
                      "peak_mb": memory.peak_mb, "processes": memory.processes, "shards": run.manifest["num_shards"],
                      "actors": last["actors"], "max_abs_diff": float(np.abs(vectors - plain).max())}
@@ -299,16 +299,16 @@ def measure_embedding(bundle: Path, catalog: CatalogConfig, workdir: Path, cores
           flush=True)
     small = first_entries(catalog, table, part, workdir / "small-catalog.csv")
     small_run = embed_with_ray(replace(config, catalog=small), cores)
-    small_last = shards.read_manifest(Path(small_run["run_dir"]))["last_run"]
+    small_last = shards.read_manifest(Path(small_run["snapshot_dir"]))["last_run"]
     result["small"] = {**small_run, "images": part, "seconds": small_last["seconds"],
                        "images_per_s": small_last["entries_per_s"]}
     print(f"  driver peak {small_run['driver_mb']:.0f} MB", flush=True)
 
     print(f"part 1: resume after a simulated kill ({RESUME_SHARDS} shards unfinished) ...", flush=True)
-    removed = simulate_kill(run_dir, RESUME_SHARDS)
+    removed = simulate_kill(snapshot_dir, RESUME_SHARDS)
     with PeakMemory() as memory:
         resumed = embed_with_ray(config, cores)
-    run = shards.open_run(run_dir)
+    run = shards.open_snapshot(snapshot_dir)
     result["resume"] = {**resumed, "shards": RESUME_SHARDS, "rows": removed, "peak_mb": memory.peak_mb,
                         "processes": memory.processes, "seconds": run.manifest["last_run"]["seconds"],
                         "same_ids": bool(np.array_equal(run.read_all()[0], ids))}
@@ -342,17 +342,17 @@ def noisy_copies(ids: np.ndarray, vectors: np.ndarray, uris: list[str], size: in
 
 
 def catalog_run(root: Path, real: tuple[np.ndarray, np.ndarray, list[str]], size: int, scale: float,
-                bundle_id: str, recipe: str) -> shards.EmbeddingRun:
+                bundle_id: str, recipe: str) -> shards.EmbeddingSnapshot:
     """The run of `size` vectors made from `real` (reused when a complete one of the same recipe exists)."""
-    run_dir = root / f"{size}-{recipe}"
-    manifest = shards.read_manifest(run_dir)
+    snapshot_dir = root / f"{size}-{recipe}"
+    manifest = shards.read_manifest(snapshot_dir)
     if manifest is not None and manifest["complete"]:
-        return shards.open_run(run_dir)
+        return shards.open_snapshot(snapshot_dir)
     ids, vectors, uris = real
     described = {"name": f"bench-{size}", "source": f"bench/indexing.py recipe {recipe}", "entries": size,
                  "fingerprint": recipe}
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
-    return shards.write_run(run_dir, noisy_copies(ids, vectors, uris, size, scale, SEED), bundle_id, described,
+    shutil.rmtree(snapshot_dir, ignore_errors=True)  # an interrupted earlier attempt
+    return shards.write_snapshot(snapshot_dir, noisy_copies(ids, vectors, uris, size, scale, SEED), bundle_id, described,
                             len(ids))
 
 
@@ -393,7 +393,7 @@ class Counts:
     warmup: int
 
 
-def per_query_split_recall(index_dir: Path, run: EmbeddingRun, queries: Queries, config: IndexConfig) -> float:
+def per_query_split_recall(index_dir: Path, run: EmbeddingSnapshot, queries: Queries, config: IndexConfig) -> float:
     """Held-out recall under the tuning protocol of earlier versions, on the same index and queries: queries split
     one by one (a reference's queries on both sides) and no reference left out. Tuning runs again on its own
     split, as it did then; the report sets its result beside the current protocol's."""
@@ -595,11 +595,11 @@ def estimate_minutes(args: argparse.Namespace, shapes: ShapesConfig, generate: b
 
 def embedding_results(args: argparse.Namespace, catalog: CatalogConfig, bundle_id: str,
                       cores: int) -> dict[str, Any]:
-    """Part 1's numbers: measured, or read back from an earlier run of the bench whose embedding run is complete."""
+    """Part 1's numbers: measured, or read back from an earlier run of the bench whose embedding snapshot is complete."""
     saved = args.workdir / f"embedding-{catalog.name}-{bundle_id}.json"
     if saved.exists():
         embedding = read_json(saved)
-        if (shards.read_manifest(Path(embedding["ray"]["run_dir"])) or {}).get("complete"):
+        if (shards.read_manifest(Path(embedding["ray"]["snapshot_dir"])) or {}).get("complete"):
             print(f"part 1: reusing {saved} (delete it to measure again)", flush=True)
             return embedding
     embedding = measure_embedding(args.bundle, catalog, args.workdir / "embed", cores,
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runtime = BundleRuntime.load(args.bundle, providers="cpu", intra_op_threads=cores)
     queries, images, captions = composed_queries(runtime, args.data, args.queries)
-    run = shards.open_run(Path(embedding["ray"]["run_dir"]))
+    run = shards.open_snapshot(Path(embedding["ray"]["snapshot_dir"]))
     ids, vectors, uris = run.read_all()
     base = min(len(ids), args.sizes[0])
     real = (ids[:base], vectors[:base], uris[:base])

@@ -66,7 +66,7 @@ A day, one step after the other, each timed by wall clock:
    not have held it, and would have loaded the refresh window.
 5. Full rebuild (every --full-every days, not on retrain days, whose nightly embeds everything anyway): what a
    user without refresh does, on the day's catalog in a scratch workdir (deleted after) with the served bundle:
-   run_embed (no previous snapshot: every image; a local Ray instance at >= local_below images), open_run,
+   run_embed (no previous snapshot: every image; a local Ray instance at >= local_below images), open_snapshot,
    build_index (IndexConfig defaults, tuned with the nightly's encoded val queries), validate_index; not
    published, no Prefect. refresh / full is the day's ratio. Its window's latency is recorded too.
 6. Recall@10 of the published version: the validation the nightly returns (recall@10 re-measured on the held-out
@@ -112,12 +112,13 @@ from service import Server, free_port, load_queries, percentile, serve_command
 from cirflow.core.files import follow_current, write_json_atomic, write_text_atomic
 from cirflow.export.manifest import resolve_bundle_dir
 from cirflow.flows.demo import DEMO_MODEL
-from cirflow.indexing import index_store, shards
-from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.queries import read_queries
-from cirflow.indexing.validate import validate_index
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.queries import read_queries
+from cirflow.indexing.index.validate import validate_index
+from cirflow.indexing.search import index_store
 from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 from cirflow.models.tiny import TINY_MODEL
@@ -423,12 +424,12 @@ def full_rebuild(manifest: Path, bundle: Path, queries_file: Path, scratch: Path
         seconds[name] = time.perf_counter() - started
         return result
 
-    run_dir = step("run_embed", run_embed, config)
-    run = step("open_run", shards.open_run, run_dir)
+    snapshot_dir = step("run_embed", run_embed, config)
+    run = step("open_snapshot", shards.open_snapshot, snapshot_dir)
     queries = read_queries(queries_file, run.bundle_id)
     index_dir = step("build_index", build_index, run, queries, scratch / "indexes")
     validation = step("validate_index", validate_index, index_dir, run, queries, min_recall)
-    embedded_by = shards.read_manifest(run_dir)["last_run"].get("embedded_by")
+    embedded_by = shards.read_manifest(snapshot_dir)["last_run"].get("embedded_by")
     shutil.rmtree(scratch)
     if not validation.passed:
         raise RuntimeError(f"the full rebuild failed validation: {'; '.join(validation.problems)}")
@@ -495,7 +496,7 @@ def nightly(setup: Setup) -> dict[str, Any]:
 def live_day(day: int, setup: Setup, schedule: Schedule, url: str, client: Client,
              say: Callable[[str], None]) -> dict[str, Any]:
     """One day of the scenario (module docstring, steps 1-6)."""
-    from cirflow.indexing.index_versions import rollback
+    from cirflow.indexing.index.versions import rollback
 
     record: dict[str, Any] = {"day": day, "events": []}
     windows: dict[str, Window] = {}

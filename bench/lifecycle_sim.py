@@ -194,7 +194,7 @@ def check_answers(answers: list[Answer], queries: list[Query], indexes: Path, bu
     none failed; returns how many (index, bundle) versions answered. Each version is loaded once."""
     from cirflow.export.runtime import BundleRuntime
     from cirflow.indexing.search import Searcher, VectorIndex
-    from cirflow.indexing.service_state import ServiceConfig, find_bundle
+    from cirflow.indexing.service.state import ServiceConfig, find_bundle
 
     failed = [a for a in answers if a.status != 200]
     assert not failed, f"{len(failed)} of {len(answers)} requests failed, e.g. {failed[0]}"

@@ -19,7 +19,7 @@ timing: the CPU time of the processes outside the bench's own process tree is sa
 each run and reported in cores (OtherJobs), so a reader sees which runs had company.
 1. Full: a fresh embeddings and indexes workdir, then the calls a user makes, timed one by one: run_embed (no
    previous snapshot: every image is embedded; at >= local_below images it starts its own local Ray instance with
-   default settings, one actor per CPU, ray.init included), shards.open_run (verifies every shard's sha256),
+   default settings, one actor per CPU, ray.init included), shards.open_snapshot (verifies every shard's sha256),
    index_refresh.build_or_refresh (nothing published yet: build_index, IndexConfig defaults: HNSW at 100k x 128
    dims, tuned to recall@10 0.95), validate_index (recall re-measured on the held-out queries, ids checked against
    the catalog minus its errors rows; floor: the catalog flow's min_recall) and index_versions.publish. That is
@@ -31,7 +31,7 @@ each run and reported in cores (OtherJobs), so a reader sees which runs had comp
    snapshot and embeds only the new and changed images (a delta under local_below: in this process, no Ray);
    build_or_refresh gets the published version (indexes/<catalog>/CURRENT, found as the flow finds it) and the
    flow's index_delta_max: while the delta and the dead ids stay under that share of the base, it makes an overlay
-   (indexing/index_refresh.py: the base's files hard-linked, an exact index of the new and changed vectors, the dead
+   (indexing/index/refresh.py: the base's files hard-linked, an exact index of the new and changed vectors, the dead
    ids, re-tuned) instead of a build. The refresh must pass its checks or the bench stops: images encoded ==
    added + changed; delta counts == the change; the ids the new index answers with (an overlay: the base's minus
    the dead plus the delta's) == the new catalog's ids minus its errors rows, and an overlay's delta and dead ids
@@ -89,16 +89,17 @@ from report import DOC, default_bundle, machine, progress, today, warn_if_busy, 
 
 from cirflow.core.files import follow_current, read_json, write_bytes_atomic, write_json_atomic
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing import index_store, shards
-from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.embed_stages import ImageEmbedder, decode_batch
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_refresh import build_or_refresh
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import Queries, encode_query_split
-from cirflow.indexing.validate import validate_index
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, load_catalog, stable_id
+from cirflow.indexing.embedding.embed_stages import ImageEmbedder, decode_batch
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries, encode_query_split
+from cirflow.indexing.index.refresh import build_or_refresh
+from cirflow.indexing.index.validate import validate_index
+from cirflow.indexing.index.versions import publish
+from cirflow.indexing.search import index_store
 from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 
@@ -112,7 +113,7 @@ QUICK_POOL = 8  # tiny catalog: training images kept out for additions and overw
 BUSY_CORES = 0.2  # other processes' CPU (cores, averaged over a run) above which the report flags the run
 SAMPLE_S = 1.0  # OtherJobs' sampling period: ~10 ms of CPU per sample
 APART_REPEATS = 3  # listings measured apart: the median
-STEPS = ("run_embed", "open_run", "build_or_refresh", "validate_index", "publish")
+STEPS = ("run_embed", "open_snapshot", "build_or_refresh", "validate_index", "publish")
 PREFECT_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
@@ -280,14 +281,14 @@ def run_stages(config: EmbedConfig, queries: Queries, indexes: Path, min_recall:
         return result
 
     with EmbedMarks() as marks:
-        run_dir = step("run_embed", run_embed, config)
+        snapshot_dir = step("run_embed", run_embed, config)
     if len(marks.planned) != 1:
         raise RuntimeError(f"run_embed logged its plan {len(marks.planned)} times; expected once (a new snapshot)")
-    last_run = shards.read_manifest(run_dir)["last_run"]
+    last_run = shards.read_manifest(snapshot_dir)["last_run"]
     prepare = marks.planned[0] - begun["run_embed"]
     embed = last_run["seconds"]
     phases = {"prepare": prepare, "embed": embed, "finish": seconds["run_embed"] - prepare - embed}
-    run = step("open_run", shards.open_run, run_dir)
+    run = step("open_snapshot", shards.open_snapshot, snapshot_dir)
     published = follow_current(indexes / config.catalog.name, index_store.IndexFormatError)  # as the flow finds it
     index_dir = step("build_or_refresh", build_or_refresh, run, queries, indexes, IndexConfig(), published,
                      max_fraction)
@@ -297,10 +298,10 @@ def run_stages(config: EmbedConfig, queries: Queries, indexes: Path, min_recall:
     step("publish", publish, index_dir)
     index = index_store.read_manifest(index_dir)
     total = sum(seconds.values())
-    return {"run_dir": str(run_dir), "index_dir": str(index_dir), "bundle_id": run.bundle_id,
+    return {"snapshot_dir": str(snapshot_dir), "index_dir": str(index_dir), "bundle_id": run.bundle_id,
             "seconds": seconds, "total": total, "phases": phases, "last_run": last_run,
             "others": others, "others_cores": sum(others[k] * seconds[k] for k in seconds) / total,
-            "delta": shards.read_manifest(run_dir)["delta"], "rows": run.rows, "shards": len(run.shard_files),
+            "delta": shards.read_manifest(snapshot_dir)["delta"], "rows": run.rows, "shards": len(run.shard_files),
             "index": {"type": index["type"], "params": index["params"], "search": index["search"],
                       "build_seconds": index["build_seconds"], "recall": index["recall"]["held_out"],
                       "overlay": index.get("overlay")},
@@ -309,9 +310,9 @@ def run_stages(config: EmbedConfig, queries: Queries, indexes: Path, min_recall:
 
 # --- checks and parts measured apart -------------------------------------------------------------------------
 
-def vectors_by_id(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def vectors_by_id(snapshot_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, their vectors as raw uint32 bits: compared byte for byte)."""
-    ids, vectors, _ = shards.open_run(run_dir).read_all()
+    ids, vectors, _ = shards.open_snapshot(snapshot_dir).read_all()
     order = np.argsort(ids)
     return ids[order], vectors[order].view(np.uint32)
 
@@ -327,9 +328,9 @@ def check_refresh(full: dict[str, Any], refresh: dict[str, Any], change: Change,
     require({k: delta[k] for k in counts} == counts, f"delta {delta} != the change {counts}")
     require(last_run["entries"] == counts["added"] + counts["changed"],
             f"{last_run['entries']} images encoded, expected added + changed = {counts['added'] + counts['changed']}")
-    run_dir = Path(refresh["run_dir"])
+    snapshot_dir = Path(refresh["snapshot_dir"])
     catalog_ids = load_catalog(catalog).column("id").to_numpy()
-    errors = pq.read_table(run_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
+    errors = pq.read_table(snapshot_dir / shards.ERRORS, columns=["id"]).column("id").to_numpy()
     expected = np.setdiff1d(catalog_ids, errors)
     index_ids = served_ids(Path(refresh["index_dir"]))
     require(np.array_equal(index_ids, expected), f"the index answers with {len(index_ids)} ids, the catalog minus "
@@ -346,8 +347,8 @@ def check_refresh(full: dict[str, Any], refresh: dict[str, Any], change: Change,
         require(np.array_equal(delta, want_delta) and np.array_equal(dead, want_dead),
                 f"the overlay's {len(delta)} delta and {len(dead)} dead ids are not the change's {len(want_delta)} "
                 f"added + overwritten and {len(want_dead)} overwritten + removed")
-    old_ids, old = vectors_by_id(Path(full["run_dir"]))
-    new_ids, new = vectors_by_id(run_dir)
+    old_ids, old = vectors_by_id(Path(full["snapshot_dir"]))
+    new_ids, new = vectors_by_id(snapshot_dir)
     unchanged = np.setdiff1d(new_ids, np.array(sorted(change.ids("added") | change.ids("changed")), np.int64))
     require(np.isin(unchanged, old_ids).all(), "an unchanged id is missing from the full run")
     same = (old[np.searchsorted(old_ids, unchanged)] == new[np.searchsorted(new_ids, unchanged)]).all(axis=1)
@@ -380,7 +381,7 @@ def measure_apart(catalog: CatalogConfig, bundle: Path, batch_size: int, change:
     """After the refresh, on the same files: a listing + stat of the catalog alone (load_catalog), the same
     system calls alone (os.scandir, os.stat per entry: what the listing cannot go below), each the median of
     APART_REPEATS; encoding the delta's images alone with the job's in-process code (ImageEmbedder with one
-    thread per CPU, as embed.py runs it); and a full rebuild of the refreshed snapshot (build_index, unpublished),
+    thread per CPU, as indexing/embedding/job.py runs it); and a full rebuild of the refreshed snapshot (build_index, unpublished),
     what the refresh's index step costs without an overlay."""
     listings = [timed(load_catalog, catalog) for _ in range(APART_REPEATS)]
     table, listing = listings[0][0], statistics.median(s for _, s in listings)
@@ -395,7 +396,7 @@ def measure_apart(catalog: CatalogConfig, bundle: Path, batch_size: int, change:
         embedder(decode_batch(batch, embedder.preprocess))
     encode = time.perf_counter() - started
     with OtherJobs() as others:
-        rebuilt, rebuild = timed(build_index, shards.open_run(Path(refresh["run_dir"])), queries, indexes,
+        rebuilt, rebuild = timed(build_index, shards.open_snapshot(Path(refresh["snapshot_dir"])), queries, indexes,
                                  IndexConfig())
     return {"entries": table.num_rows, "listing": listing, "syscalls": syscalls, "images": len(uris),
             "encode": encode, "rebuild": rebuild, "rebuild_others": others.cores,
@@ -502,7 +503,7 @@ def render(args: argparse.Namespace, command: str, setup: dict[str, Any], full: 
              f"Change (seed {SEED}): {counts['added']:,} added (symlinks to training images outside the catalog), "
              f"{counts['removed']:,} removed, {counts['changed']:,} overwritten (another image's bytes replace the "
              f"entry): {share:.2%} of the catalog, {checks['catalog']:,} entries after. Both runs make the same calls "
-             "(run_embed, open_run, build_or_refresh with the published version and the catalog flow's "
+             "(run_embed, open_snapshot, build_or_refresh with the published version and the catalog flow's "
              f"index_delta_max {setup['max_fraction']}, validate_index, publish).",
              "", "| step | full s | refresh s | refresh / full | other processes' CPU, cores (full / refresh) |",
              "|---|---|---|---|---|"]
@@ -524,7 +525,7 @@ def render(args: argparse.Namespace, command: str, setup: dict[str, Any], full: 
                   f"{fl['embedded_by']}, {fl['actors']} actor(s){ray_start}; refresh: {rl['entries']:,} images, "
                   f"{rl['embedded_by']}, the other vectors copied)", fp["embed"], rp["embed"]),
               row("&nbsp;&nbsp;finish: errors table, manifest, CURRENT", fp["finish"], rp["finish"]),
-              row("open_run (sha256 of every shard)", fs["open_run"], rs["open_run"], "open_run"),
+              row("open_snapshot (sha256 of every shard)", fs["open_snapshot"], rs["open_snapshot"], "open_snapshot"),
               row(f"build_or_refresh (full: {how_built(full['index'])}; refresh: {how_built(refresh['index'])})",
                   fs["build_or_refresh"], rs["build_or_refresh"], "build_or_refresh"),
               f"| &nbsp;&nbsp;its parts (index manifest) | {parts(full['index']['build_seconds'])} | "

@@ -78,16 +78,15 @@ from report import DOC, machine, progress, today, warn_if_busy, write_section
 from cirflow.core.files import publish_current, write_json_atomic
 from cirflow.export.bundle import export_bundle
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing import index_store
-from cirflow.indexing.catalog import CatalogConfig, stable_id
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import encode_query_split, read_queries, write_queries
-from cirflow.indexing.search import Searcher
-from cirflow.indexing.service_state import ServiceConfig
-from cirflow.indexing.shards import open_run, write_parquet_atomic
+from cirflow.indexing.embedding.catalog import CatalogConfig, stable_id
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.embedding.shards import open_snapshot, write_parquet_atomic
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import encode_query_split, read_queries, write_queries
+from cirflow.indexing.index.versions import publish
+from cirflow.indexing.search import Searcher, index_store
+from cirflow.indexing.service.state import ServiceConfig
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
@@ -153,7 +152,7 @@ def build_versions(bundle: Path, data: Path, workdir: Path) -> Setup:
         raise SystemExit(f"--data {data}: no PNG under images/test (a shapes dataset: cirflow data shapes --out DIR)")
     manifest = write_catalog(images, workdir / "catalog.parquet")
     catalog = CatalogConfig(name=f"{data.name}-service", manifest=str(manifest))
-    run = open_run(run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(workdir),
+    run = open_snapshot(run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(workdir),
                                          local_below=10**6)))
     tune_file = workdir / "tune-queries" / f"{run.bundle_id}.parquet"
     if tune_file.is_file():

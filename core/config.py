@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +91,17 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a config dict's leaves under the dotted keys that overrides spell."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{leaf}": v for leaf, v in flatten(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` strings (values parsed as YAML scalars/lists) to a nested dict, returning a copy."""
     import copy
@@ -132,35 +144,65 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_finite(name: str, value: Any) -> None:
+def _check_finite(name: str, value: Any, error: type[ValueError]) -> None:
     # A config built directly (not through from_dict, e.g. from command-line flags) meets its checks here.
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise error(f"{name} must be a finite number, got {value!r}")
 
 
-def check_positive(config: Any, *names: str) -> None:
-    """Raise ValueError naming the first of `names` (fields of `config`) that is not a finite number > 0: sizes,
-    rates, steps and budgets are checked when the config is built, before any job creates a directory."""
+# Range checks of a config's fields, called from its __post_init__: sizes, rates, steps and budgets are checked
+# when the config is built, before any job creates a directory. Each raises `error` (ValueError, or the config's
+# own subclass of it) naming the first of `names` that is out of range and its value; None ("auto") passes.
+
+def check_choice(value: Any, name: str, choices: Collection[Any], error: type[ValueError] = ValueError) -> None:
+    """Raise unless `value` is one of `choices` (a field's or an argument's), naming it and the choices in order."""
+    if value not in choices:
+        raise error(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def check_positive(config: Any, *names: str, error: type[ValueError] = ValueError) -> None:
+    """Raise for the first of `names` that is not a finite number > 0."""
     for name in names:
         value = getattr(config, name)
-        _check_finite(name, value)
+        _check_finite(name, value, error)
         if value is not None and not value > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+            raise error(f"{name} must be positive, got {value!r}")
 
 
-def check_non_negative(config: Any, *names: str) -> None:
-    """Raise ValueError naming the first of `names` that is < 0 or not finite (fields where 0 means "none" or
-    "auto": 0, not inf, is how they say "no limit")."""
+def check_non_negative(config: Any, *names: str, error: type[ValueError] = ValueError) -> None:
+    """Raise for the first of `names` that is < 0 or not finite (fields where 0 means "none" or "auto": 0, not
+    inf, is how they say "no limit")."""
     for name in names:
         value = getattr(config, name)
-        _check_finite(name, value)
+        _check_finite(name, value, error)
         if value is not None and not value >= 0:
-            raise ValueError(f"{name} must not be negative, got {value!r}")
+            raise error(f"{name} must not be negative, got {value!r}")
 
 
-def check_fraction(config: Any, *names: str) -> None:
-    """Raise ValueError naming the first of `names` that is not in [0, 1] (probabilities, mixing weights)."""
+def check_between(config: Any, low: float, high: float, *names: str, exclude_low: bool = False,
+                  exclude_high: bool = False, error: type[ValueError] = ValueError) -> None:
+    """Raise for the first of `names` outside [low, high]; `exclude_low` / `exclude_high` leave an end out,
+    (low, high] or [low, high), and the message writes the interval so."""
     for name in names:
         value = getattr(config, name)
-        if value is not None and not 0 <= value <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        if value is None:
+            continue
+        above = value > low if exclude_low else value >= low
+        below = value < high if exclude_high else value <= high
+        if not (above and below):  # NaN fails both
+            interval = f"{'(' if exclude_low else '['}{low}, {high}{')' if exclude_high else ']'}"
+            raise error(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_fraction(config: Any, *names: str, error: type[ValueError] = ValueError) -> None:
+    """Raise for the first of `names` that is not in [0, 1] (probabilities, mixing weights)."""
+    check_between(config, 0, 1, *names, error=error)
+
+
+def check_integer(config: Any, *names: str, error: type[ValueError] = ValueError) -> None:
+    """Raise for the first of `names` that is not an int (a bool is not): for configs built from flags or a
+    deployment's arguments, whose types from_dict never converted or checked."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise error(f"{name} must be an integer, got {value!r}")

@@ -168,18 +168,22 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def publish_dir(tmp: Path, final: Path, twin_ok: Callable[[Path], bool] | None = None) -> bool:
+def publish_dir(tmp: Path, final: Path, twin_ok: Callable[[Path], bool] | None = None, flush: bool = True) -> bool:
     """Rename a fully written directory (from temp_dir_beside) to `final`, atomically, after flushing its files
-    to disk, then make the rename durable; True when it did.
+    to disk, then make the rename durable; True when it did. An empty directory at `final` is replaced.
 
     When `final` already holds a directory that is not empty, another process published first and the rename
     fails: without `twin_ok` the OSError is raised; with it, `twin_ok(final)` decides whether that copy will do
     (a content-addressed version made from the same inputs: it checks the copy, and may raise if it is damaged),
-    and on True publish_dir returns False, leaving `tmp` for the caller's temp_dir_beside to remove."""
-    for path in sorted(Path(tmp).rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+    and on True publish_dir returns False, leaving `tmp` for the caller's temp_dir_beside to remove.
+
+    `flush=False` skips the files' fsync, for data that is cheap to regenerate and made of so many files (a
+    generated dataset's images) that flushing each would cost more than it protects."""
+    if flush:
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
     try:
         os.rename(tmp, final)
     except OSError:
@@ -188,6 +192,17 @@ def publish_dir(tmp: Path, final: Path, twin_ok: Callable[[Path], bool] | None =
         return False
     fsync_dir(Path(final).parent)
     return True
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` as `target` (no second copy of an immutable file), else copy it with its times and
+    mode (another filesystem, or one without hard links)."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _numpy_scalar(o: object) -> object:
@@ -212,7 +227,7 @@ def describe_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any
 
 def check_files(directory: Location, files: dict[str, dict[str, Any]], checksums: bool = True) -> str | None:
     """The first listed file that is missing or differs from its recorded size (or sha256), described in a
-    phrase naming the file; None when all match. Bundles, engines, embedding runs and indexes share this check."""
+    phrase naming the file; None when all match. Bundles, engines, embedding snapshots and indexes share this check."""
     for name, meta in sorted(files.items()):
         path = directory / name
         if not path.is_file():

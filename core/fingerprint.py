@@ -9,7 +9,7 @@ from pathlib import Path
 
 def data_fingerprint(root: Path) -> str:
     """(relative path, size, mtime_ns) of every file under a dataset directory: one stat per file, no reads,
-    like the catalog's default change key (indexing/catalog.py). A file added, removed, rewritten or touched
+    like the catalog's default change key (indexing/embedding/catalog.py). A file added, removed, rewritten or touched
     gives another fingerprint."""
     root = Path(root)
     if not root.is_dir():

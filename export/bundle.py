@@ -135,20 +135,25 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
 
 def _publish(tmp: Path, out_dir: Path, manifest: dict[str, Any]) -> Path:
     new_id = manifest["bundle_id"]
-    error: OSError | None = None
-    for _ in range(2):  # a second pass only when another process published between our check and rename
-        if _occupied(out_dir):
-            old_id = read_manifest(out_dir).get("bundle_id")
-            if old_id == new_id:
-                log.info("bundle %s already holds bundle_id %s; kept as is", out_dir, new_id)
-                return out_dir
-            raise BundleError(f"refusing to overwrite bundle {out_dir} (bundle_id {old_id}) with different content "
-                              f"(bundle_id {new_id}); remove it or choose another output directory")
-        try:
-            publish_dir(tmp, out_dir)  # atomic (also over an empty directory): no bundle or a complete one
-        except OSError as e:
-            error = e
-            continue
+    try:
+        # Atomic (also over an empty directory): no bundle or a complete one.
+        wrote = publish_dir(tmp, out_dir, twin_ok=lambda found: _same_bundle(found, new_id))
+    except OSError as e:
+        raise BundleError(f"cannot move the new bundle into {out_dir}: {e}") from e
+    if wrote:
         log.info("wrote bundle %s (bundle_id %s)", out_dir, new_id)
-        return out_dir
-    raise BundleError(f"cannot move the new bundle into {out_dir}: {error}") from error
+    else:
+        log.info("bundle %s already holds bundle_id %s; kept as is", out_dir, new_id)
+    return out_dir
+
+
+def _same_bundle(out_dir: Path, new_id: str) -> bool:
+    """Whether the bundle already at `out_dir` (an earlier export, or another process that published first) is
+    this very one (the same weights, from another checkpoint file): then it is kept. Another is never overwritten."""
+    if not _occupied(out_dir):
+        return False
+    old_id = read_manifest(out_dir).get("bundle_id")
+    if old_id != new_id:
+        raise BundleError(f"refusing to overwrite bundle {out_dir} (bundle_id {old_id}) with different content "
+                          f"(bundle_id {new_id}); remove it or choose another output directory")
+    return True

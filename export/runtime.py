@@ -20,6 +20,7 @@ import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
+from cirflow.core.config import check_choice
 from cirflow.export.manifest import (
     IMAGE,
     QUERY,
@@ -53,8 +54,7 @@ class GPUUnavailableError(RuntimeError):
 
 def select_providers(choice: str, available: Sequence[str]) -> list[str]:
     """The priority list for `choice`, restricted to `available`; logs when it falls back to another provider."""
-    if choice not in PROVIDERS:
-        raise ValueError(f"providers={choice!r} is not one of {sorted(PROVIDERS)}")
+    check_choice(choice, "providers", sorted(PROVIDERS))
     chosen = [p for p in PROVIDERS[choice] if p in available or p == CPU]
     if choice != "cpu" and chosen == [CPU]:
         # ORT itself would only warn and run on CPU; say it once, plainly, with the way out.

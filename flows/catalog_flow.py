@@ -2,9 +2,9 @@
 
     catalog(config="configs/catalog_flow.yaml", overrides=["embed.catalog.folder=/shop/images"])
 
-1. The snapshot task lists the catalog with each entry's version (indexing/catalog.py) and writes it to
+1. The snapshot task lists the catalog with each entry's version (indexing/embedding/catalog.py) and writes it to
    WORKDIR/catalogs/<name>/<fingerprint>.parquet: the embedding job then embeds exactly that state.
-2. The embedding job (indexing/embed.py) makes the snapshot's embeddings from the previous snapshot of the same
+2. The embedding job (indexing/embedding/job.py) makes the snapshot's embeddings from the previous snapshot of the same
    bundle: new and changed images are encoded, unchanged vectors copied, removed ids dropped. A new bundle has
    no previous snapshot: everything is embedded, into its own directory. It runs in this process (a local Ray
    instance, or none for a small delta), or as a Ray job on a cluster when `ray_job_address` is set, the same
@@ -12,14 +12,14 @@
    reason of the moment (a timeout, a 503) are retried in the job; still failing, they make the snapshot
    unfinished for this flow, so the next run retries them even when the catalog did not change.
 3. The index is built and tuned with the split's composed queries (for a small change: an overlay on the
-   published version, indexing/index_refresh.py, while its delta stays under `index_delta_max`), validated
-   (indexing/validate.py: recall on held-out queries re-measured, ids equal to the catalog's minus its errors
+   published version, indexing/index/refresh.py, while its delta stays under `index_delta_max`), validated
+   (indexing/index/validate.py: recall on held-out queries re-measured, ids equal to the catalog's minus its errors
    rows) and only then published as a new version; a failed validation fails the run and leaves the published
    index as it was. After an operator's rollback, a snapshot and bundle that the rolled-back version was built
    from are not indexed or published again (index_versions.held) until a newer snapshot or bundle comes.
 
 Snapshot, embedding, query encoding and index build are cached on content keys (catalog fingerprint, bundle id,
-configs), so a rerun with nothing changed embeds and builds nothing.
+configs, and where the result is written), so a rerun with nothing changed embeds and builds nothing.
 """
 
 from __future__ import annotations
@@ -34,24 +34,24 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import flow, task
 
-from cirflow.core.config import check_fraction, check_positive, load_config, to_dict
+from cirflow.core.config import check_fraction, check_positive, flatten, load_config, to_dict
 from cirflow.core.files import follow_current, sha256_file, write_atomic
 from cirflow.core.fingerprint import data_fingerprint
 from cirflow.export.manifest import resolve_bundle_dir, verify_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.artifacts import markdown_table, publish_links, publish_markdown
-from cirflow.flows.caching import by_key, cached, content_key
+from cirflow.flows.caching import by_key, cache_key, cached, content_key
 from cirflow.flows.plots import plot_tuning_sweep
 from cirflow.flows.retention import prune_bundles
-from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, fingerprint, load_catalog
-from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed, snapshot_dir
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_refresh import build_or_refresh
-from cirflow.indexing.index_store import IndexFormatError, read_manifest, verify_index
-from cirflow.indexing.index_versions import held, publish
-from cirflow.indexing.queries import encode_query_split, read_queries, write_queries
-from cirflow.indexing.validate import validate_index
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, fingerprint, load_catalog
+from cirflow.indexing.embedding.job import EmbedConfig, EmbedError, run_embed, snapshot_location
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import encode_query_split, read_queries, write_queries
+from cirflow.indexing.index.refresh import build_or_refresh
+from cirflow.indexing.index.validate import validate_index
+from cirflow.indexing.index.versions import held, publish
+from cirflow.indexing.search.index_store import IndexFormatError, read_manifest, verify_index
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class CatalogFlowConfig:
     # Model bundles kept in WORKDIR/bundles (newest first; CURRENT and those of kept index versions always), with
     # their embedding snapshots and encoded queries (flows/retention.py)
     keep_bundles: int = 3
-    # A refresh updates the published index in place of a rebuild (indexing/index_refresh.py: its files, a delta
+    # A refresh updates the published index in place of a rebuild (indexing/index/refresh.py: its files, a delta
     # of new and changed vectors, the ids that died) while delta and dead ids stay under this share of its base;
     # beyond it, or 0, the index is built in full.
     index_delta_max: float = 0.1
@@ -111,15 +111,15 @@ def snapshot_catalog(catalog: CatalogConfig, workdir: str) -> dict[str, Any]:
 
 
 @task(cache_key_fn=by_key, persist_result=True)
-def embed_snapshot(key: str, config: EmbedConfig, run_dir: str, ray_job_address: str | None) -> str:
-    """The job completes `run_dir` (embed.snapshot_dir: a catalog state's snapshot, or the retry of its transient
+def embed_snapshot(key: str, config: EmbedConfig, snapshot_dir: str, ray_job_address: str | None) -> str:
+    """The job completes `snapshot_dir` (embed.snapshot_location: a catalog state's snapshot, or the retry of its transient
     errors), here or as a Ray job."""
     if ray_job_address:
         _submit_ray_job(config, ray_job_address)
     else:
-        run_dir = str(run_embed(config))
-    shards.open_run(Path(run_dir), verify=False)  # complete, or the job did not do its work
-    return run_dir
+        snapshot_dir = str(run_embed(config))
+    shards.open_snapshot(Path(snapshot_dir), verify=False)  # complete, or the job did not do its work
+    return snapshot_dir
 
 
 @task(cache_key_fn=by_key, persist_result=True)
@@ -130,16 +130,16 @@ def encode_queries(key: str, bundle_dir: str, source: QuerySource, out: str) -> 
 
 
 @task(cache_key_fn=by_key, persist_result=True)
-def build(key: str, run_dir: str, queries: str, config: IndexConfig, indexes: str, previous: str | None,
+def build(key: str, snapshot_dir: str, queries: str, config: IndexConfig, indexes: str, previous: str | None,
           max_fraction: float) -> str:
-    run = shards.open_run(Path(run_dir))
+    run = shards.open_snapshot(Path(snapshot_dir))
     return str(build_or_refresh(run, read_queries(Path(queries), run.bundle_id), Path(indexes), config,
                                 Path(previous) if previous else None, max_fraction))
 
 
 @task
-def validate(index_dir: str, run_dir: str, queries: str, min_recall: float) -> dict[str, Any]:
-    run = shards.open_run(Path(run_dir))
+def validate(index_dir: str, snapshot_dir: str, queries: str, min_recall: float) -> dict[str, Any]:
+    run = shards.open_snapshot(Path(snapshot_dir))
     result = validate_index(Path(index_dir), run, read_queries(Path(queries), run.bundle_id), min_recall)
     if not result.passed:
         raise IndexValidationError(f"index {Path(index_dir).name} not published: " + "; ".join(result.problems))
@@ -169,32 +169,32 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     job = replace(cfg.embed, bundle=str(bundle_dir), workdir=str(workdir),
                   catalog=CatalogConfig(name=cfg.embed.catalog.name, manifest=snapshot["path"]))
     state = load_catalog(job.catalog)
-    run_dir = snapshot_dir(workdir / "embeddings" / job.catalog.name / bundle_id, state, job.rows_per_shard,
+    snapshot_dir = snapshot_location(workdir / "embeddings" / job.catalog.name / bundle_id, state, job.rows_per_shard,
                            job.images)
-    made_before = _run_complete(str(run_dir))  # the same catalog state was embedded by an earlier run
-    run_dir = Path(cached(embed_snapshot, _run_complete, key=content_key(to_dict(job), bundle_id),
-                          config=job, run_dir=str(run_dir), ray_job_address=cfg.ray_job_address))
+    made_before = _run_complete(str(snapshot_dir))  # the same catalog state was embedded by an earlier run
+    snapshot_dir = Path(cached(embed_snapshot, _run_complete, key=cache_key(snapshot_dir, to_dict(job), bundle_id),
+                          config=job, snapshot_dir=str(snapshot_dir), ray_job_address=cfg.ray_job_address))
     data_key = data_fingerprint(Path(cfg.queries.root))
     queries_key = content_key(bundle_id, to_dict(cfg.queries), data_key)
     queries_out = workdir / "queries" / bundle_id / f"{queries_key[:16]}.parquet"
-    queries = cached(encode_queries, lambda q: Path(q).is_file(), key=content_key(queries_key, str(queries_out)),
+    queries = cached(encode_queries, lambda q: Path(q).is_file(), key=cache_key(queries_out, queries_key),
                      bundle_dir=str(bundle_dir), source=cfg.queries, out=str(queries_out))
-    run_manifest = shards.read_manifest(run_dir)
+    run_manifest = shards.read_manifest(snapshot_dir)
     delta = run_manifest.get("delta", {})
     encoded = 0 if made_before else run_manifest.get("last_run", {}).get("entries")
-    print(f"catalog {job.catalog.name}: snapshot {run_dir.name} made by an earlier run, nothing to embed"
-          if made_before else _delta_table(job.catalog.name, run_dir, delta, encoded))
+    print(f"catalog {job.catalog.name}: snapshot {snapshot_dir.name} made by an earlier run, nothing to embed"
+          if made_before else _delta_table(job.catalog.name, snapshot_dir, delta, encoded))
     transient = shards.transient_errors(run_manifest)
     if transient:
         log.warning("catalog %s: %d images could not be read for a reason of the moment (errors.parquet, "
                     "transient); the next run reads them again", job.catalog.name, transient)
     catalog_dir = workdir / "indexes" / job.catalog.name
-    hold = held(catalog_dir, run_dir.name, bundle_id)
+    hold = held(catalog_dir, snapshot_dir.name, bundle_id)
     if hold is not None:  # an operator rolled back from an index of this very snapshot and bundle
         print(f"index of catalog {job.catalog.name} not published: the rollback of {hold['at']} from "
-              f"{hold.get('from')} holds snapshot {run_dir.name} with bundle {bundle_id} back until a newer "
+              f"{hold.get('from')} holds snapshot {snapshot_dir.name} with bundle {bundle_id} back until a newer "
               "snapshot or bundle (cirflow index versions)")
-        return {"snapshot": run_dir.name, "run_dir": str(run_dir), "delta": delta, "encoded": encoded,
+        return {"snapshot": snapshot_dir.name, "snapshot_dir": str(snapshot_dir), "delta": delta, "encoded": encoded,
                 "errors": run_manifest["errors"], "transient_errors": transient, "index_dir": None,
                 "published": False, "held": hold,
                 "bundle_id": bundle_id}
@@ -203,12 +203,12 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     # Keyed on the snapshot and where its index goes, not on the published version an overlay builds on: an
     # overlay is a whole index of its snapshot, whichever version it was made on, so a rerun of the same snapshot
     # reuses it. A rollback is honoured by the hold above, before this cache is asked.
-    index_key = content_key(run_dir.name, bundle_id, sha256_file(Path(queries)), to_dict(cfg.index),
-                            cfg.index_delta_max, str(workdir / "indexes"))
-    index_dir = cached(build, _index_ok, key=index_key, run_dir=str(run_dir), queries=queries, config=cfg.index,
+    index_key = cache_key(catalog_dir, snapshot_dir.name, bundle_id, sha256_file(Path(queries)), to_dict(cfg.index),
+                          cfg.index_delta_max)
+    index_dir = cached(build, _index_ok, key=index_key, snapshot_dir=str(snapshot_dir), queries=queries, config=cfg.index,
                        indexes=str(workdir / "indexes"), previous=previous, max_fraction=cfg.index_delta_max)
     index_manifest = read_manifest(Path(index_dir))
-    checked = validate(index_dir, str(run_dir), queries, cfg.min_recall)
+    checked = validate(index_dir, str(snapshot_dir), queries, cfg.min_recall)
     k = index_manifest["recall"]["k"]
     overlay = index_manifest.get("overlay")
     how = (f"{index_manifest['type']}, an overlay on {overlay['base']}: {overlay['delta']} delta vectors, "
@@ -216,19 +216,19 @@ def run_catalog(cfg: CatalogFlowConfig, bundle: str | None = None) -> dict[str, 
     print(f"index {Path(index_dir).name} ({how}): recall@{k} {checked[f'recall@{k}']:.4f} on "
           f"{checked['held_out_queries']} held-out queries (floor {cfg.min_recall}); {checked['vectors']} vectors "
           "= catalog minus errors")
-    _artifacts(workdir, job.catalog.name, run_dir, delta, encoded, Path(index_dir), index_manifest, checked)
+    _artifacts(workdir, job.catalog.name, snapshot_dir, delta, encoded, Path(index_dir), index_manifest, checked)
     publish_version(index_dir, cfg.keep_versions)
     prune_bundles(workdir, cfg.keep_bundles)
-    return {"snapshot": run_dir.name, "run_dir": str(run_dir), "delta": delta, "encoded": encoded,
+    return {"snapshot": snapshot_dir.name, "snapshot_dir": str(snapshot_dir), "delta": delta, "encoded": encoded,
             "errors": run_manifest["errors"], "transient_errors": transient, "index_dir": index_dir,
             "published": True, "validation": checked,
             "bundle_id": bundle_id}
 
 
-def _run_complete(run_dir: str) -> bool:
-    """Whether a snapshot is complete and final: one with transient errors is retried (embed.py)."""
+def _run_complete(snapshot_dir: str) -> bool:
+    """Whether a snapshot is complete and final: one with transient errors is retried (indexing/embedding/job.py)."""
     try:
-        run = shards.open_run(Path(run_dir))
+        run = shards.open_snapshot(Path(snapshot_dir))
     except shards.EmbeddingsError:
         return False
     return not shards.transient_errors(run.manifest)
@@ -248,7 +248,9 @@ def _submit_ray_job(config: EmbedConfig, address: str) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    entrypoint = shlex.join(["cirflow", "embed", *_overrides(to_dict(config))])
+    # The config as key.path=value arguments (None values left at their default).
+    overrides = [f"{key}={value}" for key, value in flatten(to_dict(config)).items() if value is not None]
+    entrypoint = shlex.join(["cirflow", "embed", *overrides])
     job_id = client.submit_job(entrypoint=entrypoint)
     log.info("submitted Ray job %s to %s: %s", job_id, address, entrypoint)
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
@@ -260,27 +262,16 @@ def _submit_ray_job(config: EmbedConfig, address: str) -> None:
     log.info("Ray job %s succeeded", job_id)
 
 
-def _overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """A config dict as the key.path=value arguments of `cirflow embed` (None values left at their default)."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.extend(_overrides(value, f"{prefix}{key}."))
-        elif value is not None:
-            out.append(f"{prefix}{key}={value}")
-    return out
-
-
-def _delta_table(name: str, run_dir: Path, delta: dict[str, Any], encoded: int | None) -> str:
+def _delta_table(name: str, snapshot_dir: Path, delta: dict[str, Any], encoded: int | None) -> str:
     if not delta.get("previous"):
-        return f"catalog {name}: snapshot {run_dir.name}, no previous snapshot of this bundle: {encoded} encoded"
-    return (f"catalog {name}: snapshot {run_dir.name} from {delta['previous']}: {delta['added']} added, "
+        return f"catalog {name}: snapshot {snapshot_dir.name}, no previous snapshot of this bundle: {encoded} encoded"
+    return (f"catalog {name}: snapshot {snapshot_dir.name} from {delta['previous']}: {delta['added']} added, "
             f"{delta['changed']} changed, {delta['removed']} removed, {delta['unchanged']} unchanged; "
             f"{encoded} images encoded this run, {delta['reused_vectors']} vectors and {delta['reused_errors']} "
             f"errors rows reused, {delta.get('retried', 0)} read again after a transient failure")
 
 
-def _artifacts(workdir: Path, name: str, run_dir: Path, delta: dict[str, Any], encoded: int | None,
+def _artifacts(workdir: Path, name: str, snapshot_dir: Path, delta: dict[str, Any], encoded: int | None,
                index_dir: Path, manifest: dict[str, Any], checked: dict[str, Any]) -> None:
     recall = manifest["recall"]
     param = manifest["search"]["param"]
@@ -298,7 +289,7 @@ def _artifacts(workdir: Path, name: str, run_dir: Path, delta: dict[str, Any], e
     tuning = {f"{param or 'exact'}={v}": {f"recall@{recall['k']}": r, "ms/query (batch)": round(ms, 4)}
               for v, r, ms in recall["sweep"]}
     publish_markdown("catalog-refresh", f"Catalog {name}: index {index_dir.name}", [
-        (f"Embedding snapshot {run_dir.name}", markdown_table(changes, "")),
+        (f"Embedding snapshot {snapshot_dir.name}", markdown_table(changes, "")),
         ("Validation (re-measured on held-out queries)", markdown_table({"new index": checked}, "")),
         (f"Index: {manifest['type']}", f"{manifest['reason']}\n\nchosen: {param}={manifest['search']['value']}"
          + (f"\n\nan overlay on {manifest['overlay']['base']}: {manifest['overlay']['delta']} delta vectors, "

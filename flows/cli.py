@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--max-seq", type=int, help="default: the bundle's max_text_length")
 
     embed = sub.add_parser("embed", help="embed a catalog with a bundle (on Ray): Parquet shards + errors table")
-    embed.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.embed.EmbedConfig)")
+    embed.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.embedding.job.EmbedConfig)")
     embed.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. catalog.folder=images/")
 
     index = sub.add_parser("index", help="FAISS indexes: query vectors, build, search").add_subparsers(
@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     queries.add_argument("--root", type=Path, required=True, help="dataset directory")
     queries.add_argument("--split", default="val")
     queries.add_argument("--out", type=Path, required=True, help="queries Parquet file to write")
-    build = index.add_parser("build", help="build, tune and publish a FAISS index from an embedding run")
+    build = index.add_parser("build", help="build, tune and publish a FAISS index from an embedding snapshot")
     build.add_argument("--embeddings", required=True, help="WORKDIR/embeddings/<catalog>/<bundle_id> (a path or URI)")
     build.add_argument("--queries", type=Path, required=True, help="real composed query vectors (index queries); "
                        "references found in the catalog are left out of their results while tuning, as search does")
     build.add_argument("--out", type=Path, default=Path("workdir/indexes"), help="indexes root")
-    build.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.index_plan.IndexConfig)")
+    build.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.index.plan.IndexConfig)")
     build.add_argument("--no-publish", action="store_true", help="do not point the catalog's CURRENT at it")
     build.add_argument("--keep", type=int, default=5, help="published versions kept for rollback (at least 2)")
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. index_type=hnsw")
@@ -190,15 +190,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(export_bundle(args.checkpoint, args.out))
     elif args.command == "embed":
         from cirflow.core.config import load_config
-        from cirflow.indexing.embed import EmbedConfig, run_embed
+        from cirflow.indexing.embedding.job import EmbedConfig, run_embed
 
         print(run_embed(load_config(EmbedConfig, args.config, args.overrides)))
     elif args.command == "index":
         return _index(args)
     elif args.command == "serve":
-        from cirflow.indexing.service import serve
-        from cirflow.indexing.service_security import read_api_key
-        from cirflow.indexing.service_state import ServiceConfig
+        from cirflow.indexing.service.app import serve
+        from cirflow.indexing.service.security import read_api_key
+        from cirflow.indexing.service.state import ServiceConfig
 
         images = ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
                              formats=tuple(f.strip() for f in args.image_formats.split(",") if f.strip()))
@@ -221,21 +221,21 @@ def _index(args: argparse.Namespace) -> int:
     from cirflow.export.runtime import BundleRuntime
 
     if args.index_command == "queries":
-        from cirflow.indexing.queries import encode_query_split, write_queries
+        from cirflow.indexing.index.queries import encode_query_split, write_queries
 
         runtime = BundleRuntime.load(args.bundle)
         print(write_queries(args.out, encode_query_split(runtime, args.kind, args.root, args.split),
                             runtime.bundle_id))
     elif args.index_command == "build":
         from cirflow.core.config import load_config
-        from cirflow.indexing.index_build import build_index
-        from cirflow.indexing.index_plan import IndexConfig
-        from cirflow.indexing.index_store import read_manifest
-        from cirflow.indexing.index_versions import publish
-        from cirflow.indexing.queries import read_queries
-        from cirflow.indexing.shards import open_run
+        from cirflow.indexing.embedding.shards import open_snapshot
+        from cirflow.indexing.index.build import build_index
+        from cirflow.indexing.index.plan import IndexConfig
+        from cirflow.indexing.index.queries import read_queries
+        from cirflow.indexing.index.versions import publish
+        from cirflow.indexing.search.index_store import read_manifest
 
-        run = open_run(args.embeddings)
+        run = open_snapshot(args.embeddings)
         config = load_config(IndexConfig, args.config, args.overrides)
         index_dir = build_index(run, read_queries(args.queries, run.bundle_id), args.out, config)
         if not args.no_publish:
@@ -244,7 +244,7 @@ def _index(args: argparse.Namespace) -> int:
         logging.getLogger("cirflow").info("%s: %s", manifest["type"], manifest["reason"])
         print(index_dir)
     elif args.index_command == "versions":
-        from cirflow.indexing.index_versions import versions
+        from cirflow.indexing.index.versions import versions
 
         for row in versions(args.catalog):
             flags = ("CURRENT " if row["current"] else "") + ("HELD " if row["held"] else "") + (
@@ -255,7 +255,7 @@ def _index(args: argparse.Namespace) -> int:
                 print(f"  HELD: rolled back from {row['from']}; scheduled runs publish nothing built from snapshot "
                       f"{holds['snapshot']} with bundle {holds['bundle_id']} until a newer snapshot or bundle")
     elif args.index_command == "rollback":
-        from cirflow.indexing.index_versions import rollback
+        from cirflow.indexing.index.versions import rollback
 
         print(rollback(args.catalog, args.to, args.keep))
     elif args.index_command == "search":

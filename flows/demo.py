@@ -28,8 +28,8 @@ from cirflow.core.config import load_config, to_dict
 from cirflow.core.files import write_text_atomic
 from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.runtime import BundleRuntime
+from cirflow.indexing.index.evaluate import recall_through_search
 from cirflow.indexing.search import Searcher, VectorIndex
-from cirflow.indexing.search_eval import recall_through_search
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
 from cirflow.models.report import format_table
 from cirflow.models.train_config import TrainConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cirflow.core.files import follow_current
 from cirflow.export.manifest import MANIFEST, BundleError, read_manifest
-from cirflow.indexing import index_store
+from cirflow.indexing.search import index_store
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,12 @@
     training(config="configs/training_flow.yaml", overrides=["train.optim.max_minutes=2"])
 
 Each task is a thin wrapper over a stage function. The expensive ones are cached on content keys (the training
-config and a fingerprint of the data; the checkpoint's sha256; the bundle id), so a rerun with unchanged inputs
-trains, evaluates and exports nothing. The gate evaluates the new bundle and the current one with the same
-evaluator on the same split (flows/gate.py) and registers the new one only if it is not worse beyond the
-tolerance; otherwise the flow run fails with both rows of numbers. The run directory is named by the config and
-the data's fingerprint: a week's new training data trains a new run, the same data reuses the finished one.
+config and a fingerprint of the data; the checkpoint's sha256; the bundle id; and where each result is written:
+flows/caching.py), so a rerun with unchanged inputs trains, evaluates and exports nothing. The gate evaluates the
+new bundle and the current one with the same evaluator on the same split (flows/gate.py) and registers the new
+one only if it is not worse beyond the tolerance; otherwise the flow run fails with both rows of numbers. The run
+directory is named by the config and the data's fingerprint: a week's new training data trains a new run, the
+same data reuses the finished one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cirflow.export.bundle import export_bundle
 from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.manifest import BundleError, register_bundle, resolve_bundle_dir, verify_bundle
 from cirflow.flows.artifacts import markdown_table, publish_links, publish_markdown
-from cirflow.flows.caching import by_key, cached, content_key
+from cirflow.flows.caching import by_key, cache_key, cached
 from cirflow.flows.gate import GateConfig, GateRefused, decide
 from cirflow.flows.plots import plot_training, read_training_log
 from cirflow.models.data.shapes import ShapesConfig, generate_shapes
@@ -70,8 +71,12 @@ def train_model(key: str, config: TrainConfig, run_dir: str) -> str:
 
 @task(cache_key_fn=by_key, persist_result=True)
 def evaluate_checkpoint(key: str, checkpoint: str) -> dict[str, Any]:
-    out = Path(checkpoint).parent.parent / "eval"
-    return run_eval(EvalJobConfig(Path(checkpoint), out))
+    return run_eval(EvalJobConfig(Path(checkpoint), _eval_dir(checkpoint)))
+
+
+def _eval_dir(checkpoint: str) -> Path:
+    """Where a run's evaluation is written: RUN/eval beside RUN/checkpoints."""
+    return Path(checkpoint).parent.parent / "eval"
 
 
 @task(cache_key_fn=by_key, persist_result=True)
@@ -105,20 +110,22 @@ def run_training(cfg: TrainingFlowConfig) -> dict[str, Any]:
     data_key = prepare_data(cfg)
     run_dir = workdir / "runs" / run_id_for(cfg.train, data_key)  # new training data: a new run
     checkpoint = cached(train_model, lambda c: Path(c).is_file(),
-                        key=content_key(run_identity(cfg.train), data_key, str(run_dir)), config=cfg.train,
+                        key=cache_key(run_dir, run_identity(cfg.train), data_key), config=cfg.train,
                         run_dir=str(run_dir))
     checkpoint_sha = sha256_file(Path(checkpoint))
-    results = cached(evaluate_checkpoint, lambda r: (run_dir / "eval" / "metrics.json").is_file(),
-                     key=content_key(checkpoint_sha, data_key, checkpoint), checkpoint=checkpoint)
-    bundle = cached(export_model, _bundle_ok, key=content_key(checkpoint_sha, str(workdir)), checkpoint=checkpoint,
-                    bundle_dir=str(workdir / "bundles" / run_dir.name))
+    results = cached(evaluate_checkpoint, lambda r: (_eval_dir(checkpoint) / "metrics.json").is_file(),
+                     key=cache_key(_eval_dir(checkpoint), checkpoint_sha, data_key), checkpoint=checkpoint)
+    export_dir = workdir / "bundles" / run_dir.name
+    bundle = cached(export_model, _bundle_ok, key=cache_key(export_dir, checkpoint_sha), checkpoint=checkpoint,
+                    bundle_dir=str(export_dir))
     new_id = verify_bundle(Path(bundle))["bundle_id"]
     data, gate = cfg.train.data, cfg.gate
     split = gate.split
 
     def gate_metrics(bundle_dir: Path, bundle_id: str) -> dict[str, float]:
-        return evaluate_for_gate(key=content_key(bundle_id, data_key, data.kind, split), bundle_dir=str(bundle_dir),
-                                 kind=data.kind, root=data.root, split=split)
+        # Metrics, written to no file: keyed on the workdir whose gate they serve, like every cached result.
+        return evaluate_for_gate(key=cache_key(workdir, bundle_id, data_key, data.kind, split),
+                                 bundle_dir=str(bundle_dir), kind=data.kind, root=data.root, split=split)
 
     new = gate_metrics(Path(bundle), new_id)
     current_dir = _current_bundle(workdir / "bundles")

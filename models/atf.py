@@ -23,7 +23,7 @@ threshold); theta > 1 disables merging (every text token takes the pooled path).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,25 @@ from torch import nn
 
 from cirflow.models.layers import Block
 
-if TYPE_CHECKING:  # models.composers imports this module to register it
-    from cirflow.models.composers import ComposerConfig
+
+class FusionConfig(Protocol):
+    """What ATF reads of its config (models.composers.ComposerConfig). A protocol rather than that class:
+    models.composers imports this module to register ATF, so this module must not import it back."""
+
+    @property
+    def atf_threshold(self) -> float: ...
+
+    @property
+    def atf_temperature(self) -> float: ...
+
+    @property
+    def atf_heads(self) -> int: ...
+
+    @property
+    def atf_mlp_ratio(self) -> float: ...
+
+    @property
+    def atf_dropout(self) -> float: ...
 
 
 def merge_tokens(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
@@ -59,7 +76,7 @@ def merge_tokens(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mas
 class AdaptiveTokenFusion(nn.Module):
     """The `atf` composer: (v, t, V, W, mask) -> q, see the module docstring."""
 
-    def __init__(self, embed_dim: int, token_dim: int, config: ComposerConfig) -> None:
+    def __init__(self, embed_dim: int, token_dim: int, config: FusionConfig) -> None:
         super().__init__()
         dim = token_dim
         self.threshold = config.atf_threshold

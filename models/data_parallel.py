@@ -1,7 +1,7 @@
 """Data-parallel training's view of one global batch: which rows a worker computes, and how workers agree.
 
 Every worker builds the same global batch (same seed, same sampler) and encodes its own rows of it: a
-contiguous share of the batch's distinct images and of its captions. `Shard.gather` gives every worker all the
+contiguous share of the batch's distinct images and of its captions. `Worker.gather` gives every worker all the
 rows back with their gradients (torch.distributed.nn's all_gather, whose backward sums each row's gradients from
 every worker into the worker that computed the row), so each worker computes the loss of the whole global batch,
 the same number everywhere. DDP then averages the workers' gradients: the encoders' share of each is `world`
@@ -9,7 +9,7 @@ times that worker's rows' part of the global gradient, the rest (composer, loss 
 gradient on every worker, so the average is exactly the single-process gradient. BatchNorm is the one layer
 that would otherwise see only a worker's rows: `GlobalBatchNorm` normalises with the global batch's statistics.
 
-`Shard()` is the single process: its rows are everything, gathering and agreeing change nothing.
+`Worker()` is the single process: its rows are everything, gathering and agreeing change nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
-class Shard:
+class Worker:
+    """One process of data-parallel training: its rank among `world` workers, and the device it trains on."""
+
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # NCCL collectives need CUDA tensors
@@ -73,7 +75,7 @@ class Shard:
                                        static_graph=True)
 
 
-SINGLE = Shard()  # one process: every row is its own
+SINGLE = Worker()  # one process: every row is its own
 
 
 class GlobalBatchNorm(_BatchNorm):

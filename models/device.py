@@ -16,6 +16,8 @@ from typing import Iterator, TypeVar
 
 import torch
 
+from cirflow.core.config import check_choice
+
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,10 +50,8 @@ def cuda_usable() -> bool:
 
 
 def resolve(device: str, precision: str) -> Placement:
-    if device not in DEVICES:
-        raise DeviceError(f"device={device!r} is not one of {list(DEVICES)}")
-    if precision not in PRECISIONS:
-        raise DeviceError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    check_choice(device, "device", DEVICES, error=DeviceError)
+    check_choice(precision, "precision", PRECISIONS, error=DeviceError)
     if device == "cpu" and precision == "bf16":
         raise DeviceError("precision=bf16 is autocast on a CUDA GPU; with device=cpu use precision=fp32")
     if device == "cuda" and not cuda_usable():

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from cirflow.core.config import check_positive
+from cirflow.core.config import check_choice, check_positive
 from cirflow.models.images import ImageError, load_image  # the decoding gate; callers import them from here too
 
 MODES = ("stretch", "center_crop", "targetpad")
@@ -35,10 +35,8 @@ class PreprocessConfig:
     target_ratio: float = 1.25
 
     def __post_init__(self) -> None:
-        if self.resize not in RESAMPLE:
-            raise ValueError(f"resize={self.resize!r} is not one of {sorted(RESAMPLE)}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {list(MODES)}")
+        check_choice(self.resize, "resize", sorted(RESAMPLE))
+        check_choice(self.mode, "mode", MODES)
         check_positive(self, "size")
         if self.target_ratio < 1:
             raise ValueError(f"target_ratio={self.target_ratio} must be at least 1 (long side / short side)")

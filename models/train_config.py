@@ -7,7 +7,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer
 
-from cirflow.core.config import check_non_negative, check_positive, to_dict
+from cirflow.core.config import check_choice, check_non_negative, check_positive, to_dict
 from cirflow.models.backbones.registry import backbone_preprocess, backbone_tokenizer
 from cirflow.models.cir_model import ModelConfig
 from cirflow.models.device import DEVICES, PRECISIONS
@@ -135,14 +135,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_non_negative(self, "seed", "val_every_minutes", "checkpoint_every_minutes")
         check_positive(self, "log_every_steps")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r} is not one of {list(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {list(PRECISIONS)}")
+        check_choice(self.device, "device", DEVICES)
+        check_choice(self.precision, "precision", PRECISIONS)
         if self.device == "cpu" and self.precision == "bf16":
             raise ValueError("precision=bf16 is autocast on a CUDA GPU; with device=cpu use precision=fp32")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe={self.recipe!r} is not one of {list(RECIPES)}")
+        check_choice(self.recipe, "recipe", RECIPES)
         if self.recipe == "two_stage" and self.model.composer.name == "sum":
             raise ValueError("recipe=two_stage trains a composer in stage 2; model.composer.name must not be 'sum'")
         if self.preprocess.size != self.model.image.image_size:
@@ -172,7 +169,7 @@ class TrainConfig:
 
 def run_identity(config: TrainConfig) -> dict:
     """The config as far as it defines what a run computes: without `distributed`, which says only where it
-    runs. Runs are named (models/train_job.py) and resumes checked (models/train.py) by this."""
+    runs. Runs are named (models/train_job.py) and resumes checked (models/train_run_dir.py) by this."""
     tree = to_dict(config)
     del tree["distributed"]
     return tree

@@ -2,8 +2,8 @@
 
 The driver (the calling process) writes the run's tokenizer and config.yaml, joins or starts Ray
 (cirflow.core.ray_local), checks that the cluster can hold the workers, and runs a TorchTrainer: DDP over gloo
-on CPUs, NCCL on GPUs, one GPU per worker. Every worker runs the one recipe (models/train.py `run_recipe`) on
-its share of each global batch (models/data_parallel.py). The leader (rank 0) writes the run directory as a
+on CPUs, NCCL on GPUs, one GPU per worker. Every worker runs the one recipe (models/train_recipe.py `run_recipe`)
+on its share of each global batch (models/data_parallel.py). The leader (rank 0) writes the run directory as a
 single process would and hands each checkpoint to Ray Train (`ray.train.report`), which keeps the latest in its
 storage (distributed.storage, default <run dir>/ray). A rerun of an unfinished run resumes from the more
 advanced of that and checkpoints/last.pt, so a run may also switch between single-process and distributed.
@@ -23,14 +23,16 @@ from typing import Any
 
 import torch
 
-from cirflow.core.files import write_atomic
+from cirflow.core.files import link_or_copy, write_atomic
 from cirflow.core.logs import configure_logging
 from cirflow.core.ray_local import check_job_paths, connect_ray
-from cirflow.models.data_parallel import Shard
+from cirflow.models.data_parallel import Worker
 from cirflow.models.device import DeviceError, resolve
 from cirflow.models.tokenizer import tokenizer_from_json
-from cirflow.models.train import Run, load_train_split, prepare_run, read_last, run_recipe
 from cirflow.models.train_config import DistributedConfig, TrainConfig
+from cirflow.models.train_loop import Run
+from cirflow.models.train_recipe import load_train_split, run_recipe
+from cirflow.models.train_run_dir import FINAL, METRICS, prepare_run, read_last
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,9 @@ def train_distributed(config: TrainConfig, run_dir: Path) -> Path:
             run_config=RunConfig(name=run_dir.name, storage_path=storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)))
         result = trainer.fit()
-        final = run_dir / "checkpoints" / "model.pt"
+        final = run_dir / FINAL
         if not final.exists():  # the leader ran where this run_dir is not: take the files from storage
-            _copy_from(result.checkpoint, [run_dir / "metrics.json", final])
+            _copy_from(result.checkpoint, [run_dir / METRICS, final])
     finally:
         if connected:
             ray.shutdown()
@@ -121,15 +123,15 @@ def _worker(args: dict[str, Any]) -> None:
         placement = replace(placement, device=get_device())  # this worker's own GPU, not cuda:0
         torch.cuda.set_device(placement.device)
     context = ray.train.get_context()
-    shard = Shard(context.get_world_rank(), context.get_world_size(), placement.device)
+    worker = Worker(context.get_world_rank(), context.get_world_size(), placement.device)
     started = time.monotonic()
     resume = _newest(read_last(run_dir), _reported_last(ray.train.get_checkpoint()))
     progress = _progress_of(resume)
-    if shard.agree(*progress) != progress:
-        raise RuntimeError(f"worker {shard.rank} would resume {run_dir} at (stage, step) {progress}, rank 0 "
+    if worker.agree(*progress) != progress:
+        raise RuntimeError(f"worker {worker.rank} would resume {run_dir} at (stage, step) {progress}, rank 0 "
                            f"elsewhere: the run directory must be on storage that every worker sees")
     run_recipe(config, tokenizer_from_json(args["tokenizer"]), load_train_split(config), resume,
-               Run(run_dir, placement, started, shard, _report))
+               Run(run_dir, placement, started, worker, _report))
 
 
 def _newest(*payloads: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -160,16 +162,9 @@ def _report(metrics: dict[str, Any], files: list[Path]) -> None:
     # Ray copies the checkpoint directory into its storage: links to the files written, not a second write.
     with tempfile.TemporaryDirectory(dir=files[0].parent, prefix=".report-") as tmp:
         for path in files:
-            _link_or_copy(path, Path(tmp) / path.name)
+            link_or_copy(path, Path(tmp) / path.name)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          delete_local_checkpoint_after_upload=False)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copy2(source, target)
 
 
 def _copy_from(checkpoint: Any, targets: list[Path]) -> None:

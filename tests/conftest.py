@@ -6,6 +6,7 @@ SQLite) shared by the session: it takes 10-20 s to start here."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -92,9 +93,14 @@ def prefect_api_url(prefect_harness: None) -> str:
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built as `pip wheel --no-deps .` builds it (setuptools of this environment: offline)."""
+    """The project's wheel, built as `pip wheel --no-deps .` builds it (setuptools of this environment: offline),
+    from a copy of the checkout without its build outputs: setuptools reuses ./build/lib, where a module moved or
+    deleted since the last build would still be, and land in the wheel."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+    source = tmp_path_factory.mktemp("wheel-source") / "cirflow"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "workdir", "test-artifacts",
+                                                                "*.egg-info", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                     "-w", str(out)], check=True, capture_output=True, timeout=300)
     return next(out.glob("cirflow-*.whl"))
 

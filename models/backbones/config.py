@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cirflow.core.config import check_positive
+from cirflow.core.config import check_choice, check_positive
 
 BACKBONES = ("tiny", "tiny-minilm", "effnet-minilm", "hf-clip", "hf-blip2")
 TRAIN_MODES = ("full", "frozen", "adapter")
@@ -29,8 +29,7 @@ class TowerPolicy:
     lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.train not in TRAIN_MODES:
-            raise ValueError(f"train={self.train!r} is not one of {list(TRAIN_MODES)}")
+        check_choice(self.train, "train", TRAIN_MODES)
         check_positive(self, "lr_scale")
 
 

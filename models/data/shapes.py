@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cirflow.core.config import check_positive
-from cirflow.core.files import temp_dir_beside
+from cirflow.core.files import publish_dir, temp_dir_beside
 from cirflow.models.data.shapes_captions import PHRASINGS, describe_edit
 from cirflow.models.data.shapes_scene import (
     CELLS,
@@ -122,12 +122,8 @@ def generate_shapes(config: ShapesConfig, out_dir: Path) -> Path:
     start = time.perf_counter()
     with temp_dir_beside(out_dir) as tmp:
         _build(config, tmp)
-        try:
-            # A plain rename, not publish_dir: flushing ~100k regenerable PNGs would cost more than it protects.
-            tmp.rename(out_dir)  # replaces an empty out_dir; fails if another process finished first
-        except OSError:
-            if not _existing_matches(config, out_dir):
-                raise
+        # Unflushed: flushing ~100k regenerable PNGs would cost more than it protects.
+        if not publish_dir(tmp, out_dir, twin_ok=lambda found: _existing_matches(config, found), flush=False):
             logger.info("another process completed %s first; discarding this copy", out_dir)
     logger.info("generated shapes dataset in %s in %.1f s", out_dir, time.perf_counter() - start)
     return out_dir

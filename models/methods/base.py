@@ -15,7 +15,7 @@ from torch import nn
 
 from cirflow.models.backbones.towers import masked_mean
 from cirflow.models.cir_model import CIRModel, Features
-from cirflow.models.data_parallel import SINGLE, Shard
+from cirflow.models.data_parallel import SINGLE, Worker
 from cirflow.models.losses import batch_contrastive
 
 
@@ -35,16 +35,16 @@ class BatchFeatures:
 def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,
                  ids: torch.Tensor, mask: torch.Tensor, image_stems: bool = False,
                  text_stems: torch.Tensor | None = None, text_noise: float = 0.0,
-                 sentences: bool = False, shard: Shard = SINGLE) -> BatchFeatures:
+                 sentences: bool = False, worker: Worker = SINGLE) -> BatchFeatures:
     """Encode each distinct image once and the B captions: the input of every Method.loss. image_stems:
     `images` are cached outputs of a frozen image stem; text_stems: the same for the captions; text_noise:
     Gaussian noise on the text stem, relative to its RMS (TrainConfig.loss.text_noise); sentences: also give
     the frozen sentence model's vectors of the captions (mean of its token states, before any noise).
-    shard: a data-parallel worker encodes its rows of the images and of the captions, and gets every row back
+    worker: a data-parallel worker encodes its rows of the images and of the captions, and gets every row back
     (models/data_parallel.py): the features, and so every method's loss, are those of the whole global batch."""
     n_images, n_queries = len(images), len(ids)
-    own = shard.rows(n_queries)
-    images, ids_own, mask_own = images[shard.rows(n_images)], ids[own], mask[own]
+    own = worker.rows(n_queries)
+    images, ids_own, mask_own = images[worker.rows(n_images)], ids[own], mask[own]
     text_stems = None if text_stems is None else text_stems[own]
     clean = None
     if (text_noise or sentences) and not model.fuses_image:
@@ -54,17 +54,17 @@ def encode_batch(model: CIRModel, images: torch.Tensor, reference: torch.Tensor,
     if model.fuses_image:  # the text tower reads each query's reference image (hf-blip2's Q-Former fusion)
         context = images if image_stems else model.image_encoder.stem(images)
         image_tokens, pooled = model.image_encoder.head(context)
-        context = shard.gather(context, n_images)  # a worker's queries may refer to any worker's images
+        context = worker.gather(context, n_images)  # a worker's queries may refer to any worker's images
         text_tokens, t = model.text_encoder(ids_own, mask_own, context[reference[own]])
     else:
         image_tokens, pooled = model.image_encoder.head(images) if image_stems else model.image_encoder(images)
         text_tokens, t = (model.text_encoder(ids_own, mask_own) if text_stems is None
                           else model.text_encoder.head(text_stems, mask_own))  # (B, L, d), (B, D)
-    image_tokens, pooled = shard.gather(image_tokens, n_images), shard.gather(pooled, n_images)
-    text_tokens, t = shard.gather(text_tokens, n_queries), shard.gather(t, n_queries)
+    image_tokens, pooled = worker.gather(image_tokens, n_images), worker.gather(pooled, n_images)
+    text_tokens, t = worker.gather(text_tokens, n_queries), worker.gather(t, n_queries)
     g = F.normalize(pooled, dim=-1)  # tokens (U, N, d), pooled (U, D)
     ref = Features(image_tokens[reference], g[reference], text_tokens, mask, F.normalize(t, dim=-1))
-    prior = (shard.gather(masked_mean(clean, mask_own).detach(), n_queries) if sentences and clean is not None
+    prior = (worker.gather(masked_mean(clean, mask_own).detach(), n_queries) if sentences and clean is not None
              else None)
     return BatchFeatures(ref, image_tokens, g, target, reference, prior)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirflow.core.config import check_choice
 from cirflow.models.cir_model import CIRModel
 from cirflow.models.losses import info_nce
 from cirflow.models.methods.base import BatchFeatures, Method, diagonal_ce, qtm, token_projection
@@ -36,8 +37,7 @@ class CaLa(Method):
                  alpha: float, beta: float, w_hca: float, w_tac: float, aux_scale: float, tac_steps: int,
                  hca_dropout: float, tac_dropout: float) -> None:
         super().__init__()
-        if loss_form not in LOSS_FORMS:
-            raise ValueError(f"loss_form={loss_form!r} is not one of {list(LOSS_FORMS)}")
+        check_choice(loss_form, "loss_form", LOSS_FORMS)
         self.loss_form, self.alpha, self.beta = loss_form, alpha, beta
         self.w_hca, self.w_tac, self.aux_scale = w_hca, w_tac, aux_scale
         # Disabled branches are not built: no parameters to decay, save or hand to the optimiser.

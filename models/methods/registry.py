@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from cirflow.core.config import check_fraction, check_non_negative, check_positive
+from cirflow.core.config import check_choice, check_fraction, check_non_negative, check_positive
 from cirflow.models.cir_model import CIRModel
 from cirflow.models.methods.base import BaseMethod, BatchFeatures, Method  # noqa: F401  (re-exported)
 from cirflow.models.methods.cala import LOSS_FORMS, CaLa
@@ -43,8 +43,7 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {sorted(METHODS)}")
-        if self.loss_form not in LOSS_FORMS:
-            raise ValueError(f"loss_form={self.loss_form!r} is not one of {list(LOSS_FORMS)}")
+        check_choice(self.loss_form, "loss_form", LOSS_FORMS)
         if self.generator not in GENERATORS:
             raise ValueError(f"unknown generator {self.generator!r}; choose one of {sorted(GENERATORS)}")
         check_positive(self, "tac_steps", "aux_scale", "iacma_logit_scale", "iacma_max_logit_scale")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cirflow.indexing.catalog import CatalogConfig, load_catalog, stable_id
+from cirflow.indexing.embedding.catalog import CatalogConfig, load_catalog, stable_id
 from tests.bench.scripts import ROOT, load_bench_script
 
 bench = load_bench_script("refresh")
@@ -70,7 +70,7 @@ def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, pref
     ratio = re.search(r"Refresh / full \(stage calls\): \*\*([0-9.]+)\*\* \(aim <= 0\.05: (met|NOT met)\)", text)
     assert ratio and float(ratio.group(1)) > 0
     steps = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
-    for step in ("run_embed", "open_run", "build_or_refresh", "validate_index", "publish", "**total**"):
+    for step in ("run_embed", "open_snapshot", "build_or_refresh", "validate_index", "publish", "**total**"):
         assert any(cell.split(" (")[0] == step for cell in steps), step
     build = next(cell for cell in steps if cell.startswith("build_or_refresh"))
     assert "full: flat, built from all vectors" in build and "refresh: flat, an overlay on" in build

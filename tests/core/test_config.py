@@ -6,9 +6,13 @@ import pytest
 from cirflow.core.config import (
     ConfigError,
     apply_overrides,
+    check_between,
+    check_choice,
     check_fraction,
+    check_integer,
     check_non_negative,
     check_positive,
+    flatten,
     from_dict,
     load_config,
     to_dict,
@@ -85,11 +89,15 @@ class Ranged:
     budget: float = 0.0  # 0 = none
     rate: float = 0.5
     optional: int | None = None
+    share: float = 0.5  # strictly between 0 and 1
+    bits: int = 8
 
     def __post_init__(self) -> None:
         check_positive(self, "size", "optional")
         check_non_negative(self, "budget")
         check_fraction(self, "rate")
+        check_between(self, 0, 1, "share", exclude_low=True, exclude_high=True)
+        check_between(self, 1, 16, "bits")
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -97,6 +105,9 @@ class Ranged:
     ({"optional": -2}, "optional must be positive, got -2"),
     ({"budget": -1.0}, "budget must not be negative, got -1.0"),
     ({"rate": 1.5}, "rate must lie in [0, 1], got 1.5"),
+    ({"share": 0.0}, "share must lie in (0, 1), got 0.0"),
+    ({"share": 1.0}, "share must lie in (0, 1), got 1.0"),
+    ({"bits": 17}, "bits must lie in [1, 16], got 17"),
 ])
 def test_range_checks_are_config_errors_naming_the_section(data: dict, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -148,3 +159,52 @@ def test_range_checks_refuse_non_finite_values_of_configs_built_directly(check: 
 def test_range_checks_accept_their_bounds() -> None:
     assert from_dict(Ranged, {"size": 1, "budget": 0.0, "rate": 1.0}) == Ranged(1, 0.0, 1.0)
     assert from_dict(Ranged, {"rate": 0.0}).rate == 0.0
+    assert from_dict(Ranged, {"bits": 1}).bits == 1 and from_dict(Ranged, {"bits": 16}).bits == 16
+    with pytest.raises(ValueError, match=r"^share must lie in \(0, 1\), got nan$"):  # built directly: NaN fails both ends
+        Ranged(share=float("nan"))
+
+
+class LimitsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:  # built from flags or a deployment's args: no from_dict checked the types
+    max_k: int = 100
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_integer(self, "max_k", "workers", error=LimitsError)
+        check_positive(self, "max_k", error=LimitsError)
+        check_non_negative(self, "workers", error=LimitsError)
+
+
+@pytest.mark.parametrize("values, reason", [
+    ({"max_k": 0}, "max_k must be positive, got 0"),
+    ({"workers": -1}, "workers must not be negative, got -1"),
+    ({"max_k": 2.5}, "max_k must be an integer, got 2.5"),
+    ({"workers": True}, "workers must be an integer, got True"),
+])
+def test_range_checks_raise_the_configs_own_error(values: dict, reason: str) -> None:
+    with pytest.raises(LimitsError) as info:
+        Limits(**values)
+    assert str(info.value) == reason
+
+
+def test_flatten_spells_leaves_as_override_keys() -> None:
+    tree = {"a": {"b": 1, "c": {"d": None}, "e": {}}, "f": [1, 2]}
+    assert flatten(tree) == {"a.b": 1, "a.c.d": None, "f": [1, 2]}
+    flat = flatten(to_dict(Outer()))
+    assert flat == {"inner.size": 3, "inner.ratio": 0.5, "inner.names": ["a"], "label": None}
+    assert from_dict(Outer, apply_overrides({}, [f"{k}={v}" for k, v in flat.items() if v is not None])) == Outer()
+
+
+def test_check_choice_names_the_field_the_value_and_the_choices_in_order() -> None:
+    class PlanError(ValueError):
+        pass
+
+    check_choice("ivf_pq", "index_type", ("flat", "hnsw", "ivf_pq"))
+    with pytest.raises(PlanError, match=r"^index_type='ivfpq' is not one of \['flat', 'hnsw', 'ivf_pq'\]$"):
+        check_choice("ivfpq", "index_type", ("flat", "hnsw", "ivf_pq"), error=PlanError)
+    with pytest.raises(ValueError, match=r"^mode=None is not one of"):
+        check_choice(None, "mode", ["stretch"])

@@ -15,6 +15,7 @@ from cirflow.core.files import (
     check_files,
     describe_files,
     follow_current,
+    link_or_copy,
     location,
     publish_current,
     publish_dir,
@@ -158,6 +159,47 @@ def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path) -> None:
     with temp_dir_beside(tmp_path / "v1"):
         pass
     assert not left.exists() and ours.exists() and other.exists()
+
+
+def test_a_crash_before_the_rename_leaves_a_temp_dir_that_the_rerun_sweeps(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    final = tmp_path / "v1"
+    with pytest.raises(RuntimeError), temp_dir_beside(final) as tmp:  # a failure in this process: nothing stays
+        (tmp / "half").write_text("")
+        raise RuntimeError("failed while writing")
+    assert list(tmp_path.iterdir()) == []
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    left = tmp_path / f".v1.tmp-{killed.pid}-0000"  # what a process killed before its rename leaves
+    left.mkdir()
+    (left / "half").write_text("")
+    assert not final.exists()  # readers never see the half-written directory
+    with temp_dir_beside(final) as tmp:
+        (tmp / "whole").write_text("x")
+        assert publish_dir(tmp, final, flush=False) is True  # regenerable data: published without the fsyncs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"] and os.listdir(final) == ["whole"]
+
+
+def test_link_or_copy_links_and_copies_across_filesystems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    source = tmp_path / "base.faiss"
+    source.write_bytes(b"immutable")
+    os.utime(source, (1_000_000, 1_000_000))
+    link_or_copy(source, tmp_path / "linked")
+    assert (tmp_path / "linked").stat().st_ino == source.stat().st_ino
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    link_or_copy(source, tmp_path / "copied")
+    copied = (tmp_path / "copied").stat()
+    assert copied.st_ino != source.stat().st_ino and (tmp_path / "copied").read_bytes() == b"immutable"
+    assert copied.st_mtime == 1_000_000  # a copy as close to a link as it gets: the same times
 
 
 def test_a_uri_whose_filesystem_cannot_be_reached_is_a_location_error_naming_it() -> None:

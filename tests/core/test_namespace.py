@@ -22,10 +22,10 @@ def _python(python: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[s
 
 
 def test_the_package_imports_from_outside_the_checkout(python: Path, tmp_path: Path) -> None:
-    proc = _python(python, "import cirflow.indexing.search, cirflow.models.cir_model, cirflow.core.files; "
-                   "print(cirflow.indexing.search.__name__)", tmp_path)
+    proc = _python(python, "import cirflow.models.cir_model, cirflow.core.files; "
+                   "from cirflow.indexing.search import Searcher; print(Searcher.__module__)", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "cirflow.indexing.search"
+    assert proc.stdout.strip() == "cirflow.indexing.search.searcher"
 
 
 def test_no_top_level_stage_packages_are_installed(python: Path, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def _run(venv: Path, cwd: Path, *args: str) -> str:
 
 def test_every_job_runs_from_the_installed_wheel(wheel_venv: Path, tiny_shapes: Path, tmp_path: Path) -> None:
     where = subprocess.run([str(wheel_venv / "bin" / "python"), "-I", "-c",
-                            "import cirflow.models.backbones.config as m, cirflow.indexing.service as s; "
+                            "import cirflow.models.backbones.config as m, cirflow.indexing.service.app as s; "
                             "print(m.__file__); print(s.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr
@@ -51,11 +51,11 @@ def test_every_job_runs_from_the_installed_wheel(wheel_venv: Path, tiny_shapes: 
                       f"data.root={tiny_shapes}", *TINY_MODEL, "optim.max_steps=4")
     bundle = _run(wheel_venv, tmp_path, "export", "--checkpoint", checkpoint, "--out", str(work / "bundles" / "b"))
     images = tiny_shapes / "images" / "test"
-    run_dir = _run(wheel_venv, tmp_path, "embed", "catalog.name=shop", f"catalog.folder={images}",
+    snapshot_dir = _run(wheel_venv, tmp_path, "embed", "catalog.name=shop", f"catalog.folder={images}",
                    f"bundle={bundle}", f"workdir={work}", "rows_per_shard=64", "local_below=100000")
     queries = _run(wheel_venv, tmp_path, "index", "queries", "--bundle", bundle, "--root", str(tiny_shapes),
                    "--out", str(work / "queries.parquet"))
-    index_dir = _run(wheel_venv, tmp_path, "index", "build", "--embeddings", str(Path(run_dir).parent),
+    index_dir = _run(wheel_venv, tmp_path, "index", "build", "--embeddings", str(Path(snapshot_dir).parent),
                      "--queries", queries, "--out", str(work / "indexes"), "index_type=flat")
     reference = sorted(images.glob("*.png"))[0]
     top = _run(wheel_venv, tmp_path, "index", "search", "--index", index_dir, "--bundle", bundle, "--image",

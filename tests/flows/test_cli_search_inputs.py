@@ -10,8 +10,8 @@ from PIL import Image
 
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.queries import Queries
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.queries import Queries
 from tests.export.conftest import random_images
 from tests.indexing.conftest import clustered, query_like, write_run
 from tests.indexing.test_hostile_catalog import dds_pixel_format_0, im_type_error

@@ -18,9 +18,10 @@ from cirflow.flows.catalog_flow import catalog
 from cirflow.flows.cli import main
 from cirflow.flows.pipeline_flow import pipeline
 from cirflow.flows.training_flow import training
-from cirflow.indexing import index_store, shards
-from cirflow.indexing.catalog import CatalogConfig, load_catalog
-from cirflow.indexing.index_versions import rollback, versions
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, load_catalog
+from cirflow.indexing.index.versions import rollback, versions
+from cirflow.indexing.search import index_store
 from cirflow.models.tiny import TINY_MODEL
 from tests.indexing.held_store import held_entry
 
@@ -155,8 +156,8 @@ def test_catalog_flow_refreshes_only_what_changed(prefect_harness: None, tiny_sh
     assert after["encoded"] == 4  # the delta, nothing else
     expected = set(load_catalog(CatalogConfig("shop", str(shop))).column("id").to_pylist())
     assert index_ids(catalog_dir) == expected  # none stale, none missing
-    old_ids, old_vectors, _ = shards.open_run(Path(before["run_dir"])).read_all()
-    new_ids, new_vectors, _ = shards.open_run(Path(after["run_dir"])).read_all()
+    old_ids, old_vectors, _ = shards.open_snapshot(Path(before["snapshot_dir"])).read_all()
+    new_ids, new_vectors, _ = shards.open_snapshot(Path(after["snapshot_dir"])).read_all()
     changed_id = load_catalog(CatalogConfig("shop", str(shop))).filter(
         np.array([Path(u).name == links[2].name for u in load_catalog(CatalogConfig("shop", str(shop)))
                   .column("uri").to_pylist()])).column("id")[0].as_py()
@@ -232,7 +233,7 @@ def test_injected_failures_leave_the_published_index_untouched(prefect_harness: 
     published = pointer.read_bytes()
 
     # Recall under the floor (as measured by validation): refused, published index unchanged; then it passes.
-    monkeypatch.setattr("cirflow.indexing.validate.recall_at_k", lambda *args, **kwargs: 0.25)
+    monkeypatch.setattr("cirflow.indexing.index.validate.recall_at_k", lambda *args, **kwargs: 0.25)
     refused = catalog(overrides=overrides, return_state=True)
     assert refused.is_failed() and "recall@10 0.2500" in refused.message and "under the floor 0.9" in refused.message
     assert pointer.read_bytes() == published
@@ -271,8 +272,8 @@ def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None,
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from cirflow.indexing.catalog import folder_entries
-    from cirflow.indexing.index_store import verify_index
+    from cirflow.indexing.embedding.catalog import folder_entries
+    from cirflow.indexing.search.index_store import verify_index
 
     gallery = sorted((tiny_shapes / "images" / "test").iterdir())
     table = folder_entries(tiny_shapes / "images", gallery).sort_by("id")
@@ -316,6 +317,6 @@ def test_kill_during_a_refresh_then_rerun_ends_consistent(prefect_harness: None,
     rerun = catalog(overrides=overrides, return_state=True)
     store.close()
     assert rerun.is_completed(), rerun.message
-    assert Path(rerun.result()["run_dir"]) == snapshot
+    assert Path(rerun.result()["snapshot_dir"]) == snapshot
     assert index_ids(catalog_dir) == set(grown.column("id").to_pylist())
     verify_index(follow_current(catalog_dir))

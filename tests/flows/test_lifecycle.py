@@ -31,11 +31,12 @@ from cirflow.core.files import follow_current
 from cirflow.flows.catalog_flow import catalog
 from cirflow.flows.gate import GateRefused
 from cirflow.flows.training_flow import training
-from cirflow.indexing import embed_stages, index_store, shards
-from cirflow.indexing.index_versions import rollback, versions
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import ServiceConfig
-from cirflow.models import train as train_module
+from cirflow.indexing.embedding import embed_stages, shards
+from cirflow.indexing.index.versions import rollback, versions
+from cirflow.indexing.search import index_store
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.state import ServiceConfig
+from cirflow.models import train_loop
 from cirflow.models.images import ImageLimits
 from cirflow.models.tiny import TINY_MODEL
 from tests.bench.scripts import load_bench_script
@@ -142,7 +143,7 @@ def test_a_simulated_month_of_production(prefect_harness: None, tiny_shapes: Pat
 def _killed_in_stage_one(train_overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The training flow dies in stage 1 of its two (the node lost after a few steps); the rerun that follows
     resumes from the last checkpoint, stage 1's optimiser state with it."""
-    real, calls = train_module._loss, {"n": 0}
+    real, calls = train_loop.batch_loss, {"n": 0}
 
     def dying(*args: Any) -> Any:
         calls["n"] += 1
@@ -150,12 +151,12 @@ def _killed_in_stage_one(train_overrides: list[str], monkeypatch: pytest.MonkeyP
             raise RuntimeError("simulated node loss")
         return real(*args)
 
-    monkeypatch.setattr(train_module, "_loss", dying)
+    monkeypatch.setattr(train_loop, "batch_loss", dying)
     try:
         with pytest.raises(RuntimeError, match="simulated node loss"):
             training(overrides=train_overrides)
     finally:
-        monkeypatch.setattr(train_module, "_loss", real)
+        monkeypatch.setattr(train_loop, "batch_loss", real)
 
 
 def _transient_fault_night(victim: int, shop: Any, nightly: list[str], monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -173,9 +174,9 @@ def _transient_fault_night(victim: int, shop: Any, nightly: list[str], monkeypat
         night = catalog(overrides=nightly)
     finally:
         monkeypatch.setattr(embed_stages, "read_bytes", real)
-    errors = shards.read_table(Path(night["run_dir"]) / shards.ERRORS)
+    errors = shards.read_table(Path(night["snapshot_dir"]) / shards.ERRORS)
     assert victim in errors.column("id").to_pylist()
-    assert shards.read_manifest(Path(night["run_dir"]))["transient_errors"] == 1
+    assert shards.read_manifest(Path(night["snapshot_dir"]))["transient_errors"] == 1
     return night
 
 
@@ -218,7 +219,7 @@ def _killed_then_rerun(shop: Any, nightly: list[str], catalog_dir: Path, pool: l
     index_store.verify_index(published)
 
     night = catalog(overrides=nightly)
-    assert Path(night["run_dir"]) == snapshot and stalled in _indexed(catalog_dir)
+    assert Path(night["snapshot_dir"]) == snapshot and stalled in _indexed(catalog_dir)
     # Tomorrow the entry is an ordinary file again (the shop's churn writes and removes files at its entries' uris).
     store.close()
     shop.entries[stalled]["uri"] = local

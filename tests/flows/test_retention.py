@@ -12,7 +12,7 @@ import pytest
 from cirflow.core.files import publish_current
 from cirflow.export.manifest import FORMAT, MANIFEST
 from cirflow.flows.retention import prune_bundles
-from cirflow.indexing import index_store
+from cirflow.indexing.search import index_store
 
 
 def bundle(workdir: Path, name: str, age: int) -> Path:

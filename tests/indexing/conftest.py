@@ -1,4 +1,4 @@
-"""Embedding runs with neighbour structure, written through the real run format (indexing.shards)."""
+"""Embedding snapshots with neighbour structure, written through the real snapshot format (indexing/embedding/shards.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 
 from cirflow.export.bundle import export_bundle
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing import shards
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.queries import Queries
-from cirflow.indexing.shards import EmbeddingRun
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
 from cirflow.models.tiny import TINY_MODEL
 
 BUNDLE_ID = "0123456789abcdef"
@@ -41,16 +41,16 @@ def query_like(catalog_seed: int, count: int, dim: int, clusters: int = 64, spre
     return unit(centres[rng.integers(0, clusters, count)] + rng.standard_normal((count, dim)) * spread / np.sqrt(dim))
 
 
-def write_run(run_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.ndarray | None = None,
-              uris: list[str] | None = None, bundle_id: str = BUNDLE_ID, catalog: str = "toys") -> EmbeddingRun:
-    """A complete embedding run of `vectors` (ids default to 10*row + 3: sparse, not row numbers)."""
+def write_snapshot(snapshot_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.ndarray | None = None,
+              uris: list[str] | None = None, bundle_id: str = BUNDLE_ID, catalog: str = "toys") -> EmbeddingSnapshot:
+    """A complete embedding snapshot of `vectors` (ids default to 10*row + 3: sparse, not row numbers)."""
     n = len(vectors)
     ids = np.arange(n, dtype=np.int64) * 10 + 3 if ids is None else ids
     uris = [f"mem://{catalog}/{i}.png" for i in ids] if uris is None else uris
     starts = range(0, max(n, 1), rows_per_shard)  # an empty catalog still gets its one (empty) shard
     parts = ((ids[i:i + rows_per_shard], vectors[i:i + rows_per_shard], uris[i:i + rows_per_shard]) for i in starts)
     catalog_info = {"name": catalog, "source": "test", "entries": n, "fingerprint": "test"}
-    return shards.write_run(run_dir, parts, bundle_id, catalog_info, rows_per_shard)
+    return shards.write_snapshot(snapshot_dir, parts, bundle_id, catalog_info, rows_per_shard)
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +60,9 @@ def combiner_bundle(tiny_combiner: tuple[Path, Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def toy_run(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingRun:
+def toy_snapshot(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingSnapshot:
     """6000 clustered 32-d vectors in 3 shards: big enough for IVF (>= 39 points per list) and PQ codebooks."""
-    return write_run(tmp_path_factory.mktemp("run"), clustered(6000, 32, seed=0), rows_per_shard=2000)
+    return write_snapshot(tmp_path_factory.mktemp("run"), clustered(6000, 32, seed=0), rows_per_shard=2000)
 
 
 @pytest.fixture(scope="session")
@@ -87,12 +87,12 @@ TYPE_CONFIGS = {
 
 
 @pytest.fixture(scope="session")
-def built(toy_run: EmbeddingRun, toy_queries: np.ndarray, tmp_path_factory: pytest.TempPathFactory
+def built(toy_snapshot: EmbeddingSnapshot, toy_queries: np.ndarray, tmp_path_factory: pytest.TempPathFactory
           ) -> dict[str, Path]:
     """index type -> its index directory, built once from the toy run (merge=True)."""
     root = tmp_path_factory.mktemp("indexes")
     queries = Queries.unreferenced(toy_queries)
-    return {name: build_index(toy_run, queries, root, config) for name, config in TYPE_CONFIGS.items()}
+    return {name: build_index(toy_snapshot, queries, root, config) for name, config in TYPE_CONFIGS.items()}
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,14 @@ import uvicorn
 from PIL import Image
 
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import Queries
+from cirflow.indexing.embedding.catalog import CatalogConfig
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.embedding.shards import open_snapshot
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.versions import publish
 from cirflow.indexing.search import Searcher, VectorIndex
-from cirflow.indexing.shards import open_run
 
 CATALOG = "toys"
 CATEGORIES = ("hat", "shoe", "bag")
@@ -102,8 +102,8 @@ def add_bundle(workdir: Path, bundle: Path) -> Path:
 def index_version(shop: Shop, bundle: Path, publish_it: bool = True) -> Path:
     """Embed the catalog manifest with `bundle`, build a flat index, and publish it (the catalog flow's steps)."""
     catalog = CatalogConfig(name=CATALOG, manifest=str(shop.catalog_file))
-    run_dir = run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(shop.workdir)))
-    run = open_run(run_dir)
+    snapshot_dir = run_embed(EmbedConfig(catalog=catalog, bundle=str(bundle), workdir=str(shop.workdir)))
+    run = open_snapshot(snapshot_dir)
     runtime = BundleRuntime.load(bundle, providers="cpu")
     some = list(shop.images.values())[:12]
     vectors = runtime.embed_queries(some, [TEXTS[i % len(TEXTS)] for i in range(len(some))])

@@ -11,7 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cirflow.indexing.catalog import CatalogConfig, CatalogError, fingerprint, load_catalog, read_bytes, stable_id
+from cirflow.indexing.embedding.catalog import (
+    CatalogConfig,
+    CatalogError,
+    fingerprint,
+    load_catalog,
+    read_bytes,
+    stable_id,
+)
 
 
 def test_folder_ids_are_stable_hashes_of_relative_paths(tmp_path: Path) -> None:
@@ -93,7 +100,7 @@ def test_symlinks_are_entries_and_special_files_are_left_out_with_a_warning(
     for name, target in links.items():
         os.symlink(target, tmp_path / name)
     os.mkfifo(tmp_path / "pipe.png")
-    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.catalog"):
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embedding.catalog"):
         table = load_catalog(CatalogConfig(name="c", folder=str(tmp_path)))
     names = {Path(u).relative_to(tmp_path).as_posix() for u in table.column("uri").to_pylist()}
     assert names == {"sub/good.png", "image.png/inner.png", *links}  # each link under its own name, not followed

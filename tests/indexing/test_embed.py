@@ -26,9 +26,9 @@ from cirflow.core.ray_local import connect_ray
 from cirflow.export.manifest import register_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
-from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
-from cirflow.indexing.embed import EmbedConfig, EmbedError, actor_providers, run_embed
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
+from cirflow.indexing.embedding.job import EmbedConfig, EmbedError, actor_providers, run_embed
 from tests.export.conftest import random_images
 from tests.indexing.held_store import held_entry
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
@@ -80,9 +80,9 @@ def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bu
     for name, data in bad.items():
         (folder / name).write_bytes(data)
 
-    run_dir = run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
+    snapshot_dir = run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
 
-    run = shards.open_run(run_dir)
+    run = shards.open_snapshot(snapshot_dir)
     assert run.manifest["complete"] and run.rows == 9 and run.manifest["errors"] == 4
     assert run.manifest["num_shards"] == 4 and len(run.shard_files) == 4  # 13 entries, 4 per shard
     assert run.bundle_id == BundleRuntime.load(bundle).bundle_id
@@ -95,55 +95,55 @@ def test_folder_catalog_embeds_good_images_and_records_bad_ones(cluster: str, bu
     runtime = BundleRuntime.load(bundle)
     direct = runtime.embed_images([Path(u) for u in uris])
     np.testing.assert_allclose(vectors, direct, atol=1e-5)
-    errors = pq.read_table(run_dir / shards.ERRORS).to_pylist()
+    errors = pq.read_table(snapshot_dir / shards.ERRORS).to_pylist()
     reasons = {Path(e["uri"]).name: e["reason"] for e in errors}
     assert set(reasons) == set(bad)
     assert "empty file" in reasons["empty.jpg"]
     assert all("cannot decode" in reasons[n] for n in ("corrupt.png", "truncated.png", "notes.txt"))
-    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+    assert not [p for p in snapshot_dir.rglob("*") if ".tmp" in p.name]
 
     # A rerun of a complete run changes nothing.
-    before = (run_dir / shards.MANIFEST).read_bytes()
-    assert run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder))) == run_dir
-    assert (run_dir / shards.MANIFEST).read_bytes() == before
+    before = (snapshot_dir / shards.MANIFEST).read_bytes()
+    assert run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder))) == snapshot_dir
+    assert (snapshot_dir / shards.MANIFEST).read_bytes() == before
 
     # Files deleted or changed since are found on the next start: a lost errors.parquet is merged again ...
-    errors_table = pq.read_table(run_dir / shards.ERRORS)
-    (run_dir / shards.ERRORS).unlink()
-    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embed"):
+    errors_table = pq.read_table(snapshot_dir / shards.ERRORS)
+    (snapshot_dir / shards.ERRORS).unlink()
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embedding.job"):
         run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
     assert "file errors.parquet listed in the manifest is missing" in caplog.text
-    assert shards.read_manifest(run_dir)["last_run"]["shards"] == 0
-    assert pq.read_table(run_dir / shards.ERRORS).equals(errors_table)
+    assert shards.read_manifest(snapshot_dir)["last_run"]["shards"] == 0
+    assert pq.read_table(snapshot_dir / shards.ERRORS).equals(errors_table)
     # ... and the shards of a lost shard file or a changed errors file are redone, to the same rows.
-    recorded = shards.read_manifest(run_dir)["shards"]
+    recorded = shards.read_manifest(snapshot_dir)["shards"]
     with_errors = next(name for name, info in sorted(recorded.items()) if info["errors"])
     lost = next(name for name in sorted(recorded) if name != with_errors)
-    (run_dir / lost).unlink()
-    with open(run_dir / shards.SHARD_ERRORS_DIR / with_errors, "ab") as f:
+    (snapshot_dir / lost).unlink()
+    with open(snapshot_dir / shards.SHARD_ERRORS_DIR / with_errors, "ab") as f:
         f.write(b"\0")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embed"):
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.embedding.job"):
         run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
     assert f"file {lost} listed in the manifest is missing; redoing shard {lost}" in caplog.text
     assert f"file {shards.SHARD_ERRORS_DIR}/{with_errors} has" in caplog.text
-    redone = shards.open_run(run_dir)
+    redone = shards.open_snapshot(snapshot_dir)
     assert redone.manifest["last_run"]["shards"] == 2 and redone.manifest["errors"] == 4
     redone_ids, redone_vectors, _ = redone.read_all()
     np.testing.assert_array_equal(redone_ids, ids)
     np.testing.assert_allclose(redone_vectors, vectors, atol=1e-6)
-    assert pq.read_table(run_dir / shards.ERRORS).equals(errors_table)
+    assert pq.read_table(snapshot_dir / shards.ERRORS).equals(errors_table)
 
     # The catalog grows: a new snapshot, through Ray, embeds the one new image and reuses every other row.
     write_images(folder / "more", 1, seed=3)
     grown = run_embed(config("shop", bundle, tmp_path / "work", folder=str(folder)))
-    assert grown != run_dir and grown.parent == run_dir.parent
-    assert shards.open_run(grown.parent).run_dir == grown  # CURRENT moved to it
+    assert grown != snapshot_dir and grown.parent == snapshot_dir.parent
+    assert shards.open_snapshot(grown.parent).snapshot_dir == grown  # CURRENT moved to it
     after = shards.read_manifest(grown)
     assert after["last_run"]["entries"] == 1 and after["last_run"]["embedded_by"] == "ray"
-    assert after["delta"] == {"previous": run_dir.name, "added": 1, "changed": 0, "removed": 0, "unchanged": 13,
+    assert after["delta"] == {"previous": snapshot_dir.name, "added": 1, "changed": 0, "removed": 0, "unchanged": 13,
                               "reused_vectors": 9, "reused_errors": 4, "retried": 0}
-    grown_ids, grown_vectors, _ = shards.open_run(grown).read_all()
+    grown_ids, grown_vectors, _ = shards.open_snapshot(grown).read_all()
     keep = np.isin(grown_ids, ids)
     assert keep.sum() == len(ids) and after["errors"] == 4
     np.testing.assert_array_equal(grown_ids[keep], ids)  # both id-sorted
@@ -166,32 +166,32 @@ def test_resume_after_kill_gives_the_same_rows(cluster: str, bundle: Path, tmp_p
     command = [sys.executable, "-m", "cirflow.flows.cli", "--log-level", "WARNING", "embed", *args]
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    run_dir = None
+    snapshot_dir = None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((tmp_path / "work" / "embeddings" / "resumed").glob("*/*/manifest.json"))
         if found and len(shards.read_manifest(found[0].parent)["shards"]) >= 2:
-            run_dir = found[0].parent
+            snapshot_dir = found[0].parent
             break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0].decode(errors="replace")
     store.release()  # an actor of the killed job still waiting finishes, freeing its CPU for the next job
-    assert run_dir is not None, f"the job never finished two shards:\n{output[-3000:]}"
-    done = sorted(shards.read_manifest(run_dir)["shards"])
-    assert not shards.read_manifest(run_dir)["complete"]
+    assert snapshot_dir is not None, f"the job never finished two shards:\n{output[-3000:]}"
+    done = sorted(shards.read_manifest(snapshot_dir)["shards"])
+    assert not shards.read_manifest(snapshot_dir)["complete"]
     # Two actors take shards 0 and 1 together, so any two or three of the first three may be done (a loaded
     # machine finishes them in any order); never shard 3, whose read blocks.
     assert len(done) in (2, 3) and shards.shard_name(3) not in done
 
-    (run_dir / done[0]).unlink()  # a finished shard lost as well: found on resume and redone
-    assert run_embed(job) == run_dir
-    run = shards.open_run(run_dir)
+    (snapshot_dir / done[0]).unlink()  # a finished shard lost as well: found on resume and redone
+    assert run_embed(job) == snapshot_dir
+    run = shards.open_snapshot(snapshot_dir)
     assert run.manifest["last_run"]["shards"] == 4 - len(done) + 1  # only unfinished and lost shards were redone
     ids, vectors, _ = run.read_all()
 
     clean = run_embed(config("clean", bundle, tmp_path / "work", manifest=str(manifest)))
-    clean_ids, clean_vectors, _ = shards.open_run(clean).read_all()
+    clean_ids, clean_vectors, _ = shards.open_snapshot(clean).read_all()
     assert len(ids) == len(set(ids.tolist())) == 14
     np.testing.assert_array_equal(ids, clean_ids)
     np.testing.assert_allclose(vectors, clean_vectors, atol=1e-6)
@@ -221,11 +221,11 @@ def test_careless_inputs_each_end_up_embedded_or_in_the_errors_table(cluster: st
     job = EmbedConfig(catalog=CatalogConfig(name="careless", folder=str(folder)), bundle=str(bundle.parent),
                       workdir=str(tmp_path / "a"), rows_per_shard=4, batch_size=3)
 
-    run = shards.open_run(run_embed(job))
+    run = shards.open_snapshot(run_embed(job))
 
     assert run.manifest["last_run"]["bundle_dir"] == str(bundle.resolve())
     ids, vectors, uris = run.read_all()
-    errors = pq.read_table(run.run_dir / shards.ERRORS)
+    errors = pq.read_table(run.snapshot_dir / shards.ERRORS)
     embedded, failed = set(ids.tolist()), set(errors.column("id").to_pylist())
     assert not embedded & failed
     assert embedded | failed == set(load_catalog(job.catalog).column("id").to_pylist())
@@ -244,8 +244,8 @@ def test_careless_inputs_each_end_up_embedded_or_in_the_errors_table(cluster: st
     runtime = BundleRuntime.load(bundle)
     np.testing.assert_allclose(vectors, runtime.embed_images([read_bytes(u) for u in uris]), atol=1e-5)
 
-    again = shards.open_run(run_embed(replace(job, workdir=str(tmp_path / "b"))))
-    assert pq.read_table(again.run_dir / shards.ERRORS).equals(errors)
+    again = shards.open_snapshot(run_embed(replace(job, workdir=str(tmp_path / "b"))))
+    assert pq.read_table(again.snapshot_dir / shards.ERRORS).equals(errors)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -320,7 +320,7 @@ def test_a_pretrained_backbone_bundle_embeds_through_the_ray_job(cluster: str, t
     _, bundle = effnet_minilm_bundle
     folder = tmp_path / "catalog"
     write_images(folder, 7, seed=5)
-    run = shards.open_run(run_embed(config("pretrained", bundle, tmp_path / "work", folder=str(folder))))
+    run = shards.open_snapshot(run_embed(config("pretrained", bundle, tmp_path / "work", folder=str(folder))))
     assert run.manifest["complete"] and run.rows == 7 and run.manifest["last_run"]["embedded_by"] == "ray"
     ids, vectors, uris = run.read_all()
     np.testing.assert_allclose(vectors, BundleRuntime.load(bundle).embed_images([Path(u) for u in uris]), atol=1e-5)

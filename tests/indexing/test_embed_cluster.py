@@ -16,9 +16,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cirflow.core.ray_local import _single_machine_mode
-from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, folder_entries
-from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, folder_entries
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
 from tests.export.conftest import random_images
 from tests.indexing.held_store import HeldStore
 from tests.indexing.test_embed import png_bytes
@@ -67,8 +67,8 @@ def job(name: str, bundle: Path, workdir: Path | str, manifest: Path, **settings
                        workdir=str(workdir), rows_per_shard=ROWS_PER_SHARD, batch_size=2, **settings)
 
 
-def rows(run_dir: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    return shards.open_run(run_dir).read_all()
+def rows(snapshot_dir: object) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    return shards.open_snapshot(snapshot_dir).read_all()
 
 
 def test_two_workers_on_two_nodes_write_exactly_the_single_process_rows(two_nodes: tuple[Cluster, object],
@@ -116,7 +116,7 @@ def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cl
 
     def run() -> None:
         try:
-            outcome["run_dir"] = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
+            outcome["snapshot_dir"] = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
         except Exception as e:  # noqa: BLE001 - a failed first run is allowed: the rerun must complete it
             outcome["error"] = e
 
@@ -131,14 +131,14 @@ def test_kill_9_of_a_worker_node_mid_job_still_ends_complete(two_nodes: tuple[Cl
     thread.join(timeout=180)
     assert not thread.is_alive(), "the job hung after the node was lost"
 
-    run_dir = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
+    snapshot_dir = run_embed(job("killed", bundle, tmp_path / "work", manifest, local_below=0))
     # The surviving worker took over the lost shard: the first run completed, the rerun had nothing to do.
-    assert outcome.get("run_dir") == run_dir, outcome
-    assert shards.read_manifest(run_dir)["last_run"]["actors"] == 2
-    ids, vectors, uris_after = rows(run_dir)
+    assert outcome.get("snapshot_dir") == snapshot_dir, outcome
+    assert shards.read_manifest(snapshot_dir)["last_run"]["actors"] == 2
+    ids, vectors, uris_after = rows(snapshot_dir)
     single_ids, single_vectors, single_uris = rows(single)
     np.testing.assert_array_equal(ids, single_ids)
     assert uris_after == single_uris
     np.testing.assert_allclose(vectors, single_vectors, atol=1e-6)
-    assert shards.read_manifest(run_dir)["errors"] == 0
+    assert shards.read_manifest(snapshot_dir)["errors"] == 0
     store.close()

@@ -15,14 +15,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cirflow.indexing import embed_stages, shards
-from cirflow.indexing.catalog import CatalogConfig, CatalogError, load_catalog
-from cirflow.indexing.embed import EmbedConfig, run_embed, snapshot_dir
-from cirflow.indexing.embed_stages import TransientReadError, read_image
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_refresh import refresh_index
-from cirflow.indexing.queries import Queries
+from cirflow.indexing.embedding import embed_stages, shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, CatalogError, load_catalog
+from cirflow.indexing.embedding.embed_stages import TransientReadError, read_image
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed, snapshot_location
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.refresh import refresh_index
 from cirflow.indexing.search import VectorIndex
 from cirflow.models.images import ImageLimits
 from cirflow.models.preprocess import ImageError, PreprocessConfig
@@ -68,8 +68,8 @@ def uris_of(config: EmbedConfig) -> list[str]:
     return load_catalog(config.catalog).sort_by("id").column("uri").to_pylist()
 
 
-def errors(run_dir: Path) -> list[dict]:
-    return pq.read_table(run_dir / shards.ERRORS).to_pylist()
+def errors(snapshot_dir: Path) -> list[dict]:
+    return pq.read_table(snapshot_dir / shards.ERRORS).to_pylist()
 
 
 @pytest.mark.parametrize("error, transient, reason", [
@@ -105,11 +105,11 @@ def test_a_transient_failure_is_retried_with_backoff_within_the_run(tiny_bundle:
     flaky = uris_of(config)[5]
     faults.failing[flaky] = 2  # a throttled store: two 503s, then the bytes
 
-    run = shards.open_run(run_embed(config))
+    run = shards.open_snapshot(run_embed(config))
 
     assert faults.reads[flaky] == 3
     assert run.rows == 10 and run.manifest["errors"] == 0 and shards.transient_errors(run.manifest) == 0
-    assert errors(run.run_dir) == []
+    assert errors(run.snapshot_dir) == []
 
 
 def test_a_persistent_transient_failure_is_read_again_by_the_next_run_of_the_same_catalog(
@@ -131,21 +131,21 @@ def test_a_persistent_transient_failure_is_read_again_by_the_next_run_of_the_sam
     assert rows[down]["transient"] and rows[down]["reason"] == ("cannot read (Input/output error); transient, "
                                                                 "4 attempt(s)")
     assert not rows[corrupt]["transient"] and "cannot decode" in rows[corrupt]["reason"]
-    first_ids, first_vectors, _ = shards.open_run(first).read_all()
+    first_ids, first_vectors, _ = shards.open_snapshot(first).read_all()
     # An index of this snapshot, as the catalog flow builds and then refreshes it.
-    queries = Queries.unreferenced(unit(np.random.default_rng(0).standard_normal((20, shards.open_run(first).dim))))
-    index = build_index(shards.open_run(first), queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
+    queries = Queries.unreferenced(unit(np.random.default_rng(0).standard_normal((20, shards.open_snapshot(first).dim))))
+    index = build_index(shards.open_snapshot(first), queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
 
     # The same catalog, the store still down: not "nothing to do", a retry snapshot that reads only that entry.
     base = first.parent
-    assert snapshot_dir(base, load_catalog(config.catalog), config.rows_per_shard) == base / f"{first.name}-r1"
+    assert snapshot_location(base, load_catalog(config.catalog), config.rows_per_shard) == base / f"{first.name}-r1"
     faults.reads.clear()
     still = run_embed(config)
     assert still == base / f"{first.name}-r1" and faults.reads == Counter({down: 4})
     assert shards.transient_errors(shards.read_manifest(still)) == 1
-    assert shards.open_run(base).run_dir == still and shards.read_manifest(still)["delta"]["retried"] == 1
+    assert shards.open_snapshot(base).snapshot_dir == still and shards.read_manifest(still)["delta"]["retried"] == 1
     assert pq.read_table(still / shards.CHANGES).num_rows == 0  # failed again: no vector before or now
-    index = refresh_index(shards.open_run(still), queries, index, IndexConfig(index_type="flat"), max_fraction=0.5)
+    index = refresh_index(shards.open_snapshot(still), queries, index, IndexConfig(index_type="flat"), max_fraction=0.5)
     assert index is not None and VectorIndex.load(index).ntotal == 11
 
     # The store is back: the next run reads it again (and nothing else: the corrupt file's row carries over).
@@ -153,8 +153,8 @@ def test_a_persistent_transient_failure_is_read_again_by_the_next_run_of_the_sam
     faults.reads.clear()
     retried = run_embed(config)
     assert retried == base / f"{first.name}-r2" and faults.reads == Counter({down: 1})
-    run = shards.open_run(base)  # CURRENT moved to it
-    assert run.run_dir == retried
+    run = shards.open_snapshot(base)  # CURRENT moved to it
+    assert run.snapshot_dir == retried
     assert run.rows == 12 and run.manifest["errors"] == 1 and shards.transient_errors(run.manifest) == 0
     assert [e["uri"] for e in errors(retried)] == [corrupt] and errors(retried)[0] == rows[corrupt]
     catalog = load_catalog(config.catalog)
@@ -176,7 +176,7 @@ def test_a_persistent_transient_failure_is_read_again_by_the_next_run_of_the_sam
     faults.reads.clear()
     assert run_embed(config) == retried and not faults.reads
     assert (retried / shards.MANIFEST).read_bytes() == stamp
-    assert snapshot_dir(base, load_catalog(config.catalog), config.rows_per_shard) == retried
+    assert snapshot_location(base, load_catalog(config.catalog), config.rows_per_shard) == retried
 
     # An overlay of the previous snapshot's index takes the retried image in.
     overlay = refresh_index(run, queries, index, IndexConfig(index_type="flat"), max_fraction=0.5)
@@ -198,7 +198,7 @@ def test_a_refresh_of_a_changed_catalog_reads_transient_failures_again(tiny_bund
     second = run_embed(config)
     assert second.name == shards.read_manifest(second)["catalog"]["snapshot"] and "-r" not in second.name
     assert set(faults.reads) == {down, next(u for u in uris_of(config) if "/more/" in u)}  # nothing else read
-    run = shards.open_run(second)
+    run = shards.open_snapshot(second)
     assert run.rows == 10 and run.manifest["errors"] == 0
     assert run.manifest["delta"]["retried"] == 1 and run.manifest["delta"]["added"] == 1
 
@@ -213,7 +213,7 @@ def test_a_batch_that_fails_entirely_stops_the_waiting_until_a_read_succeeds(tin
     for uri in uris[:8]:  # the first shard (8 rows): two batches of 4, all down
         faults.failing[uri] = None
 
-    run = shards.open_run(run_embed(config))
+    run = shards.open_snapshot(run_embed(config))
 
     # Batch 1: 4 reads x 4 attempts; batch 2: 4 single reads; the second shard's reads succeed.
     assert [faults.reads[u] for u in uris[:8]] == [4] * 4 + [1] * 4

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from cirflow.core.files import location
-from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, EmbedError, run_embed
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.queries import Queries
-from cirflow.indexing.validate import expected_ids
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig
+from cirflow.indexing.embedding.job import EmbedConfig, EmbedError, run_embed
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.validate import expected_ids
 from tests.indexing.test_embed import write_images
 
 
@@ -37,7 +37,7 @@ def test_a_snapshot_at_a_uri_is_made_refreshed_checked_pruned_and_indexed(tiny_b
     assert str(first).startswith("memory://") and not (tmp_path / "memory:").exists()
     fs = fsspec.filesystem("memory")
     assert not [p for p in fs.find(location(root).path) if ".tmp-" in p]  # temp names renamed away
-    remote, here = shards.open_run(first).read_all(), shards.open_run(local).read_all()
+    remote, here = shards.open_snapshot(first).read_all(), shards.open_snapshot(local).read_all()
     np.testing.assert_array_equal(remote[0], here[0])
     assert remote[1].tobytes() == here[1].tobytes() and remote[2] == here[2]
 
@@ -46,7 +46,7 @@ def test_a_snapshot_at_a_uri_is_made_refreshed_checked_pruned_and_indexed(tiny_b
     lost.unlink()
     assert run_embed(job(root)) == first
     assert shards.read_manifest(first)["last_run"]["shards"] == 1
-    assert shards.open_run(first).read_all()[1].tobytes() == here[1].tobytes()
+    assert shards.open_snapshot(first).read_all()[1].tobytes() == here[1].tobytes()
 
     # Two refreshes: each new snapshot copies the unchanged vectors from the store, and the oldest is pruned.
     snapshots = [first]
@@ -56,10 +56,10 @@ def test_a_snapshot_at_a_uri_is_made_refreshed_checked_pruned_and_indexed(tiny_b
         delta = shards.read_manifest(snapshots[-1])["delta"]
         assert delta["added"] == 2 and delta["reused_vectors"] == len(paths) + 2 * (seed - 12)
     assert not first.exists() and snapshots[1].exists()
-    assert shards.open_run(snapshots[0].parent).run_dir == snapshots[2]  # CURRENT at the URI
+    assert shards.open_snapshot(snapshots[0].parent).snapshot_dir == snapshots[2]  # CURRENT at the URI
 
     # An index builds from the snapshot at the URI.
-    run = shards.open_run(snapshots[2])
+    run = shards.open_snapshot(snapshots[2])
     ids, vectors, uris = run.read_all()
     assert np.array_equal(expected_ids(run), np.sort(ids))
     near = vectors[:6] + 0.01

@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cirflow.indexing import embed_stages, index_store, shards
-from cirflow.indexing.catalog import CatalogConfig, CatalogError, folder_entries, load_catalog
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.embed_stages import decode_batch
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.queries import Queries
-from cirflow.indexing.search import ImageSource, UnknownIdError, VectorIndex
+from cirflow.indexing.embedding import embed_stages, shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, CatalogError, folder_entries, load_catalog
+from cirflow.indexing.embedding.embed_stages import decode_batch
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.search import ImageSource, UnknownIdError, VectorIndex, index_store
 from cirflow.models.images import DEFAULT_FORMATS, ImageLimits
 from cirflow.models.preprocess import PreprocessConfig
 from tests.export.conftest import random_images
@@ -107,8 +107,8 @@ def named(table: pa.Table, column: str) -> dict[str, object]:
     return dict(zip((Path(u).name for u in table.column("uri").to_pylist()), table.column(column).to_pylist()))
 
 
-def sources(run_dir: Path) -> pa.Table:
-    return shards.open_run(run_dir).read_sources()
+def sources(snapshot_dir: Path) -> pa.Table:
+    return shards.open_snapshot(snapshot_dir).read_sources()
 
 
 def test_a_hostile_catalog_is_embedded_recorded_and_refreshed(combiner_bundle: Path, tmp_path: Path,
@@ -120,16 +120,16 @@ def test_a_hostile_catalog_is_embedded_recorded_and_refreshed(combiner_bundle: P
 
     rss, peak, started = rss_bytes(), peak_rss_bytes(), time.monotonic()
     with caplog.at_level(logging.WARNING):
-        run_dir = run_embed(config)
+        snapshot_dir = run_embed(config)
     # Reading the 2 GiB file would have raised the peak to 2 GiB over what this process holds now (unless an
     # earlier test's peak was higher still: then this check cannot tell).
     assert peak_rss_bytes() <= max(peak, rss + HUGE // 4), "the 2 GiB file was read"
     assert time.monotonic() - started < 120
 
-    run = shards.open_run(run_dir)
+    run = shards.open_snapshot(snapshot_dir)
     assert run.manifest["complete"] and run.rows == len(good) and run.manifest["errors"] == len(bad)
     assert pq.read_table(run.shard_files[0]).schema == shards.embedding_schema(run.dim)
-    reasons = named(pq.read_table(run_dir / shards.ERRORS), "reason")
+    reasons = named(pq.read_table(snapshot_dir / shards.ERRORS), "reason")
     assert set(reasons) == bad
     assert "format DDS is not allowed" in reasons["x.dds"] and "format DDS is not allowed" in reasons["x.png"]
     assert "cannot decode" in reasons["x.im"]
@@ -143,13 +143,13 @@ def test_a_hostile_catalog_is_embedded_recorded_and_refreshed(combiner_bundle: P
     assert any("forged\\nERROR" in m for m in logged) and not any("\n" in m for m in logged)
 
     # Each embedded row records what its bytes decoded as and their sha256.
-    recorded = sources(run_dir)
+    recorded = sources(snapshot_dir)
     assert set(named(recorded, "format").values()) == {"PNG"}  # x.html too: its content type is image/png
     digests = named(recorded, "sha256")
     assert digests == {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in good}
 
     # A rerun of the unchanged catalog completes and does nothing.
-    assert run_embed(config) == run_dir
+    assert run_embed(config) == snapshot_dir
 
     # A refresh: one image changed, one added. Only those two are read; the errors rows carry over unread.
     (folder / "img-0.png").write_bytes(png_bytes(random_images(1, 64, seed=14)[0]))
@@ -165,10 +165,10 @@ def test_a_hostile_catalog_is_embedded_recorded_and_refreshed(combiner_bundle: P
     monkeypatch.setattr(embed_stages, "read_bytes", counted)
     refreshed = run_embed(config)
     monkeypatch.undo()
-    assert refreshed != run_dir and sorted(read) == ["img-0.png", "img-9.png"]
+    assert refreshed != snapshot_dir and sorted(read) == ["img-0.png", "img-9.png"]
     delta = shards.read_manifest(refreshed)["delta"]
     assert (delta["added"], delta["changed"], delta["reused_errors"]) == (1, 1, len(bad))
-    assert pq.read_table(refreshed / shards.ERRORS).equals(pq.read_table(run_dir / shards.ERRORS))
+    assert pq.read_table(refreshed / shards.ERRORS).equals(pq.read_table(snapshot_dir / shards.ERRORS))
     after = named(sources(refreshed), "sha256")
     assert {n: after[n] for n in good - {"img-0.png"}} == {n: digests[n] for n in good - {"img-0.png"}}
     for name in ("img-0.png", "img-9.png"):
@@ -181,7 +181,7 @@ def test_a_hostile_catalog_is_embedded_recorded_and_refreshed(combiner_bundle: P
     monkeypatch.setattr(embed_stages, "read_bytes", counted)
     widened = run_embed(allowing)
     monkeypatch.undo()
-    assert widened.parent == refreshed.parent and widened.name not in (run_dir.name, refreshed.name)
+    assert widened.parent == refreshed.parent and widened.name not in (snapshot_dir.name, refreshed.name)
     assert sorted(read) == sorted(bad)
     assert shards.read_manifest(widened)["delta"]["reused_errors"] == 0
     now = named(pq.read_table(widened / shards.ERRORS), "reason")
@@ -199,16 +199,16 @@ def test_a_hostile_catalog_is_embedded_recorded_and_refreshed(combiner_bundle: P
     assert named(sources(again), "sha256") == after
 
     # The index carries them to the service: VectorIndex.source(id); not metadata, not in item().
-    run = shards.open_run(again)
+    run = shards.open_snapshot(again)
     queries = Queries.unreferenced(unit(np.random.default_rng(0).standard_normal((8, run.dim))))
     index = VectorIndex.load(build_index(run, queries, tmp_path / "indexes", IndexConfig(index_type="flat")))
     table = sources(again)
     for id_, uri, fmt, digest in zip(*(table.column(c).to_pylist() for c in ("id", "uri", "format", "sha256"))):
-        assert index.source(id_) == ImageSource(uri, fmt, digest)
-        assert index.item(id_) == {"id": id_, "uri": uri}
-    assert index.metadata_fields == {}
+        assert index.entries.source(id_) == ImageSource(uri, fmt, digest)
+        assert index.entries.item(id_) == {"id": id_, "uri": uri}
+    assert index.entries.fields == {}
     with pytest.raises(UnknownIdError, match="catalog id 1 is not in index"):
-        index.source(1)
+        index.entries.source(1)
 
 
 def test_a_folder_catalog_of_hostile_files_completes(combiner_bundle: Path, tmp_path: Path,
@@ -220,10 +220,10 @@ def test_a_folder_catalog_of_hostile_files_completes(combiner_bundle: Path, tmp_
     config = EmbedConfig(catalog=CatalogConfig(name="hostile", folder=str(folder)), bundle=str(combiner_bundle),
                          workdir=str(tmp_path / "work"), rows_per_shard=4, batch_size=3)
     with caplog.at_level(logging.WARNING):
-        run_dir = run_embed(config)
+        snapshot_dir = run_embed(config)
     assert "left out" in caplog.text and "fifo.png" in caplog.text
-    assert set(named(sources(run_dir), "uri")) == good
-    assert set(named(pq.read_table(run_dir / shards.ERRORS), "reason")) == bad - {"fifo.png", "dir.png"}
+    assert set(named(sources(snapshot_dir), "uri")) == good
+    assert set(named(pq.read_table(snapshot_dir / shards.ERRORS), "reason")) == bad - {"fifo.png", "dir.png"}
 
 
 @pytest.mark.filterwarnings("ignore:IM image format is deprecated:DeprecationWarning")
@@ -277,13 +277,13 @@ def test_snapshots_and_indexes_from_before_formats_were_recorded_still_read(comb
     for i, pixels in enumerate(random_images(3, 64, seed=21)):
         (folder / f"img-{i}.png").write_bytes(png_bytes(pixels))
     config = job(combiner_bundle, tmp_path / "work", manifest_of(folder, tmp_path / "catalog.parquet"))
-    run_dir = run_embed(config)
-    manifest = shards.read_manifest(run_dir)
+    snapshot_dir = run_embed(config)
+    manifest = shards.read_manifest(snapshot_dir)
     for name in manifest["shards"]:  # as an older cirflow wrote them, the manifest's checksums to match
-        old = pq.read_table(run_dir / name).drop_columns(["format", "sha256"])
-        manifest["shards"][name].update(shards.write_parquet_atomic(old, run_dir / name))
-    shards.write_manifest(run_dir, manifest)
-    assert sources(run_dir).column("sha256").null_count == 3
+        old = pq.read_table(snapshot_dir / name).drop_columns(["format", "sha256"])
+        manifest["shards"][name].update(shards.write_parquet_atomic(old, snapshot_dir / name))
+    shards.write_manifest(snapshot_dir, manifest)
+    assert sources(snapshot_dir).column("sha256").null_count == 3
 
     (folder / "img-0.png").write_bytes(png_bytes(random_images(1, 64, seed=22)[0]))
     manifest_of(folder, Path(config.catalog.manifest or ""))
@@ -292,7 +292,7 @@ def test_snapshots_and_indexes_from_before_formats_were_recorded_still_read(comb
     assert digests == {"img-0.png": hashlib.sha256((folder / "img-0.png").read_bytes()).hexdigest(),
                        "img-1.png": None, "img-2.png": None}
 
-    run = shards.open_run(refreshed)
+    run = shards.open_snapshot(refreshed)
     queries = Queries.unreferenced(unit(np.random.default_rng(0).standard_normal((4, run.dim))))
     index_dir = build_index(run, queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
     uris = pq.read_table(index_dir / index_store.URIS)
@@ -300,5 +300,5 @@ def test_snapshots_and_indexes_from_before_formats_were_recorded_still_read(comb
     pq.write_table(uris.select(["id", "uri"]), index_dir / index_store.URIS)  # an older cirflow's uris.parquet
     index = VectorIndex.open(index_dir, index_store.read_manifest(index_dir), mmap=True, on_gpu=False)
     first = int(uris.column("id")[0].as_py())
-    assert index.source(first) == ImageSource(uris.column("uri")[0].as_py(), None, None)
-    assert index.metadata_fields == {}
+    assert index.entries.source(first) == ImageSource(uris.column("uri")[0].as_py(), None, None)
+    assert index.entries.fields == {}

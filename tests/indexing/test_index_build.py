@@ -13,22 +13,22 @@ import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
 from cirflow.core.files import CURRENT
-from cirflow.indexing import index_build
-from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count, set_search_param
-from cirflow.indexing.index_build import IndexBuildError, build_index, index_id, reference_groups
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_store import IndexFormatError, verify_index
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import Queries, catalog_ids
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.index import build as index_build
+from cirflow.indexing.index.build import IndexBuildError, build_index, index_id, reference_groups
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries, catalog_ids
+from cirflow.indexing.index.tuning import exact_knn, recall_at_k, split_by_reference
+from cirflow.indexing.index.versions import publish
 from cirflow.indexing.search import VectorIndex
-from cirflow.indexing.shards import EmbeddingRun
-from cirflow.indexing.tuning import exact_knn, recall_at_k, split_by_reference
-from tests.indexing.conftest import TYPE_CONFIGS, unit, write_run
+from cirflow.indexing.search.index_store import IndexFormatError, verify_index
+from cirflow.indexing.search.placement import FaissGpuUnavailableError, gpu_count, set_search_param
+from tests.indexing.conftest import TYPE_CONFIGS, unit, write_snapshot
 
 unreferenced = Queries.unreferenced
 
 
-def brute_force(run: EmbeddingRun, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(run: EmbeddingSnapshot, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the exact top-k by numpy: the reference every index is compared with."""
     ids, vectors, _ = run.read_all()
     scores = queries @ vectors.T  # (Q, N)
@@ -37,11 +37,11 @@ def brute_force(run: EmbeddingRun, queries: np.ndarray, k: int) -> tuple[np.ndar
 
 
 @pytest.mark.parametrize("index_type", list(TYPE_CONFIGS))
-def test_every_type_builds_and_meets_its_recall_target_held_out(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_every_type_builds_and_meets_its_recall_target_held_out(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                                 index_type: str) -> None:
     index_dir, config = built[index_type], TYPE_CONFIGS[index_type]
     manifest = verify_index(index_dir)
-    assert (manifest["type"], manifest["bundle_id"], manifest["catalog"]) == (index_type, toy_run.bundle_id, "toys")
+    assert (manifest["type"], manifest["bundle_id"], manifest["catalog"]) == (index_type, toy_snapshot.bundle_id, "toys")
     assert index_dir.name == manifest["index_id"] and index_dir.parent.name == "toys"
     assert manifest["counts"] == {"vectors": 6000, "shards": 3, "index_files": 1}
     assert manifest["id_range"] == [3, 59993]
@@ -69,15 +69,15 @@ def test_bytes_per_vector_rank_the_types(built: dict[str, Path]) -> None:
     assert size["ivf_pq"] < size["ivf_flat"] / 4 < size["flat"] < size["hnsw"]
 
 
-def test_flat_equals_numpy_brute_force(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_flat_equals_numpy_brute_force(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                        toy_queries: np.ndarray) -> None:
     ids, scores = VectorIndex.load(built["flat"]).search(toy_queries, 10)
-    check_ref_knn_with_draws(*brute_force(toy_run, toy_queries, 10), scores, ids)
+    check_ref_knn_with_draws(*brute_force(toy_snapshot, toy_queries, 10), scores, ids)
 
 
-def test_ivf_at_every_list_is_exact_and_hnsw_at_large_ef_nearly(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_ivf_at_every_list_is_exact_and_hnsw_at_large_ef_nearly(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                                 toy_queries: np.ndarray) -> None:
-    ref_scores, ref_ids = brute_force(toy_run, toy_queries, 10)
+    ref_scores, ref_ids = brute_force(toy_snapshot, toy_queries, 10)
     ivf = VectorIndex.load(built["ivf_flat"])
     set_search_param(ivf.index, "nprobe", ivf.manifest["params"]["nlist"], on_gpu=False)
     ids, scores = ivf.search(toy_queries, 10)
@@ -88,9 +88,9 @@ def test_ivf_at_every_list_is_exact_and_hnsw_at_large_ef_nearly(built: dict[str,
     assert np.mean([len(set(a) & set(b)) for a, b in zip(found, ref_ids)]) / 10 >= 0.99
 
 
-def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                       toy_queries: np.ndarray, tmp_path: Path) -> None:
-    sharded_dir = build_index(toy_run, unreferenced(toy_queries), tmp_path,
+    sharded_dir = build_index(toy_snapshot, unreferenced(toy_queries), tmp_path,
                               replace(TYPE_CONFIGS["ivf_flat"], merge=False))
     manifest = verify_index(sharded_dir)
     assert manifest["layout"] == "shards" and manifest["counts"]["index_files"] == 3
@@ -103,30 +103,30 @@ def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], to
     check_ref_knn_with_draws(scores, ids, sharded_scores, sharded_ids)
 
 
-def test_rerun_with_the_same_inputs_is_a_no_op(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_rerun_with_the_same_inputs_is_a_no_op(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                toy_queries: np.ndarray) -> None:
     index_dir, config = built["ivf_flat"], TYPE_CONFIGS["ivf_flat"]
     stamps = {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()}
-    assert build_index(toy_run, unreferenced(toy_queries), index_dir.parent.parent, config) == index_dir
+    assert build_index(toy_snapshot, unreferenced(toy_queries), index_dir.parent.parent, config) == index_dir
     assert {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()} == stamps
     assert not [p for p in index_dir.parent.iterdir() if p.name.startswith(".")]  # no temp directory left
     # Where it runs is not part of the identity; what it indexes, how, and what tunes it are.
     queries = unreferenced(toy_queries)
-    assert index_id(toy_run, queries, replace(config, use_gpu="never")) == index_dir.name
-    assert index_id(toy_run, unreferenced(toy_queries[:-1]), config) != index_dir.name
-    assert index_id(toy_run, queries, replace(config, recall_target=0.9)) != index_dir.name
+    assert index_id(toy_snapshot, queries, replace(config, use_gpu="never")) == index_dir.name
+    assert index_id(toy_snapshot, unreferenced(toy_queries[:-1]), config) != index_dir.name
+    assert index_id(toy_snapshot, queries, replace(config, recall_target=0.9)) != index_dir.name
     # The references decide the split and what is left out: part of the identity too.
-    assert index_id(toy_run, Queries(toy_queries, ("a.png",) * 400), config) != index_dir.name
+    assert index_id(toy_snapshot, Queries(toy_queries, ("a.png",) * 400), config) != index_dir.name
 
 
-def test_damaged_existing_index_is_not_silently_reused(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_damaged_existing_index_is_not_silently_reused(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                       toy_queries: np.ndarray, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(built["flat"], tmp_path / "toys" / built["flat"].name))
     with open(copy / "index.faiss", "r+b") as f:
         f.seek(-5, os.SEEK_END)
         f.write(b"\xff")
     with pytest.raises(IndexBuildError, match="exists but is damaged .*sha256.*; remove it to rebuild"):
-        build_index(toy_run, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["flat"])
+        build_index(toy_snapshot, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["flat"])
 
 
 def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[str, Path], tmp_path: Path,
@@ -154,37 +154,37 @@ def test_publish_replaces_current_atomically_and_loading_follows_it(built: dict[
         publish(tmp_path / "not-an-index")
 
 
-def test_bad_inputs_are_refused_before_any_work(toy_run: EmbeddingRun, toy_queries: np.ndarray,
+def test_bad_inputs_are_refused_before_any_work(toy_snapshot: EmbeddingSnapshot, toy_queries: np.ndarray,
                                                 tmp_path: Path) -> None:
     with pytest.raises(IndexBuildError, match=r"queries must be \(Q, 32\) .* got \(400, 16\)"):
-        build_index(toy_run, unreferenced(toy_queries[:, :16]), tmp_path)
+        build_index(toy_snapshot, unreferenced(toy_queries[:, :16]), tmp_path)
     with pytest.raises(IndexBuildError, match="at least 2 queries"):
-        build_index(toy_run, unreferenced(toy_queries[:1]), tmp_path)
+        build_index(toy_snapshot, unreferenced(toy_queries[:1]), tmp_path)
     with pytest.raises(IndexBuildError, match=r"at least 2 reference images .* 400 queries of \['a.png'\]"):
-        build_index(toy_run, Queries(toy_queries, ("a.png",) * 400), tmp_path)
+        build_index(toy_snapshot, Queries(toy_queries, ("a.png",) * 400), tmp_path)
     with pytest.raises(IndexBuildError, match="unit vectors"):
-        build_index(toy_run, unreferenced(toy_queries * 2), tmp_path)
-    empty = write_run(tmp_path / "empty", np.zeros((0, 32), np.float32), rows_per_shard=10)
+        build_index(toy_snapshot, unreferenced(toy_queries * 2), tmp_path)
+    empty = write_snapshot(tmp_path / "empty", np.zeros((0, 32), np.float32), rows_per_shard=10)
     with pytest.raises(IndexBuildError, match="holds no vectors"):
         build_index(empty, unreferenced(toy_queries), tmp_path)
     if gpu_count() == 0:
         with pytest.raises(FaissGpuUnavailableError, match="use_gpu='require' but faiss .* sees no GPU"):
-            build_index(toy_run, unreferenced(toy_queries), tmp_path, IndexConfig(use_gpu="require"))
+            build_index(toy_snapshot, unreferenced(toy_queries), tmp_path, IndexConfig(use_gpu="require"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing half-built left behind
 
 
-def test_failed_build_leaves_nothing(toy_run: EmbeddingRun, toy_queries: np.ndarray, tmp_path: Path,
+def test_failed_build_leaves_nothing(toy_snapshot: EmbeddingSnapshot, toy_queries: np.ndarray, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*args: object) -> None:
         raise RuntimeError("simulated failure while tuning")
 
     monkeypatch.setattr(index_build, "tune_index", crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        build_index(toy_run, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["ivf_flat"])
+        build_index(toy_snapshot, unreferenced(toy_queries), tmp_path, TYPE_CONFIGS["ivf_flat"])
     assert list((tmp_path / "toys").iterdir()) == []
 
 
-def queries_on(run: EmbeddingRun, rows: np.ndarray, per_reference: int, seed: int) -> Queries:
+def queries_on(run: EmbeddingSnapshot, rows: np.ndarray, per_reference: int, seed: int) -> Queries:
     """Stand-ins for composed queries made on catalog images: `per_reference` noisy copies of each row's vector
     (a composed query lies near its reference image), each naming that row's uri as its reference."""
     _, vectors, uris = run.read_all()
@@ -193,10 +193,10 @@ def queries_on(run: EmbeddingRun, rows: np.ndarray, per_reference: int, seed: in
     return Queries(unit(base + noise), tuple(uris[int(r)] for r in np.repeat(rows, per_reference)))
 
 
-def test_tuning_splits_by_reference_and_leaves_it_out_as_search_does(toy_run: EmbeddingRun, tmp_path: Path) -> None:
-    rows = np.random.default_rng(1).choice(toy_run.rows, 150, replace=False)
-    queries = queries_on(toy_run, rows, per_reference=2, seed=2)
-    index_dir = build_index(toy_run, queries, tmp_path, TYPE_CONFIGS["ivf_flat"])
+def test_tuning_splits_by_reference_and_leaves_it_out_as_search_does(toy_snapshot: EmbeddingSnapshot, tmp_path: Path) -> None:
+    rows = np.random.default_rng(1).choice(toy_snapshot.rows, 150, replace=False)
+    queries = queries_on(toy_snapshot, rows, per_reference=2, seed=2)
+    index_dir = build_index(toy_snapshot, queries, tmp_path, TYPE_CONFIGS["ivf_flat"])
     recall = verify_index(index_dir)["recall"]
     split = recall["split"]
     assert split["by"] == "reference image" and recall["reference_excluded"] == 300
@@ -207,7 +207,7 @@ def test_tuning_splits_by_reference_and_leaves_it_out_as_search_does(toy_run: Em
 
     # The held-out recall, recomputed as a client searches: each query's reference left out of the results
     # (exclude_ids) and of the exact answer.
-    ids, vectors, uris = toy_run.read_all()
+    ids, vectors, uris = toy_snapshot.read_all()
     reference_ids = catalog_ids(queries.references, ids, uris)
     np.testing.assert_array_equal(reference_ids, np.repeat(ids[rows], 2))
     _, held = split_by_reference(reference_groups(queries.references, reference_ids), 0.5, seed=0)
@@ -231,7 +231,7 @@ def test_one_image_under_two_names_is_one_reference(tmp_path: Path) -> None:
     os.symlink(image, tmp_path / "alias.png")
     vectors = unit(np.random.default_rng(0).standard_normal((50, 8)))
     uris = [str(image)] + [f"mem://toys/{i}.png" for i in range(1, 50)]
-    run = write_run(tmp_path / "run", vectors, rows_per_shard=50, uris=uris)
+    run = write_snapshot(tmp_path / "run", vectors, rows_per_shard=50, uris=uris)
     references = (str(image), str(image), str(tmp_path / "alias.png"), str(tmp_path / "alias.png"))
     queries = Queries(unit(np.random.default_rng(1).standard_normal((4, 8))), references)
     with pytest.raises(IndexBuildError, match="one image under several names"):

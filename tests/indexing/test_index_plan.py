@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cirflow.core.config import ConfigError, from_dict
-from cirflow.indexing.index_plan import IndexConfig, IndexConfigError, auto_nlist, plan_index
+from cirflow.indexing.index.plan import IndexConfig, IndexConfigError, auto_nlist, plan_index
 
 # (vectors, dim, memory budget MB) -> (type, parameters, phrases the reason must contain)
 CASES = [

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 
 from cirflow.export.bundle import export_bundle
-from cirflow.indexing import index_store, shards
-from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_refresh import build_or_refresh, refresh_index
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import Queries
-from cirflow.indexing.search import VectorIndex
-from cirflow.indexing.tuning import exact_knn, load_truth
-from cirflow.indexing.validate import validate_index
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.refresh import build_or_refresh, refresh_index
+from cirflow.indexing.index.tuning import exact_knn, load_truth
+from cirflow.indexing.index.validate import validate_index
+from cirflow.indexing.index.versions import publish
+from cirflow.indexing.search import VectorIndex, index_store
 from cirflow.models.tiny import make_checkpoint
 from tests.export.conftest import random_images
 from tests.indexing.conftest import unit
@@ -44,7 +44,7 @@ def change(folder: Path, paths: list[Path], add: int, remove: int, overwrite: in
     return paths[remove:] + new
 
 
-def exact(run: shards.EmbeddingRun, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact(run: shards.EmbeddingSnapshot, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ids, vectors, _ = run.read_all()
     scores = queries @ vectors.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -58,13 +58,13 @@ def test_overlays_answer_as_a_rebuild_and_chain(bundle: Path, tmp_path: Path, in
     job = EmbedConfig(catalog=CatalogConfig(name="shop", folder=str(folder)), bundle=str(bundle),
                       workdir=str(workdir), rows_per_shard=32)
     config = IndexConfig(index_type=index_type, hnsw_m=16)
-    dim = shards.open_run(run_embed(job)).dim
+    dim = shards.open_snapshot(run_embed(job)).dim
     queries = Queries.unreferenced(unit(np.random.default_rng(0).standard_normal((60, dim))))
-    first = build_index(shards.open_run(run_embed(job)), queries, indexes, config)
+    first = build_index(shards.open_snapshot(run_embed(job)), queries, indexes, config)
     publish(first)
 
     paths = change(folder, paths, add=4, remove=3, overwrite=2, seed=1)
-    second_run = shards.open_run(run_embed(job))
+    second_run = shards.open_snapshot(run_embed(job))
     second = refresh_index(second_run, queries, first, config, max_fraction=0.5)
     assert second is not None
     overlay = index_store.read_manifest(second)["overlay"]
@@ -74,7 +74,7 @@ def test_overlays_answer_as_a_rebuild_and_chain(bundle: Path, tmp_path: Path, in
 
     # A refresh of the refresh: the base stays the first build's files; dead ids and the delta accumulate.
     change(folder, paths[2:], add=2, remove=1, overwrite=1, seed=2)  # one base image removed, one overwritten
-    third_run = shards.open_run(run_embed(job))
+    third_run = shards.open_snapshot(run_embed(job))
     third = refresh_index(third_run, queries, second, config, max_fraction=0.5)
     assert third is not None
     overlay = index_store.read_manifest(third)["overlay"]
@@ -114,13 +114,13 @@ def test_an_overlay_over_corrupt_uploads_answers_as_a_rebuild(bundle: Path, tmp_
     paths = write_images(folder, 40, seed=5)
     job = EmbedConfig(catalog=CatalogConfig(name="shop", folder=str(folder)), bundle=str(bundle),
                       workdir=str(workdir), rows_per_shard=16)
-    run = shards.open_run(run_embed(job))
+    run = shards.open_snapshot(run_embed(job))
     queries = Queries.unreferenced(unit(np.random.default_rng(1).standard_normal((30, run.dim))))
     first = build_index(run, queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
     change(folder, paths, add=2, remove=1, overwrite=1, seed=3)
     (folder / "broken upload.png").write_bytes(b"\x89PNG not really")
     paths[5].write_bytes(b"overwritten by a truncated file")
-    second_run = shards.open_run(run_embed(job))
+    second_run = shards.open_snapshot(run_embed(job))
     assert second_run.manifest["errors"] == 2
     second = refresh_index(second_run, queries, first, IndexConfig(index_type="flat"), max_fraction=0.5)
     assert second is not None and validate_index(second, second_run, queries, 0.99).passed
@@ -139,17 +139,17 @@ def test_a_large_change_or_another_snapshot_builds_in_full(bundle: Path, tmp_pat
     paths = write_images(folder, 40, seed=12)
     job = EmbedConfig(catalog=CatalogConfig(name="shop", folder=str(folder)), bundle=str(bundle),
                       workdir=str(workdir))
-    run = shards.open_run(run_embed(job))
+    run = shards.open_snapshot(run_embed(job))
     queries = Queries.unreferenced(unit(np.random.default_rng(1).standard_normal((30, run.dim))))
     first = build_index(run, queries, indexes, IndexConfig())
     change(folder, paths, add=6, remove=0, overwrite=0, seed=3)  # 6 of 40: over a 10% limit
-    grown = shards.open_run(run_embed(job))
+    grown = shards.open_snapshot(run_embed(job))
     assert refresh_index(grown, queries, first, IndexConfig(), max_fraction=0.1) is None
     full = build_or_refresh(grown, queries, indexes, IndexConfig(), first, max_fraction=0.1)
     assert "overlay" not in index_store.read_manifest(full)
     # The snapshot after that was refreshed from `grown`, not from the one `first` was built from: full build.
     change(folder, sorted(folder.iterdir()), add=1, remove=0, overwrite=0, seed=4)
-    later = shards.open_run(run_embed(job))
+    later = shards.open_snapshot(run_embed(job))
     assert refresh_index(later, queries, first, IndexConfig(), max_fraction=0.5) is None
     overlay = build_or_refresh(later, queries, indexes, IndexConfig(), full, max_fraction=0.5)
     assert index_store.read_manifest(overlay)["overlay"]["delta"] == 1

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from cirflow.indexing.tuning import (
+from cirflow.indexing.index.tuning import (
     GroundTruth,
     ef_search_candidates,
     exact_knn,
@@ -119,7 +119,7 @@ def test_tuning_picks_the_smallest_setting_meeting_the_target_and_reports_held_o
 def test_unreachable_target_keeps_the_best_setting_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     queries = np.arange(40, dtype=np.float32)[:, None]
     truth = GroundTruth(np.tile(np.linspace(1, 0, 20, dtype=np.float32), (40, 1)), np.arange(800).reshape(40, 20))
-    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.tuning"):
+    with caplog.at_level(logging.WARNING, logger="cirflow.indexing.index.tuning"):
         result = tune_setting(_truncating_search(truth), "efSearch", [2, 4], queries, truth, np.arange(40), k=10,
                               target=0.95)
     assert (result.value, result.target_met) == (4, False) and result.recall == pytest.approx(0.4)

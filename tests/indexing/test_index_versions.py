@@ -13,19 +13,18 @@ import pytest
 
 from cirflow.core.files import CURRENT
 from cirflow.flows.cli import main
-from cirflow.indexing import index_store
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_versions import HISTORY, VersionError, prune, publish, rollback, versions
-from cirflow.indexing.queries import Queries
-from cirflow.indexing.search import VectorIndex
-from tests.indexing.conftest import clustered, query_like, write_run
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.versions import HISTORY, VersionError, prune, publish, rollback, versions
+from cirflow.indexing.search import VectorIndex, index_store
+from tests.indexing.conftest import clustered, query_like, write_snapshot
 
 
 def build_version(tmp_path: Path, v: int) -> Path:
     """Version v of one catalog's flat index: ids 10*row + v, so contents differ between versions."""
     n = 200 + 10 * v
-    run = write_run(tmp_path / f"run-{v}", clustered(n, 16, seed=v), rows_per_shard=100,
+    run = write_snapshot(tmp_path / f"run-{v}", clustered(n, 16, seed=v), rows_per_shard=100,
                     ids=np.arange(n, dtype=np.int64) * 10 + v)
     return build_index(run, Queries.unreferenced(query_like(0, 40, 16)), tmp_path / "indexes",
                        IndexConfig(index_type="flat"))

@@ -17,23 +17,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing import index_store, search, shards
-from cirflow.indexing.catalog import CatalogConfig, CatalogError, fingerprint, folder_entries, load_catalog
-from cirflow.indexing.embed import EmbedConfig, run_embed
-from cirflow.indexing.faiss_device import set_search_param
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_refresh import refresh_index
-from cirflow.indexing.queries import Queries
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, CatalogError, fingerprint, folder_entries, load_catalog
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.refresh import refresh_index
 from cirflow.indexing.search import (
     Searcher,
     SearchError,
     UnknownFieldError,
     UnknownIdError,
     VectorIndex,
-    overfetch_allowed,
+    index_store,
+    vector_index,
 )
-from cirflow.indexing.shards import EmbeddingRun
+from cirflow.indexing.search.filtered import overfetch_allowed
+from cirflow.indexing.search.placement import set_search_param
+from cirflow.indexing.search.topk import PAD_SCORE
 from tests.export.conftest import random_images
 from tests.indexing.conftest import TYPE_CONFIGS, unit
 from tests.indexing.test_embed import png_bytes, write_images
@@ -46,7 +49,7 @@ def exact_allowed(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, all
     scores = queries @ vectors[rows].T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     found_ids = np.full((len(queries), k), -1, np.int64)
-    found_scores = np.full((len(queries), k), search.PAD_SCORE, np.float32)
+    found_scores = np.full((len(queries), k), PAD_SCORE, np.float32)
     found_ids[:, :order.shape[1]] = ids[rows][order]
     found_scores[:, :order.shape[1]] = np.take_along_axis(scores, order, axis=1)
     return found_ids, found_scores
@@ -148,13 +151,13 @@ def shop(tiny_runtime: BundleRuntime, tmp_path_factory: pytest.TempPathFactory) 
                       bundle=str(tiny_runtime.bundle_dir), workdir=str(root / "work"), rows_per_shard=8, batch_size=8)
     config = IndexConfig(index_type="flat")
     write_manifest(root / "a.parquet", folder, images, category)
-    run_a = shards.open_run(run_embed(job))
+    run_a = shards.open_snapshot(run_embed(job))
     queries = Queries.unreferenced(unit(np.random.default_rng(4).standard_normal((30, run_a.dim))))
     v1 = build_index(run_a, queries, root / "indexes", config)
 
     renamed = {name: {"hat": "cap"}.get(c, c) for name, c in category.items()}
     write_manifest(root / "b.parquet", folder, images, renamed)
-    run_b = shards.open_run(run_embed(replace(job, catalog=replace(job.catalog, manifest=str(root / "b.parquet")))))
+    run_b = shards.open_snapshot(run_embed(replace(job, catalog=replace(job.catalog, manifest=str(root / "b.parquet")))))
     v2 = refresh_index(run_b, queries, v1, config, max_fraction=0.5)
     v2_full = build_index(run_b, queries, root / "indexes", config)
 
@@ -166,7 +169,7 @@ def shop(tiny_runtime: BundleRuntime, tmp_path_factory: pytest.TempPathFactory) 
     changed.write_bytes(png_bytes(random_images(1, 64, seed=23)[0]))
     kept = images[1:] + added
     write_manifest(root / "c.csv", folder, kept, {**renamed, **{p.name: "sock" for p in added}})
-    run_c = shards.open_run(run_embed(replace(job, catalog=replace(job.catalog, manifest=str(root / "c.csv")))))
+    run_c = shards.open_snapshot(run_embed(replace(job, catalog=replace(job.catalog, manifest=str(root / "c.csv")))))
     v3 = refresh_index(run_c, queries, v2, config, max_fraction=0.5)
     ids_of = {Path(u).name: i for i, u in zip(*(folder_entries(folder, images + added).column(c).to_pylist()
                                                 for c in ("id", "uri")))}
@@ -178,31 +181,31 @@ def shop(tiny_runtime: BundleRuntime, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_manifest_metadata_reaches_item_and_page(shop: dict[str, Any]) -> None:
     index = VectorIndex.load(shop["versions"][0])
-    assert index.metadata_fields == {"category": "string", "stock": "int", "price": "float"}
-    assert index_store.read_manifest(index.index_dir)["metadata_fields"] == index.metadata_fields
+    assert index.entries.fields == {"category": "string", "stock": "int", "price": "float"}
+    assert index_store.read_manifest(index.index_dir)["metadata_fields"] == index.entries.fields
     first = shop["ids_of"]["img-001.png"]
-    assert index.item(first) == {"id": first, "uri": os.path.realpath(shop["folder"] / "img-001.png"),
+    assert index.entries.item(first) == {"id": first, "uri": os.path.realpath(shop["folder"] / "img-001.png"),
                                  "category": "shoe", "stock": 1, "price": 11 / 4}
-    assert index.item(shop["ids_of"]["img-005.png"])["stock"] is None  # a null is None
-    items = index.page(0, 100)
+    assert index.entries.item(shop["ids_of"]["img-005.png"])["stock"] is None  # a null is None
+    items = index.entries.page(0, 100)
     assert [i["id"] for i in items] == sorted(shop["ids_of"][f"img-{n:03d}.png"] for n in range(16))
-    assert index.page(3, 2) == items[3:5] and index.page(16, 5) == [] and index.page(15, 5) == items[15:]
+    assert index.entries.page(3, 2) == items[3:5] and index.entries.page(16, 5) == [] and index.entries.page(15, 5) == items[15:]
     with pytest.raises(UnknownIdError, match="catalog id 12345 is not in index"):
-        index.item(12345)
-    assert index.unknown_ids([12345, items[0]["id"], 7, 12345]).tolist() == [7, 12345]
-    assert index.unknown_ids(np.array([], np.int64)).size == 0
+        index.entries.item(12345)
+    assert index.entries.unknown_ids([12345, items[0]["id"], 7, 12345]).tolist() == [7, 12345]
+    assert index.entries.unknown_ids(np.array([], np.int64)).size == 0
     with pytest.raises(SearchError, match="id must be an integer catalog id, got '7'"):
-        index.item("7")  # type: ignore[arg-type]
+        index.entries.item("7")  # type: ignore[arg-type]
     for offset, limit, message in ((-1, 5, "offset must be an integer >= 0"), (0, 0, "limit must be an integer "
                                    ">= 1"), (17, 1, "offset 17 is past the end of the catalog \\(16 items\\)")):
         with pytest.raises(SearchError, match=message):
-            index.page(offset, limit)
+            index.entries.page(offset, limit)
 
 
 def test_a_metadata_only_change_reuses_every_vector_and_makes_a_new_index_version(shop: dict[str, Any]) -> None:
     run_a, run_b, _ = shop["runs"]
     v1, v2, v2_full, _ = shop["versions"]
-    assert run_b.run_dir != run_a.run_dir and run_b.run_dir.parent == run_a.run_dir.parent
+    assert run_b.snapshot_dir != run_a.snapshot_dir and run_b.snapshot_dir.parent == run_a.snapshot_dir.parent
     delta = run_b.manifest["delta"]
     assert (delta["added"], delta["changed"], delta["removed"], delta["reused_vectors"]) == (0, 0, 0, 16)
     assert run_b.manifest["last_run"]["entries"] == 0  # nothing embedded
@@ -210,14 +213,14 @@ def test_a_metadata_only_change_reuses_every_vector_and_makes_a_new_index_versio
         n: i["sha256"] for n, i in run_a.manifest["shards"].items()}  # the very same vectors
     assert run_b.manifest["catalog"]["metadata_fields"] == {"category": "string", "stock": "int", "price": "float"}
     hat = shop["ids_of"]["img-000.png"]
-    assert VectorIndex.load(v1).item(hat)["category"] == "hat"
+    assert VectorIndex.load(v1).entries.item(hat)["category"] == "hat"
     # The overlay on v1 (no dead ids, no delta) and a full build of the same snapshot: new versions, new metadata.
     assert v2 is not None and len({v1, v2, v2_full}) == 3
     overlay = index_store.read_manifest(v2)["overlay"]
     assert (overlay["dead"], overlay["delta"]) == (0, 0)
     for version in (v2, v2_full):
         index = VectorIndex.load(version)
-        assert index.item(hat)["category"] == "cap" and index.matching_ids({"category": "hat"}).size == 0
+        assert index.entries.item(hat)["category"] == "cap" and index.entries.matching_ids({"category": "hat"}).size == 0
         np.testing.assert_array_equal(index.search(shop["queries"].vectors, 5)[0],
                                       VectorIndex.load(v1).search(shop["queries"].vectors, 5)[0])
 
@@ -225,30 +228,30 @@ def test_a_metadata_only_change_reuses_every_vector_and_makes_a_new_index_versio
 def test_matching_ids_filters_by_value_list_null_and_all_fields(shop: dict[str, Any]) -> None:
     index = VectorIndex.load(shop["versions"][3])  # state C: from a CSV manifest, through an overlay
     ids_of = shop["ids_of"]
-    table = pa.Table.from_pylist(index.page(0, 100))
-    assert index.metadata_fields == {"category": "string", "stock": "int", "price": "float"}
+    table = pa.Table.from_pylist(index.entries.page(0, 100))
+    assert index.entries.fields == {"category": "string", "stock": "int", "price": "float"}
 
     def where(mask: Any) -> list[int]:
         return sorted(table.filter(mask).column("id").to_pylist())
 
     cat = table.column("category")
-    assert index.matching_ids({"category": "sock"}).tolist() == sorted(shop["added"])
-    assert index.matching_ids({"category": ["cap", "sock"]}).tolist() == where(
+    assert index.entries.matching_ids({"category": "sock"}).tolist() == sorted(shop["added"])
+    assert index.entries.matching_ids({"category": ["cap", "sock"]}).tolist() == where(
         pc.is_in(cat, pa.array(["cap", "sock"])))
-    assert index.matching_ids({"category": "shoe", "stock": [3, 7, None]}).tolist() == sorted(
+    assert index.entries.matching_ids({"category": "shoe", "stock": [3, 7, None]}).tolist() == sorted(
         ids_of[f"img-{n:03d}.png"] for n in (3, 5, 7, 15))  # stock is null for every fifth image
-    assert index.matching_ids({"stock": np.int64(9), "price": 11 / 4}).tolist() == [ids_of["img-009.png"]]
-    assert index.matching_ids({"price": 2}).size == 0 and index.matching_ids({"category": []}).size == 0
-    assert len(index.matching_ids({})) == index.ntotal == 17
-    assert index.item(shop["added"][0])["category"] == "sock"
+    assert index.entries.matching_ids({"stock": np.int64(9), "price": 11 / 4}).tolist() == [ids_of["img-009.png"]]
+    assert index.entries.matching_ids({"price": 2}).size == 0 and index.entries.matching_ids({"category": []}).size == 0
+    assert len(index.entries.matching_ids({})) == index.ntotal == 17
+    assert index.entries.item(shop["added"][0])["category"] == "sock"
     with pytest.raises(UnknownFieldError, match=r"unknown metadata field 'colour'; fields: category, price, stock"):
-        index.matching_ids({"colour": "red"})
+        index.entries.matching_ids({"colour": "red"})
     with pytest.raises(SearchError, match=r"metadata field 'stock' holds int values; 'many' \(str\) cannot match"):
-        index.matching_ids({"stock": ["many"]})
+        index.entries.matching_ids({"stock": ["many"]})
     with pytest.raises(SearchError, match=r"metadata field 'category' holds string values; 3 \(int\)"):
-        index.matching_ids({"category": 3})
+        index.entries.matching_ids({"category": 3})
     with pytest.raises(SearchError, match="'stock' holds int values; True"):
-        index.matching_ids({"stock": True})
+        index.entries.matching_ids({"stock": True})
 
 
 def test_allow_ids_on_an_overlay_equal_exact_search_over_the_subset(shop: dict[str, Any],
@@ -259,7 +262,7 @@ def test_allow_ids_on_an_overlay_equal_exact_search_over_the_subset(shop: dict[s
     assert (overlay["dead"], overlay["delta"]) == (2, 3)  # removed + changed; changed + 2 added
     ids, vectors, _ = run_c.read_all()
     queries = shop["queries"].vectors
-    caps = index.matching_ids({"category": "cap"})
+    caps = index.entries.matching_ids({"category": "cap"})
     for allowed in (caps, [*shop["added"], shop["changed"], shop["removed"], 999], ids[::3]):
         found = index.search(queries, 6, allow_ids=allowed)
         assert_exact(found, exact_allowed(ids, vectors, queries, allowed, 6))
@@ -276,9 +279,9 @@ def test_allow_ids_on_an_overlay_equal_exact_search_over_the_subset(shop: dict[s
 # allow_ids on every index type -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
-def test_allow_ids_equal_exact_search_over_the_subset(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_allow_ids_equal_exact_search_over_the_subset(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                       toy_queries: np.ndarray, index_type: str) -> None:
-    ids, vectors, _ = toy_run.read_all()
+    ids, vectors, _ = toy_snapshot.read_all()
     rng = np.random.default_rng(7)
     queries = toy_queries[:100]
     index = VectorIndex.load(built[index_type])
@@ -299,31 +302,31 @@ def test_allow_ids_equal_exact_search_over_the_subset(built: dict[str, Path], to
         assert_exact(index.search(queries, 10, allow_ids=allowed), exact_allowed(ids, vectors, queries, allowed, 10))
 
 
-def test_hnsw_graph_walk_with_a_filter_and_unmerged_shards(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_hnsw_graph_walk_with_a_filter_and_unmerged_shards(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                           toy_queries: np.ndarray, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    ids, vectors, _ = toy_run.read_all()
+    ids, vectors, _ = toy_snapshot.read_all()
     queries = toy_queries[:100]
     allowed = np.random.default_rng(8).choice(ids, 1500, replace=False)
     truth = exact_allowed(ids, vectors, queries, allowed, 10)
     merged = VectorIndex.load(built["hnsw"])
     # A per-shard HNSW (merge=False: a faiss.IndexShards) answers a small allowed set by the same exact scan.
     config = replace(TYPE_CONFIGS["hnsw"], merge=False)
-    sharded = VectorIndex.load(build_index(toy_run, Queries.unreferenced(toy_queries), tmp_path, config))
+    sharded = VectorIndex.load(build_index(toy_snapshot, Queries.unreferenced(toy_queries), tmp_path, config))
     assert len(sharded.manifest["index_files"]) == 3
     for index in (merged, sharded):
         assert_exact(index.search(queries, 10, allow_ids=allowed), truth)
     # Past EXACT_SUBSET_BYTES the graph is walked with the selector at the tuned efSearch.
-    monkeypatch.setattr(search, "EXACT_SUBSET_BYTES", 0)
+    monkeypatch.setattr(vector_index, "EXACT_SUBSET_BYTES", 0)
     for index in (merged, sharded):
         found = index.search(queries, 10, allow_ids=allowed)
         assert np.isin(found[0], allowed).all() and recall(found[0], truth[0]) > 0.9
 
 
-def test_allow_ids_with_exclusion_padding_and_bad_lists(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_allow_ids_with_exclusion_padding_and_bad_lists(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                        toy_queries: np.ndarray) -> None:
     index = VectorIndex.load(built["flat"], verify="size")
-    ids, vectors, _ = toy_run.read_all()
+    ids, vectors, _ = toy_snapshot.read_all()
     queries = toy_queries[:20]
     allowed = ids[::50]  # 120 ids
     best = index.search(queries, 11, allow_ids=allowed)
@@ -332,7 +335,7 @@ def test_allow_ids_with_exclusion_padding_and_bad_lists(built: dict[str, Path], 
     few = [int(ids[3]), int(ids[4]), 77]  # two in the catalog
     found_ids, found_scores = index.search(queries, 5, exclude_ids=[int(ids[3])] + [None] * 19, allow_ids=few)
     assert found_ids.shape == (20, 5)
-    assert found_ids[0].tolist() == [int(ids[4]), -1, -1, -1, -1] and found_scores[0, 1] == search.PAD_SCORE
+    assert found_ids[0].tolist() == [int(ids[4]), -1, -1, -1, -1] and found_scores[0, 1] == PAD_SCORE
     assert all(sorted(row[:2]) == sorted(few[:2]) and row[2:] == [-1] * 3 for row in found_ids[1:].tolist())
     for nothing in ([], np.array([], np.int64), [77, 88]):  # empty, or no id of the catalog: no results
         found_ids, _ = index.search(queries, 5, allow_ids=nothing)
@@ -346,11 +349,11 @@ def test_allow_ids_with_exclusion_padding_and_bad_lists(built: dict[str, Path], 
             index.search(queries, 5, allow_ids=bad)
 
 
-def test_overfetch_fallback_keeps_only_allowed_ids(built: dict[str, Path], toy_run: EmbeddingRun,
+def test_overfetch_fallback_keeps_only_allowed_ids(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                    toy_queries: np.ndarray) -> None:
     """The path of faiss GPU indexes (no selectors), run on the CPU flat index."""
     index = VectorIndex.load(built["flat"], verify="size")
-    ids, vectors, _ = toy_run.read_all()
+    ids, vectors, _ = toy_snapshot.read_all()
     queries = toy_queries[:50]
     allowed = np.sort(np.random.default_rng(9).choice(ids, 300, replace=False))
     scores, found = overfetch_allowed(index.index.search, queries, 10, allowed, index.ntotal)
@@ -362,9 +365,9 @@ def test_overfetch_fallback_keeps_only_allowed_ids(built: dict[str, Path], toy_r
 
 def test_an_index_without_metadata_has_no_fields(built: dict[str, Path]) -> None:
     index = VectorIndex.load(built["ivf_flat"], verify="size")
-    assert index.metadata_fields == {} and "metadata_fields" not in index.manifest
-    first = index.page(0, 1)[0]
-    assert first == {"id": first["id"], "uri": f"mem://toys/{first['id']}.png"} == index.item(first["id"])
+    assert index.entries.fields == {} and "metadata_fields" not in index.manifest
+    first = index.entries.page(0, 1)[0]
+    assert first == {"id": first["id"], "uri": f"mem://toys/{first['id']}.png"} == index.entries.item(first["id"])
     with pytest.raises(UnknownFieldError, match="fields: none: the index has no metadata"):
-        index.matching_ids({"category": "shoe"})
-    assert len(index.matching_ids({})) == index.ntotal
+        index.entries.matching_ids({"category": "shoe"})
+    assert len(index.entries.matching_ids({})) == index.ntotal

@@ -12,23 +12,24 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cirflow.indexing import search as search_module
-from cirflow.indexing import shards
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_refresh import refresh_index
-from cirflow.indexing.queries import Queries
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.index.refresh import refresh_index
 from cirflow.indexing.search import VectorIndex
-from cirflow.indexing.shards import EmbeddingRun
-from tests.indexing.conftest import clustered, query_like, write_run
+from cirflow.indexing.search import overlay as overlay_module
+from cirflow.indexing.search import vector_index as vector_index_module
+from tests.indexing.conftest import clustered, query_like, write_snapshot
 
 N, DIM, SEED, ROWS_PER_SHARD = 2000, 32, 5, 700
 TUNING = Queries.unreferenced(query_like(SEED, 40, DIM))
 
 
-def snapshot(previous: EmbeddingRun, run_dir: Path, removed: np.ndarray = np.zeros(0, np.int64),
+def snapshot(previous: EmbeddingSnapshot, snapshot_dir: Path, removed: np.ndarray = np.zeros(0, np.int64),
              changed: dict[int, np.ndarray] | None = None, added: dict[int, np.ndarray] | None = None
-             ) -> EmbeddingRun:
+             ) -> EmbeddingSnapshot:
     """The next snapshot of `previous` as the embedding job records it: its vectors, and changes against it."""
     changed, added = changed or {}, added or {}
     ids, vectors, _ = previous.read_all()
@@ -39,24 +40,24 @@ def snapshot(previous: EmbeddingRun, run_dir: Path, removed: np.ndarray = np.zer
     ids = np.concatenate([ids, np.array(list(added), np.int64)])
     vectors = np.concatenate([vectors, np.array(list(added.values()), np.float32).reshape(-1, DIM)])
     order = np.argsort(ids, kind="stable")
-    write_run(run_dir, vectors[order], ROWS_PER_SHARD, ids[order])
+    write_snapshot(snapshot_dir, vectors[order], ROWS_PER_SHARD, ids[order])
     kinds = {**{i: "removed" for i in removed.tolist()}, **{i: "changed" for i in changed},
              **{i: "added" for i in added}}
     table = pa.table({"id": pa.array(list(kinds), pa.int64()), "change": pa.array(list(kinds.values()))})
-    manifest = shards.read_manifest(run_dir)
+    manifest = shards.read_manifest(snapshot_dir)
     manifest["changes_file"] = {shards.CHANGES: shards.write_parquet_atomic(table.sort_by("id"),
-                                                                           run_dir / shards.CHANGES)}
-    manifest["delta"] = {"previous": previous.run_dir.name}
-    shards.write_manifest(run_dir, manifest)
-    return shards.open_run(run_dir)
+                                                                           snapshot_dir / shards.CHANGES)}
+    manifest["delta"] = {"previous": previous.snapshot_dir.name}
+    shards.write_manifest(snapshot_dir, manifest)
+    return shards.open_snapshot(snapshot_dir)
 
 
-def base(tmp_path: Path, config: IndexConfig) -> tuple[EmbeddingRun, Path]:
-    run = write_run(tmp_path / "snapshot-1", clustered(N, DIM, seed=SEED), ROWS_PER_SHARD)
+def base(tmp_path: Path, config: IndexConfig) -> tuple[EmbeddingSnapshot, Path]:
+    run = write_snapshot(tmp_path / "snapshot-1", clustered(N, DIM, seed=SEED), ROWS_PER_SHARD)
     return run, build_index(run, TUNING, tmp_path / "indexes", config)
 
 
-def brute_force(run: EmbeddingRun, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(run: EmbeddingSnapshot, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ids, vectors, _ = run.read_all()
     scores = queries @ vectors.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -80,14 +81,14 @@ def spy_searches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 def test_dead_nearest_neighbours_are_skipped_without_fetching_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    merge: bool) -> None:
     config = IndexConfig(index_type="flat", merge=merge)
-    first_run, first = base(tmp_path, config)
+    first_snapshot, first = base(tmp_path, config)
     queries, k = query_like(SEED + 1, 12, DIM), 10
-    ids, vectors, _ = first_run.read_all()
+    ids, vectors, _ = first_snapshot.read_all()
     # Every query's 3k nearest catalog items are removed: an over-fetch of k + a margin finds none alive.
     removed = np.unique(ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :3 * k]])
     others = np.setdiff1d(ids, removed)[:5]
     fresh = clustered(10, DIM, seed=SEED + 2)
-    run = snapshot(first_run, tmp_path / "snapshot-2", removed, changed=dict(zip(others.tolist(), fresh[:5])),
+    run = snapshot(first_snapshot, tmp_path / "snapshot-2", removed, changed=dict(zip(others.tolist(), fresh[:5])),
                    added={10**6 + i: fresh[5 + i] for i in range(5)})
     overlay = refresh_index(run, TUNING, first, config, max_fraction=0.5)
     assert overlay is not None
@@ -106,19 +107,20 @@ def test_dead_nearest_neighbours_are_skipped_without_fetching_more(tmp_path: Pat
 def test_an_index_without_selectors_asks_again_for_short_rows_only_up_to_the_gpu_limit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = IndexConfig(index_type="flat")
-    first_run, first = base(tmp_path, config)
+    first_snapshot, first = base(tmp_path, config)
     queries, k, limit = query_like(SEED + 1, 12, DIM), 10, 48
-    ids, vectors, _ = first_run.read_all()
+    ids, vectors, _ = first_snapshot.read_all()
     nearest = ids[np.argsort(-(queries @ vectors.T), axis=1)]
     # Half the queries lose their 30 nearest: found past a first over-fetch. Query 0 loses its 60 nearest: none
     # alive within the limit, an answer short of k rather than an error.
     removed = np.unique(np.concatenate([nearest[:6, :30].ravel(), nearest[0, :60]]))
-    run = snapshot(first_run, tmp_path / "snapshot-2", removed)
+    run = snapshot(first_snapshot, tmp_path / "snapshot-2", removed)
     overlay = refresh_index(run, TUNING, first, config, max_fraction=0.5)
     assert overlay is not None
     index = VectorIndex.load(overlay)
-    index.on_gpu = True  # searched as a faiss GPU index is: no selector
-    monkeypatch.setattr(search_module, "GPU_MAX_K", limit)
+    index.on_gpu = index.overlay.on_gpu = True  # searched as a faiss GPU index is: no selector
+    for module in (overlay_module, vector_index_module):
+        monkeypatch.setattr(module, "GPU_MAX_K", limit)
 
     asked = spy_searches(monkeypatch)
     found_ids, found_scores = index.search(queries, k)
@@ -139,15 +141,15 @@ def test_an_index_without_selectors_asks_again_for_short_rows_only_up_to_the_gpu
 def test_delta_items_score_as_the_base_scores_the_same_vector(tmp_path: Path, index_type: str,
                                                               merge: bool) -> None:
     config = IndexConfig(index_type=index_type, merge=merge, hnsw_m=16, pq_m=16, pq_nbits=5, recall_target=0.5)
-    first_run, first = base(tmp_path, config)
-    ids, vectors, _ = first_run.read_all()
+    first_snapshot, first = base(tmp_path, config)
+    ids, vectors, _ = first_snapshot.read_all()
     # Changed and added items take the vectors of unchanged base items (their twins): a rebuild would score each
     # exactly as its twin, with the base's codes (IVF-PQ: centroid + decoded residual, not the raw vector).
     picked = np.random.default_rng(SEED).choice(ids, 24, replace=False)
     twin_of = {**dict(zip(picked[:8].tolist(), picked[8:16].tolist())),  # changed id -> its twin
                **dict(zip((10**6 + np.arange(8)).tolist(), picked[16:].tolist()))}  # added id -> its twin
     row = {i: r for r, i in enumerate(ids.tolist())}
-    run = snapshot(first_run, tmp_path / "snapshot-2",
+    run = snapshot(first_snapshot, tmp_path / "snapshot-2",
                    changed={i: vectors[row[t]] for i, t in list(twin_of.items())[:8]},
                    added={i: vectors[row[t]] for i, t in list(twin_of.items())[8:]})
     overlay = refresh_index(run, TUNING, first, config, max_fraction=0.5)
@@ -168,8 +170,8 @@ def test_delta_items_score_as_the_base_scores_the_same_vector(tmp_path: Path, in
 
 def test_a_twin_published_concurrently_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = IndexConfig(index_type="flat")
-    first_run, first = base(tmp_path, config)
-    run = snapshot(first_run, tmp_path / "snapshot-2", np.array([3, 13], np.int64),
+    first_snapshot, first = base(tmp_path, config)
+    run = snapshot(first_snapshot, tmp_path / "snapshot-2", np.array([3, 13], np.int64),
                    added={10**6: clustered(1, DIM, seed=SEED + 3)[0]})
     rename = os.rename
     twins: list[Path] = []
@@ -186,4 +188,4 @@ def test_a_twin_published_concurrently_is_kept(tmp_path: Path, monkeypatch: pyte
     assert twins == [overlay]
     assert sorted(p.name for p in overlay.parent.iterdir() if p.name.startswith(".")) == []
     index = VectorIndex.load(overlay)  # the twin, verified whole
-    assert index.ntotal == N - 1 and index.unknown_ids([3, 13, 10**6]).tolist() == [3, 13]
+    assert index.ntotal == N - 1 and index.entries.unknown_ids([3, 13, 10**6]).tolist() == [3, 13]

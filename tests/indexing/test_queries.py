@@ -14,9 +14,8 @@ import pytest
 
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
-from cirflow.indexing.catalog import folder_entries
-from cirflow.indexing.index_store import verify_index
-from cirflow.indexing.queries import (
+from cirflow.indexing.embedding.catalog import folder_entries
+from cirflow.indexing.index.queries import (
     Queries,
     QueriesError,
     catalog_ids,
@@ -24,9 +23,10 @@ from cirflow.indexing.queries import (
     read_queries,
     write_queries,
 )
+from cirflow.indexing.search.index_store import verify_index
 from cirflow.models.data.loaders import load_split
 from cirflow.models.evaluation import build_eval_set, embed_eval_set
-from tests.indexing.conftest import write_run
+from tests.indexing.conftest import write_snapshot
 
 
 def test_split_queries_are_the_evaluators_composed_queries(tiny_runtime: BundleRuntime, tiny_shapes: Path) -> None:
@@ -65,7 +65,7 @@ def test_cli_queries_carry_their_references_into_the_index_build(tiny_runtime: B
     assert queries.references == tuple(str(split.images[q.reference].resolve()) for q in split.queries)
     # The val gallery as the catalog, listed by unresolved paths: every reference is matched and left out.
     names = list(split.images)
-    write_run(tmp_path / "run", tiny_runtime.embed_images([split.images[n] for n in names]), rows_per_shard=32,
+    write_snapshot(tmp_path / "run", tiny_runtime.embed_images([split.images[n] for n in names]), rows_per_shard=32,
               uris=[str(tiny_shapes / ".." / tiny_shapes.name / "images" / "val" / split.images[n].name)
                     for n in names], bundle_id=tiny_runtime.bundle_id, catalog="shapes-val")
     assert main(["index", "build", "--embeddings", str(tmp_path / "run"), "--queries", str(tmp_path / "q.parquet"),

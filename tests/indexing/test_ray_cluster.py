@@ -21,13 +21,13 @@ from cirflow.core.ray_local import (
     is_loopback,
     submitted_working_dir,
 )
-from cirflow.indexing.catalog import CatalogConfig
-from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.embedding.catalog import CatalogConfig
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
 
 REPO = Path(__file__).resolve().parents[2]
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp{,6}
 
-# Starts Ray the way the embedding job does (ray imported first, as embed.py does, then connect_ray), runs a
+# Starts Ray the way the embedding job does (ray imported first, as indexing/embedding/job.py does, then connect_ray), runs a
 # task so that a worker is up too, prints the GCS address and waits for stdin to close.
 START_LOCAL = """
 import sys

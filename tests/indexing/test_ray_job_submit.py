@@ -1,6 +1,7 @@
-"""README.md's `ray job submit` lines, run as written (only paths substituted) against a head node on this machine.
+"""The `ray job submit` lines of docs/catalogs-and-indexes.md ("The embedding job"), run as written (only paths
+substituted) against a head node on this machine.
 
-The head runs in a fresh HOME (no ~/.ray/auth_token until the README's line makes one, whatever this machine
+The head runs in a fresh HOME (no ~/.ray/auth_token until the doc's line makes one, whatever this machine
 has) and a fresh RAY_TMPDIR (so `ray job submit` finds this head, not another); it is stopped through its own
 `ray start --block` process, never `ray stop`, which would stop every Ray instance of this user.
 """
@@ -26,25 +27,25 @@ from cirflow.core.config import load_config
 from cirflow.core.ray_local import SINGLE_MACHINE_ENV
 from cirflow.export.manifest import register_bundle, resolve_bundle_dir
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing import shards
-from cirflow.indexing.embed import EmbedConfig
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.job import EmbedConfig
 from tests.indexing.test_ray_cluster import exposed, listening_sockets
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+DOC = REPO / "docs" / "catalogs-and-indexes.md"
 CONFIG = REPO / "configs" / "embed_catalog.yaml"
 
 
 def readme_commands() -> dict[str, str]:
-    """The commands of README.md's embedding-job code block (continuations joined, comments dropped), by the
-    words each starts with."""
-    block = README.read_text().split("**Embedding job**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    """The commands of the doc's embedding-job code block (continuations joined, comments dropped), by the words
+    each starts with."""
+    block = DOC.read_text().split("## The embedding job\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.replace("\\\n", " ").splitlines()]
     commands = [line for line in lines if line and not line.startswith("#")]
     found = {}
     for start in ("export", "ray get-auth-token", "ray start --head", "ray job submit", "ray stop"):
         matching = [c for c in commands if c.startswith(start)]
-        assert len(matching) == 1, f"README.md's embedding-job block has {len(matching)} `{start}` lines"
+        assert len(matching) == 1, f"{DOC.name}'s embedding-job block has {len(matching)} `{start}` lines"
         found[start] = matching[0]
     return found
 
@@ -68,7 +69,7 @@ class Head:
     ray_tmp: Path
 
     def run(self, command: str) -> subprocess.CompletedProcess[str]:
-        """`command` in the README's shell (its export line run first), from the repository root."""
+        """`command` in the doc's shell (its export line run first), from the repository root."""
         return subprocess.run(["bash", "-c", f"{self.commands['export']}\n{command}"], cwd=REPO, env=self.env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
 
@@ -108,7 +109,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
 
 def test_the_documented_command_writes_the_shards_where_the_readme_says(
         head: Head, tiny_runtime: BundleRuntime, tiny_shapes: Path, tmp_path: Path) -> None:
-    # The README's layout (what `make demo` leaves in ./workdir), under a temporary workdir.
+    # The doc's layout (what `make demo` leaves in ./workdir), under a temporary workdir.
     workdir = tmp_path / "workdir"
     register_bundle(shutil.copytree(tiny_runtime.bundle_dir, workdir / "bundles" / "tiny"))
     images = shutil.copytree(tiny_shapes / "images" / "test", workdir / "data" / "shapes" / "images" / "test")
@@ -119,7 +120,7 @@ def test_the_documented_command_writes_the_shards_where_the_readme_says(
 
     assert result.returncode == 0, result.stdout[-4000:]
     config = load_config(EmbedConfig, CONFIG)
-    run = shards.open_run(workdir / "embeddings" / config.catalog.name / tiny_runtime.bundle_id)  # README's place
+    run = shards.open_snapshot(workdir / "embeddings" / config.catalog.name / tiny_runtime.bundle_id)  # the doc's place
     assert run.manifest["complete"] and run.manifest["errors"] == 0
     assert run.rows == len(list(images.iterdir())) > 0
     assert not list(head.ray_tmp.rglob("embeddings"))  # nothing landed in Ray's copy of the working dir
@@ -172,7 +173,7 @@ def test_the_catalog_flow_submits_its_embedding_as_a_ray_job(head: Head, tiny_ru
               "from cirflow.flows.catalog_flow import catalog\n"
               f"result = catalog(overrides={overrides!r})\n"
               "jobs = JobSubmissionClient('http://127.0.0.1:8265').list_jobs()\n"
-              "print('RESULT', json.dumps({'run_dir': result['run_dir'], 'index_dir': result['index_dir'], "
+              "print('RESULT', json.dumps({'snapshot_dir': result['snapshot_dir'], 'index_dir': result['index_dir'], "
               "'jobs': [(j.entrypoint, j.status.value) for j in jobs]}))")
     env = head.env | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                       "PREFECT_API_URL": prefect_api_url}
@@ -183,7 +184,7 @@ def test_the_catalog_flow_submits_its_embedding_as_a_ray_job(head: Head, tiny_ru
     found = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
     embeds = [(entry, status) for entry, status in found["jobs"] if "cirflow embed" in entry and str(bundle) in entry]
     assert embeds and all(status == "SUCCEEDED" for _, status in embeds), found["jobs"]
-    run = shards.open_run(Path(found["run_dir"]))
+    run = shards.open_snapshot(Path(found["snapshot_dir"]))
     assert run.manifest["last_run"]["embedded_by"] == "ray" and run.rows == len(list((tiny_shapes / "images" /
                                                                                         "test").iterdir()))
     assert (workdir / "indexes" / "shop" / "CURRENT").read_text().strip() == Path(found["index_dir"]).name

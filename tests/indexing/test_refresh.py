@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from cirflow.indexing import shards
-from cirflow.indexing.catalog import CatalogConfig, folder_entries, load_catalog
-from cirflow.indexing.embed import EmbedConfig, run_embed
+from cirflow.indexing.embedding import shards
+from cirflow.indexing.embedding.catalog import CatalogConfig, folder_entries, load_catalog
+from cirflow.indexing.embedding.job import EmbedConfig, run_embed
 from tests.export.conftest import random_images
 from tests.indexing.held_store import held_entry
 from tests.indexing.test_embed import REPO, png_bytes, write_images
@@ -32,8 +32,8 @@ def job(bundle: Path, workdir: Path, **catalog: str) -> EmbedConfig:
                        rows_per_shard=8, batch_size=4)
 
 
-def rows(run_dir: Path) -> dict[int, bytes]:
-    ids, vectors, _ = shards.open_run(run_dir).read_all()
+def rows(snapshot_dir: Path) -> dict[int, bytes]:
+    ids, vectors, _ = shards.open_snapshot(snapshot_dir).read_all()
     return {i: v.tobytes() for i, v in zip(ids.tolist(), vectors)}
 
 
@@ -74,8 +74,8 @@ def test_refresh_embeds_the_delta_and_reuses_the_rest(bundle: Path, tmp_path: Pa
     unchanged = catalog_ids - {changed} - {ids_of[p.name] for p in added}
     assert all(after[i] == before[i] for i in unchanged)  # byte-identical, hidden rewrite included
     assert after[changed] != before[changed]
-    assert shards.open_run(first.parent).run_dir == second  # CURRENT
-    assert shards.open_run(first).rows == 40  # the previous snapshot is kept, untouched
+    assert shards.open_snapshot(first.parent).snapshot_dir == second  # CURRENT
+    assert shards.open_snapshot(first).rows == 40  # the previous snapshot is kept, untouched
 
     # Nothing changed since: the finished snapshot is found and nothing is written.
     stamp = (second / shards.MANIFEST).read_bytes()
@@ -84,7 +84,7 @@ def test_refresh_embeds_the_delta_and_reuses_the_rest(bundle: Path, tmp_path: Pa
     # keep_snapshots=2: a third state removes the first snapshot, never CURRENT or the one before it.
     (folder / "new-0.png").unlink()
     third = run_embed(config)
-    assert not first.exists() and second.exists() and shards.open_run(third.parent).run_dir == third
+    assert not first.exists() and second.exists() and shards.open_snapshot(third.parent).snapshot_dir == third
 
 
 def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_path: Path) -> None:
@@ -128,12 +128,12 @@ def test_a_killed_refresh_resumes_to_a_consistent_snapshot(bundle: Path, tmp_pat
     assert proc.returncode == -signal.SIGKILL, f"the refresh ended before the kill:\n{output[-3000:]}"
     assert new_dir is not None, f"the refresh never finished a shard:\n{output[-3000:]}"
     assert not shards.read_manifest(new_dir)["complete"]
-    assert shards.open_run(first.parent).run_dir == first  # CURRENT still names the old, complete snapshot
+    assert shards.open_snapshot(first.parent).snapshot_dir == first  # CURRENT still names the old, complete snapshot
 
     store.release()  # the same uri and version: the same catalog state, so the same snapshot resumes
     assert run_embed(config) == new_dir
     after = rows(new_dir)
     assert set(after) == set(grown.column("id").to_pylist())
     assert all(after[i] == before[i] for i in before)
-    assert shards.open_run(first.parent).run_dir == new_dir
+    assert shards.open_snapshot(first.parent).snapshot_dir == new_dir
     store.close()

@@ -13,20 +13,20 @@ import pytest
 from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.flows.cli import main
-from cirflow.indexing.faiss_device import FaissGpuUnavailableError, gpu_count
-from cirflow.indexing.index_build import build_index
-from cirflow.indexing.index_plan import IndexConfig
-from cirflow.indexing.index_store import IndexFormatError
-from cirflow.indexing.index_versions import publish
-from cirflow.indexing.queries import Queries, encode_query_split
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.evaluate import recall_through_search
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries, encode_query_split
+from cirflow.indexing.index.versions import publish
 from cirflow.indexing.search import IndexMismatchError, Searcher, SearchError, VectorIndex
-from cirflow.indexing.search_eval import recall_through_search
-from cirflow.indexing.shards import EmbeddingRun
-from cirflow.indexing.tuning import PAD_SCORE
+from cirflow.indexing.search.index_store import IndexFormatError
+from cirflow.indexing.search.placement import FaissGpuUnavailableError, gpu_count
+from cirflow.indexing.search.topk import PAD_SCORE
 from cirflow.models.data.loaders import load_split
 from cirflow.models.evaluation import build_eval_set, embed_eval_set
 from cirflow.models.metrics import target_ranks
-from tests.indexing.conftest import write_run
+from tests.indexing.conftest import write_snapshot
 from tests.models.test_fashioniq import write_fiq
 
 
@@ -50,7 +50,7 @@ def test_results_carry_uris_and_drop_padding(built: dict[str, Path], toy_queries
     index = VectorIndex.load(built["hnsw"])
     (result,) = index.results(*index.search(toy_queries[:1], 3))
     assert result.uris == [f"mem://toys/{i}.png" for i in result.ids] and len(result.scores) == 3
-    small = write_run(tmp_path / "run", toy_queries[:4], rows_per_shard=4)  # four vectors: k=6 gives 4
+    small = write_snapshot(tmp_path / "run", toy_queries[:4], rows_per_shard=4)  # four vectors: k=6 gives 4
     tiny = VectorIndex.load(build_index(small, Queries.unreferenced(toy_queries[4:40]), tmp_path / "indexes"))
     (padded,) = tiny.results(*tiny.search(toy_queries[:1], 6))
     assert len(padded.ids) == len(padded.uris) == 4
@@ -124,11 +124,11 @@ def test_an_index_from_another_bundle_is_refused(built: dict[str, Path], tiny_ru
         Searcher(index, tiny_runtime)
 
 
-def embed_gallery(runtime: BundleRuntime, names: list[str], paths: list[Path], run_dir: Path) -> EmbeddingRun:
-    """The split's gallery as an embedding run (ids = gallery rows, uris = image names), by the bundle's image
+def embed_gallery(runtime: BundleRuntime, names: list[str], paths: list[Path], snapshot_dir: Path) -> EmbeddingSnapshot:
+    """The split's gallery as an embedding snapshot (ids = gallery rows, uris = image names), by the bundle's image
     encoder: what the Ray embedding job writes, made in-process."""
     vectors = runtime.embed_images(paths)
-    return write_run(run_dir, vectors, rows_per_shard=20, ids=np.arange(len(names), dtype=np.int64), uris=names,
+    return write_snapshot(snapshot_dir, vectors, rows_per_shard=20, ids=np.arange(len(names), dtype=np.int64), uris=names,
                      bundle_id=runtime.bundle_id, catalog="shapes-test")
 
 
@@ -182,7 +182,7 @@ def test_search_follows_fashioniqs_protocol_and_keeps_the_reference(tiny_runtime
     split = load_split("fashioniq/dress", root, "val")
     assert not split.remove_reference
     names = list(split.images)
-    run = write_run(tmp_path / "run", tiny_runtime.embed_images([split.images[n] for n in names]), rows_per_shard=4,
+    run = write_snapshot(tmp_path / "run", tiny_runtime.embed_images([split.images[n] for n in names]), rows_per_shard=4,
                     ids=np.arange(len(names), dtype=np.int64) * 10 + 3,
                     uris=[str(split.images[n]) for n in names], bundle_id=tiny_runtime.bundle_id, catalog="fiq")
     searcher = Searcher(VectorIndex.load(build_index(run, encode_query_split(tiny_runtime, "fashioniq/dress", root,

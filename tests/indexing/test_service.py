@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from cirflow.indexing.search import Searcher
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import ServiceConfig, ServiceError
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.state import ServiceConfig, ServiceError
 from cirflow.models.images import ImageLimits
 from tests.indexing.service_setup import CATALOG, TEXTS, LiveServer, Shop, png
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
@@ -276,14 +276,14 @@ def test_the_worker_serves_on_after_every_bad_request(server: LiveServer, shop: 
 # --- start-up -------------------------------------------------------------------------------------------------
 
 def test_a_missing_bundle_or_index_is_a_clear_error_before_serving(shop: Shop, tmp_path: Path) -> None:
-    from cirflow.indexing.index_store import IndexFormatError
-    from cirflow.indexing.service import serve
+    from cirflow.indexing.search.index_store import IndexFormatError
+    from cirflow.indexing.service.app import serve
 
     with pytest.raises(IndexFormatError, match="neither an index directory"):
         serve(ServiceConfig(index=tmp_path / "nowhere"))
     with pytest.raises(ServiceError, match=r"which no bundle under .* is; export it there, or pass --bundle"):
         serve(ServiceConfig(index=shop.indexes, bundle=tmp_path))
-    with pytest.raises(ServiceError, match="max_k must be a positive integer"):
+    with pytest.raises(ServiceError, match="^max_k must be positive, got 0$"):
         ServiceConfig(index=shop.indexes, max_k=0)
 
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import ServiceConfig, ServiceError
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.state import ServiceConfig, ServiceError
 from tests.indexing.service_setup import Shop, free_socket, wait_ready
 
 REPO = Path(__file__).parents[2]
@@ -57,9 +57,9 @@ class OnlyTheImage(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, OnlyTheImage())
-from cirflow.indexing.service import answer
-from cirflow.indexing.service_requests import SearchRequest, check
-from cirflow.indexing.service_state import Published, ServiceConfig
+from cirflow.indexing.service.app import answer
+from cirflow.indexing.service.requests import SearchRequest, check
+from cirflow.indexing.service.state import Published, ServiceConfig
 config = ServiceConfig(index=Path(sys.argv[1]), providers="cpu")
 version = Published(config).load()
 request = SearchRequest(image_base64=base64.b64encode(Path(sys.argv[2]).read_bytes()).decode(), text="make it red")
@@ -122,10 +122,10 @@ def test_kubernetes_probes_and_args_match_the_app_and_the_cli(shop: Shop) -> Non
 
 
 def test_serve_app_builder_reads_the_config_file_args(shop: Shop) -> None:
-    from cirflow.indexing.ray_serve import app_builder
+    from cirflow.indexing.service.ray_serve import app_builder
 
     app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
-    assert app["import_path"] == "cirflow.indexing.ray_serve:app_builder"
+    assert app["import_path"] == "cirflow.indexing.service.ray_serve:app_builder"
     built = app_builder({**app["args"], "index": str(shop.indexes)})
     assert built is not None
     with pytest.raises(ServiceError, match=r"unknown search deployment args \['idx'\]"):
@@ -156,7 +156,7 @@ def ray_serve() -> Iterator[int]:
 def test_ray_serve_deployment_answers_like_the_library(shop: Shop, ray_serve: int) -> None:
     from ray import serve
 
-    from cirflow.indexing.ray_serve import deployment
+    from cirflow.indexing.service.ray_serve import deployment
 
     serve.run(deployment(ServiceConfig(index=shop.indexes, providers="cpu")), name="search", route_prefix="/")
     url = f"http://127.0.0.1:{ray_serve}"

@@ -14,9 +14,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_security import API_KEY_ENV, ApiKeyError, read_api_key
-from cirflow.indexing.service_state import ServiceConfig, ServiceError
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.security import API_KEY_ENV, ApiKeyError, read_api_key
+from cirflow.indexing.service.state import ServiceConfig, ServiceError
 from cirflow.models.images import DEFAULT_FORMATS
 from tests.bench.scripts import load_bench_script
 from tests.indexing.conftest import XSS_ID

@@ -15,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import ServiceConfig
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.state import ServiceConfig
 from tests.indexing.conftest import XSS_ID
 from tests.indexing.service_setup import LiveServer, Shop
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cirflow.core.files import publish_current
-from cirflow.indexing import service_state
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import Published, ServiceConfig
+from cirflow.indexing.service import state as service_state
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.state import Published, ServiceConfig
 from tests.indexing.service_setup import LiveServer, Shop, add_bundle, index_version
 
 TEXT = "make it red"

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from cirflow.indexing.search import VectorIndex
-from cirflow.indexing.service import create_app
-from cirflow.indexing.service_state import ServiceConfig
+from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.state import ServiceConfig
 from tests.indexing.service_setup import LiveServer, Shop
 
 WORKERS = 3

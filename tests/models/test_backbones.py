@@ -163,13 +163,13 @@ def test_tmcir_on_a_frozen_image_tower_edits_pixels_only_in_its_iacma_stage(
 
 
 def test_gentle_fine_tuning_scales_the_learning_rate_of_pretrained_weights(tiny_overrides: list[str]) -> None:
-    import cirflow.models.train as train_module
+    import cirflow.models.train_stages as train_stages
 
     config = load_config(TrainConfig, None, [*tiny_overrides, *BACKBONES["tiny-minilm"], "optim.max_steps=1",
                                              "model.backbone.text.lr_scale=0.05", "model.text.vocab_size=30522"])
     model = build_model(config.model)
-    stage = train_module.Stage("train", config.optim, None, list(model.parameters()), None)  # type: ignore[arg-type]
-    optimizer = train_module._optimizer(stage, model.lr_scales())
+    stage = train_stages.Stage("train", config.optim, None, list(model.parameters()), None)  # type: ignore[arg-type]
+    optimizer = train_stages.build_optimizer(stage, model.lr_scales())
     bert = {id(p) for p in model.text_encoder.backbone.parameters()}
     for group in optimizer.param_groups:
         in_bert = {id(p) in bert for p in group["params"]}

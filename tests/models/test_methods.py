@@ -10,12 +10,13 @@ from cirflow.models.cir_model import CIRModel, Features, ModelConfig, build_mode
 from cirflow.models.composers import ComposerConfig, SumComposer
 from cirflow.models.image_encoder import ImageEncoderConfig
 from cirflow.models.losses import batch_contrastive, info_nce
-from cirflow.models.methods import METHODS, TMCIR, BatchFeatures, Method, MethodConfig, build_method, encode_batch
+from cirflow.models.methods.base import BatchFeatures, Method, encode_batch
 from cirflow.models.methods.cala import CaLa
 from cirflow.models.methods.dra import DRA
 from cirflow.models.methods.hca import HingeCrossAttention
+from cirflow.models.methods.registry import METHODS, MethodConfig, build_method
 from cirflow.models.methods.tac import TwinAttentionCompositor
-from cirflow.models.methods.tmcir import GENERATORS, OracleGenerator
+from cirflow.models.methods.tmcir import GENERATORS, TMCIR, OracleGenerator
 from cirflow.models.text_encoder import TextEncoderConfig
 
 DIM, EMBED, B = 16, 12, 4  # token width != embedding size: the auxiliary branches project

@@ -171,6 +171,26 @@ def test_failure_leaves_no_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dataset_another_process_finished_first_is_kept(tiny: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import shutil
+
+    rename = os.rename
+
+    def another_process_first(src: str, dst: str) -> None:  # the same dataset lands just before our rename
+        shutil.copytree(tiny, dst)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", another_process_first)
+    out = tmp_path / "raced"
+    with caplog.at_level(logging.INFO, logger=shapes.__name__):
+        assert generate_shapes(replace(TINY, workers=1), out) == out
+    assert "another process completed" in caplog.text
+    assert _files(out) == _files(tiny) and list(tmp_path.iterdir()) == [out]  # theirs kept, ours removed
+
+
 def test_refuses_a_directory_that_is_not_a_shapes_dataset(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-import cirflow.models.train as train_module
+import cirflow.models.train_loop as train_loop
 from cirflow.core.config import ConfigError, load_config
 from cirflow.models.checkpoint import CheckpointError, load_checkpoint
 from cirflow.models.train import train
@@ -21,7 +21,7 @@ def config(overrides: list[str], *extra: str) -> TrainConfig:
 
 def kill_training_at(cfg: TrainConfig, run_dir: Path, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """train() killed (KeyboardInterrupt) at its `step`-th loss computation, as a kill -9 would leave the run."""
-    real_loss, calls = train_module._loss, {"n": 0}
+    real_loss, calls = train_loop.batch_loss, {"n": 0}
 
     def dying_loss(*args: object) -> torch.Tensor:
         calls["n"] += 1
@@ -29,10 +29,10 @@ def kill_training_at(cfg: TrainConfig, run_dir: Path, step: int, monkeypatch: py
             raise KeyboardInterrupt("simulated kill")
         return real_loss(*args)
 
-    monkeypatch.setattr(train_module, "_loss", dying_loss)
+    monkeypatch.setattr(train_loop, "batch_loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run_dir)
-    monkeypatch.setattr(train_module, "_loss", real_loss)
+    monkeypatch.setattr(train_loop, "batch_loss", real_loss)
 
 
 def test_training_learns_and_checkpoint_rebuilds(tiny_overrides: list[str], tmp_path: Path) -> None:

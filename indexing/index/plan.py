@@ -1,0 +1,192 @@
+"""Which FAISS index a catalog gets: the index configuration and a pure planning function.
+
+`plan_index(n, dim, config)` turns the catalog size, the dimension and a memory budget into an index type, its
+parameters and a sentence saying why, recorded in the index manifest. Every index uses the inner-product metric:
+catalog and query vectors are unit length, so inner product is cosine, the evaluator's score.
+
+The order of preference, by catalog size:
+- Flat (exact) while one scan of the raw vectors is cheap: N*d*4 bytes per query batch, bounded by memory
+  bandwidth; ~1 ms for 16 MB on one core here (32k vectors of 128 dims), so an approximate index would save
+  little and cost exactness, training and tuning.
+- HNSW while vectors + graph fit the budget and N is moderate: the best latency at high recall on CPU, but its
+  build is a long sequential insertion and its random access does not suit memory-mapped files.
+- IVF-Flat while the raw vectors fit: fast build (GPU-friendly), exact distances inside the probed lists,
+  on-disk merge and memory mapping.
+- IVF-PQ when they do not: product-quantised codes, sized to the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cirflow.core.config import check_between, check_choice, check_positive
+from cirflow.indexing.search.placement import USE_GPU
+
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
+MB = 1 << 20
+ID_BYTES = 8  # every index stores an int64 catalog id per vector (IndexIDMap, or the IVF lists)
+# faiss warns below 39 training points per centroid (k-means and PQ codebooks alike): too few to place them.
+MIN_POINTS_PER_CENTROID = 39
+# HNSW bytes per vector beyond the vector and id: level-0 links (2M int32) + upper levels (~M/(M-1) more) +
+# levels and offsets; measured 2*M*4*1.05 + 12 against faiss 1.15 file sizes.
+HNSW_LINK_OVERHEAD = 1.05
+HNSW_NODE_BYTES = 12
+
+
+class IndexConfigError(ValueError):
+    """An index option has a bad value; the message names the option and the valid values."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    index_type: str = "auto"  # or force one of INDEX_TYPES[1:] (benchmarks compare them at a fixed catalog)
+    memory_budget_mb: float = 4096.0  # RAM the index may occupy when searched; decides HNSW / IVF-Flat / IVF-PQ
+    flat_max_mb: float = 16.0  # exact scan up to this raw size: ~1 ms/query on one core (module docstring)
+    hnsw_max_vectors: int = 2_000_000  # beyond this an HNSW build takes hours on a few cores; IVF builds faster
+    recall_target: float = 0.95  # recall@k against exact search, measured with composed queries
+    recall_k: int = 10
+    tune_fraction: float = 0.5  # share of the queries that choose the setting; the rest measure it (held out)
+    # Training points for IVF centroids and PQ codebooks (seeded sample): 100k allow 2048 lists of >= 39 points,
+    # and k-means cost grows with points x lists (stack.md: IVF1024 on 200k x 256 takes over a minute here).
+    train_sample: int = 100_000
+    hnsw_m: int = 32  # links per node: more raise recall at a given efSearch; the graph costs ~8*M B/vector
+    hnsw_ef_construction: int = 80  # faiss's default is 40; a wider build search makes a better graph, slower
+    nlist: int | None = None  # IVF lists; None: ~4*sqrt(N) as a power of two, >= 39 training points per list
+    pq_m: int | None = None  # PQ sub-quantizers; None: the most that fit the budget, at most dim/2
+    pq_nbits: int = 8  # bits per PQ code; lowered when the training sample is too small for 2**nbits centroids
+    merge: bool = True  # one index (IVF: merged on disk, memory-mapped); False: one FAISS file per shard
+    use_gpu: str = "auto"  # "auto": GPU when faiss sees one; "never"; "require": fail without a GPU
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.index_type, "index_type", INDEX_TYPES, error=IndexConfigError)
+        check_choice(self.use_gpu, "use_gpu", USE_GPU, error=IndexConfigError)
+        check_between(self, 0, 1, "recall_target", exclude_low=True, error=IndexConfigError)
+        check_between(self, 0, 1, "tune_fraction", exclude_low=True, exclude_high=True, error=IndexConfigError)
+        check_between(self, 1, 16, "pq_nbits", error=IndexConfigError)
+        check_positive(self, "memory_budget_mb", "flat_max_mb", "hnsw_max_vectors", "recall_k", "train_sample",
+                       "hnsw_m", "hnsw_ef_construction", "nlist", "pq_m", error=IndexConfigError)
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    index_type: str  # one of INDEX_TYPES[1:]
+    factory: str  # faiss.index_factory string, built with the inner-product metric
+    params: dict[str, Any]  # the chosen numbers (nlist, pq_m, pq_nbits, hnsw_m, ...)
+    search_param: str | None  # what tuning sweeps: "nprobe", "efSearch", or None (exact)
+    estimated_bytes: int  # index size in memory, ids included
+    train_points: int  # how many catalog vectors training samples (0: no training)
+    reason: str
+    warnings: tuple[str, ...] = field(default=())
+
+
+def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
+    """The index for `n` vectors of `dim` dimensions under `config` (forced type, or chosen by size and budget)."""
+    if n <= 0:
+        raise IndexConfigError(f"cannot plan an index for {n} vectors; the catalog is empty")
+    if dim <= 0:
+        raise IndexConfigError(f"dimension must be positive, got {dim}")
+    budget = config.memory_budget_mb * MB
+    raw = n * dim * 4
+    size = f"{n:,} vectors x {dim} dims = {_mb(raw)} raw"
+    if config.index_type != "auto":
+        plan = _build_plan(config.index_type, n, dim, config)
+        reason = f"index_type={config.index_type!r} forced by the configuration; {size}; {plan.reason}"
+        warnings = plan.warnings
+        if plan.estimated_bytes > budget:
+            warnings += (f"the forced {config.index_type} index needs ~{_mb(plan.estimated_bytes)}, over the "
+                         f"memory budget {_mb(budget)}",)
+        return replace(plan, reason=reason, warnings=warnings)
+
+    if raw <= config.flat_max_mb * MB and raw + n * ID_BYTES <= budget:
+        plan = _build_plan("flat", n, dim, config)
+        return replace(plan, reason=f"{size} <= flat limit {_mb(config.flat_max_mb * MB)}: an exact scan "
+                                    f"(~1 ms/query per 16 MB) needs no training or tuning and is exact")
+    why_not_flat = (f"{size} > flat limit {_mb(config.flat_max_mb * MB)}" if raw > config.flat_max_mb * MB
+                    else f"{size} + ids > memory budget {_mb(budget)}")
+    hnsw = _build_plan("hnsw", n, dim, config)
+    if n <= config.hnsw_max_vectors and hnsw.estimated_bytes <= budget:
+        return replace(hnsw, reason=f"{why_not_flat}; {hnsw.reason}, ~{_mb(hnsw.estimated_bytes)} with the "
+                                    f"graph, fits the memory budget {_mb(budget)} and {n:,} <= "
+                                    f"{config.hnsw_max_vectors:,} vectors: best latency at high recall on CPU")
+    why_not_hnsw = (f"{n:,} > {config.hnsw_max_vectors:,} vectors for HNSW" if n > config.hnsw_max_vectors
+                    else f"HNSW would need ~{_mb(hnsw.estimated_bytes)} > memory budget {_mb(budget)}")
+    ivf_flat = _build_plan("ivf_flat", n, dim, config)
+    if ivf_flat.estimated_bytes <= budget:
+        return replace(ivf_flat, reason=f"{why_not_flat}; {why_not_hnsw}; {ivf_flat.reason}: raw vectors + ids "
+                                        f"~{_mb(ivf_flat.estimated_bytes)} fit the memory budget {_mb(budget)}")
+    ivf_pq = _build_plan("ivf_pq", n, dim, config)
+    if ivf_pq.estimated_bytes > budget:
+        raise IndexConfigError(f"{size}: even IVF-PQ ({ivf_pq.reason}) needs ~{_mb(ivf_pq.estimated_bytes)}, "
+                               f"over memory_budget_mb={config.memory_budget_mb}; raise the budget")
+    return replace(ivf_pq, reason=f"{why_not_flat}; {why_not_hnsw}; raw vectors + ids "
+                                  f"~{_mb(ivf_flat.estimated_bytes)} > memory budget {_mb(budget)}: "
+                                  f"{ivf_pq.reason}, ~{_mb(ivf_pq.estimated_bytes)}")
+
+
+def auto_nlist(n: int, train_points: int) -> int:
+    """~4*sqrt(n) rounded to a power of two, lowered until every list has >= 39 training points."""
+    nlist = 1 << max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+    while nlist > 1 and train_points < MIN_POINTS_PER_CENTROID * nlist:
+        nlist //= 2
+    return nlist
+
+
+def _build_plan(index_type: str, n: int, dim: int, config: IndexConfig) -> IndexPlan:
+    """Parameters, factory string and size of one index type; `reason` describes the parameters only."""
+    if index_type == "flat":
+        return IndexPlan("flat", "IDMap,Flat", {}, None, n * (dim * 4 + ID_BYTES), 0, "Flat (exact)")
+    if index_type == "hnsw":
+        m = config.hnsw_m
+        per_vector = dim * 4 + ID_BYTES + 2 * m * 4 * HNSW_LINK_OVERHEAD + HNSW_NODE_BYTES
+        params = {"hnsw_m": m, "ef_construction": config.hnsw_ef_construction}
+        return IndexPlan("hnsw", f"IDMap,HNSW{m},Flat", params, "efSearch", int(n * per_vector), 0,
+                         f"HNSW M={m} efConstruction={config.hnsw_ef_construction}")
+
+    train_points = min(n, config.train_sample)
+    warnings: tuple[str, ...] = ()
+    nlist = config.nlist if config.nlist is not None else auto_nlist(n, train_points)
+    if nlist > train_points:
+        raise IndexConfigError(f"nlist={nlist} needs at least {nlist} training vectors, the catalog gives "
+                               f"{train_points}; lower nlist or leave it None (auto)")
+    if train_points < MIN_POINTS_PER_CENTROID * nlist:
+        warnings += (f"nlist={nlist} has {train_points / nlist:.0f} training points per list (< "
+                     f"{MIN_POINTS_PER_CENTROID}); centroids will be poorly placed",)
+    centroids = nlist * dim * 4
+    if index_type == "ivf_flat":
+        params = {"nlist": nlist}
+        return IndexPlan("ivf_flat", f"IVF{nlist},Flat", params, "nprobe", n * (dim * 4 + ID_BYTES) + centroids,
+                         train_points, f"IVF-Flat nlist={nlist}", warnings)
+    if index_type != "ivf_pq":
+        raise IndexConfigError(f"index type {index_type!r} is not one of {list(INDEX_TYPES[1:])}")
+
+    # Each sub-quantizer needs 2**nbits centroids with >= 39 training points each.
+    nbits = min(config.pq_nbits, max(1, int(math.log2(train_points / MIN_POINTS_PER_CENTROID))))
+    if nbits < config.pq_nbits:
+        warnings += (f"pq_nbits lowered from {config.pq_nbits} to {nbits}: {train_points:,} training vectors are "
+                     f"too few for {2 ** config.pq_nbits} centroids per sub-quantizer",)
+    m = config.pq_m if config.pq_m is not None else _auto_pq_m(n, dim, nbits, config.memory_budget_mb * MB
+                                                                 - centroids)
+    if dim % m:
+        raise IndexConfigError(f"pq_m={m} must divide the dimension {dim}")
+    code_bytes = math.ceil(m * nbits / 8)
+    params = {"nlist": nlist, "pq_m": m, "pq_nbits": nbits}
+    return IndexPlan("ivf_pq", f"IVF{nlist},PQ{m}x{nbits}", params, "nprobe",
+                     n * (code_bytes + ID_BYTES) + centroids, train_points,
+                     f"IVF-PQ nlist={nlist}, m={m} x {nbits} bits = {code_bytes} B/code + {ID_BYTES} B id", warnings)
+
+
+def _auto_pq_m(n: int, dim: int, nbits: int, budget: float) -> int:
+    """The most sub-quantizers (a divisor of dim, at most dim/2) whose codes + ids fit `budget`; else the fewest.
+    More sub-quantizers = finer codes = higher recall; one dimension per sub-quantizer is a scalar quantizer."""
+    choices = [m for m in range(max(1, dim // 2), 0, -1) if dim % m == 0]
+    for m in choices:
+        if n * (math.ceil(m * nbits / 8) + ID_BYTES) <= budget:
+            return m
+    return choices[-1]
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / MB:,.1f} MB"

@@ -1,0 +1,422 @@
+"""The search service: HTTP in front of the one query path (bundle runtime -> published FAISS index).
+
+    app = create_app(ServiceConfig(index=Path("workdir/indexes/shapes-shop")))   # cirflow serve runs it
+
+Endpoints: POST /search (composed, image-only or text-only; JSON or multipart), GET /items, /items/{id},
+/items/{id}/image, /api/info, /healthz (alive), /readyz (a version is loaded), /metrics (Prometheus), the
+OpenAPI schema at /openapi.json (/docs to try it), and the search page at /. The index and bundle load in the
+lifespan; the watcher (service_state.Published) swaps in new index versions while requests keep flowing.
+
+The service is an origin on the open web (indexing/service/security.py: headers, API key, offline docs). Whatever a
+catalog or a request holds is hostile: uploads go through the image gate (models/images.py: size, pixels,
+format allow-list, any decoder failure a 4xx), and an item's image is served only when its bytes are still
+those the snapshot embedded (their sha256), with the content type of the format they decoded as, never one
+guessed from the file name (a PNG named x.html must not become a page on this origin).
+
+Checking, decoding, encoding and searching block, so they run in a thread pool of `ServiceConfig.threads`; each
+request uses one ONNX Runtime thread (ort_threads) and one FAISS thread (FAISS parallelises over the queries of
+a call, and a request is one query), so concurrent requests fill the cores instead of contending inside one
+call. A GPU index is searched by one request at a time (faiss's GPU resources are not thread-safe). Bad input
+is a 4xx naming the field; an unexpected error is a 500 that is logged with its traceback, and the worker keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import faiss
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from cirflow.export.runtime import InputError
+from cirflow.indexing.embedding.catalog import read_bytes
+from cirflow.indexing.search import SearchError, UnknownIdError
+from cirflow.indexing.search import index_store as store
+from cirflow.indexing.search.topk import drop_excluded
+from cirflow.indexing.service.metrics import MetricsMiddleware, ServiceMetrics
+from cirflow.indexing.service.requests import (
+    ANSWERS,
+    Hit,
+    Query,
+    RequestError,
+    SearchRequest,
+    SearchResponse,
+    Timing,
+    check,
+    field_message,
+    parse_form,
+    parse_json,
+)
+from cirflow.indexing.service.security import PAGE_DIR, SecurityHeadersMiddleware, add_docs, require_key
+from cirflow.indexing.service.state import Published, ServiceConfig, Version, find_bundle
+from cirflow.models.images import ImageError, ImageLimits, decode, mime_of, probe
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 200  # GET /items: items per page
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over `limit` bytes with 413: from Content-Length before reading anything, and by
+    counting for chunked bodies, so an oversized upload is never held in memory whole."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = JSONResponse({"detail": _too_large(self.limit, length.decode("latin-1"))}, 413)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int, length: str | None = None) -> str:
+    size = f" ({length} bytes)" if length and length.isdigit() else ""
+    return f"request body{size} is over this service's limit of {limit:,} bytes"
+
+
+def create_app(config: ServiceConfig, published: Published | None = None) -> FastAPI:
+    """The app; `published` may be given to share or inspect the holder (tests, Ray Serve)."""
+    published = published or Published(config)
+    metrics = ServiceMetrics(published)
+    pool = ThreadPoolExecutor(config.threads, thread_name_prefix="cirflow-search", initializer=_one_faiss_thread)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("search service: %d request threads, %d ONNX Runtime thread(s) and 1 FAISS thread per request",
+                 config.threads, config.ort_threads)
+        # Loading runs behind the open port: /healthz answers at once, /readyz once the version is in.
+        loading = asyncio.get_running_loop().run_in_executor(pool, _load, published)
+        try:
+            yield
+        finally:
+            published.stop()
+            loading.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="cirflow search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Composed image retrieval over a published catalog index: a reference image and a "
+                              "modification text in, catalog items out.")
+    app.state.published, app.state.metrics, app.state.config = published, metrics, config
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # times 413s too
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every response, a 413 or a 500 included
+    add_docs(app)
+    # Search, the items and /api/info carry catalog data: behind the key when there is one. The probes, the
+    # page and the docs stay open.
+    guarded = [] if config.api_key is None else [Depends(require_key(config.api_key))]
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, e.status)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": _too_large(config.max_body_bytes)}, 413)
+
+    def serving() -> Version:
+        version = published.version
+        if version is None:
+            raise RequestError(503, f"not ready: {published.load_error or 'the index is still loading'} "
+                                    "(GET /readyz)")
+        return version
+
+    async def run(function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+    @app.post("/search", response_model=SearchResponse, openapi_extra=_search_body_schema(), dependencies=guarded,
+              summary="Composed, image-only or text-only search",
+              responses={413: {"description": "body or image over the limits"},
+                         415: {"description": "neither JSON nor multipart"},
+                         422: {"description": "a bad field; the message names it"}})
+    async def search(request: Request) -> SearchResponse:
+        version = serving()  # this request's version, whatever is swapped in meanwhile
+        body, upload = await _read_search(request)
+        query = await run(check, body, upload, config)  # base64 and the image header: off the event loop
+        response = await run(answer, version, query, config.images)
+        for stage in ("decode", "encode", "search"):
+            metrics.stages.labels(stage).observe(getattr(response.took_ms, stage) / 1000)
+        return response
+
+    @app.get("/items", dependencies=guarded, summary="Catalog items in id order (browse the catalog)")
+    async def items(offset: int = 0, limit: int = 48) -> dict[str, Any]:
+        version = serving()
+        if not 1 <= limit <= MAX_PAGE:
+            raise RequestError(422, f"limit: must be between 1 and {MAX_PAGE}, got {limit}")
+        if offset < 0:
+            raise RequestError(422, f"offset: must be >= 0, got {offset}")
+        rows = version.index.entries.page(offset, limit) if offset < version.index.ntotal else []
+        return {"items": [_public(row) for row in rows], "offset": offset, "total": version.index.ntotal,
+                "index_id": version.index_id}
+
+    @app.get("/items/{item_id}", dependencies=guarded, summary="A catalog item's uri and metadata")
+    async def item(item_id: str) -> dict[str, Any]:
+        version = serving()
+        return {**_public(_item(version, item_id)), "index_id": version.index_id}
+
+    @app.get("/items/{item_id}/image", dependencies=guarded, response_class=Response,
+             summary="A catalog item's image bytes, while they are those the index embedded")
+    async def item_image(item_id: str) -> Response:
+        version = serving()
+        data, media = await run(catalog_image, version, _number(item_id), config.images, "item", 404)
+        return Response(data, media_type=media, headers={"Cache-Control": "max-age=60"})
+
+    @app.get("/api/info", dependencies=guarded, summary="The served version, query modes and request limits")
+    async def info() -> dict[str, Any]:
+        version = serving()
+        return {"catalog": version.catalog, "index_id": version.index_id, "bundle_id": version.bundle_id,
+                "vectors": version.index.ntotal, "index_type": version.index.manifest["type"],
+                "metadata_fields": version.index.entries.fields, "modes": ANSWERS,
+                "loaded_at": version.loaded_at, "reloads": dict(published.reloads),
+                "limits": {"max_k": config.max_k, "max_body_bytes": config.max_body_bytes,
+                           "max_image_bytes": config.images.max_bytes, "max_image_pixels": config.images.max_pixels,
+                           "image_formats": list(config.images.formats), "max_text_chars": config.max_text_chars,
+                           "max_ids": config.max_ids}}
+
+    @app.get("/healthz", summary="Liveness: the process answers (503 once the first load has failed)")
+    async def healthz() -> JSONResponse:
+        if published.load_error is not None:  # restarting is the way out (orchestrators act on liveness)
+            return JSONResponse({"status": "failed", "detail": published.load_error}, 503)
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz", summary="Readiness: an index version is loaded and served")
+    async def readyz() -> JSONResponse:
+        version = published.version
+        if version is None:
+            detail = published.load_error or "loading the index and bundle"
+            return JSONResponse({"ready": False, "detail": detail}, 503)
+        return JSONResponse({"ready": True, "index_id": version.index_id, "bundle_id": version.bundle_id})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html")
+
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
+    return app
+
+
+def _one_faiss_thread() -> None:
+    """Each request thread's initializer. One FAISS thread per call: a request is one query, and requests already
+    run side by side. OpenMP keeps this setting per thread, so it is made in every request thread (made once on
+    the event loop's thread, it reached none of them)."""
+    faiss.omp_set_num_threads(1)
+
+
+def _load(published: Published) -> None:
+    """The first load, then the watcher; a failure is kept for /healthz and /readyz (the process stays up to
+    say why; orchestrators restart it on the failing liveness probe)."""
+    if published.version is None:
+        try:
+            published.load()
+        except Exception as e:  # whatever stops the load: reported, not raised into a thread nobody joins
+            published.load_error = f"cannot load {published.config.index}: {e}"
+            log.exception("search service: %s", published.load_error)
+            return
+    published.start_watching()
+
+
+def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`cirflow serve`: check the paths (a clear error before the port opens), then run uvicorn until stopped."""
+    import uvicorn
+
+    index_dir = store.resolve_index_dir(Path(config.index))
+    find_bundle(config, index_dir, store.read_manifest(index_dir)["bundle_id"])
+    log.info("search service on http://%s:%d/ (page), /docs (API), /metrics", host, port)
+    # In-flight requests finish on SIGTERM (a rolling update), within the grace period.
+    uvicorn.run(create_app(config), host=host, port=port, timeout_graceful_shutdown=20, log_config=None)
+
+
+async def _read_search(request: Request) -> tuple[SearchRequest, bytes | None]:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        return parse_json(await request.body()), None
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the second: a form with no file
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except MultiPartException as e:
+            raise RequestError(400, f"multipart body: {e.message}") from e
+        try:
+            fields = {name: value for name, value in form.items() if isinstance(value, str)}
+            files = {name: value for name, value in form.items() if isinstance(value, UploadFile)}
+            unknown = sorted(set(files) - {"image"})
+            if unknown:
+                raise RequestError(422, f"{unknown[0]}: only one file, named `image`, is accepted")
+            upload = await files["image"].read() if "image" in files else None
+            return parse_form(fields, upload)
+        finally:
+            await form.close()
+    raise RequestError(415, f"content type {kind or 'missing'!r}: send application/json (image_base64) or "
+                            "multipart/form-data (an `image` file; form fields alone may also be urlencoded)")
+
+
+def _number(item_id: str) -> int:
+    try:
+        return int(item_id)
+    except ValueError as e:
+        raise RequestError(422, f"item id {item_id!r} is not an integer") from e
+
+
+def _item(version: Version, item_id: str) -> dict[str, Any]:
+    try:
+        return version.index.entries.item(_number(item_id))
+    except UnknownIdError as e:
+        raise RequestError(404, str(e)) from e
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """An item as JSON: the 63-bit id as a string, and where its image is served."""
+    return {**row, "id": str(row["id"]), "image": f"/items/{row['id']}/image"}
+
+
+def answer(version: Version, query: Query, limits: ImageLimits) -> SearchResponse:
+    """Decode (through the image gate, within `limits`), encode and search one checked query against one
+    version (runs in the thread pool)."""
+    start = time.perf_counter()
+    index, runtime = version.index, version.searcher.runtime
+    allow = _allowed(version, query)
+    image = None
+    if query.mode != "text-only":
+        data = (query.image if query.reference_id is None
+                else catalog_image(version, query.reference_id, limits, "reference_id", 422)[0])
+        field = "image" if query.reference_id is None else "reference_id"
+        try:
+            image = decode(data, limits, field).image
+        except ImageError as e:
+            raise RequestError(422, field_message(e, field)) from e
+    decoded = time.perf_counter()
+    try:
+        if query.mode == "composed":
+            vector = runtime.embed_queries([image], [query.text])
+        elif query.mode == "image-only":
+            vector = runtime.embed_images([image])
+        else:
+            vector = runtime.embed_texts([query.text])
+    except InputError as e:  # a text with no tokens the tokenizer keeps
+        raise RequestError(422, f"text: {e}") from e
+    encoded = time.perf_counter()
+    with version.searching():  # a GPU index's searches take turns (Version.search_lock)
+        ids, scores = _top(index, vector, query.k, query.exclude_ids, allow)
+    uris = index.entries.uris_of(ids)
+    done = time.perf_counter()
+    hits = [Hit(id=str(i), score=float(s), uri=u, image=f"/items/{i}/image") for i, s, u in zip(ids, scores, uris)]
+    ms = [round(1000 * t, 3) for t in (done - start, decoded - start, encoded - decoded, done - encoded)]
+    return SearchResponse(mode=query.mode, answers=ANSWERS[query.mode], results=hits, k=query.k,
+                          bundle_id=version.bundle_id, index_id=version.index_id, catalog=version.catalog,
+                          took_ms=Timing(total=ms[0], decode=ms[1], encode=ms[2], search=ms[3]))
+
+
+def _allowed(version: Version, query: Query) -> np.ndarray | None:
+    """The ids a result may have (allow_ids AND the filter, less the excluded), None for the whole catalog."""
+    index = version.index
+    for name, ids in (("reference_id", () if query.reference_id is None else (query.reference_id,)),
+                      ("exclude_ids", query.exclude_ids), ("allow_ids", query.allow_ids or ())):
+        unknown = index.entries.unknown_ids(np.asarray(ids, dtype=np.int64))
+        if len(unknown):
+            shown = ", ".join(str(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            status = 404 if name == "reference_id" else 422
+            raise RequestError(status, f"{name}: {len(unknown)} id(s) not in catalog {version.catalog} (index "
+                                       f"{version.index_id}): {shown}")
+    allow = None if query.allow_ids is None else np.unique(np.asarray(query.allow_ids, dtype=np.int64))
+    if query.filter is not None:
+        try:
+            matching = index.entries.matching_ids(query.filter)
+        except SearchError as e:  # an unknown field (its message lists the known ones) or a value of another type
+            raise RequestError(422, f"filter: {e}") from e
+        allow = matching if allow is None else np.intersect1d(allow, matching)
+    if allow is not None and query.exclude_ids:
+        allow = np.setdiff1d(allow, np.asarray(query.exclude_ids, dtype=np.int64))
+    return allow
+
+
+def _top(index: Any, vector: np.ndarray, k: int, excluded: tuple[int, ...],
+         allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best ids and scores of one query vector, excluded ids left out, faiss's -1 padding dropped."""
+    if allow is not None:  # the exclusions are already out of the allowed set
+        ids, scores = index.search(vector, k, allow_ids=allow)
+    else:
+        ids, scores = index.search(vector, k + len(excluded))
+        if excluded:
+            ids, scores = drop_excluded(ids, scores, np.asarray([excluded], dtype=np.int64), k)
+    found = ids[0][:k] >= 0
+    return ids[0][:k][found], scores[0][:k][found]
+
+
+def catalog_image(version: Version, item_id: int, limits: ImageLimits, role: str, status: int) -> tuple[bytes, str]:
+    """(bytes, content type) of a catalog item's image, re-checked: read through the gate (a regular file under
+    the size cap) and still the bytes the snapshot embedded, so it is an image of the format recorded then,
+    whatever its file name says or its path now points at. An index written before images were recorded has
+    no sha256: its bytes must then be an image of an allowed format (of the recorded one, if any), sent as
+    the type of the format they decode as. A failed check is a RequestError (`status`) naming the item in its
+    `role` (the item asked for, or a query's reference)."""
+    try:
+        source = version.index.entries.source(item_id)
+    except UnknownIdError as e:
+        raise RequestError(404, str(e)) from e
+    where = f"{role} {item_id}: its image at {source.uri!r}"
+    try:
+        data = read_bytes(source.uri, limits)
+    except ImageError as e:
+        raise RequestError(status, f"{where} is not served ({e})") from e
+    except Exception as e:  # OSError, fsspec's own errors: the item exists but its image cannot be read here
+        raise RequestError(status, f"{where} cannot be read by this service ({type(e).__name__}: {e})") from e
+    if source.sha256 is not None:
+        if hashlib.sha256(data).hexdigest() != source.sha256:
+            raise RequestError(status, f"{where} changed since index {version.index_id} embedded it; it is served "
+                                       "again once a refresh has embedded the new bytes")
+        return data, mime_of(source.format)
+    try:
+        found = probe(data, limits, f"{role} {item_id}")
+    except ImageError as e:
+        raise RequestError(status, f"{where} is not served ({e})") from e
+    if source.format is not None and found.format != source.format:
+        raise RequestError(status, f"{where} is now {found.format}, not the {source.format} that was embedded")
+    return data, found.mime
+
+
+def _search_body_schema() -> dict[str, Any]:
+    """POST /search reads its body itself (JSON or multipart on one path); this documents both in OpenAPI."""
+    schema = SearchRequest.model_json_schema()
+    form = {"type": "object", "properties": {
+        "image": {"type": "string", "format": "binary", "description": "the reference image file"},
+        **{name: {"type": "string", "description": f"{prop.get('description', '')} (form field; lists as JSON "
+                                                   "or comma-separated, filter as JSON)"}
+           for name, prop in schema["properties"].items() if name != "image_base64"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                           "multipart/form-data": {"schema": form}}}}
