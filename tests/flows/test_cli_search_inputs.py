@@ -13,7 +13,7 @@ from cirflow.flows.cli import main
 from cirflow.indexing.index.build import build_index
 from cirflow.indexing.index.queries import Queries
 from tests.export.conftest import random_images
-from tests.indexing.conftest import clustered, query_like, write_run
+from tests.indexing.conftest import clustered, query_like, write_snapshot
 from tests.indexing.test_hostile_catalog import dds_pixel_format_0, im_type_error
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
 
@@ -24,7 +24,7 @@ def index_and_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path
     root = tmp_path_factory.mktemp("search-inputs")
     bundle = tiny_bundle
     runtime = BundleRuntime.load(bundle, providers="cpu")
-    run = write_run(root / "run", clustered(50, runtime.embed_dim, seed=0), rows_per_shard=50,
+    run = write_snapshot(root / "run", clustered(50, runtime.embed_dim, seed=0), rows_per_shard=50,
                     bundle_id=runtime.bundle_id)
     queries = Queries.unreferenced(query_like(0, 20, runtime.embed_dim))
     return build_index(run, queries, root / "indexes"), bundle
