@@ -65,7 +65,7 @@ def test_quick_defaults_keep_the_real_section_untouched(tmp_path: Path) -> None:
 
 def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "indexing/service/app.py"), "--quick", "--bundle", str(tiny_bundle),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "service.py"), "--quick", "--bundle", str(tiny_bundle),
                            "--data", str(tiny_shapes), "--workdir", str(tmp_path / "work"), "--doc", str(doc)],
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
