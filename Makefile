@@ -38,9 +38,12 @@ browser:
 	  sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "browser: not root and no password-less sudo; the page tests will be skipped"; fi
 
+# Two pytest workers (pytest-xdist), one test file each at a time, so module fixtures stay whole: the suite spends
+# half its time waiting on servers, subprocesses and Ray, and a second worker fills it (13 -> 10 min on 2 cores).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The flow runner, Ray worker and search service images, built with buildah (no Docker daemon, no registry) on a
 # Debian base made from Debian's packages, each run once: deploy/docker/build.sh has the settings (BASE, WHEELS).

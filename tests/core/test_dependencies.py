@@ -14,6 +14,7 @@ NO_IMPORT_OF_OURS = {
     "python-multipart": "FastAPI parses multipart/form-data uploads with it (POST /search with an image file)",
     "onnxscript": "torch.onnx.export's dynamo exporter imports it (export/onnx_export.py)",
     "ruff": "a command, not a library: make test runs `ruff check .`",
+    "pytest-xdist": "a pytest plugin: make test runs the suite on two workers (`-n 2`)",
 }
 
 

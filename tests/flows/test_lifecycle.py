@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,13 @@ KILL_DAY, ROLLBACK_DAY, FAULT_DAY = 3, 8, 13
 QUIET_DAYS = (ROLLBACK_DAY + 1, FAULT_DAY + 1)  # days the catalog does not change
 K = 5
 KEEP = {"snapshots": 2, "versions": 3, "bundles": 2}
+RAY_MARK = "CIRFLOW_TEST_RAY_MARK"  # set for the test's duration: marks the Ray processes its flows start
 
 
 def test_a_simulated_month_of_production(prefect_harness: None, tiny_shapes: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     sim = load_bench_script("lifecycle_sim")
+    monkeypatch.setenv(RAY_MARK, uuid.uuid4().hex)
     ray_before = _ray_processes()
     data = _growing_dataset(tiny_shapes, tmp_path / "data", weeks=len(RETRAIN))
     pool = sorted((tiny_shapes / "images" / "test").iterdir()) + sorted((tiny_shapes / "images" / "val").iterdir())
@@ -275,15 +278,19 @@ def _assert_pruned(workdir: Path, served: str) -> None:
 
 
 def _ray_processes() -> set[int]:
-    """PIDs of Ray's own processes (GCS, raylet, workers) on this machine."""
+    """PIDs of Ray's own processes (GCS, raylet, workers) that this test's flows started: those whose environment
+    carries the test's RAY_MARK (Ray's processes inherit the environment of the process that starts them). Ray
+    instances of other tests, run in parallel by pytest-xdist, are not this test's to count."""
     found = set()
+    mark = f"{RAY_MARK}={os.environ.get(RAY_MARK, '')}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            ours = mark in (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"gcs_server" in cmdline or b"raylet" in cmdline or cmdline.startswith(b"ray::"):
+        if ours and (b"gcs_server" in cmdline or b"raylet" in cmdline or cmdline.startswith(b"ray::")):
             found.add(int(proc.name))
     return found
