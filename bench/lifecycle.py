@@ -39,7 +39,7 @@ first flow run, its home in WORKDIR/prefect, analytics off):
   that day's nightly. A new bundle makes the nightly embed the whole catalog with it and build a new index. One
   week (the "worse" one) trains with optim.max_steps=1: the gate (tolerance GATE_TOLERANCE, so that the seed noise
   of short runs never refuses a good model) must refuse it (GateRefused) and the nightly keeps the served model.
-- ROLLBACK_DAY: after its nightly, an operator rolls the index back (index_versions.rollback); the next day the
+- ROLLBACK_DAY: after its nightly, an operator rolls the index back (versions.rollback); the next day the
   shop is quiet (no churn) and the nightly must hold (published False: the rollback is respected).
 
 Processes: `cirflow serve --index WORKDIR/work/indexes/<catalog> --bundle WORKDIR/work/bundles --host 127.0.0.1

@@ -20,9 +20,9 @@ each run and reported in cores (OtherJobs), so a reader sees which runs had comp
 1. Full: a fresh embeddings and indexes workdir, then the calls a user makes, timed one by one: run_embed (no
    previous snapshot: every image is embedded; at >= local_below images it starts its own local Ray instance with
    default settings, one actor per CPU, ray.init included), shards.open_snapshot (verifies every shard's sha256),
-   index_refresh.build_or_refresh (nothing published yet: build_index, IndexConfig defaults: HNSW at 100k x 128
+   refresh.build_or_refresh (nothing published yet: build_index, IndexConfig defaults: HNSW at 100k x 128
    dims, tuned to recall@10 0.95), validate_index (recall re-measured on the held-out queries, ids checked against
-   the catalog minus its errors rows; floor: the catalog flow's min_recall) and index_versions.publish. That is
+   the catalog minus its errors rows; floor: the catalog flow's min_recall) and versions.publish. That is
    what a user without refresh would do every time: embed everything again and rebuild.
 2. Change 1% of the catalog (seeded): add 0.5% (symlinks to images of the pool), remove 0.25%, overwrite 0.25%
    (a copy of another pool image's bytes replaces the symlink, written atomically: new content, size and mtime,

@@ -16,7 +16,7 @@
    (indexing/index/validate.py: recall on held-out queries re-measured, ids equal to the catalog's minus its errors
    rows) and only then published as a new version; a failed validation fails the run and leaves the published
    index as it was. After an operator's rollback, a snapshot and bundle that the rolled-back version was built
-   from are not indexed or published again (index_versions.held) until a newer snapshot or bundle comes.
+   from are not indexed or published again (versions.held) until a newer snapshot or bundle comes.
 
 Snapshot, embedding, query encoding and index build are cached on content keys (catalog fingerprint, bundle id,
 configs, and where the result is written), so a rerun with nothing changed embeds and builds nothing.

@@ -8,7 +8,7 @@ it untouched. The directory is assembled under a temp name beside its final plac
 manifest, written last, records the plan and its reason, the tuned search setting and the recall measured there
 with real composed queries (split by reference image, each query's reference left out as search leaves it out;
 see indexing.tuning), how the split was made, timings, sizes and the sha256 of every file.
-`index_versions.publish` then moves CURRENT to it.
+`versions.publish` then moves CURRENT to it.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def build_index(run: EmbeddingSnapshot, queries: Queries, indexes_root: Path,
     queries: (Q, D) real composed query vectors from the run's bundle (encode_query_split, or a logged queries
     file), never catalog vectors, with their reference images: those in the catalog are matched to their
     catalog ids (catalog_ids) and left out of each query's results while tuning, as search leaves them out.
-    The directory is not published: `index_versions.publish` does that.
+    The directory is not published: `versions.publish` does that.
     """
     queries = check_queries(queries, run.dim)
     if run.rows == 0:

@@ -207,7 +207,7 @@ def base_reconstruction(base: faiss.Index, vectors: np.ndarray) -> np.ndarray:
 
 def _base_part(index_dir: Path, manifest: dict[str, Any]) -> faiss.Index:
     """The first FAISS file of an index's base, memory-mapped where its layout allows: every file of a build holds
-    the same trained codec (index_build clones one trained index per shard)."""
+    the same trained codec (index/build.py clones one trained index per shard)."""
     return store.read_faiss(index_dir / manifest["index_files"][0], manifest["layout"], mmap=True)
 
 

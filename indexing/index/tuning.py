@@ -91,7 +91,7 @@ def exact_knn(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarra
 
 
 def save_truth(path: Path, truth: GroundTruth) -> None:
-    """The exact top lists beside an index (index_build), for validation and the next refresh to start from."""
+    """The exact top lists beside an index (index/build.py), for validation and the next refresh to start from."""
     excluded = truth.exclude_ids()
 
     def write(tmp: Path) -> None:

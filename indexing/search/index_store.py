@@ -49,7 +49,7 @@ FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
 DELTA_FILE, DEAD_FILE, BASE_IDS_FILE = "delta.faiss", "dead.npy", "base_ids.npy"
-TRUTH_FILE = "truth.npz"  # the tuning queries' exact top lists over the catalog (index_build.tune_index)
+TRUTH_FILE = "truth.npz"  # the tuning queries' exact top lists over the catalog (build.tune_index)
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), *((name, pa.string()) for name in SOURCE_COLUMNS)])
 
 

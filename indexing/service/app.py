@@ -5,7 +5,7 @@
 Endpoints: POST /search (composed, image-only or text-only; JSON or multipart), GET /items, /items/{id},
 /items/{id}/image, /api/info, /healthz (alive), /readyz (a version is loaded), /metrics (Prometheus), the
 OpenAPI schema at /openapi.json (/docs to try it), and the search page at /. The index and bundle load in the
-lifespan; the watcher (service_state.Published) swaps in new index versions while requests keep flowing.
+lifespan; the watcher (state.Published) swaps in new index versions while requests keep flowing.
 
 The service is an origin on the open web (indexing/service/security.py: headers, API key, offline docs). Whatever a
 catalog or a request holds is hostile: uploads go through the image gate (models/images.py: size, pixels,

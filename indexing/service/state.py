@@ -84,7 +84,7 @@ class Version:
     searcher: Searcher
     loaded_at: float  # time.time() when it was loaded
     # faiss GPU indexes are not thread-safe (their StandardGpuResources: one stream and scratch memory, made for
-    # this version by faiss_device.to_gpu): its searches take turns under this lock. CPU indexes do not take it.
+    # this version by placement.to_gpu): its searches take turns under this lock. CPU indexes do not take it.
     search_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def searching(self) -> AbstractContextManager[Any]:
