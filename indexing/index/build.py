@@ -20,7 +20,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -35,6 +35,7 @@ from cirflow.indexing.index.queries import Queries, catalog_ids
 from cirflow.indexing.index.tuning import (
     TRUTH_DEPTH,
     GroundTruth,
+    TuningResult,
     ef_search_candidates,
     exact_knn,
     nprobe_candidates,
@@ -43,9 +44,17 @@ from cirflow.indexing.index.tuning import (
 )
 from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.search import index_store as store
-from cirflow.indexing.search.placement import GPU_MAX_K, resolve_gpu, set_search_param, to_cpu, to_gpu
+from cirflow.indexing.search.placement import GPU_MAX_K, resolve_gpu, to_cpu, to_gpu
+from cirflow.indexing.search.rerank import RERANK_TYPES, STORE_DTYPE
 
 log = logging.getLogger(__name__)
+
+# IVF types whose per-shard lists merge on disk into one memory-mapped file (faiss's OnDiskInvertedLists); the
+# fast-scan lists of ivf_pq_rerank are block-packed, which it cannot merge: they are added into one index in RAM
+# (4-bit codes: 16-64 B per vector).
+ONDISK_TYPES = ("ivf_flat", "ivf_pq")
+# Candidate counts the tuning tries for a re-ranked index, k times each; for each, nprobe is swept as for IVF.
+K_FACTORS = (1, 2, 4, 8, 16, 32)
 
 # Unit vectors from the query encoder; a looser norm means vectors from elsewhere (or unnormalised).
 NORM_TOLERANCE = 1e-3
@@ -96,17 +105,21 @@ def build_index(run: EmbeddingSnapshot, queries: Queries, indexes_root: Path,
                     "factory": plan.factory, "params": plan.params, "reason": plan.reason,
                     "plan_warnings": list(plan.warnings), "layout": layout, "index_files": files,
                     "estimated_bytes": plan.estimated_bytes}
+        if plan.index_type in RERANK_TYPES:
+            manifest["rerank"] = {"file": store.RERANK_FILE, "dtype": np.dtype(STORE_DTYPE).name}
         record_metadata_fields(manifest, tmp)
         tuning = tune_index(tmp, manifest, plan, run, queries, config, on_gpu)
         tuned_at = time.perf_counter()
         index_bytes = sum((tmp / name).stat().st_size for name in files)
         if layout == "ondisk":
             index_bytes += (tmp / store.IVFDATA).stat().st_size
+        if "rerank" in manifest:
+            index_bytes += (tmp / store.RERANK_FILE).stat().st_size
         manifest.update({
             "embeddings": {"snapshot_dir": str(run.snapshot_dir), "shards": len(run.shard_files), "rows": run.rows},
             "counts": {"vectors": int(len(ids)), "shards": len(run.shard_files), "index_files": len(files)},
             "id_range": [int(ids.min()), int(ids.max())],
-            "search": {"param": tuning.pop("param"), "value": tuning.pop("value")},
+            "search": search_section(tuning),
             "recall": tuning,
             "build_seconds": {"train": round(trained_at - started, 3), "add": round(added_at - trained_at, 3),
                               "tune": round(tuned_at - added_at, 3), "total": round(tuned_at - started, 3)},
@@ -116,6 +129,15 @@ def build_index(run: EmbeddingSnapshot, queries: Queries, indexes_root: Path,
         store.write_manifest(tmp, manifest)
         move_into_place(tmp, final)
         return final
+
+
+def search_section(tuning: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's "search" (the tuned setting) taken out of tune_index's result; the rest is "recall"."""
+    section = {"param": tuning.pop("param"), "value": tuning.pop("value")}
+    k_factor = tuning.pop("k_factor", None)
+    if k_factor is not None:
+        section["k_factor"] = k_factor
+    return section
 
 
 def move_into_place(tmp: Path, final: Path) -> None:
@@ -200,19 +222,23 @@ def reference_groups(references: tuple[str | None, ...], reference_ids: np.ndarr
 def _train(plan: IndexPlan, run: EmbeddingSnapshot, config: IndexConfig, on_gpu: bool) -> faiss.Index:
     """The empty index, trained (IVF: centroids, and PQ codebooks) on a seeded sample of the catalog."""
     index = faiss.index_factory(run.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.index_type == "hnsw":
+    if plan.index_type in ("hnsw", "hnsw_sq"):
         faiss.downcast_index(index.index).hnsw.efConstruction = config.hnsw_ef_construction
     if not plan.train_points:
         return index
+    sample = _sample(run, plan.train_points, config.seed)
+    log.info("training %s on %d sampled vectors", plan.factory, len(sample))
+    if plan.index_type == "hnsw_sq":  # the scalar quantizer's ranges: no clustering, nothing to seed
+        index.train(sample)
+        return index
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = config.seed
-    if plan.index_type == "ivf_pq":
+    if plan.index_type in ("ivf_pq", "ivf_pq_rerank"):
         ivf.pq.cp.seed = config.seed
+    if plan.index_type == "ivf_pq":
         # index_factory turns on polysemous training (a slow annealing of code order for Hamming filtering,
         # seconds even on tiny data); search never uses polysemous codes.
         ivf.do_polysemous_training = False
-    sample = _sample(run, plan.train_points, config.seed)
-    log.info("training %s on %d sampled vectors", plan.factory, len(sample))
     if not on_gpu:
         index.train(sample)
         return index
@@ -242,22 +268,26 @@ def _sample(run: EmbeddingSnapshot, count: int, seed: int) -> np.ndarray:
 def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Path, merge: bool,
          on_gpu: bool) -> tuple[str, list[str], np.ndarray]:
     """Add the shards with their catalog ids; returns (layout, FAISS file names, all ids). Writes uris.parquet
-    (with each image's format and sha256 and the snapshot's metadata)."""
-    ivf = plan.index_type in ("ivf_flat", "ivf_pq")
-    whole = trained if merge and not ivf else None  # Flat/HNSW merged: one index grows shard by shard
-    parts_dir = out / "_parts" if merge and ivf else out
+    (with each image's format and sha256 and the snapshot's metadata), and a re-ranked type's float16 store."""
+    ondisk = plan.index_type in ONDISK_TYPES
+    whole = trained if merge and not ondisk else None  # Flat/HNSW/fast-scan merged: one index grows by shard
+    parts_dir = out / "_parts" if merge and ondisk else out
     parts_dir.mkdir(exist_ok=True)
+    sources = run.read_sources()
+    rerank = _rerank_store(out, sources, run.dim) if plan.index_type in RERANK_TYPES else None
     files, all_ids, offset = [], [], 0
     for shard, (ids, vectors, _) in enumerate(run.iter_shards()):
         offset += len(ids)
         if len(ids) == 0:
             continue
         all_ids.append(ids)
+        if rerank is not None:
+            rerank[1][np.searchsorted(rerank[0], ids)] = vectors
         if whole is not None:
             whole.add_with_ids(vectors, ids)
             continue
         part = faiss.clone_index(trained)
-        if on_gpu and ivf:  # Flat adds are copies and HNSW has no GPU version
+        if on_gpu and ondisk:  # Flat adds are copies; HNSW and fast-scan have no GPU version
             gpu_part = to_gpu(part, plan.index_type)
             gpu_part.add_with_ids(vectors, ids)
             part = to_cpu(gpu_part)
@@ -269,7 +299,10 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
     if offset != run.rows:
         raise IndexBuildError(f"{run.snapshot_dir}: the shards hold {offset} rows, the manifest says {run.rows}")
     ids = np.concatenate(all_ids)
-    store.write_uris(out, run.read_sources(), run.read_metadata())
+    if rerank is not None:
+        rerank[1].flush()
+        rerank = None  # the memory map's file is complete and closed before the manifest hashes it
+    store.write_uris(out, sources, run.read_metadata())
     if whole is not None:
         faiss.write_index(whole, str(out / store.INDEX_FILE))
         return "single", [store.INDEX_FILE], ids
@@ -280,6 +313,15 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
     faiss.write_index(merged, str(out / store.INDEX_FILE))
     shutil.rmtree(parts_dir)
     return "ondisk", [store.INDEX_FILE], ids
+
+
+def _rerank_store(out: Path, sources: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted catalog ids, the float16 (N, dim) memory-mapped store to fill row by row in their order): a catalog
+    larger than memory streams through it shard by shard."""
+    sorted_ids = np.sort(sources.column("id").to_numpy())
+    rows = np.lib.format.open_memmap(out / store.RERANK_FILE, mode="w+", dtype=STORE_DTYPE,
+                                     shape=(len(sorted_ids), dim))
+    return sorted_ids, rows
 
 
 def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingSnapshot, queries: Queries,
@@ -301,11 +343,10 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
     param = plan.search_param
 
     def search(q: np.ndarray, exclude: np.ndarray, kk: int, value: int | None) -> np.ndarray:
-        if param is not None and value is not None:
-            set_search_param(index.index, param, value, on_gpu)
+        index.set_search(param, value)
         return index.search(q, kk, exclude)[0]
 
-    if plan.index_type == "hnsw":
+    if param == "efSearch":
         candidates = ef_search_candidates(k, run.rows)
     elif param == "nprobe":
         candidates = nprobe_candidates(plan.params["nlist"], GPU_MAX_K if on_gpu else None)
@@ -315,14 +356,23 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
     if groups.max() < 1:  # check_queries counted spellings; the catalog showed them to be one image
         raise IndexBuildError(f"tuning needs queries of at least 2 reference images, but all {len(groups)} queries "
                               f"refer to catalog id {int(reference_ids.max())} (one image under several names)")
-    result = tune_setting(search, param, candidates, queries.vectors, truth, groups, k, config.recall_target,
-                          config.tune_fraction, config.seed)
+    def tune() -> TuningResult:
+        return tune_setting(search, param, candidates, queries.vectors, truth, groups, k, config.recall_target,
+                            config.tune_fraction, config.seed)
+
+    rerank: dict[str, Any] = {}
+    if manifest.get("rerank"):
+        result, rerank = _tune_k_factor(index, tune)
+    else:
+        result = tune()
     setting = "exact search" if result.param is None else f"tuned {result.param}={result.value}"
+    if rerank:
+        setting += f", re-rank of k x {rerank['k_factor']} candidates"
     log.info("%s: recall@%d %.4f on %d held-out composed queries of %d reference images (target %.3f%s)", setting,
              k, result.recall, result.queries_held_out, result.references_held_out, result.target,
              "" if result.target_met else ", NOT MET")
     excluded = int((reference_ids >= 0).sum())
-    return {"param": result.param, "value": result.value, "k": k, "target": result.target,
+    return {**rerank, "param": result.param, "value": result.value, "k": k, "target": result.target,
             "target_met": result.target_met, "held_out": round(result.recall, 5),
             "tuning": round(result.tuning_recall, 5),
             "sweep": [[value, round(recall, 5), round(ms, 4)] for value, recall, ms in result.sweep],
@@ -339,3 +389,27 @@ def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: 
                               f"k-recall@{k} against exact inner-product search over all {run.rows} catalog "
                               f"vectors, each query's reference left out of both where the catalog holds it "
                               f"({excluded} queries), as search leaves it out; ties within 1e-5 counted as hits")}
+
+
+def _tune_k_factor(index: VectorIndex, tune: Callable[[], TuningResult]) -> tuple[TuningResult, dict[str, Any]]:
+    """The candidate count of a re-ranked index with its nprobe: for each of K_FACTORS the smallest nprobe that
+    meets the target (tune), then the pair whose tuning search took the least time. More candidates let a
+    smaller nprobe do, at a re-rank cost; the sweep stops once a passing pair is well past the fastest one.
+    Returns the chosen result and the manifest's {"k_factor", "k_factor_sweep"} (k_factor, nprobe, recall on
+    the tuning queries, ms per query, target met)."""
+    tried: list[tuple[int, TuningResult, float]] = []
+    for k_factor in K_FACTORS:
+        index.set_search(None, None, k_factor)
+        result = tune()
+        ms = next(ms for value, _, ms in reversed(result.sweep) if value == result.value)
+        tried.append((k_factor, result, ms))
+        log.info("re-rank of k x %d: nprobe=%s, recall@%d %.4f on the tuning queries, %.3f ms/query%s", k_factor,
+                 result.value, result.k, result.tuning_recall, ms, "" if result.target_met else " (target not met)")
+        fastest = min((m for _, r, m in tried if r.target_met), default=None)
+        if fastest is not None and result.target_met and ms > 2 * fastest:
+            break
+    met = [t for t in tried if t[1].target_met]
+    k_factor, result, _ = min(met, key=lambda t: t[2]) if met else max(tried, key=lambda t: t[1].tuning_recall)
+    index.set_search(result.param, result.value, k_factor)
+    sweep = [[kf, r.value, round(r.tuning_recall, 5), round(ms, 4), r.target_met] for kf, r, ms in tried]
+    return result, {"k_factor": k_factor, "k_factor_sweep": sweep}

@@ -10,9 +10,17 @@ The order of preference, by catalog size:
   little and cost exactness, training and tuning.
 - HNSW while vectors + graph fit the budget and N is moderate: the best latency at high recall on CPU, but its
   build is a long sequential insertion and its random access does not suit memory-mapped files.
-- IVF-Flat while the raw vectors fit: fast build (GPU-friendly), exact distances inside the probed lists,
-  on-disk merge and memory mapping.
-- IVF-PQ when they do not: product-quantised codes, sized to the budget.
+- HNSW-SQ while HNSW's graph fits with 8-bit scalar-quantised vectors (a quarter of float32): HNSW's latency
+  at high dimensions where the raw vectors do not fit; the codes lose little recall, and tuning measures it.
+- IVF-PQ + re-rank past HNSW's build limit or budget: 4-bit fast-scan PQ codes find k * k_factor candidates,
+  re-scored exactly from float16 copies of the vectors memory-mapped beside the index (search/rerank.py); the
+  float16 store (2 B/dim) is counted in the budget, since the re-rank reads it at random and must stay in the
+  page cache to be fast. Fast build, no recall cap: tuning sets k_factor and nprobe together.
+- IVF-PQ (8-bit codes, no re-rank) when not even that fits: its recall is capped by its codes.
+
+IVF-Flat (exact distances inside the probed lists, on-disk merge, a GPU version) is never chosen by size: at
+every size where it fits, the re-ranked IVF-PQ scans less memory per probed vector for the same recall and
+needs less of it. Force it (index_type="ivf_flat") for GPU search: the re-ranked types run on the CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from typing import Any
 from cirflow.core.config import check_between, check_choice, check_positive
 from cirflow.indexing.search.placement import USE_GPU
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
+INDEX_TYPES = ("auto", "flat", "hnsw", "hnsw_sq", "ivf_flat", "ivf_pq", "ivf_pq_rerank")
+RERANK_TYPES = ("ivf_pq_rerank",)  # types searched through a float16 re-rank (search/rerank.py)
 MB = 1 << 20
 ID_BYTES = 8  # every index stores an int64 catalog id per vector (IndexIDMap, or the IVF lists)
 # faiss warns below 39 training points per centroid (k-means and PQ codebooks alike): too few to place them.
@@ -33,6 +42,11 @@ MIN_POINTS_PER_CENTROID = 39
 # levels and offsets; measured 2*M*4*1.05 + 12 against faiss 1.15 file sizes.
 HNSW_LINK_OVERHEAD = 1.05
 HNSW_NODE_BYTES = 12
+RERANK_BYTES_PER_DIM = 2  # the float16 store the re-rank reads
+FAST_SCAN_BITS = 4  # faiss's fast-scan PQ (SIMD lookups in registers) has 4-bit codes only
+# The fewest training points, even for a small nlist: PQ codebooks and the scalar quantizer's ranges learn from
+# it too; the sample grows to MIN_POINTS_PER_CENTROID per list beyond (10M vectors: 16384 lists, 639k points).
+MIN_TRAIN_SAMPLE = 100_000
 
 
 class IndexConfigError(ValueError):
@@ -48,13 +62,16 @@ class IndexConfig:
     recall_target: float = 0.95  # recall@k against exact search, measured with composed queries
     recall_k: int = 10
     tune_fraction: float = 0.5  # share of the queries that choose the setting; the rest measure it (held out)
-    # Training points for IVF centroids and PQ codebooks (seeded sample): 100k allow 2048 lists of >= 39 points,
-    # and k-means cost grows with points x lists (stack.md: IVF1024 on 200k x 256 takes over a minute here).
-    train_sample: int = 100_000
+    # Training points for IVF centroids, PQ codebooks and scalar-quantizer ranges (seeded sample); None: enough
+    # for the auto nlist (>= 39 per list, at least MIN_TRAIN_SAMPLE). k-means cost grows with points x lists
+    # (stack.md: IVF1024 on 200k x 256 takes over a minute here).
+    train_sample: int | None = None
     hnsw_m: int = 32  # links per node: more raise recall at a given efSearch; the graph costs ~8*M B/vector
     hnsw_ef_construction: int = 80  # faiss's default is 40; a wider build search makes a better graph, slower
     nlist: int | None = None  # IVF lists; None: ~4*sqrt(N) as a power of two, >= 39 training points per list
-    pq_m: int | None = None  # PQ sub-quantizers; None: the most that fit the budget, at most dim/2
+    pq_m: int | None = None  # PQ sub-quantizers; None: ivf_pq the most that fit the budget, at most dim/2;
+    # ivf_pq_rerank dim/4 (4 dims per 4-bit code: candidates only need to be roughly right, the re-rank fixes
+    # their order, and the scan costs in proportion to pq_m)
     pq_nbits: int = 8  # bits per PQ code; lowered when the training sample is too small for 2**nbits centroids
     merge: bool = True  # one index (IVF: merged on disk, memory-mapped); False: one FAISS file per shard
     use_gpu: str = "auto"  # "auto": GPU when faiss sees one; "never"; "require": fail without a GPU
@@ -104,26 +121,32 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
         plan = _build_plan("flat", n, dim, config)
         return replace(plan, reason=f"{size} <= flat limit {_mb(config.flat_max_mb * MB)}: an exact scan "
                                     f"(~1 ms/query per 16 MB) needs no training or tuning and is exact")
-    why_not_flat = (f"{size} > flat limit {_mb(config.flat_max_mb * MB)}" if raw > config.flat_max_mb * MB
-                    else f"{size} + ids > memory budget {_mb(budget)}")
-    hnsw = _build_plan("hnsw", n, dim, config)
-    if n <= config.hnsw_max_vectors and hnsw.estimated_bytes <= budget:
-        return replace(hnsw, reason=f"{why_not_flat}; {hnsw.reason}, ~{_mb(hnsw.estimated_bytes)} with the "
-                                    f"graph, fits the memory budget {_mb(budget)} and {n:,} <= "
-                                    f"{config.hnsw_max_vectors:,} vectors: best latency at high recall on CPU")
-    why_not_hnsw = (f"{n:,} > {config.hnsw_max_vectors:,} vectors for HNSW" if n > config.hnsw_max_vectors
-                    else f"HNSW would need ~{_mb(hnsw.estimated_bytes)} > memory budget {_mb(budget)}")
-    ivf_flat = _build_plan("ivf_flat", n, dim, config)
-    if ivf_flat.estimated_bytes <= budget:
-        return replace(ivf_flat, reason=f"{why_not_flat}; {why_not_hnsw}; {ivf_flat.reason}: raw vectors + ids "
-                                        f"~{_mb(ivf_flat.estimated_bytes)} fit the memory budget {_mb(budget)}")
+    why_not = [f"{size} > flat limit {_mb(config.flat_max_mb * MB)}" if raw > config.flat_max_mb * MB
+               else f"{size} + ids > memory budget {_mb(budget)}"]
+    if n <= config.hnsw_max_vectors:
+        for kind in ("hnsw", "hnsw_sq"):
+            plan = _build_plan(kind, n, dim, config)
+            if plan.estimated_bytes <= budget:
+                return replace(plan, reason=f"{'; '.join(why_not)}; {plan.reason}, ~{_mb(plan.estimated_bytes)} "
+                                            f"with the graph, fits the memory budget {_mb(budget)} and {n:,} <= "
+                                            f"{config.hnsw_max_vectors:,} vectors: best latency at high recall on "
+                                            f"CPU")
+            why_not.append(f"{plan.reason} would need ~{_mb(plan.estimated_bytes)} > memory budget {_mb(budget)}")
+    else:
+        why_not.append(f"{n:,} > {config.hnsw_max_vectors:,} vectors for HNSW (a long sequential build)")
+    rerank = _build_plan("ivf_pq_rerank", n, dim, config)
+    if rerank.estimated_bytes <= budget:
+        return replace(rerank, reason=f"{'; '.join(why_not)}; {rerank.reason}, ~{_mb(rerank.estimated_bytes)} "
+                                      f"with the float16 store, fits the memory budget {_mb(budget)}: a fast "
+                                      f"build and exact scores for the candidates")
+    why_not.append(f"{rerank.reason} would need ~{_mb(rerank.estimated_bytes)} > memory budget {_mb(budget)}")
     ivf_pq = _build_plan("ivf_pq", n, dim, config)
     if ivf_pq.estimated_bytes > budget:
         raise IndexConfigError(f"{size}: even IVF-PQ ({ivf_pq.reason}) needs ~{_mb(ivf_pq.estimated_bytes)}, "
-                               f"over memory_budget_mb={config.memory_budget_mb}; raise the budget")
-    return replace(ivf_pq, reason=f"{why_not_flat}; {why_not_hnsw}; raw vectors + ids "
-                                  f"~{_mb(ivf_flat.estimated_bytes)} > memory budget {_mb(budget)}: "
-                                  f"{ivf_pq.reason}, ~{_mb(ivf_pq.estimated_bytes)}")
+                               f"over memory_budget_mb={config.memory_budget_mb}; raise the budget, or build "
+                               f"the catalog as several index shards (one per machine)")
+    return replace(ivf_pq, reason=f"{'; '.join(why_not)}: {ivf_pq.reason}, ~{_mb(ivf_pq.estimated_bytes)} (its "
+                                  f"codes cap its recall)")
 
 
 def auto_nlist(n: int, train_points: int) -> int:
@@ -134,38 +157,61 @@ def auto_nlist(n: int, train_points: int) -> int:
     return nlist
 
 
+def train_points(n: int, config: IndexConfig) -> int:
+    """Catalog vectors sampled to train centroids, codebooks or quantizer ranges: config.train_sample, or enough
+    for the auto nlist (MIN_POINTS_PER_CENTROID per list, at least MIN_TRAIN_SAMPLE); never more than n."""
+    if config.train_sample is not None:
+        return min(n, config.train_sample)
+    return min(n, max(MIN_TRAIN_SAMPLE, MIN_POINTS_PER_CENTROID * auto_nlist(n, n)))
+
+
 def _build_plan(index_type: str, n: int, dim: int, config: IndexConfig) -> IndexPlan:
     """Parameters, factory string and size of one index type; `reason` describes the parameters only."""
     if index_type == "flat":
         return IndexPlan("flat", "IDMap,Flat", {}, None, n * (dim * 4 + ID_BYTES), 0, "Flat (exact)")
+    m = config.hnsw_m
+    links = ID_BYTES + 2 * m * 4 * HNSW_LINK_OVERHEAD + HNSW_NODE_BYTES
+    hnsw_params = {"hnsw_m": m, "ef_construction": config.hnsw_ef_construction}
     if index_type == "hnsw":
-        m = config.hnsw_m
-        per_vector = dim * 4 + ID_BYTES + 2 * m * 4 * HNSW_LINK_OVERHEAD + HNSW_NODE_BYTES
-        params = {"hnsw_m": m, "ef_construction": config.hnsw_ef_construction}
-        return IndexPlan("hnsw", f"IDMap,HNSW{m},Flat", params, "efSearch", int(n * per_vector), 0,
+        return IndexPlan("hnsw", f"IDMap,HNSW{m},Flat", hnsw_params, "efSearch", int(n * (dim * 4 + links)), 0,
                          f"HNSW M={m} efConstruction={config.hnsw_ef_construction}")
+    if index_type == "hnsw_sq":
+        return IndexPlan("hnsw_sq", f"IDMap,HNSW{m},SQ8", hnsw_params, "efSearch", int(n * (dim + links)),
+                         min(n, MIN_TRAIN_SAMPLE), f"HNSW-SQ8 M={m} efConstruction={config.hnsw_ef_construction}")
 
-    train_points = min(n, config.train_sample)
+    points = train_points(n, config)
     warnings: tuple[str, ...] = ()
-    nlist = config.nlist if config.nlist is not None else auto_nlist(n, train_points)
-    if nlist > train_points:
+    nlist = config.nlist if config.nlist is not None else auto_nlist(n, points)
+    if nlist > points:
         raise IndexConfigError(f"nlist={nlist} needs at least {nlist} training vectors, the catalog gives "
-                               f"{train_points}; lower nlist or leave it None (auto)")
-    if train_points < MIN_POINTS_PER_CENTROID * nlist:
-        warnings += (f"nlist={nlist} has {train_points / nlist:.0f} training points per list (< "
+                               f"{points}; lower nlist or leave it None (auto)")
+    if points < MIN_POINTS_PER_CENTROID * nlist:
+        warnings += (f"nlist={nlist} has {points / nlist:.0f} training points per list (< "
                      f"{MIN_POINTS_PER_CENTROID}); centroids will be poorly placed",)
     centroids = nlist * dim * 4
     if index_type == "ivf_flat":
         params = {"nlist": nlist}
         return IndexPlan("ivf_flat", f"IVF{nlist},Flat", params, "nprobe", n * (dim * 4 + ID_BYTES) + centroids,
-                         train_points, f"IVF-Flat nlist={nlist}", warnings)
+                         points, f"IVF-Flat nlist={nlist}", warnings)
+    if index_type == "ivf_pq_rerank":
+        m = config.pq_m if config.pq_m is not None else _divisor_at_most(dim, max(1, dim // 4))
+        if dim % m:
+            raise IndexConfigError(f"pq_m={m} must divide the dimension {dim}")
+        code_bytes = math.ceil(m * FAST_SCAN_BITS / 8)
+        params = {"nlist": nlist, "pq_m": m, "pq_nbits": FAST_SCAN_BITS}
+        per_vector = code_bytes + ID_BYTES + RERANK_BYTES_PER_DIM * dim
+        return IndexPlan("ivf_pq_rerank", f"IVF{nlist},PQ{m}x{FAST_SCAN_BITS}fs", params, "nprobe",
+                         n * per_vector + centroids, points,
+                         f"IVF-PQ fast-scan nlist={nlist}, m={m} x {FAST_SCAN_BITS} bits = {code_bytes} B/code + "
+                         f"{ID_BYTES} B id, re-ranked from float16 vectors ({RERANK_BYTES_PER_DIM * dim} B)",
+                         warnings)
     if index_type != "ivf_pq":
         raise IndexConfigError(f"index type {index_type!r} is not one of {list(INDEX_TYPES[1:])}")
 
     # Each sub-quantizer needs 2**nbits centroids with >= 39 training points each.
-    nbits = min(config.pq_nbits, max(1, int(math.log2(train_points / MIN_POINTS_PER_CENTROID))))
+    nbits = min(config.pq_nbits, max(1, int(math.log2(points / MIN_POINTS_PER_CENTROID))))
     if nbits < config.pq_nbits:
-        warnings += (f"pq_nbits lowered from {config.pq_nbits} to {nbits}: {train_points:,} training vectors are "
+        warnings += (f"pq_nbits lowered from {config.pq_nbits} to {nbits}: {points:,} training vectors are "
                      f"too few for {2 ** config.pq_nbits} centroids per sub-quantizer",)
     m = config.pq_m if config.pq_m is not None else _auto_pq_m(n, dim, nbits, config.memory_budget_mb * MB
                                                                  - centroids)
@@ -174,8 +220,12 @@ def _build_plan(index_type: str, n: int, dim: int, config: IndexConfig) -> Index
     code_bytes = math.ceil(m * nbits / 8)
     params = {"nlist": nlist, "pq_m": m, "pq_nbits": nbits}
     return IndexPlan("ivf_pq", f"IVF{nlist},PQ{m}x{nbits}", params, "nprobe",
-                     n * (code_bytes + ID_BYTES) + centroids, train_points,
+                     n * (code_bytes + ID_BYTES) + centroids, points,
                      f"IVF-PQ nlist={nlist}, m={m} x {nbits} bits = {code_bytes} B/code + {ID_BYTES} B id", warnings)
+
+
+def _divisor_at_most(dim: int, limit: int) -> int:
+    return next(m for m in range(limit, 0, -1) if dim % m == 0)
 
 
 def _auto_pq_m(n: int, dim: int, nbits: int, budget: float) -> int:

@@ -17,7 +17,8 @@ holds the base codec's reconstruction of the vector (sa_encode then sa_decode), 
 item scores q . (centroid + decoded residual), the inner product IVF-PQ itself computes, not the exact q . x;
 exact codecs (Flat, HNSW's flat storage, IVF-Flat) give the vectors back unchanged. What remains approximate
 is where the base looks (IVF: the probed lists; HNSW: the graph walk): the delta is always scanned whole, as if
-its items lay in a probed list. The tuned setting is swept again on the combined index and validation
+its items lay in a probed list. A re-ranked base (search/rerank.py) scores its results from its float16 store,
+so its delta holds the vectors rounded to float16, and the store is shared like the base's files. The tuned setting is swept again on the combined index and validation
 re-measures recall before publication.
 
 An overlay is made only on the previous version that was built from the snapshot the new one was refreshed
@@ -54,12 +55,14 @@ from cirflow.indexing.index.build import (
     move_into_place,
     queries_digest,
     record_metadata_fields,
+    search_section,
     tune_index,
 )
 from cirflow.indexing.index.plan import IndexConfig, IndexPlan
 from cirflow.indexing.index.queries import Queries, catalog_ids
 from cirflow.indexing.index.tuning import GroundTruth, load_truth, refresh_truth
 from cirflow.indexing.search import index_store as store
+from cirflow.indexing.search.rerank import store_vectors
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +105,14 @@ def refresh_index(run: shards.EmbeddingSnapshot, queries: Queries, previous: Pat
         return final
     started = time.perf_counter()
     with temp_dir_beside(final) as tmp:
-        base_files = list(manifest["index_files"]) + ([store.IVFDATA] if manifest["layout"] == "ondisk" else [])
+        base_files = (list(manifest["index_files"]) + ([store.IVFDATA] if manifest["layout"] == "ondisk" else [])
+                      + ([store.RERANK_FILE] if manifest.get("rerank") else []))
         for name in base_files:  # immutable: versions share them at no cost
             link_or_copy(previous / name, tmp / name)
         delta_vectors = _vectors_of(run, delta_ids)
         delta = faiss.IndexIDMap2(faiss.IndexFlatIP(run.dim))
-        delta.add_with_ids(base_reconstruction(_base_part(previous, manifest), delta_vectors), delta_ids)
+        delta.add_with_ids(base_reconstruction(_base_part(previous, manifest), delta_vectors,
+                                               bool(manifest.get("rerank"))), delta_ids)
         faiss.write_index(delta, str(tmp / store.DELTA_FILE))
         np.save(tmp / store.DEAD_FILE, dead)
         np.save(tmp / store.BASE_IDS_FILE, base_ids)
@@ -116,6 +121,7 @@ def refresh_index(run: shards.EmbeddingSnapshot, queries: Queries, previous: Pat
         kept = {key: manifest[key] for key in ("catalog", "embed_dim", "metric", "type", "factory", "params",
                                                "reason", "plan_warnings", "layout", "index_files",
                                                "estimated_bytes", "config", "faiss_version")}
+        kept.update({key: manifest[key] for key in ("rerank",) if key in manifest})
         new = {**kept, "format": store.FORMAT, "index_id": final.name, "bundle_id": run.bundle_id,
                "overlay": {"base": base, "previous": manifest["index_id"], "dead": int(len(dead)),
                            "delta": int(len(delta_ids)), "base_vectors": int(len(base_ids)),
@@ -133,7 +139,7 @@ def refresh_index(run: shards.EmbeddingSnapshot, queries: Queries, previous: Pat
                     "counts": {"vectors": int(len(ids)), "shards": len(run.shard_files),
                                "index_files": len(manifest["index_files"])},
                     "id_range": [int(ids.min()), int(ids.max())],
-                    "search": {"param": tuning.pop("param"), "value": tuning.pop("value")}, "recall": tuning,
+                    "search": search_section(tuning), "recall": tuning,
                     "build_seconds": {"overlay": round(built_at - started, 3), "tune": round(done - built_at, 3),
                                       "total": round(done - started, 3)},
                     "device": "cpu", "queries_sha256": queries_digest(queries)})
@@ -193,10 +199,13 @@ def _overlay_id(manifest: dict[str, Any], run: shards.EmbeddingSnapshot, queries
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
 
 
-def base_reconstruction(base: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+def base_reconstruction(base: faiss.Index, vectors: np.ndarray, reranked: bool = False) -> np.ndarray:
     """(n, D) `vectors` as the CPU index `base` scores them: decoded from the codes its codec gives them
     (module docstring). The codec is the index under an IndexIDMap, an HNSW's storage, or the index itself (an
-    IVF index encodes the list and the residual)."""
+    IVF index encodes the list and the residual). A re-ranked index scores its results from its float16 store:
+    the vectors rounded to float16."""
+    if reranked:
+        return store_vectors(vectors)
     codec = faiss.downcast_index(base.index) if isinstance(base, faiss.IndexIDMap) else base
     if isinstance(codec, faiss.IndexHNSW):
         codec = faiss.downcast_index(codec.storage)

@@ -2,9 +2,12 @@
 an index that takes none (faiss GPU), by an exact scan of the allowed vectors for a small set on HNSW.
 
 A selector travels in SearchParameters, with the tuned nprobe / efSearch carried in (parameters given replace the
-index's own). A filter can leave an approximate index too few candidates where it looks (IVF: the probed lists;
-HNSW: the visited part of the graph), so rows left short are searched again with a doubled setting, up to an
-exhaustive one. HNSW answers a small allowed set (raw vectors up to EXACT_SUBSET_BYTES) by an exact scan of those
+index's own), scaled by the inverse of the share of the index the filter allows: the tuned setting finds the k
+nearest among all vectors; among a third of them the k nearest lie about three times as far down the ranking,
+and a setting that looks three times as far finds them (measured on the toy overlays: IVF-PQ + re-rank, 1/3
+allowed, recall 0.89 at the tuned nprobe). A filter can still leave an approximate index too few candidates
+where it looks (IVF: the probed lists; HNSW: the visited part of the graph), so rows left short are searched
+again with a doubled setting, up to an exhaustive one. HNSW answers a small allowed set (raw vectors up to EXACT_SUBSET_BYTES) by an exact scan of those
 vectors, since a graph walk that skips nearly every node finds few of them (measured: 0.5% of 20k allowed,
 efSearch 256: recall 0.2). faiss GPU indexes take no selector: they fetch more neighbours and keep the allowed
 ones, at most GPU_MAX_K per query, so a very selective filter on a GPU index may return fewer than k.
@@ -12,6 +15,7 @@ ones, at most GPU_MAX_K per query, so a very selective filter on a GPU index may
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import faiss
@@ -19,6 +23,7 @@ import numpy as np
 
 from cirflow.indexing.search import topk
 from cirflow.indexing.search.entries import members
+from cirflow.indexing.search.rerank import Reranked
 from cirflow.indexing.search.topk import PAD_SCORE
 
 # An allowed set of HNSW vectors up to this size is scanned exactly: the index plan's flat_max_mb default, the
@@ -31,10 +36,12 @@ OVERFETCH_MIN = 64
 SearchAll = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]  # (queries, n) -> the n best of all
 
 
-def search_setting(index: faiss.Index) -> tuple[str | None, int, int]:
+def search_setting(index: faiss.Index | Reranked) -> tuple[str | None, int, int]:
     """(name, current value, exhaustive value) of a CPU index's search setting: ("nprobe", nprobe, nlist) for
     IVF, ("efSearch", efSearch, ntotal) for HNSW, (None, 0, 0) for an exact index. A faiss.IndexShards is read
-    from its first shard: ParameterSpace sets them all alike."""
+    from its first shard: ParameterSpace sets them all alike; a re-ranked index from the index it wraps."""
+    if isinstance(index, Reranked):
+        index = index.index
     first = faiss.downcast_index(index.at(0)) if isinstance(index, faiss.IndexShards) and index.count() else index
     ivf = faiss.try_extract_index_ivf(first)
     if ivf is not None:
@@ -45,23 +52,25 @@ def search_setting(index: faiss.Index) -> tuple[str | None, int, int]:
     return None, 0, 0
 
 
-def filtered_search(index: faiss.Index, queries: np.ndarray, k: int,
+def filtered_search(index: faiss.Index | Reranked, queries: np.ndarray, k: int,
                     allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) (Q, k) of a CPU index's k best among `allowed` (sorted ids, all in the index), through a
-    faiss selector at the index's own setting (selector_search)."""
-    return selector_search(index, queries, k, faiss.IDSelectorBatch(allowed), min(k, len(allowed)))
+    faiss selector at the index's own setting scaled by the share allowed (module docstring)."""
+    scale = index.ntotal / max(len(allowed), 1)
+    return selector_search(index, queries, k, faiss.IDSelectorBatch(allowed), min(k, len(allowed)), scale)
 
 
-def selector_search(index: faiss.Index, queries: np.ndarray, k: int, selector: faiss.IDSelector,
-                    want: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) (Q, k) of a CPU index's k best among the ids `selector` accepts, at the index's own setting;
-    rows short of `want` (at most k: as many as the selector accepts) are searched again with the setting
-    doubled, up to an exhaustive one."""
+def selector_search(index: faiss.Index | Reranked, queries: np.ndarray, k: int, selector: faiss.IDSelector,
+                    want: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) (Q, k) of a CPU index's k best among the ids `selector` accepts, at the index's own setting
+    times `scale`; rows short of `want` (at most k: as many as the selector accepts) are searched again with the
+    setting doubled, up to an exhaustive one."""
     scores = np.full((len(queries), k), PAD_SCORE, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
     if want == 0:
         return scores, ids
     param, value, limit = search_setting(index)
+    value = min(limit, math.ceil(value * scale))
     # The shards of a faiss.IndexShards are searched one by one, each with parameters of its own: IndexIDMap
     # swaps its own id translation into the selector it is given while it searches, so shards searching in
     # parallel with one SearchParameters read each other's ids (seen with faiss 1.15.1).
@@ -122,9 +131,9 @@ def overfetch(search: SearchAll, queries: np.ndarray, k: int, keep: Callable[[np
 
 
 class ExactSubset:
-    """An exact scan of some ids' vectors, read from an HNSW index's flat storage (one IndexIDMap part, or one per
-    shard of a faiss.IndexShards). The id lookup is made on first use and published whole: request threads may
-    search at once."""
+    """An exact scan of some ids' vectors, read from an HNSW index's storage (flat, or SQ8 decoded as the graph
+    scores it; one IndexIDMap part, or one per shard of a faiss.IndexShards). The id lookup is made on first use
+    and published whole: request threads may search at once."""
 
     def __init__(self, index: faiss.Index) -> None:
         self._index = index

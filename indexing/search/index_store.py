@@ -9,6 +9,7 @@
                                         catalogs), sorted by id; indexes of older cirflow lack format and sha256
                                         (read as nulls) and may lack metadata
         truth.npz                       the tuning queries' exact top lists (ids, scores, excluded id per query)
+        rerank.npy                      a re-ranked type only: float16 (N, D), the base's vectors in id order
         delta.faiss, dead.npy, base_ids.npy    an overlay version only (indexing/index/refresh.py)
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
     indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename (indexing/index/versions.py)
@@ -44,11 +45,13 @@ from cirflow.core.files import (
 from cirflow.indexing.embedding.catalog import SOURCE_COLUMNS, metadata_columns
 from cirflow.indexing.embedding.shards import read_columns, write_parquet_atomic
 from cirflow.indexing.search.placement import to_gpu
+from cirflow.indexing.search.rerank import STORE_DTYPE
 
 FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
 DELTA_FILE, DEAD_FILE, BASE_IDS_FILE = "delta.faiss", "dead.npy", "base_ids.npy"
+RERANK_FILE = "rerank.npy"  # search/rerank.py
 TRUTH_FILE = "truth.npz"  # the tuning queries' exact top lists over the catalog (build.tune_index)
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), *((name, pa.string()) for name in SOURCE_COLUMNS)])
 
@@ -173,6 +176,21 @@ def open_index(index_dir: Path, manifest: dict[str, Any], mmap: bool = True, on_
     for part in parts:
         shards.add_shard(part)  # faiss's wrapper keeps a reference to each part
     return shards
+
+
+def open_rerank_store(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The float16 re-rank store of a re-ranked index, memory-mapped read-only; None for other types."""
+    if not manifest.get("rerank"):
+        return None
+    path = Path(index_dir) / RERANK_FILE
+    try:
+        vectors = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{path}: not a readable .npy file ({e})") from e
+    if vectors.dtype != STORE_DTYPE or vectors.ndim != 2 or vectors.shape[1] != int(manifest["embed_dim"]):
+        raise IndexFormatError(f"{path}: holds {vectors.dtype} {vectors.shape}, not float16 (N, "
+                               f"{manifest['embed_dim']})")
+    return vectors
 
 
 def read_base_ids(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """A loaded index directory: (Q, D) query vectors in, the top-k catalog ids and scores out.
 
 Loading checks every index file against the manifest, memory-maps what faiss can map (index_store), places the
-index on a GPU or the CPU (placement) and sets the tuned nprobe / efSearch. `search` checks its arguments and
+index on a GPU or the CPU (placement), wraps a re-ranked type's index in its float16 re-rank (rerank) and sets
+the tuned nprobe / efSearch and candidate count. `search` checks its arguments and
 answers from the plain index, an overlay version's base and delta (overlay), or among allowed ids (filtered);
 `entries` holds the catalog's entries the index serves (uris, metadata, image sources).
 """
@@ -26,6 +27,7 @@ from cirflow.indexing.search.filtered import (
 )
 from cirflow.indexing.search.overlay import Overlay
 from cirflow.indexing.search.placement import GPU_MAX_K, resolve_gpu, set_search_param
+from cirflow.indexing.search.rerank import Reranked
 from cirflow.indexing.search.topk import drop_excluded
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class SearchResult:
 class VectorIndex:
     """One index version: its FAISS index (the base, for an overlay version), where it runs, and its entries."""
 
-    def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index, on_gpu: bool,
+    def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index | Reranked, on_gpu: bool,
                  entries: Entries, overlay: Overlay | None = None) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
@@ -57,7 +59,10 @@ class VectorIndex:
     def open(cls, index_dir: Path, manifest: dict[str, Any], mmap: bool, on_gpu: bool) -> VectorIndex:
         """The index of a verified directory, its base, overlay, uris and metadata (load and index tuning share
         this)."""
-        index = store.open_index(index_dir, manifest, mmap=mmap, on_gpu=on_gpu)
+        index: faiss.Index | Reranked = store.open_index(index_dir, manifest, mmap=mmap, on_gpu=on_gpu)
+        vectors = store.open_rerank_store(index_dir, manifest)
+        if vectors is not None:
+            index = Reranked(index, vectors, store.read_base_ids(index_dir, manifest))
         ids, uris = store.read_uris(index_dir)
         dead, delta = store.read_dead(index_dir, manifest), store.open_delta(index_dir, manifest)
         live = index.ntotal - len(dead) + (delta.ntotal if delta is not None else 0)
@@ -83,14 +88,27 @@ class VectorIndex:
         on_gpu = resolve_gpu(use_gpu, manifest["type"], "search")
         loaded = cls.open(index_dir, manifest, mmap, on_gpu)
         setting = manifest["search"]
-        if setting["param"] is not None:
-            set_search_param(loaded.index, setting["param"], int(setting["value"]), on_gpu)
+        loaded.set_search(setting["param"], setting["value"], setting.get("k_factor"))
         recall = manifest["recall"]
         tuned = "exact" if setting["param"] is None else f"{setting['param']}={setting['value']}"
+        if setting.get("k_factor"):
+            tuned += f", re-rank of k x {setting['k_factor']} candidates"
         log.info("index %s: %s, %d vectors, %s (recall@%d %.3f held out)%s", index_dir, manifest["type"],
                  loaded.ntotal, tuned, recall["k"], recall["held_out"],
                  "" if recall["target_met"] else " RECALL TARGET NOT MET")
         return loaded
+
+    def set_search(self, param: str | None, value: int | None, k_factor: int | None = None) -> None:
+        """Apply a search setting: nprobe / efSearch (None: an exact index has none) and, for a re-ranked index,
+        the candidates re-scored per result (tuning sweeps both; load applies the manifest's)."""
+        if param is not None and value is not None:
+            faiss_index = self.index.index if isinstance(self.index, Reranked) else self.index
+            set_search_param(faiss_index, param, int(value), self.on_gpu)
+        if k_factor is not None:
+            if not isinstance(self.index, Reranked):
+                raise SearchError(f"index {self.index_dir.name} ({self.manifest['type']}) has no re-rank to set "
+                                  f"k_factor={k_factor} on")
+            self.index.k_factor = int(k_factor)
 
     @property
     def bundle_id(self) -> str:
@@ -143,7 +161,7 @@ class VectorIndex:
         """(scores, ids) of the index's k best per query among `allowed` (sorted ids it holds), padded."""
         if self.on_gpu:
             return overfetch_allowed(self.index.search, queries, k, allowed, min(self.index.ntotal, GPU_MAX_K))
-        if self.manifest["type"] == "hnsw" and len(allowed) * self.dim * 4 <= EXACT_SUBSET_BYTES:
+        if self.manifest["type"] in ("hnsw", "hnsw_sq") and len(allowed) * self.dim * 4 <= EXACT_SUBSET_BYTES:
             return self._exact_subset.search(queries, k, allowed)
         return filtered_search(self.index, queries, k, allowed)
 

@@ -77,12 +77,16 @@ def tiny_runtime(tiny_bundle: Path) -> BundleRuntime:
 
 
 # One configuration per index type, sized for the toy catalog. IVF-PQ's codes (16 x 6 bits for 32 dims) cap
-# its recall near 0.6 at every nprobe, so its target is set below that; its sweep still has to reach it.
+# its recall near 0.6 at every nprobe, so its target is set below that; its sweep still has to reach it. The
+# re-ranked IVF-PQ has coarser codes (8 x 4 bits) and no cap: its default target is met by more candidates.
+# HNSW-SQ8's 8-bit codes cap the toy's recall near 0.95 (its tight clusters put neighbours within a code step).
 TYPE_CONFIGS = {
     "flat": IndexConfig(index_type="flat"),
     "hnsw": IndexConfig(index_type="hnsw", hnsw_m=16),
     "ivf_flat": IndexConfig(index_type="ivf_flat"),
     "ivf_pq": IndexConfig(index_type="ivf_pq", pq_m=16, pq_nbits=6, train_sample=3000, recall_target=0.5),
+    "hnsw_sq": IndexConfig(index_type="hnsw_sq", hnsw_m=16, recall_target=0.9),
+    "ivf_pq_rerank": IndexConfig(index_type="ivf_pq_rerank"),
 }
 
 

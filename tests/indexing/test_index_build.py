@@ -54,9 +54,10 @@ def test_every_type_builds_and_meets_its_recall_target_held_out(built: dict[str,
     assert recall["reference_excluded"] == 0 and "200 of 200 held out" in recall["measured_with"]
     assert [manifest["search"]["value"], recall["tuning"]] in [row[:2] for row in recall["sweep"]]
     assert all(row[2] > 0 for row in recall["sweep"])  # ms per query of each setting, for the flow's plot
-    ivf = index_type.startswith("ivf")
-    assert manifest["layout"] == ("ondisk" if ivf else "single")
-    files = {"index.faiss", "uris.parquet", "truth.npz"} | ({"index.ivfdata"} if ivf else set())
+    ondisk = index_type in ("ivf_flat", "ivf_pq")  # fast-scan lists cannot merge on disk: one index in RAM
+    assert manifest["layout"] == ("ondisk" if ondisk else "single")
+    files = ({"index.faiss", "uris.parquet", "truth.npz"} | ({"index.ivfdata"} if ondisk else set())
+             | ({"rerank.npy"} if index_type == "ivf_pq_rerank" else set()))
     assert set(manifest["files"]) == files and {p.name for p in index_dir.iterdir()} == files | {"manifest.json"}
     assert manifest["bytes_per_vector"] == pytest.approx(manifest["bytes_on_disk"] / 6000, abs=0.01)
     assert manifest["build_seconds"]["total"] >= manifest["build_seconds"]["train"] >= 0
@@ -67,6 +68,9 @@ def test_bytes_per_vector_rank_the_types(built: dict[str, Path]) -> None:
     size = {t: verify_index(d, checksums=False)["bytes_per_vector"] for t, d in built.items()}
     assert 136 <= size["flat"] < 137  # 32 float32 + an int64 id
     assert size["ivf_pq"] < size["ivf_flat"] / 4 < size["flat"] < size["hnsw"]
+    assert size["hnsw_sq"] <= size["hnsw"] - 3 * 32 + 1  # 1 B per dimension instead of 4
+    # 8 x 4-bit codes and an id in the lists, 2 B per dimension in the float16 store
+    assert 4 + 8 + 64 <= size["ivf_pq_rerank"] < size["flat"]
 
 
 def test_flat_equals_numpy_brute_force(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,

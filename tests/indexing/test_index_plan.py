@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cirflow.core.config import ConfigError, from_dict
-from cirflow.indexing.index.plan import IndexConfig, IndexConfigError, auto_nlist, plan_index
+from cirflow.indexing.index.plan import IndexConfig, IndexConfigError, auto_nlist, plan_index, train_points
 
 # (vectors, dim, memory budget MB) -> (type, parameters, phrases the reason must contain)
 CASES = [
@@ -13,11 +13,14 @@ CASES = [
     ((100_000, 128, 4096), "hnsw", {"hnsw_m": 32},
      ["48.8 MB raw > flat limit 16.0 MB", "~76.4 MB with the graph", "memory budget 4,096.0 MB"]),
     ((1_000_000, 128, 1024), "hnsw", {"hnsw_m": 32}, ["~763.7 MB with the graph", "memory budget 1,024.0 MB"]),
-    ((1_000_000, 128, 600), "ivf_flat", {"nlist": 2048},
-     ["HNSW would need ~763.7 MB > memory budget 600.0 MB", "raw vectors + ids ~496.9 MB fit"]),
-    ((3_000_000, 128, 100_000), "ivf_flat", {"nlist": 2048}, ["3,000,000 > 2,000,000 vectors for HNSW"]),
-    ((1_200_000, 128, 512), "ivf_pq", {"nlist": 2048, "pq_m": 64, "pq_nbits": 8},
-     ["1,200,000 vectors x 128 dims = 585.9 MB raw", "~596.1 MB > memory budget 512.0 MB", "m=64 x 8 bits"]),
+    ((1_000_000, 128, 600), "hnsw_sq", {"hnsw_m": 32},
+     ["HNSW M=32 efConstruction=80 would need ~763.7 MB > memory budget 600.0 MB", "HNSW-SQ8", "~397.5 MB"]),
+    ((3_000_000, 128, 100_000), "ivf_pq_rerank", {"nlist": 8192, "pq_m": 32, "pq_nbits": 4},
+     ["3,000,000 > 2,000,000 vectors for HNSW", "m=32 x 4 bits = 16 B/code", "float16 vectors (256 B)"]),
+    ((10_000_000, 512, 16_384), "ivf_pq_rerank", {"nlist": 16384, "pq_m": 128},
+     ["19,531.2 MB raw", "~10,484.3 MB with the float16 store"]),
+    ((3_000_000, 128, 600), "ivf_pq", {"nlist": 8192, "pq_m": 64, "pq_nbits": 8},
+     ["re-ranked from float16 vectors (256 B) would need ~805.1 MB > memory budget 600.0 MB", "its codes cap"]),
     ((1_000_000, 128, 20), "ivf_pq", {"pq_m": 8}, ["m=8 x 8 bits = 8 B/code + 8 B id"]),
 ]
 
@@ -38,10 +41,18 @@ def test_plan_follows_size_and_budget(size: tuple[int, int, int], index_type: st
 
 
 def test_budget_too_small_for_any_index_is_an_error() -> None:
-    with pytest.raises(IndexConfigError, match=r"even IVF-PQ .* needs ~9.6 MB, over memory_budget_mb=5"):
+    with pytest.raises(IndexConfigError, match=r"even IVF-PQ .* needs ~10.6 MB, over memory_budget_mb=5; raise the budget, or build the catalog as several"):
         plan_index(1_000_000, 128, IndexConfig(memory_budget_mb=5))
     with pytest.raises(IndexConfigError, match="catalog is empty"):
         plan_index(0, 128, IndexConfig())
+
+
+def test_training_sample_grows_with_the_lists() -> None:
+    assert train_points(50_000, IndexConfig()) == 50_000  # never more than the catalog
+    assert train_points(1_000_000, IndexConfig()) == 39 * 4096  # 4 * sqrt(1M) = 4000 lists of 39 points
+    assert train_points(10_000_000, IndexConfig()) == 39 * 16384
+    assert train_points(10_000_000, IndexConfig(train_sample=200_000)) == 200_000
+    assert plan_index(10_000_000, 128, IndexConfig(index_type="ivf_flat")).params["nlist"] == 16384
 
 
 def test_nlist_is_a_power_of_two_with_39_training_points_per_list() -> None:

@@ -278,7 +278,7 @@ def test_allow_ids_on_an_overlay_equal_exact_search_over_the_subset(shop: dict[s
 
 # allow_ids on every index type -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf_flat", "ivf_pq", "hnsw_sq", "ivf_pq_rerank"])
 def test_allow_ids_equal_exact_search_over_the_subset(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                       toy_queries: np.ndarray, index_type: str) -> None:
     ids, vectors, _ = toy_snapshot.read_all()

@@ -137,7 +137,8 @@ def test_an_index_without_selectors_asks_again_for_short_rows_only_up_to_the_gpu
 
 
 @pytest.mark.parametrize(("index_type", "merge"), [("flat", True), ("hnsw", True), ("ivf_flat", True),
-                                                   ("ivf_pq", True), ("ivf_pq", False)])
+                                                   ("ivf_pq", True), ("ivf_pq", False), ("hnsw_sq", True),
+                                                   ("ivf_pq_rerank", True), ("ivf_pq_rerank", False)])
 def test_delta_items_score_as_the_base_scores_the_same_vector(tmp_path: Path, index_type: str,
                                                               merge: bool) -> None:
     config = IndexConfig(index_type=index_type, merge=merge, hnsw_m=16, pq_m=16, pq_nbits=5, recall_target=0.5)
@@ -165,8 +166,50 @@ def test_delta_items_score_as_the_base_scores_the_same_vector(tmp_path: Path, in
         score = dict(zip(row_ids, row_scores))
         delta = np.array([score[i] for i in twin_of])
         np.testing.assert_allclose(delta, [score[t] for t in twin_of.values()], atol=1e-4)
-        if index_type != "ivf_pq":  # an exact base keeps an exact delta
+        if index_type in ("flat", "hnsw", "ivf_flat"):  # an exact base keeps an exact delta
             np.testing.assert_allclose(delta, twin_vectors @ query, atol=1e-5)
+        if index_type == "ivf_pq_rerank":  # re-scored from float16: exact to float16's precision
+            np.testing.assert_allclose(delta, twin_vectors @ query, atol=1e-3)
+
+@pytest.mark.parametrize("index_type", ["hnsw_sq", "ivf_pq_rerank"])
+def test_compressed_overlays_skip_the_dead_filter_and_chain(tmp_path: Path, index_type: str) -> None:
+    config = IndexConfig(index_type=index_type, hnsw_m=16, recall_target=0.9)
+    first_snapshot, first = base(tmp_path, config)
+    queries, k = query_like(SEED, 80, DIM)[40:], 10  # from the distribution the index was tuned on
+    ids, vectors, _ = first_snapshot.read_all()
+    # Every query's nearest is removed or changed (a changed one must not score with its old vector), and more.
+    nearest = np.unique(ids[np.argmax(queries @ vectors.T, axis=1)])
+    changed = nearest[1::2][:20]
+    removed = np.union1d(nearest[::2], np.random.default_rng(SEED).choice(np.setdiff1d(ids, changed), 40))
+    fresh = clustered(25, DIM, seed=SEED + 2)
+    run = snapshot(first_snapshot, tmp_path / "snapshot-2", removed, changed=dict(zip(changed.tolist(), fresh)),
+                   added={10**6 + i: fresh[20 + i] for i in range(5)})
+    second = refresh_index(run, TUNING, first, config, max_fraction=0.5)
+    assert second is not None
+    later = snapshot(run, tmp_path / "snapshot-3", np.array([10**6], np.int64), added={10**6 + 9: fresh[0]})
+    third = refresh_index(later, TUNING, second, config, max_fraction=0.5)
+    assert third is not None
+    if index_type == "ivf_pq_rerank":  # the float16 store is the base's, shared like its FAISS files
+        assert (third / "rerank.npy").stat().st_ino == (first / "rerank.npy").stat().st_ino
+    index = VectorIndex.load(third)
+    assert index.manifest["recall"]["target_met"] and index.ntotal == later.rows
+
+    live_ids, live_vectors, _ = later.read_all()
+    found, scores = index.search(queries, k)
+    true_ids, _ = brute_force(later, queries, k)
+    assert np.isin(found, live_ids).all()  # never a removed id, nor the removed delta item
+    assert np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), true_ids.tolist())]) > 0.9
+    row = {i: r for r, i in enumerate(live_ids.tolist())}
+    exact_scores = np.array([[live_vectors[row[i]] @ q for i in ids_] for q, ids_ in zip(queries, found.tolist())])
+    # A changed id scores with its new vector (the re-rank's float16 copy; HNSW-SQ8's codes), never its old one.
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-3 if index_type == "ivf_pq_rerank" else 2e-2)
+    allowed = np.union1d(changed, live_ids[::3])
+    found = index.search(queries, k, allow_ids=allowed)[0]
+    subset = np.isin(live_ids, allowed)
+    truth = live_ids[subset][np.argsort(-(queries @ live_vectors[subset].T), axis=1)[:, :k]]
+    assert np.isin(found, allowed).all()
+    assert np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), truth.tolist())]) > 0.9
+
 
 def test_a_twin_published_concurrently_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = IndexConfig(index_type="flat")

@@ -56,13 +56,14 @@ def test_results_carry_uris_and_drop_padding(built: dict[str, Path], toy_queries
     assert len(padded.ids) == len(padded.uris) == 4
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf_flat", "ivf_pq", "hnsw_sq", "ivf_pq_rerank"])
 def test_memory_mapped_load_gives_the_same_results(built: dict[str, Path], toy_queries: np.ndarray,
                                                    index_type: str) -> None:
     mapped = VectorIndex.load(built[index_type], mmap=True)
     # Memory-mapped files show up in the process's mappings (Linux): IO_FLAG_MMAP_IFC for flat, HNSW storage;
-    # the merged IVF lists (index.ivfdata) are mapped whatever the flag.
-    mapped_file = "index.ivfdata" if index_type.startswith("ivf") else "index.faiss"
+    # the merged IVF lists (index.ivfdata) are mapped whatever the flag; a re-rank's float16 store always.
+    mapped_file = {"ivf_flat": "index.ivfdata", "ivf_pq": "index.ivfdata", "ivf_pq_rerank": "rerank.npy"}.get(
+        index_type, "index.faiss")
     assert str(built[index_type] / mapped_file) in Path("/proc/self/maps").read_text()
     loaded = VectorIndex.load(built[index_type], mmap=False)
     for a, b in zip(mapped.search(toy_queries, 10), loaded.search(toy_queries, 10)):
