@@ -22,6 +22,7 @@ from cirflow.indexing.index.tuning import exact_knn, recall_at_k, split_by_refer
 from cirflow.indexing.index.versions import publish
 from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.search.index_store import IndexFormatError, verify_index
+from cirflow.indexing.search.entries import SearchError
 from cirflow.indexing.search.placement import FaissGpuUnavailableError, gpu_count, set_search_param
 from tests.indexing.conftest import TYPE_CONFIGS, unit, write_snapshot
 
@@ -90,6 +91,24 @@ def test_ivf_at_every_list_is_exact_and_hnsw_at_large_ef_nearly(built: dict[str,
     set_search_param(hnsw.index, "efSearch", 1024, on_gpu=False)
     found = hnsw.search(toy_queries, 10)[0]
     assert np.mean([len(set(a) & set(b)) for a, b in zip(found, ref_ids)]) / 10 >= 0.99
+
+
+def test_reranked_ivf_at_every_list_is_exact_to_float16_also_over_an_hnsw_quantizer(
+        built: dict[str, Path], toy_snapshot: EmbeddingSnapshot, toy_queries: np.ndarray, tmp_path: Path) -> None:
+    ref_scores, ref_ids = brute_force(toy_snapshot, toy_queries, 10)
+    graph_dir = build_index(toy_snapshot, unreferenced(toy_queries), tmp_path,
+                            replace(TYPE_CONFIGS["ivf_pq_rerank"], coarse_hnsw_min_nlist=64))
+    assert verify_index(graph_dir)["factory"] == "IVF128_HNSW32,PQ8x4fs"
+    for index_dir in (built["ivf_pq_rerank"], graph_dir):
+        index = VectorIndex.load(index_dir)
+        assert index.manifest["recall"]["target_met"]
+        # Every list probed and every vector a candidate: the float16 re-rank's order is the exact one.
+        index.set_search("nprobe", index.manifest["params"]["nlist"], k_factor=600)
+        ids, scores = index.search(toy_queries, 10)
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-3)
+        assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, ref_ids)]) / 10 >= 0.99
+    with pytest.raises(SearchError, match="has no re-rank to set k_factor=4"):
+        VectorIndex.load(built["ivf_pq"]).set_search("nprobe", 2, k_factor=4)
 
 
 def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
