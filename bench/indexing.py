@@ -4,6 +4,11 @@
         [--workdir workdir/bench/indexing] [--doc docs/benchmarks.md] [--sizes 100000 1000000]
         [--types flat hnsw ivf_flat ivf_pq] [--queries 2000] [--ef-construction 80]
     .venv/bin/python bench/indexing.py --quick [--bundle DIR] [--workdir DIR] [--doc PATH]   # smoke, < 1 min
+    .venv/bin/python bench/indexing.py --scale [--sizes 10000000] [--dims 128 512] [--budget-mb 16384]
+
+--scale runs part 3 instead of part 2: the planner's index at millions of vectors within a memory budget, in
+128 and 512 dimensions (bench/index_scale.py says how; about 90 minutes at 10M on 2 cores, 60 GB of disk), into
+its own section of the doc.
 
 --bundle defaults to the registered bundle, workdir/bundles/CURRENT (the demo registers its trained one); --data to
 a shapes dataset at scale 4 (~106k training images, 8k test queries), generated when the folder has no
@@ -88,6 +93,8 @@ from typing import Any, Callable, Iterator
 import faiss
 import numpy as np
 import pyarrow.csv as pacsv
+from index_scale import render as render_scale
+from index_scale import run_scale
 from report import DOC, default_bundle, machine, today, write_section
 
 from cirflow.core.files import read_json, write_json_atomic
@@ -131,7 +138,11 @@ AIM = {"recall": 0.95, "search_p50_ms": 2.0, "encode_search_p50_ms": 5.0, "size"
 # tuning + timing (HNSW at efConstruction EST_EF_CONSTRUCTION, scaled linearly with it).
 EST_RENDER_PER_S, EST_PLAIN_PER_S, EST_RAY_PER_S, EST_RAY_START_S = 900.0, 1400.0, 1800.0, 15.0
 IMAGES_PER_QUERY = 1.33  # shapes: 26,538 training images for 20,000 training queries (scale 1)
-EST_INDEX_S_PER_M = {"flat": 90.0, "hnsw": 240.0, "ivf_flat": 70.0, "ivf_pq": 100.0}
+EST_INDEX_S_PER_M = {"flat": 90.0, "hnsw": 240.0, "hnsw_sq": 300.0, "ivf_flat": 70.0, "ivf_pq": 100.0,
+                     "ivf_pq_rerank": 120.0}
+# --scale: catalog, build, ground truth and tuning per million vectors and dimension (a guess before the first
+# 10M run; k-means and assignment grow with the dimension)
+EST_SCALE_S_PER_M_DIM = 1.0
 EST_EF_CONSTRUCTION = 80
 EST_INDEX_FIXED_S = 10.0  # per index: loading, warm-ups, encode+search
 
@@ -342,14 +353,14 @@ def noisy_copies(ids: np.ndarray, vectors: np.ndarray, uris: list[str], size: in
 
 
 def catalog_run(root: Path, real: tuple[np.ndarray, np.ndarray, list[str]], size: int, scale: float,
-                bundle_id: str, recipe: str) -> shards.EmbeddingSnapshot:
+                bundle_id: str, recipe: str, name: str | None = None) -> shards.EmbeddingSnapshot:
     """The run of `size` vectors made from `real` (reused when a complete one of the same recipe exists)."""
     snapshot_dir = root / f"{size}-{recipe}"
     manifest = shards.read_manifest(snapshot_dir)
     if manifest is not None and manifest["complete"]:
         return shards.open_snapshot(snapshot_dir)
     ids, vectors, uris = real
-    described = {"name": f"bench-{size}", "source": f"bench/indexing.py recipe {recipe}", "entries": size,
+    described = {"name": name or f"bench-{size}", "source": f"bench/indexing.py recipe {recipe}", "entries": size,
                  "fingerprint": recipe}
     shutil.rmtree(snapshot_dir, ignore_errors=True)  # an interrupted earlier attempt
     return shards.write_snapshot(snapshot_dir, noisy_copies(ids, vectors, uris, size, scale, SEED), bundle_id, described,
@@ -565,12 +576,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ef-construction", type=int, default=IndexConfig().hnsw_ef_construction,
                         help="HNSW build width (lower builds faster; default: IndexConfig's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, small sizes, few queries")
+    parser.add_argument("--scale", action="store_true", help="part 3 instead of part 2: the planner's index at "
+                        "--sizes (default 10000000) in --dims, within --budget-mb")
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 512], help="--scale: the model's dimension "
+                        "and lifts of it (default 128 512)")
+    parser.add_argument("--budget-mb", type=float, default=16384.0, help="--scale: the index's memory budget")
     args = parser.parse_args(argv)
     args.bundle = args.bundle or default_bundle()
     args.workdir = args.workdir or Path("workdir/bench/indexing-quick" if args.quick else "workdir/bench/indexing")
     args.data = args.data or (args.workdir / "data" / "shapes-tiny" if args.quick else Path("workdir/bench/shapes-x4"))
     args.doc = args.doc or (args.workdir / "indexing-quick.md" if args.quick else DOC)
-    args.sizes = sorted(set(args.sizes or ([2000, 10000] if args.quick else [100_000, 1_000_000])))
+    args.sizes = sorted(set(args.sizes or ([2000, 10000] if args.quick else [10_000_000] if args.scale
+                                           else [100_000, 1_000_000])))
+    args.seed = SEED
     args.counts = (Counts(QUICK_SINGLE_QUERIES, QUICK_ENCODE_QUERIES, QUICK_WARMUP) if args.quick
                    else Counts(SINGLE_QUERIES, ENCODE_QUERIES, WARMUP))
     if min(args.sizes) <= 0 or args.queries < 2 or args.ef_construction <= 0:
@@ -589,7 +607,11 @@ def estimate_minutes(args: argparse.Namespace, shapes: ShapesConfig, generate: b
              + RESUME_SHARDS * EmbedConfig().rows_per_shard / EST_RAY_PER_S
              + images["train"] / SMALL_CATALOG_FRACTION / EST_RAY_PER_S + EST_RAY_START_S}
     for size in args.sizes:
-        parts[f"{size:,} vectors"] = sum(index_s[t] * size / 1e6 + EST_INDEX_FIXED_S for t in args.types)
+        if args.scale:
+            for dim in args.dims:
+                parts[f"{size:,} x {dim}"] = EST_SCALE_S_PER_M_DIM * dim * size / 1e6 + EST_INDEX_FIXED_S
+        else:
+            parts[f"{size:,} vectors"] = sum(index_s[t] * size / 1e6 + EST_INDEX_FIXED_S for t in args.types)
     return {k: v / 60 for k, v in parts.items()}
 
 
@@ -666,6 +688,31 @@ def main(argv: list[str] | None = None) -> None:
     catalogs = {"bundle_id": run.bundle_id, "base": base, "scale": scale, "nn_distance": nn_distance,
                 "nn_sample": min(NN_SAMPLE, base), "queries": len(queries.vectors),
                 "references": len(set(queries.references)), "faiss_threads": faiss_threads}
+
+    args.faiss_threads = faiss_threads
+    if args.scale:
+        def scaled_catalog(real_dim: tuple[np.ndarray, np.ndarray, list[str]], size: int, noise: float,
+                           dim: int) -> EmbeddingSnapshot:
+            named = hashlib.sha256(f"{recipe.hexdigest()}/{dim}/{real_dim[1][:4].tobytes().hex()}".encode())
+            return catalog_run(args.workdir / "catalogs", real_dim, size, noise, run.bundle_id,
+                               named.hexdigest()[:12], f"bench-{size}-{dim}d")
+
+        def say(text: str) -> None:
+            print(f"[{(time.monotonic() - started) / 60:.1f} min] {text}", flush=True)
+
+        rows = run_scale(args, runtime, queries, images, captions, real, nn_distance, scaled_catalog,
+                         lambda v: median_nn_distance(v, NN_SAMPLE, SEED), latencies_ms, say)
+        header = [f"- date: {today()}; machine: {machine()}; faiss {faiss.__version__}", f"- command: `{command}`",
+                  f"- bundle: {args.bundle} (bundle_id {run.bundle_id}, {run.dim} dims); queries: "
+                  f"{len(queries.vectors):,} test-split composed queries of {len(set(queries.references)):,} "
+                  f"reference images, split by reference into tuning and held-out halves; catalogs: the first "
+                  f"{base:,} real vectors and noisy copies (part 2's recipe; r = {nn_distance:.4f}), lifted to the "
+                  f"dimensions above {run.dim} (bench/index_scale.py)"]
+        body = render_scale(rows, args, header)
+        write_section("indexing-scale", body, args.doc)
+        print(body)
+        print(f"wrote the indexing-scale section to {args.doc} in {(time.monotonic() - started) / 60:.1f} min")
+        return
 
     results: dict[int, list[dict[str, Any]]] = {}
     indexes = args.workdir / "indexes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from tests.bench.scripts import ROOT, load_bench_script
 
-TYPES = ["flat", "hnsw", "ivf_flat", "ivf_pq"]
+TYPES = ["flat", "hnsw", "hnsw_sq", "ivf_flat", "ivf_pq", "ivf_pq_rerank"]
 bench = load_bench_script("indexing")
 
 
@@ -122,3 +123,25 @@ def test_quick_run_reports_every_type_and_size(tiny_bundle: Path, tmp_path: Path
         assert int(tuned) + int(held) == 40 and int(tuned_refs) <= int(tuned) and int(held_refs) <= int(held)
     aim = [line for line in text.splitlines() if line.startswith("- ") and "-> " in line]
     assert [line.split(":")[0].removeprefix("- ") for line in aim] == TYPES
+
+    # Part 3 on the same workdir (part 1 reused): the planner's index in the model's dimension and a lift to
+    # 48, within a budget that leaves it only the re-ranked IVF-PQ: 3000 vectors need 408 kB as Flat at 32 dims,
+    # 236 kB re-ranked (4 B codes, 8 B ids, 64 B float16) and 342 kB at 48 dims, under 0.38 MiB (398 kB).
+    dim, lifted = int(json.loads((tiny_bundle / "manifest.json").read_text())["embed_dim"]), 48
+    assert dim == 32
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "indexing.py"), "--quick", "--scale", "--bundle",
+                           str(tiny_bundle), "--workdir", str(tmp_path / "work"), "--doc", str(doc), "--sizes",
+                           "3000", "--dims", str(dim), str(lifted), "--budget-mb", "0.38"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = doc.read_text()
+    assert text.count("<!-- begin indexing -->") == text.count("<!-- begin indexing-scale -->") == 1
+    found = tables(text.split("<!-- begin indexing-scale -->")[1])
+    rows = found[""]
+    assert [(r["vectors"], r["dims"], r["planner's choice"]) for r in rows] == [
+        ("3,000", str(dim), "ivf_pq_rerank"), ("3,000", str(lifted), "ivf_pq_rerank")]
+    for r in rows:
+        assert "k_factor" in r["tuned setting"] and float(r["peak RSS MB"]) > 0
+        assert 0 < pair(r["search p50 / p99 ms (1 thread)"])[0] and 0 <= float(r["recall@10 held out"]) <= 1
+    assert [r["dims"] for r in found["100,000,000 vectors, on paper"]] == [str(dim), str(lifted)]
+    assert len(found["The planner's choice by size (budget 0.38 MB, on paper)"]) == 6

@@ -21,8 +21,8 @@ from cirflow.indexing.index.queries import Queries, catalog_ids
 from cirflow.indexing.index.tuning import exact_knn, recall_at_k, split_by_reference
 from cirflow.indexing.index.versions import publish
 from cirflow.indexing.search import VectorIndex
-from cirflow.indexing.search.index_store import IndexFormatError, verify_index
 from cirflow.indexing.search.entries import SearchError
+from cirflow.indexing.search.index_store import IndexFormatError, verify_index
 from cirflow.indexing.search.placement import FaissGpuUnavailableError, gpu_count, set_search_param
 from tests.indexing.conftest import TYPE_CONFIGS, unit, write_snapshot
 
