@@ -261,12 +261,44 @@ class EmbeddingSnapshot:
         names = metadata_columns(parquet_file(path).schema_arrow)
         return read_table(path, columns=["id", *names]) if names else None
 
+    def partition(self, part: int, parts: int) -> SnapshotPart:
+        """The rows whose catalog id % parts == part, as a snapshot of their own (an index shard's input)."""
+        if not 0 <= part < parts:
+            raise EmbeddingsError(f"partition {part} of {parts} does not exist")
+        rows = sum(int((read_columns(path, ["id"]).column("id").to_numpy() % parts == part).sum())
+                   for path in self.shard_files)
+        manifest = {**self.manifest, "rows": rows, "partition": {"part": part, "parts": parts}}
+        return SnapshotPart(self.snapshot_dir, manifest, part, parts)
+
     def read_all(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         parts = list(self.iter_shards())
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), []
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 [u for p in parts for u in p[2]])
+
+
+@dataclass(frozen=True)
+class SnapshotPart(EmbeddingSnapshot):
+    """The rows of a snapshot whose catalog id % parts == part (EmbeddingSnapshot.partition); its manifest says
+    so under "partition", with the part's row count."""
+
+    part: int = 0
+    parts: int = 1
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        for ids, vectors, uris in super().iter_shards():
+            keep = ids % self.parts == self.part
+            yield ids[keep], vectors[keep], [u for u, k in zip(uris, keep.tolist()) if k]
+
+    def read_sources(self) -> pa.Table:
+        table = super().read_sources()
+        return table.filter(pa.array(table.column("id").to_numpy() % self.parts == self.part))
+
+    def read_metadata(self) -> pa.Table | None:
+        table = super().read_metadata()
+        return None if table is None else table.filter(
+            pa.array(table.column("id").to_numpy() % self.parts == self.part))
 
 
 def open_snapshot(snapshot_dir: Location | str, verify: bool = True) -> EmbeddingSnapshot:

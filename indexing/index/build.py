@@ -162,6 +162,8 @@ def index_id(run: EmbeddingSnapshot, queries: Queries, config: IndexConfig) -> s
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},
               "queries": queries_digest(queries)}
+    if "partition" in run.manifest:  # one shard of a sharded version (index/sharded.py)
+        recipe["partition"] = run.manifest["partition"]
     add_metadata_digest(recipe, run)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:ID_LENGTH]
 

@@ -28,8 +28,8 @@ from cirflow.indexing.index.tuning import (
     recall_at_k,
     split_by_reference,
 )
-from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.search import index_store as store
+from cirflow.indexing.search import load_index
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _saved_truth(index_dir: Path, manifest: dict[str, Any], run: shards.Embeddin
 
 
 def validate_index(index_dir: Path, run: shards.EmbeddingSnapshot, queries: Queries, min_recall: float) -> Validation:
-    index = VectorIndex.load(Path(index_dir))
+    index = load_index(Path(index_dir))
     manifest = index.manifest
     problems = []
     if manifest["bundle_id"] != run.bundle_id:

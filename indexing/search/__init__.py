@@ -2,7 +2,9 @@
 ids out. Reads what indexing/index/ writes; imports indexing/embedding/ only for the catalog's metadata types.
 
     searcher.py      Searcher: reference image + text through the bundle's encoder, then the index
-    vector_index.py  VectorIndex: loading and placement, plain search, and the dispatch to the two below
+    vector_index.py  VectorIndex: loading and placement, plain search, and the dispatch to the three below
+    rerank.py        a compressed index's candidates re-scored from float16 vectors
+    sharded.py       ShardedIndex: a sharded version's shards searched and merged; load_index, any version
     overlay.py       an overlay version's base without its dead ids, merged with its delta
     filtered.py      search among allowed ids: faiss selectors, over-fetch on GPU, exact scans on HNSW
     entries.py       the catalog's entries an index serves: uris, metadata filters, image sources
@@ -12,7 +14,8 @@ ids out. Reads what indexing/index/ writes; imports indexing/embedding/ only for
 
 from cirflow.indexing.search.entries import ImageSource, SearchError, UnknownFieldError, UnknownIdError
 from cirflow.indexing.search.searcher import IndexMismatchError, Searcher
+from cirflow.indexing.search.sharded import ShardedIndex, load_index
 from cirflow.indexing.search.vector_index import SearchResult, VectorIndex
 
-__all__ = ["ImageSource", "IndexMismatchError", "SearchError", "SearchResult", "Searcher", "UnknownFieldError",
-           "UnknownIdError", "VectorIndex"]
+__all__ = ["ImageSource", "IndexMismatchError", "SearchError", "SearchResult", "Searcher", "ShardedIndex",
+           "UnknownFieldError", "UnknownIdError", "VectorIndex", "load_index"]

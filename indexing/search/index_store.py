@@ -11,6 +11,8 @@
         truth.npz                       the tuning queries' exact top lists (ids, scores, excluded id per query)
         rerank.npy                      a re-ranked type only: float16 (N, D), the base's vectors in id order
         delta.faiss, dead.npy, base_ids.npy    an overlay version only (indexing/index/refresh.py)
+        shard-00000/ ...                a sharded version only: one index directory per shard, and no FAISS
+                                        file of its own (layout "sharded", indexing/index/sharded.py)
         manifest.json                   written last: type, parameters, tuned setting and recall, files + sha256
     indexes/<catalog>/CURRENT           the published index_id, replaced by an atomic rename (indexing/index/versions.py)
 
@@ -60,13 +62,24 @@ class IndexFormatError(ValueError):
     """An index directory is missing, incomplete, damaged or of another format; the message names the file."""
 
 
+SHARDED_LAYOUT = "sharded"  # a version of index shards, each a directory of its own (indexing/index/sharded.py)
+
+
 def shard_file(shard: int) -> str:
     return f"shard-{shard:05d}.faiss"
 
 
+def shard_dir(part: int) -> str:
+    """An index shard's directory inside a sharded version (not to be confused with shard_file: the FAISS files
+    of one index built per embedding shard, merge=False)."""
+    return f"shard-{part:05d}"
+
+
 def write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """Record every file of the directory (size, sha256) and write the manifest last."""
-    names = sorted(p.name for p in index_dir.iterdir() if p.name != MANIFEST and not p.name.startswith("."))
+    """Record every file of the directory and below (size, sha256; a sharded version's shards are directories
+    in it) and write the manifest last."""
+    names = sorted(name for name in (str(p.relative_to(index_dir)) for p in index_dir.rglob("*") if p.is_file())
+                   if name != MANIFEST and not Path(name).name.startswith("."))
     write_json_atomic(index_dir / MANIFEST, {**manifest, "files": describe_files(index_dir, names)}, sort_keys=True)
 
 

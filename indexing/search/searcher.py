@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from cirflow.export.runtime import BundleRuntime, ImageInput
+from cirflow.indexing.search.sharded import ShardedIndex, load_index
 from cirflow.indexing.search.vector_index import SearchResult, VectorIndex
 
 
@@ -24,7 +25,7 @@ class IndexMismatchError(ValueError):
 class Searcher:
     """A bundle's query encoder and an index made from the same bundle's catalog vectors."""
 
-    def __init__(self, index: VectorIndex, runtime: BundleRuntime) -> None:
+    def __init__(self, index: VectorIndex | ShardedIndex, runtime: BundleRuntime) -> None:
         if index.bundle_id != runtime.bundle_id:
             raise IndexMismatchError(f"index {index.index_dir} was built from vectors of bundle {index.bundle_id}, "
                                      f"but bundle {runtime.bundle_dir} is {runtime.bundle_id}; search it with "
@@ -39,8 +40,9 @@ class Searcher:
     @classmethod
     def load(cls, index_dir: Path, bundle_dir: Path, providers: str = "auto", use_gpu: str = "auto",
              verify: str = "sha256", mmap: bool = True) -> Searcher:
-        """An index directory (or catalog directory with CURRENT) and the bundle it was built with."""
-        index = VectorIndex.load(index_dir, use_gpu=use_gpu, verify=verify, mmap=mmap)
+        """An index directory, single or sharded (or a catalog directory with CURRENT), and the bundle it was
+        built with."""
+        index = load_index(index_dir, use_gpu=use_gpu, verify=verify, mmap=mmap)
         return cls(index, BundleRuntime.load(bundle_dir, providers=providers))
 
     def search(self, reference_image: ImageInput, text: str, k: int = 10, exclude_id: int | None = None,

@@ -42,6 +42,15 @@ class SearchResult:
     uris: list[str]
 
 
+def results_of(entries: Entries, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+    """One SearchResult per row of a search's output, without faiss's -1 padding."""
+    out = []
+    for row_ids, row_scores in zip(ids, scores):
+        found = row_ids >= 0
+        out.append(SearchResult(row_ids[found], row_scores[found], entries.uris_of(row_ids[found])))
+    return out
+
+
 class VectorIndex:
     """One index version: its FAISS index (the base, for an overlay version), where it runs, and its entries."""
 
@@ -85,6 +94,9 @@ class VectorIndex:
             raise ValueError(f"verify={verify!r} is not one of {list(VERIFY)}")
         index_dir = store.resolve_index_dir(Path(index_dir))
         manifest = store.verify_index(index_dir, checksums=verify == "sha256")
+        if manifest.get("layout") == store.SHARDED_LAYOUT:
+            raise store.IndexFormatError(f"{index_dir} is a sharded version of {len(manifest['shards'])} shards; "
+                                         "load it with cirflow.indexing.search.load_index")
         on_gpu = resolve_gpu(use_gpu, manifest["type"], "search")
         loaded = cls.open(index_dir, manifest, mmap, on_gpu)
         setting = manifest["search"]
@@ -166,12 +178,7 @@ class VectorIndex:
         return filtered_search(self.index, queries, k, allowed)
 
     def results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
-        """One SearchResult per row of search()'s output, without faiss's -1 padding."""
-        out = []
-        for row_ids, row_scores in zip(ids, scores):
-            found = row_ids >= 0
-            out.append(SearchResult(row_ids[found], row_scores[found], self.entries.uris_of(row_ids[found])))
-        return out
+        return results_of(self.entries, ids, scores)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.asarray(queries)

@@ -24,7 +24,7 @@ from typing import Any
 from cirflow.core.config import check_integer, check_non_negative, check_positive
 from cirflow.export.manifest import MANIFEST, BundleError, read_manifest
 from cirflow.export.runtime import BundleRuntime
-from cirflow.indexing.search import Searcher, VectorIndex
+from cirflow.indexing.search import Searcher, ShardedIndex, VectorIndex, load_index
 from cirflow.indexing.search import index_store as store
 from cirflow.indexing.service.security import ApiKeyError, check_api_key
 from cirflow.models.images import ImageLimits
@@ -92,7 +92,7 @@ class Version:
         return self.search_lock if self.index.on_gpu else nullcontext()
 
     @property
-    def index(self) -> VectorIndex:
+    def index(self) -> VectorIndex | ShardedIndex:
         return self.searcher.index
 
     @property
@@ -151,7 +151,7 @@ def load_stamp(config: ServiceConfig, index_dir: Path) -> tuple[tuple[Any, ...],
 
 def load_version(config: ServiceConfig, index_dir: Path, previous: Version | None = None) -> Version:
     """Load an index version and its bundle; the previous version's bundle is reused when it is the same one."""
-    index = VectorIndex.load(index_dir, use_gpu="auto", verify=config.verify)
+    index = load_index(index_dir, use_gpu="auto", verify=config.verify)
     if previous is not None and previous.bundle_id == index.bundle_id:
         runtime = previous.searcher.runtime
     else:
