@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--config", type=Path, help="YAML file (keys: cirflow.indexing.index.plan.IndexConfig)")
     build.add_argument("--no-publish", action="store_true", help="do not point the catalog's CURRENT at it")
     build.add_argument("--keep", type=int, default=5, help="published versions kept for rollback (at least 2)")
+    build.add_argument("--shards", type=int, default=1, help="build the version as this many index shards by "
+                       "catalog id, one machine each (served by `cirflow serve` in one process, or by a Ray Serve "
+                       "deployment per shard); default 1: one index")
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. index_type=hnsw")
     versions = index.add_parser("versions", help="a catalog's published index versions, newest first")
     versions.add_argument("--catalog", type=Path, required=True, help="WORKDIR/indexes/<catalog>")
@@ -237,7 +240,13 @@ def _index(args: argparse.Namespace) -> int:
 
         run = open_snapshot(args.embeddings)
         config = load_config(IndexConfig, args.config, args.overrides)
-        index_dir = build_index(run, read_queries(args.queries, run.bundle_id), args.out, config)
+        queries = read_queries(args.queries, run.bundle_id)
+        if args.shards == 1:
+            index_dir = build_index(run, queries, args.out, config)
+        else:
+            from cirflow.indexing.index.sharded import build_sharded_index
+
+            index_dir = build_sharded_index(run, queries, args.out, config, args.shards)
         if not args.no_publish:
             publish(index_dir, keep=args.keep)
         manifest = read_manifest(index_dir)

@@ -262,10 +262,11 @@ class EmbeddingSnapshot:
         return read_table(path, columns=["id", *names]) if names else None
 
     def partition(self, part: int, parts: int) -> SnapshotPart:
-        """The rows whose catalog id % parts == part, as a snapshot of their own (an index shard's input)."""
+        """The rows whose catalog id falls in `part` of `parts` (part_of), as a snapshot of their own (an index
+        shard's input)."""
         if not 0 <= part < parts:
             raise EmbeddingsError(f"partition {part} of {parts} does not exist")
-        rows = sum(int((read_columns(path, ["id"]).column("id").to_numpy() % parts == part).sum())
+        rows = sum(int((part_of(read_columns(path, ["id"]).column("id").to_numpy(), parts) == part).sum())
                    for path in self.shard_files)
         manifest = {**self.manifest, "rows": rows, "partition": {"part": part, "parts": parts}}
         return SnapshotPart(self.snapshot_dir, manifest, part, parts)
@@ -278,9 +279,21 @@ class EmbeddingSnapshot:
                 [u for p in parts for u in p[2]])
 
 
+# Fibonacci hashing: 2**64 / golden ratio, odd; the product's high bits mix every bit of the id.
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def part_of(ids: np.ndarray, parts: int) -> np.ndarray:
+    """The partition (0 .. parts-1) of each catalog id: a hash of the id, not id % parts, so that ids with a
+    common stride (1000, 2000, ...; ids all odd) still spread over every part."""
+    with np.errstate(over="ignore"):
+        mixed = np.asarray(ids, dtype=np.int64).astype(np.uint64) * _MIX
+    return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class SnapshotPart(EmbeddingSnapshot):
-    """The rows of a snapshot whose catalog id % parts == part (EmbeddingSnapshot.partition); its manifest says
+    """The rows of a snapshot whose catalog id falls in `part` (EmbeddingSnapshot.partition); its manifest says
     so under "partition", with the part's row count."""
 
     part: int = 0
@@ -288,17 +301,17 @@ class SnapshotPart(EmbeddingSnapshot):
 
     def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
         for ids, vectors, uris in super().iter_shards():
-            keep = ids % self.parts == self.part
+            keep = part_of(ids, self.parts) == self.part
             yield ids[keep], vectors[keep], [u for u, k in zip(uris, keep.tolist()) if k]
 
     def read_sources(self) -> pa.Table:
         table = super().read_sources()
-        return table.filter(pa.array(table.column("id").to_numpy() % self.parts == self.part))
+        return table.filter(pa.array(part_of(table.column("id").to_numpy(), self.parts) == self.part))
 
     def read_metadata(self) -> pa.Table | None:
         table = super().read_metadata()
         return None if table is None else table.filter(
-            pa.array(table.column("id").to_numpy() % self.parts == self.part))
+            pa.array(part_of(table.column("id").to_numpy(), self.parts) == self.part))
 
 
 def open_snapshot(snapshot_dir: Location | str, verify: bool = True) -> EmbeddingSnapshot:

@@ -1,5 +1,6 @@
 """An index version built as N shards by catalog id, for catalogs past one machine's memory: each shard serves the
-ids with id % N == k from its own machine, and a front merges their top-k (search/sharded.py).
+ids that hash to it (embedding.shards.part_of) from its own machine, and a front merges their top-k
+(search/sharded.py).
 
     build_sharded_index(run, queries, indexes_root, config, shards) -> indexes/<catalog>/<index_id>/
 
@@ -84,6 +85,7 @@ def build_sharded_index(run: EmbeddingSnapshot, queries: Queries, indexes_root: 
         manifest: dict[str, Any] = {
             "format": store.FORMAT, "index_id": final.name, "layout": SHARDED_LAYOUT, "catalog": catalog,
             "bundle_id": run.bundle_id, "embed_dim": run.dim, "metric": "inner_product", "type": first["type"],
+            "reason": f"{shards} shards by catalog id; shard 0: {first['reason']}",
             "shards": [{"dir": shard_dir(i), "index_id": p["index_id"], "vectors": p["counts"]["vectors"],
                         "type": p["type"], "search": p["search"], "recall_held_out": p["recall"]["held_out"]}
                        for i, p in enumerate(parts)],

@@ -74,6 +74,14 @@ def test_cli_queries_carry_their_references_into_the_index_build(tiny_runtime: B
     references = len(set(queries.references))
     assert recall["reference_excluded"] == len(split.queries) == 40
     assert recall["split"]["tuning"]["references"] + recall["split"]["held_out"]["references"] == references
+    # --shards 2: the same inputs as a sharded version, published; its merged recall measured the same way.
+    assert main(["index", "build", "--embeddings", str(tmp_path / "run"), "--queries", str(tmp_path / "q.parquet"),
+                 "--out", str(tmp_path / "indexes"), "--shards", "2"]) == 0
+    sharded = Path(capsys.readouterr().out.strip())
+    manifest = verify_index(sharded)
+    assert manifest["layout"] == "sharded" and len(manifest["shards"]) == 2
+    assert manifest["recall"]["reference_excluded"] == 40 and manifest["recall"]["split"] == recall["split"]
+    assert (sharded.parent / "CURRENT").read_text().strip() == sharded.name
 
 
 def test_queries_file_round_trips_and_names_its_bundle(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cirflow.indexing.embedding.shards import EmbeddingSnapshot
+from cirflow.indexing.embedding.shards import EmbeddingSnapshot, part_of
 from cirflow.indexing.index.build import IndexBuildError
 from cirflow.indexing.index.queries import Queries
 from cirflow.indexing.index.sharded import build_sharded_index
@@ -18,7 +18,7 @@ from cirflow.indexing.index.validate import validate_index
 from cirflow.indexing.index.versions import publish
 from cirflow.indexing.search import ShardedIndex, VectorIndex, load_index
 from cirflow.indexing.search.index_store import IndexFormatError, read_uris, verify_index
-from tests.indexing.conftest import TYPE_CONFIGS
+from tests.indexing.conftest import TYPE_CONFIGS, write_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def test_flat_shards_answer_exactly_as_the_single_index(sharded: dict[str, Path]
                                                         toy_queries: np.ndarray) -> None:
     whole, parts = VectorIndex.load(built["flat"]), load_index(sharded["flat"])
     assert isinstance(parts, ShardedIndex) and len(parts.shards) == 3 and parts.ntotal == whole.ntotal == 6000
-    # Every catalog id in exactly one shard, the one its id % 3 names.
+    # Every catalog id in exactly one shard, the one its hash names.
     for part, shard in enumerate(parts.shards):
-        assert (shard.entries.ids % 3 == part).all()
+        assert (part_of(shard.entries.ids, 3) == part).all() and 1800 < shard.ntotal < 2200
     assert sum(shard.ntotal for shard in parts.shards) == 6000
     ids = read_uris(built["flat"])[0]
     exclude = [int(i) for i in ids[:len(toy_queries)]]
@@ -88,12 +88,21 @@ def test_a_sharded_version_publishes_loads_and_refuses_damage(sharded: dict[str,
         load_index(catalog, verify="size")
 
 
+def test_ids_with_a_common_stride_spread_over_every_shard() -> None:
+    for ids in (np.arange(1, 4001) * 1000, np.arange(4000) * 2 + 1, 10 * np.arange(4000) + 3):
+        counts = np.bincount(part_of(ids, 4), minlength=4)
+        assert counts.min() > 900, counts
+    extremes = part_of(np.array([2**63 - 1, 0, -1, 12345]), 7)  # the whole int64 range, negatives included
+    assert ((extremes >= 0) & (extremes < 7)).all()
+
+
 def test_sharding_refuses_one_shard_and_empty_shards(toy_snapshot: EmbeddingSnapshot, toy_queries: np.ndarray,
                                                      tmp_path: Path) -> None:
     queries = Queries.unreferenced(toy_queries)
     with pytest.raises(IndexBuildError, match="at least 2 shards, got 1"):
         build_sharded_index(toy_snapshot, queries, tmp_path, TYPE_CONFIGS["flat"], shards=1)
-    # The toy's ids are all 3 mod 10: shards 0, 1, 2, 4, ... of 10 are empty.
-    with pytest.raises(IndexBuildError, match="shard 0 of 10 holds no vectors"):
-        build_sharded_index(toy_snapshot, queries, tmp_path, replace(TYPE_CONFIGS["flat"]), shards=10)
+    # More shards than vectors: some shard is empty.
+    tiny = write_snapshot(tmp_path / "run", toy_queries[:3], rows_per_shard=3)
+    with pytest.raises(IndexBuildError, match=r"shard \d of 5 holds no vectors \(3 in the catalog\)"):
+        build_sharded_index(tiny, queries, tmp_path, replace(TYPE_CONFIGS["flat"]), shards=5)
     assert not any(tmp_path.rglob("*.faiss"))  # nothing half-built is left
