@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # (4-bit codes: 16-64 B per vector).
 ONDISK_TYPES = ("ivf_flat", "ivf_pq")
 # Candidate counts the tuning tries for a re-ranked index, k times each; for each, nprobe is swept as for IVF.
-K_FACTORS = (1, 2, 4, 8, 16, 32)
+K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 
 # Unit vectors from the query encoder; a looser norm means vectors from elsewhere (or unnormalised).
 NORM_TOLERANCE = 1e-3

@@ -126,7 +126,8 @@ def test_quick_run_reports_every_type_and_size(tiny_bundle: Path, tmp_path: Path
 
     # Part 3 on the same workdir (part 1 reused): the planner's index in the model's dimension and a lift to
     # 48, within a budget that leaves it only the re-ranked IVF-PQ: 3000 vectors need 408 kB as Flat at 32 dims,
-    # 236 kB re-ranked (4 B codes, 8 B ids, 64 B float16) and 342 kB at 48 dims, under 0.38 MiB (398 kB).
+    # 272 kB re-ranked (16 B codes, 8 B ids, 64 B float16, centroids) and 396 kB at 48 dims, under 0.38 MiB
+    # (398 kB).
     dim, lifted = int(json.loads((tiny_bundle / "manifest.json").read_text())["embed_dim"]), 48
     assert dim == 32
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "indexing.py"), "--quick", "--scale", "--bundle",

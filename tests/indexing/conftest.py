@@ -78,7 +78,7 @@ def tiny_runtime(tiny_bundle: Path) -> BundleRuntime:
 
 # One configuration per index type, sized for the toy catalog. IVF-PQ's codes (16 x 6 bits for 32 dims) cap
 # its recall near 0.6 at every nprobe, so its target is set below that; its sweep still has to reach it. The
-# re-ranked IVF-PQ has coarser codes (8 x 4 bits) and no cap: its default target is met by more candidates.
+# re-ranked IVF-PQ has 4-bit codes (32 x 4 bits) and no cap: its default target is met by more candidates.
 # HNSW-SQ8's 8-bit codes cap the toy's recall near 0.95 (its tight clusters put neighbours within a code step).
 TYPE_CONFIGS = {
     "flat": IndexConfig(index_type="flat"),

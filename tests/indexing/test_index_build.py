@@ -70,8 +70,8 @@ def test_bytes_per_vector_rank_the_types(built: dict[str, Path]) -> None:
     assert 136 <= size["flat"] < 137  # 32 float32 + an int64 id
     assert size["ivf_pq"] < size["ivf_flat"] / 4 < size["flat"] < size["hnsw"]
     assert size["hnsw_sq"] <= size["hnsw"] - 3 * 32 + 1  # 1 B per dimension instead of 4
-    # 8 x 4-bit codes and an id in the lists, 2 B per dimension in the float16 store
-    assert 4 + 8 + 64 <= size["ivf_pq_rerank"] < size["flat"]
+    # a 4-bit code per dimension and an id in the lists, 2 B per dimension in the float16 store
+    assert 16 + 8 + 64 <= size["ivf_pq_rerank"] < size["flat"]
 
 
 def test_flat_equals_numpy_brute_force(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
@@ -98,7 +98,7 @@ def test_reranked_ivf_at_every_list_is_exact_to_float16_also_over_an_hnsw_quanti
     ref_scores, ref_ids = brute_force(toy_snapshot, toy_queries, 10)
     graph_dir = build_index(toy_snapshot, unreferenced(toy_queries), tmp_path,
                             replace(TYPE_CONFIGS["ivf_pq_rerank"], coarse_hnsw_min_nlist=64))
-    assert verify_index(graph_dir)["factory"] == "IVF128_HNSW32,PQ8x4fs"
+    assert verify_index(graph_dir)["factory"] == "IVF128_HNSW32,PQ32x4fs"
     for index_dir in (built["ivf_pq_rerank"], graph_dir):
         index = VectorIndex.load(index_dir)
         assert index.manifest["recall"]["target_met"]

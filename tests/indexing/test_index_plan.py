@@ -15,12 +15,12 @@ CASES = [
     ((1_000_000, 128, 1024), "hnsw", {"hnsw_m": 32}, ["~763.7 MB with the graph", "memory budget 1,024.0 MB"]),
     ((1_000_000, 128, 600), "hnsw_sq", {"hnsw_m": 32},
      ["HNSW M=32 efConstruction=80 would need ~763.7 MB > memory budget 600.0 MB", "HNSW-SQ8", "~397.5 MB"]),
-    ((3_000_000, 128, 100_000), "ivf_pq_rerank", {"nlist": 8192, "pq_m": 32, "pq_nbits": 4},
-     ["3,000,000 > 2,000,000 vectors for HNSW", "m=32 x 4 bits = 16 B/code", "float16 vectors (256 B)"]),
-    ((10_000_000, 512, 16_384), "ivf_pq_rerank", {"nlist": 16384, "pq_m": 128},
-     ["19,531.2 MB raw", "~10,488.7 MB with the float16 store", "nlist=16384 (HNSW32 over the centroids)"]),
+    ((3_000_000, 128, 100_000), "ivf_pq_rerank", {"nlist": 8192, "pq_m": 128, "pq_nbits": 4},
+     ["3,000,000 > 2,000,000 vectors for HNSW", "m=128 x 4 bits = 64 B/code", "float16 vectors (256 B)"]),
+    ((10_000_000, 512, 16_384), "ivf_pq_rerank", {"nlist": 16384, "pq_m": 512},
+     ["19,531.2 MB raw", "~12,319.7 MB with the float16 store", "nlist=16384 (HNSW32 over the centroids)"]),
     ((3_000_000, 128, 600), "ivf_pq", {"nlist": 8192, "pq_m": 64, "pq_nbits": 8},
-     ["re-ranked from float16 vectors (256 B) would need ~807.3 MB > memory budget 600.0 MB", "its codes cap"]),
+     ["re-ranked from float16 vectors (256 B) would need ~944.6 MB > memory budget 600.0 MB", "its codes cap"]),
     ((1_000_000, 128, 20), "ivf_pq", {"pq_m": 8}, ["m=8 x 8 bits = 8 B/code + 8 B id"]),
 ]
 
