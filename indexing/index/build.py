@@ -156,12 +156,14 @@ def _verified_twin(final: Path) -> bool:
 
 
 def index_id(run: EmbeddingSnapshot, queries: Queries, config: IndexConfig) -> str:
-    """Hash of the shards' sha256s, the catalog's metadata, the configuration (all but where it runs) and the
-    tuning queries."""
+    """Hash of the shards' sha256s, the catalog's metadata, the configuration (all but where it runs), the plan
+    it makes (a planner that chooses differently for the same configuration makes another index) and the tuning
+    queries."""
+    plan = plan_index(run.rows, run.dim, config)
     recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},
-              "queries": queries_digest(queries)}
+              "plan": [plan.factory, plan.params, plan.train_points], "queries": queries_digest(queries)}
     if "partition" in run.manifest:  # one shard of a sharded version (index/sharded.py)
         recipe["partition"] = run.manifest["partition"]
     add_metadata_digest(recipe, run)

@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,6 +141,24 @@ def test_rerun_with_the_same_inputs_is_a_no_op(built: dict[str, Path], toy_snaps
     assert index_id(toy_snapshot, queries, replace(config, recall_target=0.9)) != index_dir.name
     # The references decide the split and what is left out: part of the identity too.
     assert index_id(toy_snapshot, Queries(toy_queries, ("a.png",) * 400), config) != index_dir.name
+
+
+
+def test_a_planner_that_chooses_otherwise_makes_another_index(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
+                                                              toy_queries: np.ndarray,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same configuration under a changed planner (a new default for pq_m: the 10M bench reused an index of
+    the old codes) is another index, not the one built before."""
+    index_dir, config = built["ivf_pq_rerank"], TYPE_CONFIGS["ivf_pq_rerank"]
+    queries = unreferenced(toy_queries)
+    assert index_id(toy_snapshot, queries, config) == index_dir.name
+    planned = index_build.plan_index
+
+    def other_codes(n: int, dim: int, cfg: IndexConfig) -> Any:
+        return planned(n, dim, replace(cfg, pq_m=dim // 4))
+
+    monkeypatch.setattr(index_build, "plan_index", other_codes)
+    assert index_id(toy_snapshot, queries, config) != index_dir.name
 
 
 def test_damaged_existing_index_is_not_silently_reused(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
