@@ -33,6 +33,7 @@ from cirflow.indexing.embedding.shards import EmbeddingSnapshot
 from cirflow.indexing.index.plan import IndexConfig, IndexPlan, plan_index
 from cirflow.indexing.index.queries import Queries, catalog_ids
 from cirflow.indexing.index.tuning import (
+    PASS_RULE,
     TRUTH_DEPTH,
     GroundTruth,
     TuningResult,
@@ -163,7 +164,8 @@ def index_id(run: EmbeddingSnapshot, queries: Queries, config: IndexConfig) -> s
     recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},
-              "plan": [plan.factory, plan.params, plan.train_points], "queries": queries_digest(queries)}
+              "plan": [plan.factory, plan.params, plan.train_points], "tuning": PASS_RULE,
+              "queries": queries_digest(queries)}
     if "partition" in run.manifest:  # one shard of a sharded version (index/sharded.py)
         recipe["partition"] = run.manifest["partition"]
     add_metadata_digest(recipe, run)
