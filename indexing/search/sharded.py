@@ -11,7 +11,9 @@ shards from separate machines (service/ray_serve.py) runs the same merge on the 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,12 +27,48 @@ from cirflow.indexing.search.vector_index import VERIFY, SearchResult, VectorInd
 
 log = logging.getLogger(__name__)
 
+class PartialAnswer(Exception):
+    """A sharded search that some shards could not answer in time: the merged top-k of those that did, and the
+    shards missing from it. Raised, never returned, so that no caller takes an incomplete list for a whole one."""
+
+    def __init__(self, ids: np.ndarray, scores: np.ndarray, missing: tuple[int, ...]) -> None:
+        super().__init__(f"shards {list(missing)} did not answer; the result holds the other shards' best only")
+        self.ids, self.scores, self.missing = ids, scores, missing
+
+
+class ShardsUnavailableError(RuntimeError):
+    """No shard of a sharded version answered a search in time."""
+
+
+@dataclass
+class FanoutStats:
+    """Counts of a sharded front's faults, kept across versions (Prometheus counters never go down): shard calls
+    sent again after a failure, and answers that stayed partial (or had no shard at all)."""
+
+    retries: dict[int, int] = field(default_factory=dict)  # shard -> calls retried
+    partial: int = 0
+    unavailable: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def retried(self, shard: int) -> None:
+        with self._lock:
+            self.retries[shard] = self.retries.get(shard, 0) + 1
+
+    def answered(self, missing: int, shards: int) -> None:
+        with self._lock:
+            if missing == shards:
+                self.unavailable += 1
+            elif missing:
+                self.partial += 1
+
+
 class ShardedIndex:
     """A sharded version: its shards' VectorIndexes and the whole catalog's entries."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], shards: list[VectorIndex], entries: Entries) -> None:
         self.index_dir, self.manifest, self.shards, self.entries = index_dir, manifest, shards, entries
         self.on_gpu = any(shard.on_gpu for shard in shards)
+        self.fanout_stats = FanoutStats()  # in one process every shard answers: counted for the same metrics
         self._pool = ThreadPoolExecutor(len(shards), thread_name_prefix=f"shards-{index_dir.name}")
 
     @classmethod

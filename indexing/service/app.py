@@ -44,7 +44,9 @@ from cirflow.export.runtime import InputError
 from cirflow.indexing.embedding.catalog import read_bytes
 from cirflow.indexing.search import SearchError, UnknownIdError
 from cirflow.indexing.search import index_store as store
+from cirflow.indexing.search.sharded import PartialAnswer, ShardsUnavailableError
 from cirflow.indexing.search.topk import drop_excluded
+from cirflow.indexing.service.access import AccessLogMiddleware
 from cirflow.indexing.service.metrics import MetricsMiddleware, ServiceMetrics
 from cirflow.indexing.service.requests import (
     ANSWERS,
@@ -108,8 +110,9 @@ def _too_large(limit: int, length: str | None = None) -> str:
     return f"request body{size} is over this service's limit of {limit:,} bytes"
 
 
-def create_app(config: ServiceConfig, published: Published | None = None) -> FastAPI:
-    """The app; `published` may be given to share or inspect the holder (tests, Ray Serve)."""
+def create_app(config: ServiceConfig, published: Published | None = None, access_log: bool = False) -> FastAPI:
+    """The app; `published` may be given to share or inspect the holder (tests, Ray Serve). access_log: write an
+    access-log line per request (service/access.py; `cirflow serve`, where uvicorn's own line is off)."""
     published = published or Published(config)
     metrics = ServiceMetrics(published)
     pool = ThreadPoolExecutor(config.threads, thread_name_prefix="cirflow-search", initializer=_one_faiss_thread)
@@ -133,7 +136,9 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
     app.state.published, app.state.metrics, app.state.config = published, metrics, config
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)  # times 413s too
-    app.add_middleware(SecurityHeadersMiddleware)  # outermost: every response, a 413 or a 500 included
+    app.add_middleware(SecurityHeadersMiddleware)  # every response, a 413 or a 500 included
+    if access_log:
+        app.add_middleware(AccessLogMiddleware)  # outermost: its line follows all else the request did
     add_docs(app)
     # Search, the items and /api/info carry catalog data: behind the key when there is one. The probes, the
     # page and the docs stay open.
@@ -162,14 +167,12 @@ def create_app(config: ServiceConfig, published: Published | None = None) -> Fas
               responses={413: {"description": "body or image over the limits"},
                          415: {"description": "neither JSON nor multipart"},
                          422: {"description": "a bad field; the message names it"}})
-    async def search(request: Request) -> SearchResponse:
+    async def search(request: Request) -> Response:
         version = serving()  # this request's version, whatever is swapped in meanwhile
         body, upload = await _read_search(request)
-        query = await run(check, body, upload, config)  # base64 and the image header: off the event loop
-        response = await run(answer, version, query, config.images)
-        for stage in ("decode", "encode", "search"):
-            metrics.stages.labels(stage).observe(getattr(response.took_ms, stage) / 1000)
-        return response
+        # The JSON comes back ready: FastAPI passes a Response through, where it would validate a returned model
+        # against response_model again (which stays, for the OpenAPI schema) before serialising it.
+        return Response(await run(search_json, version, body, upload, config, metrics), media_type="application/json")
 
     @app.get("/items", dependencies=guarded, summary="Catalog items in id order (browse the catalog)")
     async def items(offset: int = 0, limit: int = 48) -> dict[str, Any]:
@@ -259,8 +262,10 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000) -> N
     index_dir = store.resolve_index_dir(Path(config.index))
     find_bundle(config, index_dir, store.read_manifest(index_dir)["bundle_id"])
     log.info("search service on http://%s:%d/ (page), /docs (API), /metrics", host, port)
-    # In-flight requests finish on SIGTERM (a rolling update), within the grace period.
-    uvicorn.run(create_app(config), host=host, port=port, timeout_graceful_shutdown=20, log_config=None)
+    # In-flight requests finish on SIGTERM (a rolling update), within the grace period. The access log is the app's,
+    # written after each response (service/access.py), not uvicorn's, written before it.
+    uvicorn.run(create_app(config, access_log=True), host=host, port=port, timeout_graceful_shutdown=20,
+                log_config=None, access_log=False)
 
 
 async def _read_search(request: Request) -> tuple[SearchRequest, bytes | None]:
@@ -305,21 +310,31 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "id": str(row["id"]), "image": f"/items/{row['id']}/image"}
 
 
-def answer(version: Version, query: Query, limits: ImageLimits) -> SearchResponse:
-    """Decode (through the image gate, within `limits`), encode and search one checked query against one
-    version (runs in the thread pool)."""
-    start = time.perf_counter()
+def search_json(version: Version, request: SearchRequest, upload: bytes | None, config: ServiceConfig,
+                metrics: ServiceMetrics) -> str:
+    """POST /search's work in one trip to the thread pool (a trip cost the event loop ~0.15 ms of CPU on the 2-core
+    bench machine): the checks (which decode an uploaded image), the search, the stage metrics and the JSON."""
+    started = time.perf_counter()
+    response = answer(version, check(request, upload, config), config.images, started)
+    for stage in ("decode", "encode", "search"):
+        metrics.stages.labels(stage).observe(getattr(response.took_ms, stage) / 1000)
+    return response.model_dump_json()
+
+
+def answer(version: Version, query: Query, limits: ImageLimits, started: float | None = None) -> SearchResponse:
+    """Encode and search one checked query against one version, a reference_id's catalog image decoded first
+    (through the image gate, within `limits`); runs in the thread pool. started: when the query's checks began
+    (they decode an upload), the start of took_ms.total and .decode; None: now."""
+    start = time.perf_counter() if started is None else started
     index, runtime = version.index, version.searcher.runtime
     allow = _allowed(version, query)
-    image = None
-    if query.mode != "text-only":
-        data = (query.image if query.reference_id is None
-                else catalog_image(version, query.reference_id, limits, "reference_id", 422)[0])
-        field = "image" if query.reference_id is None else "reference_id"
+    image = query.image
+    if query.reference_id is not None:
+        data = catalog_image(version, query.reference_id, limits, "reference_id", 422)[0]
         try:
-            image = decode(data, limits, field).image
+            image = decode(data, limits, "reference_id").image
         except ImageError as e:
-            raise RequestError(422, field_message(e, field)) from e
+            raise RequestError(422, field_message(e, "reference_id")) from e
     decoded = time.perf_counter()
     try:
         if query.mode == "composed":
@@ -332,14 +347,15 @@ def answer(version: Version, query: Query, limits: ImageLimits) -> SearchRespons
         raise RequestError(422, f"text: {e}") from e
     encoded = time.perf_counter()
     with version.searching():  # a GPU index's searches take turns (Version.search_lock)
-        ids, scores = _top(index, vector, query.k, query.exclude_ids, allow)
+        ids, scores, missing = _top(index, vector, query.k, query.exclude_ids, allow)
     uris = index.entries.uris_of(ids)
     done = time.perf_counter()
     hits = [Hit(id=str(i), score=float(s), uri=u, image=f"/items/{i}/image") for i, s, u in zip(ids, scores, uris)]
     ms = [round(1000 * t, 3) for t in (done - start, decoded - start, encoded - decoded, done - encoded)]
     return SearchResponse(mode=query.mode, answers=ANSWERS[query.mode], results=hits, k=query.k,
                           bundle_id=version.bundle_id, index_id=version.index_id, catalog=version.catalog,
-                          took_ms=Timing(total=ms[0], decode=ms[1], encode=ms[2], search=ms[3]))
+                          took_ms=Timing(total=ms[0], decode=ms[1], encode=ms[2], search=ms[3]),
+                          partial=bool(missing), missing_shards=list(missing))
 
 
 def _allowed(version: Version, query: Query) -> np.ndarray | None:
@@ -366,16 +382,23 @@ def _allowed(version: Version, query: Query) -> np.ndarray | None:
 
 
 def _top(index: Any, vector: np.ndarray, k: int, excluded: tuple[int, ...],
-         allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The k best ids and scores of one query vector, excluded ids left out, faiss's -1 padding dropped."""
-    if allow is not None:  # the exclusions are already out of the allowed set
-        ids, scores = index.search(vector, k, allow_ids=allow)
-    else:
-        ids, scores = index.search(vector, k + len(excluded))
-        if excluded:
-            ids, scores = drop_excluded(ids, scores, np.asarray([excluded], dtype=np.int64), k)
+         allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The k best ids and scores of one query vector, excluded ids left out, faiss's -1 padding dropped, and the
+    shards of a sharded version that did not answer (the answer is then partial; none: whole)."""
+    missing: tuple[int, ...] = ()
+    try:
+        if allow is not None:  # the exclusions are already out of the allowed set
+            ids, scores = index.search(vector, k, allow_ids=allow)
+        else:
+            ids, scores = index.search(vector, k + len(excluded))
+    except PartialAnswer as partial:
+        ids, scores, missing = partial.ids, partial.scores, partial.missing
+    except ShardsUnavailableError as e:
+        raise RequestError(503, str(e)) from e
+    if allow is None and excluded:
+        ids, scores = drop_excluded(ids, scores, np.asarray([excluded], dtype=np.int64), k)
     found = ids[0][:k] >= 0
-    return ids[0][:k][found], scores[0][:k][found]
+    return ids[0][:k][found], scores[0][:k][found], missing
 
 
 def catalog_image(version: Version, item_id: int, limits: ImageLimits, role: str, status: int) -> tuple[bytes, str]:

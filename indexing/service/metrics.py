@@ -41,6 +41,20 @@ class _VersionCollector(Collector):
                                       "catalog": version.catalog})
         yield GaugeMetricFamily("cirflow_version_loaded_timestamp_seconds", "when the served version was loaded",
                                 value=version.loaded_at)
+        # A sharded version's fan-out (search/sharded.py FanoutStats; kept across versions by a Ray Serve front);
+        # a single index has no shards to count.
+        stats = getattr(version.index, "fanout_stats", None)
+        if stats is None:
+            return
+        retries = CounterMetricFamily("cirflow_shard_retries", "shard calls sent again after a failure or timeout",
+                                      labels=["shard"])
+        for shard in range(len(version.index.manifest["shards"])):
+            retries.add_metric([str(shard)], stats.retries.get(shard, 0))
+        yield retries
+        yield CounterMetricFamily("cirflow_partial_answers", "answers missing some shards (flagged partial)",
+                                  value=stats.partial)
+        yield CounterMetricFamily("cirflow_unavailable_answers", "searches no shard answered (503)",
+                                  value=stats.unavailable)
 
 
 class ServiceMetrics:

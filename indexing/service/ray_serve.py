@@ -2,7 +2,8 @@
 
     serve run cirflow.indexing.service.ray_serve:app_builder index=/data/workdir/indexes/shop bundle=/data/workdir/bundles
 
-or `serve deploy deploy/ray/serve-search.yaml` on a running cluster. Each replica builds its own app (its own
+or `serve deploy deploy/ray/serve-search.yaml` on a running cluster. A catalog whose CURRENT version is sharded
+gets a deployment per shard and a front instead (service/ray_shards.py). Each replica builds its own app (its own
 loaded version, thread pool and hot-reload watcher) when it starts, so nothing unpicklable travels from the
 driver; every replica must see the index and bundle paths (shared storage). Ray Serve runs the app's lifespan
 in the replica, and its health check fails a replica whose first load failed, so that Serve replaces it.
@@ -21,6 +22,7 @@ from ray.serve import Application
 
 from cirflow.core.config import from_dict
 from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.ray_shards import sharded_deployment, shards_of
 from cirflow.indexing.service.security import read_api_key
 from cirflow.indexing.service.state import ServiceConfig, ServiceError
 from cirflow.models.images import ImageLimits
@@ -57,12 +59,17 @@ def deployment(config: ServiceConfig, replicas: int = 1, cpus_per_replica: float
 def app_builder(args: dict[str, Any]) -> Application:
     """For `serve run` / a Serve config file: `index` (required), `bundle`, `replicas`, `cpus_per_replica`,
     `api_key_file` (else CIRFLOW_API_KEY in the environment, else no key), `images` (a mapping of ImageLimits
-    fields), and any other ServiceConfig field, as strings or numbers."""
+    fields), and any other ServiceConfig field, as strings or numbers. A catalog whose CURRENT version is sharded
+    is served by shard deployments and a front (service/ray_shards.py): `shard_replicas` (default 1) and
+    `shard_timeout_s` (default 2) set them; `shards` must match the version's when given."""
     args = dict(args)
     if "index" not in args:
         raise ServiceError("the search deployment needs args.index: WORKDIR/indexes/<catalog> or one version")
     replicas = int(args.pop("replicas", 1))
     cpus = float(args.pop("cpus_per_replica", 1.0))
+    shards = args.pop("shards", None)
+    shard_replicas = int(args.pop("shard_replicas", 1))
+    shard_timeout_s = float(args.pop("shard_timeout_s", 2.0))
     if "api_key" in args:  # a config file is no place for a secret
         raise ServiceError("give the search deployment's API key as args.api_key_file or in CIRFLOW_API_KEY, not "
                            "as args.api_key")
@@ -84,4 +91,10 @@ def app_builder(args: dict[str, Any]) -> Application:
         else:
             values[name] = int(value)
     values["api_key"] = read_api_key(None if key_file is None else Path(key_file), os.environ)
-    return deployment(ServiceConfig(**values), replicas, cpus)
+    config = ServiceConfig(**values)
+    published_shards = shards_of(config.index)
+    if shards is not None and int(shards) != published_shards:
+        raise ServiceError(f"args.shards={shards}, but the version {config.index} serves has {published_shards}")
+    if published_shards == 1:
+        return deployment(config, replicas, cpus)
+    return sharded_deployment(config, published_shards, shard_replicas, replicas, cpus, shard_timeout_s)

@@ -15,10 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 from cirflow.indexing.service.state import ServiceConfig
-from cirflow.models.images import ImageError, ImageTooLarge, probe
+from cirflow.models.images import ImageError, ImageTooLarge, decode
 
 Mode = Literal["composed", "image-only", "text-only"]
 # What each mode ranks the catalog by: said in every response, so a client never mistakes one for another.
@@ -91,7 +92,7 @@ class Hit(BaseModel):
 
 class Timing(BaseModel):
     total: float
-    decode: float
+    decode: float  # the request checks, with an upload's base64 and image gate, or a catalog image read and checked
     encode: float
     search: float
 
@@ -105,6 +106,9 @@ class SearchResponse(BaseModel):
     index_id: str
     catalog: str
     took_ms: Timing
+    partial: bool = Field(False, description="some index shards did not answer in time: results are the best of "
+                                             "the others")
+    missing_shards: list[int] = Field(default_factory=list, description="the shards missing from a partial answer")
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class Query:
 
     mode: Mode
     text: str | None
-    image: bytes | None  # encoded bytes, header checked; None when reference_id names the image
+    image: Image.Image | None  # the upload, decoded (RGB, upright); None when reference_id names the image
     reference_id: int | None
     k: int
     exclude_ids: tuple[int, ...]
@@ -199,7 +203,7 @@ def check(request: SearchRequest, upload: bytes | None, config: ServiceConfig) -
     if image is not None:
         if not image:
             raise RequestError(422, "image: the uploaded image is empty (0 bytes)")
-        check_image_header(image, config)
+    picture = None if image is None else decode_upload(image, config)
     text = request.text
     if text is not None:
         if not text.strip():
@@ -224,7 +228,7 @@ def check(request: SearchRequest, upload: bytes | None, config: ServiceConfig) -
         excluded.add(request.reference_id)
     filters = None if request.filter is None else {
         field: value if isinstance(value, list) else [value] for field, value in request.filter.items()}
-    return Query(mode, text, image, request.reference_id, request.k, tuple(sorted(excluded)),
+    return Query(mode, text, picture, request.reference_id, request.k, tuple(sorted(excluded)),
                  None if request.allow_ids is None else tuple(request.allow_ids), filters)
 
 
@@ -239,12 +243,12 @@ def _base64(value: str) -> bytes:
         raise RequestError(422, f"image_base64: not valid base64 ({e})") from e
 
 
-def check_image_header(data: bytes, config: ServiceConfig) -> None:
-    """Refuse bytes that are no image of an allowed format, or an image over the pixel limit, from the header
-    alone (the image gate's probe: nothing decoded, since a decompression bomb costs a few bytes to send and
-    gigabytes to decode)."""
+def decode_upload(data: bytes, config: ServiceConfig) -> Image.Image:
+    """The uploaded image through the image gate, decoded once, here: refused from its header alone when it is no
+    image of an allowed format or over the pixel limit (a decompression bomb costs a few bytes to send and
+    gigabytes to decode), and when its pixels do not decode."""
     try:
-        probe(data, config.images, "image")
+        return decode(data, config.images, "image").image
     except ImageTooLarge as e:
         raise RequestError(413, f"{field_message(e, 'image')}; send a smaller image") from e
     except ImageError as e:

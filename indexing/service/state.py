@@ -19,7 +19,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cirflow.core.config import check_integer, check_non_negative, check_positive
 from cirflow.export.manifest import MANIFEST, BundleError, read_manifest
@@ -149,9 +149,15 @@ def load_stamp(config: ServiceConfig, index_dir: Path) -> tuple[tuple[Any, ...],
     return tuple(sorted(entries, key=lambda entry: entry[0]))
 
 
-def load_version(config: ServiceConfig, index_dir: Path, previous: Version | None = None) -> Version:
+# index version directory -> the index that answers for it: load_index in this process, or a sharded front's
+# remote shards (service/ray_shards.py)
+OpenIndex = Callable[[Path], Any]
+
+
+def load_version(config: ServiceConfig, index_dir: Path, previous: Version | None = None,
+                 open_index: OpenIndex | None = None) -> Version:
     """Load an index version and its bundle; the previous version's bundle is reused when it is the same one."""
-    index = load_index(index_dir, use_gpu="auto", verify=config.verify)
+    index = (open_index or (lambda path: load_index(path, use_gpu="auto", verify=config.verify)))(index_dir)
     if previous is not None and previous.bundle_id == index.bundle_id:
         runtime = previous.searcher.runtime
     else:
@@ -163,8 +169,9 @@ def load_version(config: ServiceConfig, index_dir: Path, previous: Version | Non
 class Published:
     """The version being served, and the watcher that swaps in a new one when the catalog's CURRENT moves."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, open_index: OpenIndex | None = None) -> None:
         self.config = config
+        self.open_index = open_index  # None: load_index in this process
         self.version: Version | None = None  # read once per request; replaced whole, never modified
         self.reloads = {"ok": 0, "failed": 0}
         self.last_error: str | None = None  # of the last failed reload
@@ -182,7 +189,7 @@ class Published:
     def load(self) -> Version:
         """The first load: any error propagates (the service must not start without a version)."""
         index_dir = store.resolve_index_dir(Path(self.config.index))
-        self.version = load_version(self.config, index_dir)
+        self.version = load_version(self.config, index_dir, open_index=self.open_index)
         log.info("serving index %s (catalog %s, %d vectors) with bundle %s", self.version.index_id,
                  self.version.catalog, self.version.index.ntotal, self.version.bundle_id)
         return self.version
@@ -203,7 +210,7 @@ class Published:
         if target == self._failed_target and stamp == self._failed_stamp:
             return False  # it failed as it is now: hashing every file again would fail again
         try:
-            version = load_version(self.config, target, current)
+            version = load_version(self.config, target, current, self.open_index)
         except Exception as e:  # any load failure keeps the old version serving
             # The stamp was taken before the load: a change made while it ran is tried again.
             self._failed(target, f"cannot load index version {target}: {e}", stamp)

@@ -12,9 +12,11 @@ from typing import Any, Callable, Iterator
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from cirflow.indexing.search import Searcher
 from cirflow.indexing.service.app import create_app
+from cirflow.indexing.service.requests import SearchResponse
 from cirflow.indexing.service.state import ServiceConfig, ServiceError
 from cirflow.models.images import ImageLimits
 from tests.indexing.service_setup import CATALOG, TEXTS, LiveServer, Shop, png
@@ -80,6 +82,18 @@ def test_composed_query_returns_what_the_search_library_returns(server: LiveServ
         assert set(body["took_ms"]) == {"total", "decode", "encode", "search"} and body["took_ms"]["total"] > 0
         hit = body["results"][0]
         assert hit["uri"] == expected.uris[0] and hit["image"] == f"/items/{hit['id']}/image"
+
+
+def test_the_search_answer_is_the_documented_model(server: LiveServer, shop: Shop) -> None:
+    """POST /search hands FastAPI its JSON ready-made, which FastAPI sends as it is (no check against response_model):
+    the body must still be a SearchResponse, sent as JSON, and the schema must still say so."""
+    response = post(server, {"image_base64": base64.b64encode(shop.images[1004]).decode(), "text": TEXTS[0], "k": K})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    answer = SearchResponse.model_validate_json(response.content, strict=True)
+    assert answer.model_dump(mode="json") == response.json() and len(answer.results) == K
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    documented = schema["paths"]["/search"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert documented == {"$ref": "#/components/schemas/SearchResponse"}
 
 
 def test_image_only_and_text_only_queries_return_what_the_library_returns(server: LiveServer, shop: Shop,
@@ -261,7 +275,24 @@ def test_bad_bodies_get_a_clear_4xx(server: LiveServer, shop: Shop) -> None:
 def test_a_truncated_image_that_passes_the_header_check_is_a_422(server: LiveServer, shop: Shop) -> None:
     cut = shop.images[1001][: len(shop.images[1001]) // 2]
     response = post(server, {"image_base64": _b64(cut), "text": "make it red"})
-    assert response.status_code == 422 and "image" in response.json()["detail"]
+    assert response.status_code == 422 and response.json()["detail"].startswith("image: cannot decode")
+    # The upload is decoded with the other checks of the request, before its ids are looked up.
+    response = post(server, {"image_base64": _b64(cut), "text": "make it red", "exclude_ids": [77]})
+    assert response.status_code == 422 and response.json()["detail"].startswith("image: cannot decode")
+
+
+def test_an_upload_is_opened_once(server: LiveServer, shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image gate checks an upload's header and decodes it in one pass (each opening costs ~0.1 ms)."""
+    opened = []
+    real_open = Image.open
+
+    def counted(*args: Any, **kwargs: Any) -> Image.Image:
+        opened.append(args)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counted)
+    response = post(server, {"image_base64": _b64(shop.images[1004]), "text": TEXTS[0], "k": K})
+    assert response.status_code == 200 and len(opened) == 1
 
 
 def test_the_worker_serves_on_after_every_bad_request(server: LiveServer, shop: Shop, library: Searcher) -> None:

@@ -172,7 +172,8 @@ def test_ray_serve_deployment_answers_like_the_library(shop: Shop, ray_serve: in
 
 def test_cirflow_serve_serves_until_sigterm(shop: Shop, tmp_path: Path) -> None:
     """The command line as deployed: `cirflow serve` finds the bundle beside the index, answers (with the API key
-    of --api-key-file, and the image limits of its flags), and a SIGTERM (a rolling update) ends it cleanly."""
+    of --api-key-file, and the image limits of its flags) and logs each request once, and a SIGTERM (a rolling
+    update) ends it cleanly."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
@@ -198,6 +199,11 @@ def test_cirflow_serve_serves_until_sigterm(shop: Shop, tmp_path: Path) -> None:
     # uvicorn finishes the shutdown, then re-raises the signal it caught: the exit status says "terminated".
     assert server.returncode in (0, -signal.SIGTERM), out[-2000:]
     assert "Application shutdown complete" in out
+    # One access-log line per request, in uvicorn's words (the app writes it, after the response; uvicorn's is off).
+    searches = [line.split("service.access: ", 1)[1] for line in out.splitlines()
+                if "service.access: " in line and "/search" in line]
+    assert [line.split(" - ", 1)[1] for line in searches] == ['"POST /search HTTP/1.1" 401',
+                                                              '"POST /search HTTP/1.1" 200'], out[-2000:]
 
 
 @pytest.mark.parametrize("flags, message", [

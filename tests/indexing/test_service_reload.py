@@ -124,10 +124,10 @@ def test_a_failed_version_is_loaded_once_until_current_moves_or_its_files_change
     loads: list[Path] = []
     load_version = service_state.load_version
 
-    def counted(config: ServiceConfig, index_dir: Path, previous: service_state.Version | None = None
-                ) -> service_state.Version:
+    def counted(config: ServiceConfig, index_dir: Path, previous: service_state.Version | None = None,
+                open_index: service_state.OpenIndex | None = None) -> service_state.Version:
         loads.append(index_dir)
-        return load_version(config, index_dir, previous)
+        return load_version(config, index_dir, previous, open_index)
 
     monkeypatch.setattr(service_state, "load_version", counted)
     publish_current(broken)
