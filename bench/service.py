@@ -23,19 +23,24 @@ Setup (cached under --workdir):
 Protocol, one step after the other:
 1. In-process baseline, in this process before the server starts: Searcher.load(index, bundle) with the library's
    defaults (ONNX Runtime picks its thread count: all cores for one query) and search(image bytes, caption, k=10)
-   over the query set, one after the other, after a warm-up of BASELINE_WARMUP queries. Latency per call.
+   over the query set, one after the other, after a warm-up of BASELINE_WARMUP queries. Latency per call. Then the
+   same with the service's thread settings (the bundle loaded with its ORT threads per request, FAISS on one
+   thread): the row the service is compared with, so that the difference is the service's own cost (HTTP, JSON,
+   base64, checks, the hop to a request thread), not a thread setting.
 2. The service: `cirflow serve --index WORKDIR/indexes/<catalog> --bundle B --host 127.0.0.1 --port <free>
    --reload-seconds 0.5` (plus --workers / --ort-threads when given; else the service's defaults: one request thread
    per core, one ORT thread per request) as a subprocess, its log in WORKDIR/service.log (INFO: one access-log line
    per request, as deployed), ready when GET /readyz answers 200; stopped with SIGTERM at the end, also on failure.
-3. Load levels (concurrency 1, 8, 32): the client is this process, asyncio + httpx.AsyncClient with one connection
-   per worker; N workers take the queries in turn (cycling) and send each as soon as their previous answer came
+3. Load levels (concurrency 1, 8, 32): the client is this process, asyncio with one keep-alive HTTP/1.1 connection
+   per worker (Connection: a minimal client, since httpx's own CPU per request was more than the service overhead
+   measured here); N workers take the queries in turn (cycling) and send each as soon as their previous answer came
    back (closed loop). A level runs until --requests requests were sent or --duration seconds passed, whichever
    comes first, after a warm-up of WARMUP_PER_WORKER requests per worker on the same connections. A request's
    latency: from sending to the body read (client side). Errors: non-200 answers and transport errors (a timeout
    after REQUEST_TIMEOUT s included). Seconds: from the first send to the last answer; req/s: answered requests
-   (errors included) / seconds. Server p50: the median of the answers' took_ms.total (the server's decode + encode
-   + search of the query, without HTTP, JSON, base64, the request checks and the wait for a request thread).
+   (errors included) / seconds. Server p50: the median of the answers' took_ms.total (the server's checks of the
+   request, base64 and the image's decode included, + encode + search, without HTTP, JSON and the wait for a request
+   thread).
    CPU: the server process's and this process's CPU time over the level (/proc), in cores: the client shares the
    cores with the server, and this says how much it took.
 4. Hot reload under load: concurrency 8 with the same bounds; when 1/3 and 2/3 of the run are done (of the requests
@@ -45,7 +50,8 @@ Protocol, one step after the other:
    version (the server polls CURRENT every 0.5 s, then loads the version beside the served one). The bench exits
    non-zero (after writing the section) when the reload run had an error, a response of another version, or never
    served the hnsw version.
-5. Ratio: the service's p50 at concurrency 1 / the library's p50 in-process, over the same queries.
+5. The service's own cost: its p50 at concurrency 1 minus the library's p50 in-process with the service's thread
+   settings (ms, and as a ratio), over the same queries; and the ratio to the library with its defaults.
 
 --quick: the tiny model (models/tiny.py make_checkpoint, "sum" composer, TINY_MODEL) and a tiny generated shapes
 dataset (QUICK_DATA: 120 test images, 80 queries; or --data), levels 1 and 4 and a reload run at 4, 3 s each; writes to
@@ -70,6 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import faiss
 import httpx
 import numpy as np
 import pyarrow as pa
@@ -85,7 +92,7 @@ from cirflow.indexing.index.build import build_index
 from cirflow.indexing.index.plan import IndexConfig
 from cirflow.indexing.index.queries import encode_query_split, read_queries, write_queries
 from cirflow.indexing.index.versions import publish
-from cirflow.indexing.search import Searcher, index_store
+from cirflow.indexing.search import Searcher, VectorIndex, index_store
 from cirflow.indexing.service.state import ServiceConfig
 from cirflow.models.data.loaders import load_split
 from cirflow.models.data.shapes import MANIFEST as SHAPES_MANIFEST
@@ -106,7 +113,7 @@ WARMUP_PER_WORKER = 2  # requests per worker before a level: connections opened,
 WARMUP_MAX_S = 10.0
 REQUEST_TIMEOUT = 60.0
 READY_TIMEOUT = 300.0  # the MiniLM bundle's sha256 check and session load, on a busy machine
-JSON_HEADERS = {"content-type": "application/json"}
+HOST = "127.0.0.1"  # the service listens on loopback only
 
 
 # --- setup: bundle, catalog, index versions, queries ---------------------------------------------------------
@@ -216,9 +223,23 @@ def summarize(records: Sequence[Record], seconds: float) -> dict[str, Any]:
             "server_p50": percentile(server, 50), "errors": sum(kinds.values()), "error_kinds": dict(kinds)}
 
 
-def baseline(setup: Setup, bundle: Path, queries: QuerySet) -> dict[str, Any]:
-    """The library in this process: one search after the other over the query set (module docstring, step 1)."""
-    searcher = Searcher.load(setup.catalog_dir, bundle)
+def baseline(setup: Setup, bundle: Path, queries: QuerySet, ort_threads: int | None = None) -> dict[str, Any]:
+    """The library in this process: one search after the other over the query set (module docstring, step 1).
+    ort_threads: None for the library's defaults; else the service's settings, that many ORT threads and one
+    FAISS thread (restored afterwards)."""
+    if ort_threads is None:
+        return time_searches(Searcher.load(setup.catalog_dir, bundle), queries)
+    searcher = Searcher(VectorIndex.load(setup.catalog_dir),
+                        BundleRuntime.load(bundle, intra_op_threads=ort_threads))
+    faiss_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return time_searches(searcher, queries)
+    finally:
+        faiss.omp_set_num_threads(faiss_threads)
+
+
+def time_searches(searcher: Searcher, queries: QuerySet) -> dict[str, Any]:
     for image, text in zip(queries.images[:BASELINE_WARMUP], queries.texts[:BASELINE_WARMUP]):
         searcher.search(image, text, k=K)
     latencies = []
@@ -242,17 +263,72 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def send(client: httpx.AsyncClient, url: str, body: bytes) -> Record:
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON bodies: the load levels' client. With httpx this process
+    took 1.7 ms of CPU per request on the 2-core bench machine, more than the service overhead it was there to
+    measure, and on the same cores; with this, 0.4 ms. It reads what the service sends (a status line, headers, a
+    Content-Length body) and treats anything else as an error; a connection that failed is dropped and opened
+    again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """(status, body) of one request."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(HOST, self.port)
+        reader, writer = self.streams
+        try:
+            writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (path.encode(), HOST.encode(), self.port, len(body)) + body)
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            if "content-length" not in headers:
+                raise ProtocolError(f"HTTP {status} without Content-Length")
+            data = await reader.readexactly(int(headers["content-length"]))
+        except BaseException:
+            self.close()  # whatever was half sent or read, the next request starts on a clean connection
+            raise
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, data
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+class ProtocolError(ValueError):
+    """An answer the bench's client does not read (see Connection)."""
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """The status and the headers (names in lower case) of a response's head, up to its blank line."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+async def send(connection: Connection, body: bytes) -> Record:
     start = time.perf_counter()
     try:
-        response = await client.post(url, content=body, headers=JSON_HEADERS)
-    except httpx.HTTPError as e:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            status, data = await connection.post("/search", body)
+    except (OSError, EOFError, TimeoutError, asyncio.LimitOverrunError, ProtocolError) as e:
         return Record(start, time.perf_counter(), 0, error=type(e).__name__)
     done = time.perf_counter()
-    if response.status_code != 200:
-        return Record(start, done, response.status_code, error=f"HTTP {response.status_code}")
+    if status != 200:
+        return Record(start, done, status, error=f"HTTP {status}")
     try:
-        answer = response.json()
+        answer = json.loads(data)
         return Record(start, done, 200, float(answer["took_ms"]["total"]), str(answer["index_id"]))
     except (ValueError, KeyError, TypeError):
         return Record(start, done, 200, error="bad response body")
@@ -265,20 +341,20 @@ class Run:
     switched: list[float] = field(default_factory=list)  # perf_counter of each switch made
 
 
-async def drive(client: httpx.AsyncClient, url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int,
-                duration: float, switches: Sequence[tuple[float, Callable[[], Any]]] = ()) -> Run:
-    """`concurrency` closed-loop workers until `max_requests` were sent or `duration` passed; each switch's action
+async def drive(connections: Sequence[Connection], bodies: Sequence[bytes], max_requests: int, duration: float,
+                switches: Sequence[tuple[float, Callable[[], Any]]] = ()) -> Run:
+    """A closed-loop worker per connection until `max_requests` were sent or `duration` passed; each switch's action
     runs once that fraction of the run is done (of the requests or of the duration, whichever is further)."""
     run, sent = Run(), 0
     started = time.perf_counter()
     deadline = started + duration
 
-    async def worker() -> None:
+    async def worker(connection: Connection) -> None:
         nonlocal sent
         while sent < max_requests and time.perf_counter() < deadline:
             body = bodies[sent % len(bodies)]
             sent += 1
-            run.records.append(await send(client, url, body))
+            run.records.append(await send(connection, body))
 
     async def switcher() -> None:
         for fraction, action in switches:
@@ -288,7 +364,7 @@ async def drive(client: httpx.AsyncClient, url: str, bodies: Sequence[bytes], co
             run.switched.append(time.perf_counter())
 
     switching = asyncio.create_task(switcher()) if switches else None
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(connection) for connection in connections))
     run.seconds = time.perf_counter() - started
     if switching is not None:
         switching.cancel()
@@ -296,25 +372,28 @@ async def drive(client: httpx.AsyncClient, url: str, bodies: Sequence[bytes], co
     return run
 
 
-async def level(url: str, bodies: Sequence[bytes], concurrency: int, requests: int, duration: float,
+async def level(port: int, bodies: Sequence[bytes], concurrency: int, requests: int, duration: float,
                 server_pid: int, switches: Sequence[tuple[float, Callable[[], Any]]] = ()
                 ) -> tuple[Run, float | None, float]:
     """A warm-up, then the measured run on the same connections; with the CPU seconds of the server and of this
     process over the measured run."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT, trust_env=False) as client:
-        await drive(client, url, bodies, concurrency, WARMUP_PER_WORKER * concurrency, WARMUP_MAX_S)
+    connections = [Connection(port) for _ in range(concurrency)]
+    try:
+        await drive(connections, bodies, WARMUP_PER_WORKER * concurrency, WARMUP_MAX_S)
         server_before, client_before = cpu_seconds(server_pid), time.process_time()
-        run = await drive(client, url, bodies, concurrency, requests, duration, switches)
+        run = await drive(connections, bodies, requests, duration, switches)
         server_after, client_after = cpu_seconds(server_pid), time.process_time()
+    finally:
+        for connection in connections:
+            connection.close()
     server = None if server_before is None or server_after is None else server_after - server_before
     return run, server, client_after - client_before
 
 
-def measure(url: str, bodies: Sequence[bytes], concurrency: int, requests: int, duration: float, server_pid: int,
+def measure(port: int, bodies: Sequence[bytes], concurrency: int, requests: int, duration: float, server_pid: int,
             switches: Sequence[tuple[float, Callable[[], Any]]] = ()) -> tuple[dict[str, Any], Run]:
     """One level: its summary, with the server's and this process's CPU in cores over the run."""
-    run, server_cpu, client_cpu = asyncio.run(level(url, bodies, concurrency, requests, duration, server_pid,
+    run, server_cpu, client_cpu = asyncio.run(level(port, bodies, concurrency, requests, duration, server_pid,
                                                     switches))
     summary = {"concurrency": concurrency, **summarize(run.records, run.seconds)}
     summary["server_cores"] = None if server_cpu is None else server_cpu / run.seconds
@@ -338,7 +417,7 @@ def reload_checks(run: Run, first: str, second: str) -> dict[str, Any]:
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         return sock.getsockname()[1]
 
 
@@ -348,7 +427,7 @@ def serve_command(catalog_dir: Path, bundle: Path, port: int, workers: int | Non
     head = [str(script)] if script.is_file() else [sys.executable, "-m", "cirflow.flows.cli"]
     extra = ([f"--workers={workers}"] if workers is not None else []) + \
         ([f"--ort-threads={ort_threads}"] if ort_threads is not None else [])
-    return [*head, "serve", "--index", str(catalog_dir), "--bundle", str(bundle), "--host", "127.0.0.1",
+    return [*head, "serve", "--index", str(catalog_dir), "--bundle", str(bundle), "--host", HOST,
             "--port", str(port), "--reload-seconds", str(RELOAD_SECONDS), *extra]
 
 
@@ -357,7 +436,8 @@ class Server:
 
     def __init__(self, command: list[str], port: int, log_path: Path) -> None:
         self.command, self.log_path = command, log_path
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.url = f"http://{HOST}:{port}"
 
     def __enter__(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,8 +496,10 @@ def table_row(label: str, row: dict[str, Any]) -> str:
 
 
 def render(args: argparse.Namespace, command: str, info: dict[str, Any], library: dict[str, Any],
-           levels: list[dict[str, Any]], reload: dict[str, Any], checks: dict[str, Any]) -> str:
+           same_threads: dict[str, Any], levels: list[dict[str, Any]], reload: dict[str, Any],
+           checks: dict[str, Any]) -> str:
     ratio = levels[0]["p50"] / library["p50"]
+    overhead = levels[0]["p50"] - same_threads["p50"]
     first, second = info["first"], info["second"]
     title = "## Search service under load (loopback, CPU)" + (" [--quick: numbers meaningless]" if args.quick else "")
     lines = [title, "",
@@ -432,23 +514,30 @@ def render(args: argparse.Namespace, command: str, info: dict[str, Any], library
              f"- server: `{info['serve']}`: one uvicorn process, {info['workers']} request threads, "
              f"{info['ort_threads']} ONNX Runtime thread(s) and 1 FAISS thread per request, access log at INFO to a "
              f"file, CURRENT polled every {RELOAD_SECONDS} s",
-             f"- client: this bench's process (asyncio + httpx, one keep-alive connection per worker, closed loop). "
+             f"- client: this bench's process (asyncio, a minimal HTTP/1.1 client: one keep-alive connection per "
+             "worker, closed loop). "
              f"It shares the {info['cores']} cores with the server: the last column gives both processes' CPU in "
              "cores over each level",
              f"- bounds per level: {args.requests} requests or {args.duration:g} s, whichever first, after "
              f"{WARMUP_PER_WORKER} warm-up requests per worker; in-process: the library in this process before the "
-             f"server started, one call after the other, after {BASELINE_WARMUP} warm-up calls",
+             f"server started, one call after the other, after {BASELINE_WARMUP} warm-up calls, first with its "
+             f"defaults, then with the service's threads ({info['ort_threads']} ORT thread(s), 1 FAISS thread)",
              "- method and the meaning of every number: the docstring of bench/service.py", "",
              "| level | requests | seconds | req/s | p50 ms | p99 ms | server p50 ms | errors | CPU cores server / "
              "client |", "|---|---|---|---|---|---|---|---|---|",
              f"| in-process library (Searcher.search, sequential) | {library['requests']} | {library['seconds']:.1f} | "
-             f"{library['rps']:.1f} | {fmt(library['p50'])} | {fmt(library['p99'])} | - | - | - |"]
+             f"{library['rps']:.1f} | {fmt(library['p50'])} | {fmt(library['p99'])} | - | - | - |",
+             f"| in-process library, the service's threads ({info['ort_threads']} ORT, 1 FAISS) | "
+             f"{same_threads['requests']} | {same_threads['seconds']:.1f} | {same_threads['rps']:.1f} | "
+             f"{fmt(same_threads['p50'])} | {fmt(same_threads['p99'])} | - | - | - |"]
     lines += [table_row(f"concurrency {row['concurrency']}", row) for row in levels]
     lines.append(table_row(f"hot reload, concurrency {reload['concurrency']} (2 switches)", reload))
     delays = ", ".join(f"{name} seen {fmt(d, 2)} s after" if d is not None else f"{name} NOT seen"
                        for name, d in zip((f"-> {info['second_type']}", f"-> {library['index_type']}"),
                                           checks["delays"]))
-    lines += ["", f"Service p50 at concurrency 1 / in-process library p50 (same queries): **{ratio:.2f}**", "",
+    lines += ["", f"The service's own cost: p50 at concurrency 1 minus the in-process library's p50 with the service's "
+              f"threads (same queries): **{overhead:.1f} ms** ({levels[0]['p50'] / same_threads['p50']:.2f}x)", "",
+              f"Service p50 at concurrency 1 / in-process library p50 (same queries): **{ratio:.2f}**", "",
               f"Hot reload: {reload['errors']} errors (expected 0); responses per version: "
               + ", ".join(f"{i} ({'published' if i == first else 'hnsw' if i == second else 'FOREIGN'}): {n}"
                           for i, n in checks["seen"].items())
@@ -457,11 +546,13 @@ def render(args: argparse.Namespace, command: str, info: dict[str, Any], library
               "request sent after the switch)", "", "Reading:"]
     one, top = levels[0], levels[-1]
     lines += [f"- At concurrency 1 a query through the service takes {fmt(one['p50'])} ms (p50), the library "
-              f"{fmt(library['p50'])} ms in-process: {ratio:.2f}x. Of the service's time, the server's own decode + "
-              f"encode + search is {fmt(one['server_p50'])} ms; the other {fmt(one['p50'] - one['server_p50'])} ms "
-              "are HTTP, JSON and base64, the request checks, the hop to a request thread and the client. The library "
-              f"lets ONNX Runtime use every core for one query; the service gives each request {info['ort_threads']} "
-              "ORT thread(s) so that concurrent requests fill the cores.",
+              f"{fmt(same_threads['p50'])} ms in-process with the same threads: the service's own cost is "
+              f"{fmt(overhead)} ms. Of the service's time, the server's own checks, decode, encode and search take "
+              f"{fmt(one['server_p50'])} ms; the other {fmt(one['p50'] - one['server_p50'])} ms are HTTP, JSON, "
+              "the hop to a request thread and back, and the client. With its defaults the "
+              f"library lets ONNX Runtime use every core for one query ({fmt(library['p50'])} ms, {ratio:.2f}x); "
+              f"the service gives each request {info['ort_threads']} ORT thread(s) so that concurrent requests fill "
+              "the cores.",
               f"- Throughput goes from {one['rps']:.1f} req/s at concurrency 1 to {top['rps']:.1f} at "
               f"{top['concurrency']} ({top['rps'] / one['rps']:.2f}x), p50 from {fmt(one['p50'])} to "
               f"{fmt(top['p50'])} ms while the server's own p50 goes from {fmt(one['server_p50'])} to "
@@ -538,29 +629,30 @@ def main(argv: list[str] | None = None) -> int:
     say(f"catalog {setup.size:,} images; published {first['type']} {setup.first.name}, reload target "
         f"{second['type']} {setup.second.name}; {len(queries.bodies)} queries")
 
+    config = ServiceConfig(setup.catalog_dir, bundle, workers=args.workers or 0, ort_threads=args.ort_threads or 1)
     say("in-process baseline ...")
     library = baseline(setup, bundle, queries)
     say(f"library: p50 {library['p50']:.1f} ms, p99 {library['p99']:.1f} ms")
+    same_threads = baseline(setup, bundle, queries, config.ort_threads)
+    say(f"library with the service's threads: p50 {same_threads['p50']:.1f} ms, p99 {same_threads['p99']:.1f} ms")
 
     port = free_port()
     serve = serve_command(setup.catalog_dir, bundle, port, args.workers, args.ort_threads)
-    config = ServiceConfig(setup.catalog_dir, bundle, workers=args.workers or 0, ort_threads=args.ort_threads or 1)
     levels_run = QUICK_LEVELS if args.quick else LEVELS
     reload_at = QUICK_RELOAD_CONCURRENCY if args.quick else RELOAD_CONCURRENCY
     say(f"starting the service: {shlex.join(serve)}")
     levels = []
     with Server(serve, port, args.workdir / "service.log") as server:
-        url = f"{server.url}/search"
         say("service ready")
         for concurrency in levels_run:
-            row, _ = measure(url, queries.bodies, concurrency, args.requests, args.duration, server.process.pid)
+            row, _ = measure(server.port, queries.bodies, concurrency, args.requests, args.duration, server.process.pid)
             levels.append(row)
             say(f"concurrency {concurrency}: {row['requests']} requests in {row['seconds']:.1f} s, "
                 f"{row['rps']:.1f} req/s, p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms, errors {row['errors']}")
         switches = [(SWITCHES[0], lambda: publish_current(setup.second)),
                     (SWITCHES[1], lambda: publish_current(setup.first))]
         try:
-            reload, run = measure(url, queries.bodies, reload_at, args.requests, args.duration, server.process.pid,
+            reload, run = measure(server.port, queries.bodies, reload_at, args.requests, args.duration, server.process.pid,
                                   switches)
         finally:
             publish_current(setup.first)  # the published version stays CURRENT whatever happened
@@ -579,9 +671,10 @@ def main(argv: list[str] | None = None) -> int:
             "serve": shlex.join(serve), "workers": config.threads, "ort_threads": config.ort_threads}
     write_json_atomic(args.workdir / "service-results.json",
                       {"setup": {k: str(v) if isinstance(v, Path) else v for k, v in info.items()},
-                       "library": library, "levels": levels, "reload": reload, "reload_checks": checks},
+                       "library": library, "library_same_threads": same_threads, "levels": levels,
+                       "reload": reload, "reload_checks": checks},
                       sort_keys=True)
-    body = render(args, command, info, library, levels, reload, checks)
+    body = render(args, command, info, library, same_threads, levels, reload, checks)
     write_section("service", body, args.doc)
     print(body)
     say(f"wrote the service section to {args.doc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -53,6 +54,59 @@ def test_reload_checks_find_versions_and_switch_delays() -> None:
     assert checks["delays"] == [None]
 
 
+ANSWER = json.dumps({"took_ms": {"total": 4.5}, "index_id": "v1"}).encode()
+CANNED = {  # what the stand-in server answers, by the request body
+    b"ok": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER),
+    b"busy": b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}",
+    b"close": b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER),
+    b"chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"cut": b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"took",
+    b"junk": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    b"not json": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+}
+
+
+def test_the_client_reads_answers_records_failures_and_reconnects() -> None:
+    """bench.Connection against a stand-in server: a good answer, an error status, and answers it does not read (no
+    Content-Length, a body cut short, not HTTP), each recorded as an error, after which the next request opens a
+    new connection; `connection: close` is honoured."""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"POST /search HTTP/1.1\r\n") and b"Content-Type: application/json" in head
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                writer.write(CANNED[body])
+                await writer.drain()
+                if body in (b"close", b"cut", b"junk"):
+                    break
+        except asyncio.IncompleteReadError:  # the client closed the connection
+            pass
+        writer.close()
+
+    async def run() -> list[object]:
+        server = await asyncio.start_server(handle, bench.HOST, 0)
+        connection = bench.Connection(server.sockets[0].getsockname()[1])
+        try:
+            return [await bench.send(connection, body) for body in
+                    (b"ok", b"busy", b"ok", b"chunked", b"ok", b"close", b"ok", b"cut", b"ok", b"junk", b"ok",
+                     b"not json")]
+        finally:
+            connection.close()
+            server.close()
+
+    records = asyncio.run(run())
+    assert [(r.status, r.error) for r in records] == [
+        (200, None), (503, "HTTP 503"), (200, None), (0, "ProtocolError"), (200, None), (200, None), (200, None),
+        (0, "IncompleteReadError"), (200, None), (0, "ProtocolError"), (200, None), (200, "bad response body")]
+    assert (records[0].server_ms, records[0].index_id) == (4.5, "v1") and records[0].ms > 0
+    assert len(connections) == 5  # reopened after the chunked answer, connection: close, the cut body and junk
+
+
 def test_quick_defaults_keep_the_real_section_untouched(tmp_path: Path) -> None:
     quick = bench.parse_args(["--quick", "--workdir", str(tmp_path)])
     assert quick.doc == tmp_path / "service-quick.md" and quick.data == tmp_path / "data" / "shapes-quick"
@@ -73,18 +127,23 @@ def test_quick_run_writes_the_section(tiny_bundle: Path, tiny_shapes: Path, tmp_
     assert text.count("<!-- begin service -->") == 1 and text.count("<!-- end service -->") == 1
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| level")}
-    for label in ("in-process library (Searcher.search, sequential)", "concurrency 1", "concurrency 4",
+    for label in ("in-process library (Searcher.search, sequential)",
+                  "in-process library, the service's threads (1 ORT, 1 FAISS)", "concurrency 1", "concurrency 4",
                   "hot reload, concurrency 4 (2 switches)"):
         assert label in rows, (label, list(rows))
         requests, seconds, rps, p50 = (float(v) for v in rows[label][:4])
-        assert requests > 0 and seconds > 0 and rps > 0 and p50 > 0
+        assert requests > 0 and seconds >= 0 and rps > 0 and p50 > 0  # 0.0 s: the tiny model's 80 calls on 1 thread
     assert rows["hot reload, concurrency 4 (2 switches)"][6] == "0"  # errors
     ratio = re.search(r"Service p50 at concurrency 1 / in-process library p50 \(same queries\): \*\*([0-9.]+)\*\*",
                       text)
     assert ratio and float(ratio.group(1)) > 0
+    overhead = re.search(r"The service's own cost: p50 at concurrency 1 minus the in-process library's p50 with the "
+                         r"service's threads \(same queries\): \*\*(-?[0-9.]+) ms\*\* \(([0-9.]+)x\)", text)
+    assert overhead and float(overhead.group(2)) > 0
     assert re.search(r"Hot reload: 0 errors \(expected 0\); responses per version: \w+ \(published\): \d+, "
                      r"\w+ \(hnsw\): \d+; every response from one of the two versions: yes", text)
     results = json.loads((tmp_path / "work" / "service-results.json").read_text())
     assert [row["concurrency"] for row in results["levels"]] == [1, 4]
+    assert results["library_same_threads"]["requests"] == results["library"]["requests"]
     assert results["reload"]["errors"] == 0 and results["reload_checks"]["second_served"]
     assert "Shutting down" in (tmp_path / "work" / "service.log").read_text()  # stopped by SIGTERM, gracefully
