@@ -181,7 +181,8 @@ def render(rows: list[dict[str, Any]], args: Any, header: list[str]) -> str:
             f" (recall >= {aim['recall']}, p50 <= {aim['search_p50_ms']:g} ms)" if aim else "")
         lines.append(f"| {r['size']:,} | {r['dim']} | {r['type']} | {r['factory']} | {b['total']:.0f} "
                      f"({b['train']:.0f} / {b['add']:.0f} / {b['tune']:.0f}){' reused' if r['reused'] else ''} | "
-                     f"{r['peak_rss_mb']:,.0f} | {r['bytes_per_vector']:.1f} | {setting} | {r['recall']:.3f} | "
+                     f"{r['peak_rss_mb']:,.0f}{' (loading only: build reused)' if r['reused'] else ''} | "
+                     f"{r['bytes_per_vector']:.1f} | {setting} | {r['recall']:.3f} | "
                      f"{r['search_ms'][0]:.2f} / {r['search_ms'][1]:.2f} | {r['encode_ms'][0]:.2f} / "
                      f"{r['encode_ms'][1]:.2f} | {verdict} |")
     lines += ["", "Why the planner chose each (the manifest's reason):", ""]
