@@ -21,9 +21,9 @@ import numpy as np
 
 from cirflow.indexing.search import index_store as store
 from cirflow.indexing.search import topk
-from cirflow.indexing.search.entries import Entries, SearchError
+from cirflow.indexing.search.entries import Entries
 from cirflow.indexing.search.placement import resolve_gpu
-from cirflow.indexing.search.vector_index import VERIFY, SearchResult, VectorIndex, results_of
+from cirflow.indexing.search.vector_index import VERIFY, IndexVersion, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class FanoutStats:
                 self.partial += 1
 
 
-class ShardedIndex:
+class ShardedIndex(IndexVersion):
     """A sharded version: its shards' VectorIndexes and the whole catalog's entries."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], shards: list[VectorIndex], entries: Entries) -> None:
@@ -83,8 +83,7 @@ class ShardedIndex:
                                              f"lists {shard['index_id']}")
             on_gpu = resolve_gpu(use_gpu, shard_manifest["type"], "search")
             loaded = VectorIndex.open(shard_path, shard_manifest, mmap, on_gpu)
-            setting = shard_manifest["search"]
-            loaded.set_search(setting["param"], setting["value"], setting.get("k_factor"))
+            loaded.use_tuned_setting()
             shards.append(loaded)
         ids, uris = store.read_uris(index_dir)
         if len(ids) != sum(shard.ntotal for shard in shards):
@@ -93,24 +92,11 @@ class ShardedIndex:
         entries = Entries(index_dir.name, ids, uris, store.read_metadata(index_dir), store.read_sources(index_dir))
         return cls(index_dir, manifest, shards, entries)
 
-    @property
-    def bundle_id(self) -> str:
-        return self.manifest["bundle_id"]
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["embed_dim"])
-
-    @property
-    def ntotal(self) -> int:
-        return len(self.entries)
-
     def search(self, queries: np.ndarray, k: int = 10,
                exclude_ids: Sequence[int | None] | np.ndarray | None = None,
                allow_ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """As VectorIndex.search, over every shard: (ids (Q, n), scores (Q, n)), n = min(k, ntotal)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise SearchError(f"k must be a positive integer, got {k!r}")
+        self.check_k(k)
         answers = list(self._pool.map(lambda shard: shard.search(queries, k, exclude_ids, allow_ids), self.shards))
         return self.merge(answers, min(int(k), self.ntotal))
 
@@ -119,9 +105,6 @@ class ShardedIndex:
         """(ids, scores) of the k best of the shards' (ids, scores) answers, padded as faiss pads."""
         scores, ids = topk.merge([(scores, ids) for ids, scores in answers], len(answers[0][0]), k)
         return ids, scores
-
-    def results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
-        return results_of(self.entries, ids, scores)
 
 
 def load_index(index_dir: Path, use_gpu: str = "auto", verify: str = "sha256",

@@ -42,16 +42,49 @@ class SearchResult:
     uris: list[str]
 
 
-def results_of(entries: Entries, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
-    """One SearchResult per row of a search's output, without faiss's -1 padding."""
-    out = []
-    for row_ids, row_scores in zip(ids, scores):
-        found = row_ids >= 0
-        out.append(SearchResult(row_ids[found], row_scores[found], entries.uris_of(row_ids[found])))
-    return out
+class IndexVersion:
+    """What every loaded index version answers with (VectorIndex, a sharded version in one process, a sharded
+    front's remote shards): its directory, manifest and catalog entries, and the checks of a search's queries and k."""
+
+    index_dir: Path
+    manifest: dict[str, Any]
+    entries: Entries
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    @property
+    def ntotal(self) -> int:
+        """Live vectors: every catalog id once."""
+        return len(self.entries)
+
+    def results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
+        """One SearchResult per row of search()'s output, without faiss's -1 padding."""
+        out = []
+        for row_ids, row_scores in zip(ids, scores):
+            found = row_ids >= 0
+            out.append(SearchResult(row_ids[found], row_scores[found], self.entries.uris_of(row_ids[found])))
+        return out
+
+    def check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise SearchError(f"queries must be (Q, {self.dim}) for this index ({self.index_dir.name}), got "
+                              f"shape {queries.shape}")
+        return np.ascontiguousarray(queries, dtype=np.float32)
+
+    @staticmethod
+    def check_k(k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise SearchError(f"k must be a positive integer, got {k!r}")
 
 
-class VectorIndex:
+class VectorIndex(IndexVersion):
     """One index version: its FAISS index (the base, for an overlay version), where it runs, and its entries."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], index: faiss.Index | Reranked, on_gpu: bool,
@@ -99,9 +132,8 @@ class VectorIndex:
                                          "load it with cirflow.indexing.search.load_index")
         on_gpu = resolve_gpu(use_gpu, manifest["type"], "search")
         loaded = cls.open(index_dir, manifest, mmap, on_gpu)
-        setting = manifest["search"]
-        loaded.set_search(setting["param"], setting["value"], setting.get("k_factor"))
-        recall = manifest["recall"]
+        loaded.use_tuned_setting()
+        setting, recall = manifest["search"], manifest["recall"]
         tuned = "exact" if setting["param"] is None else f"{setting['param']}={setting['value']}"
         if setting.get("k_factor"):
             tuned += f", re-rank of k x {setting['k_factor']} candidates"
@@ -122,18 +154,10 @@ class VectorIndex:
                                   f"k_factor={k_factor} on")
             self.index.k_factor = int(k_factor)
 
-    @property
-    def bundle_id(self) -> str:
-        return self.manifest["bundle_id"]
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["embed_dim"])
-
-    @property
-    def ntotal(self) -> int:
-        """Live vectors: every catalog id once."""
-        return len(self.entries)
+    def use_tuned_setting(self) -> None:
+        """Apply the setting tuning recorded in the manifest."""
+        setting = self.manifest["search"]
+        self.set_search(setting["param"], setting["value"], setting.get("k_factor"))
 
     def search(self, queries: np.ndarray, k: int = 10,
                exclude_ids: Sequence[int | None] | np.ndarray | None = None,
@@ -148,9 +172,8 @@ class VectorIndex:
         allow_ids: None, or catalog ids shared by all queries (1-D): only these are returned, padded with -1
         where fewer are allowed (none for an empty list); ids not in the catalog are never returned.
         """
-        queries = self._check_queries(queries)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise SearchError(f"k must be a positive integer, got {k!r}")
+        queries = self.check_queries(queries)
+        self.check_k(k)
         exclude = self._check_exclude(exclude_ids, len(queries))
         allowed = None if allow_ids is None else self._check_allow(allow_ids)
         excluding = bool((exclude >= 0).any())
@@ -176,16 +199,6 @@ class VectorIndex:
         if self.manifest["type"] in ("hnsw", "hnsw_sq") and len(allowed) * self.dim * 4 <= EXACT_SUBSET_BYTES:
             return self._exact_subset.search(queries, k, allowed)
         return filtered_search(self.index, queries, k, allowed)
-
-    def results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
-        return results_of(self.entries, ids, scores)
-
-    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
-        queries = np.asarray(queries)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise SearchError(f"queries must be (Q, {self.dim}) for this index ({self.index_dir.name}), got "
-                              f"shape {queries.shape}")
-        return np.ascontiguousarray(queries, dtype=np.float32)
 
     def _check_allow(self, allow_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Sorted unique ids of allow_ids that the catalog holds."""

@@ -43,7 +43,7 @@ from cirflow.indexing.search import index_store as store
 from cirflow.indexing.search.entries import Entries, SearchError
 from cirflow.indexing.search.placement import gpu_count, resolve_gpu
 from cirflow.indexing.search.sharded import FanoutStats, PartialAnswer, ShardedIndex, ShardsUnavailableError
-from cirflow.indexing.search.vector_index import SearchResult, results_of
+from cirflow.indexing.search.vector_index import IndexVersion
 from cirflow.indexing.service.app import create_app
 from cirflow.indexing.service.state import Published, ServiceConfig, ServiceError
 
@@ -92,8 +92,7 @@ class ShardServer:
         shard_manifest = store.verify_index(shard_dir, checksums=self.verify == "sha256")
         index = VectorIndex.open(shard_dir, shard_manifest, True, resolve_gpu(self.use_gpu, shard_manifest["type"],
                                                                               "search"))
-        setting = shard_manifest["search"]
-        index.set_search(setting["param"], setting["value"], setting.get("k_factor"))
+        index.use_tuned_setting()
         log.info("shard %d: loaded version %s (%d vectors)", self.part, version, index.ntotal)
         return index
 
@@ -118,7 +117,7 @@ class ShardDeployment:
         return os.getpid()
 
 
-class RemoteShards:
+class RemoteShards(IndexVersion):
     """One sharded version as the front sees it: its manifest and entries here, its shards behind `handles`."""
 
     def __init__(self, index_dir: Path, handles: list[DeploymentHandle], timeout_s: float, stats: FanoutStats,
@@ -140,29 +139,13 @@ class RemoteShards:
         if sum(counts) != len(ids):
             raise ServiceError(f"{index_dir}: the shards hold {sum(counts)} vectors, {store.URIS} lists {len(ids)}")
 
-    @property
-    def bundle_id(self) -> str:
-        return self.manifest["bundle_id"]
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["embed_dim"])
-
-    @property
-    def ntotal(self) -> int:
-        return len(self.entries)
-
     def search(self, queries: np.ndarray, k: int = 10,
                exclude_ids: Sequence[int | None] | np.ndarray | None = None,
                allow_ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """As ShardedIndex.search, each shard remote; raises PartialAnswer when shards stay missing (module
         docstring), ShardsUnavailableError when none answered."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise SearchError(f"queries must be (Q, {self.dim}) for this index ({self.index_dir.name}), got shape "
-                              f"{queries.shape}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise SearchError(f"k must be a positive integer, got {k!r}")
+        queries = self.check_queries(queries)
+        self.check_k(k)
         allow = None if allow_ids is None else np.asarray(list(allow_ids) if isinstance(allow_ids, (set, frozenset))
                                                           else allow_ids)
         args = (self.index_dir.name, queries, int(k), exclude_ids, allow)
@@ -195,9 +178,6 @@ class RemoteShards:
         if missing:
             raise PartialAnswer(ids, scores, missing)
         return ids, scores
-
-    def results(self, ids: np.ndarray, scores: np.ndarray) -> list[SearchResult]:
-        return results_of(self.entries, ids, scores)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
