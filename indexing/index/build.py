@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import shutil
 import time
 from pathlib import Path
@@ -288,7 +289,7 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
             continue
         all_ids.append(ids)
         if rerank is not None:
-            rerank[1][np.searchsorted(rerank[0], ids)] = vectors
+            rerank.write(ids, vectors)
         if whole is not None:
             whole.add_with_ids(vectors, ids)
             continue
@@ -306,8 +307,7 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
         raise IndexBuildError(f"{run.snapshot_dir}: the shards hold {offset} rows, the manifest says {run.rows}")
     ids = np.concatenate(all_ids)
     if rerank is not None:
-        rerank[1].flush()
-        rerank = None  # the memory map's file is complete and closed before the manifest hashes it
+        rerank.close()  # the file is complete and closed before the manifest hashes it
     store.write_uris(out, sources, run.read_metadata())
     if whole is not None:
         faiss.write_index(whole, str(out / store.INDEX_FILE))
@@ -321,13 +321,39 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
     return "ondisk", [store.INDEX_FILE], ids
 
 
-def _rerank_store(out: Path, sources: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted catalog ids, the float16 (N, dim) memory-mapped store to fill row by row in their order): a catalog
-    larger than memory streams through it shard by shard."""
+def _rerank_store(out: Path, sources: Any, dim: int) -> RerankStoreWriter:
     sorted_ids = np.sort(sources.column("id").to_numpy())
-    rows = np.lib.format.open_memmap(out / store.RERANK_FILE, mode="w+", dtype=STORE_DTYPE,
-                                     shape=(len(sorted_ids), dim))
-    return sorted_ids, rows
+    return RerankStoreWriter(out / store.RERANK_FILE, sorted_ids, dim)
+
+
+class RerankStoreWriter:
+    """Fills a re-ranked index's float16 store (an .npy of one row per catalog id, in sorted id order) shard by
+    shard. Through a shared memory map, whose written pages are flushed and dropped from this process after each
+    shard: a catalog larger than memory streams through it, and the build's resident memory does not grow by the
+    store's size (10M x 512 dims: 10 GB) as it would with the pages kept mapped until the end."""
+
+    def __init__(self, path: Path, sorted_ids: np.ndarray, dim: int) -> None:
+        self.sorted_ids = sorted_ids
+        shape = (len(sorted_ids), dim)
+        with open(path, "wb") as f:  # the .npy header, then the rows' bytes (zeros until written)
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(STORE_DTYPE)),
+                                                     "fortran_order": False, "shape": shape})
+            header = f.tell()
+            f.truncate(header + len(sorted_ids) * dim * np.dtype(STORE_DTYPE).itemsize)
+        self._file = open(path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), 0)
+        self._header, self._shape = header, shape
+
+    def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        rows = np.ndarray(self._shape, STORE_DTYPE, buffer=self._map, offset=self._header)
+        rows[np.searchsorted(self.sorted_ids, ids)] = vectors
+        del rows  # no view may outlive the map
+        self._map.flush()
+        self._map.madvise(mmap.MADV_DONTNEED)  # written back: the pages leave this process, the file keeps them
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
 
 
 def tune_index(index_dir: Path, manifest: dict[str, Any], plan: IndexPlan, run: EmbeddingSnapshot, queries: Queries,

@@ -49,6 +49,9 @@ class IndexVersion:
     index_dir: Path
     manifest: dict[str, Any]
     entries: Entries
+    # True where the vectors are searched in other processes (service/ray_shards.py): `await search_async(...)`
+    # on the event loop, the request thread not held while they answer; False: search() in this process.
+    remote = False
 
     @property
     def bundle_id(self) -> str:

@@ -29,6 +29,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -170,9 +171,16 @@ def create_app(config: ServiceConfig, published: Published | None = None, access
     async def search(request: Request) -> Response:
         version = serving()  # this request's version, whatever is swapped in meanwhile
         body, upload = await _read_search(request)
+        if version.index.remote:  # shards on other machines: the request thread is not held while they answer
+            started = time.perf_counter()
+            query, encoded = await run(encode_query, version, body, upload, config, started)
+            found = await _found_remote(version.index, encoded, query)
+            json = response_json(version, query, encoded, found, metrics)
+        else:
+            json = await run(search_json, version, body, upload, config, metrics)
         # The JSON comes back ready: FastAPI passes a Response through, where it would validate a returned model
         # against response_model again (which stays, for the OpenAPI schema) before serialising it.
-        return Response(await run(search_json, version, body, upload, config, metrics), media_type="application/json")
+        return Response(json, media_type="application/json")
 
     @app.get("/items", dependencies=guarded, summary="Catalog items in id order (browse the catalog)")
     async def items(offset: int = 0, limit: int = 48) -> dict[str, Any]:
@@ -310,23 +318,54 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "id": str(row["id"]), "image": f"/items/{row['id']}/image"}
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A checked query's vector, the ids its results may have (None: any), and when each stage before the search
+    began and ended (perf_counter)."""
+
+    vector: np.ndarray
+    allow: np.ndarray | None
+    started: float
+    decoded: float
+    encoded: float
+
+
+@dataclass(frozen=True)
+class Found:
+    """A search's k best ids and scores, and the shards of a sharded version that did not answer (the answer is
+    then partial; none: whole)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    missing: tuple[int, ...] = ()
+
+
 def search_json(version: Version, request: SearchRequest, upload: bytes | None, config: ServiceConfig,
                 metrics: ServiceMetrics) -> str:
     """POST /search's work in one trip to the thread pool (a trip cost the event loop ~0.15 ms of CPU on the 2-core
     bench machine): the checks (which decode an uploaded image), the search, the stage metrics and the JSON."""
-    started = time.perf_counter()
-    response = answer(version, check(request, upload, config), config.images, started)
-    for stage in ("decode", "encode", "search"):
-        metrics.stages.labels(stage).observe(getattr(response.took_ms, stage) / 1000)
-    return response.model_dump_json()
+    query, encoded = encode_query(version, request, upload, config, time.perf_counter())
+    return response_json(version, query, encoded, _found(version, encoded, query), metrics)
 
 
-def answer(version: Version, query: Query, limits: ImageLimits, started: float | None = None) -> SearchResponse:
-    """Encode and search one checked query against one version, a reference_id's catalog image decoded first
-    (through the image gate, within `limits`); runs in the thread pool. started: when the query's checks began
-    (they decode an upload), the start of took_ms.total and .decode; None: now."""
-    start = time.perf_counter() if started is None else started
-    index, runtime = version.index, version.searcher.runtime
+def answer(version: Version, query: Query, limits: ImageLimits) -> SearchResponse:
+    """Encode and search one checked query against one version of an index in this process."""
+    encoded = encode(version, query, limits, time.perf_counter())
+    return response(version, query, encoded, _found(version, encoded, query))
+
+
+def encode_query(version: Version, request: SearchRequest, upload: bytes | None, config: ServiceConfig,
+                 started: float) -> tuple[Query, Encoded]:
+    """A request's checks (which decode an uploaded image; `started` is when they began) and its query's vector."""
+    query = check(request, upload, config)
+    return query, encode(version, query, config.images, started)
+
+
+def encode(version: Version, query: Query, limits: ImageLimits, started: float) -> Encoded:
+    """The vector of one checked query, a reference_id's catalog image decoded first (through the image gate,
+    within `limits`), and the ids its results may have; runs in the thread pool. started: the start of
+    took_ms.total and .decode."""
+    runtime = version.searcher.runtime
     allow = _allowed(version, query)
     image = query.image
     if query.reference_id is not None:
@@ -345,17 +384,28 @@ def answer(version: Version, query: Query, limits: ImageLimits, started: float |
             vector = runtime.embed_texts([query.text])
     except InputError as e:  # a text with no tokens the tokenizer keeps
         raise RequestError(422, f"text: {e}") from e
-    encoded = time.perf_counter()
-    with version.searching():  # a GPU index's searches take turns (Version.search_lock)
-        ids, scores, missing = _top(index, vector, query.k, query.exclude_ids, allow)
-    uris = index.entries.uris_of(ids)
+    return Encoded(vector, allow, started, decoded, time.perf_counter())
+
+
+def response_json(version: Version, query: Query, encoded: Encoded, found: Found, metrics: ServiceMetrics) -> str:
+    """The response's JSON, its stages observed in the metrics."""
+    answered = response(version, query, encoded, found)
+    for stage in ("decode", "encode", "search"):
+        metrics.stages.labels(stage).observe(getattr(answered.took_ms, stage) / 1000)
+    return answered.model_dump_json()
+
+
+def response(version: Version, query: Query, encoded: Encoded, found: Found) -> SearchResponse:
+    uris = version.index.entries.uris_of(found.ids)
     done = time.perf_counter()
-    hits = [Hit(id=str(i), score=float(s), uri=u, image=f"/items/{i}/image") for i, s, u in zip(ids, scores, uris)]
-    ms = [round(1000 * t, 3) for t in (done - start, decoded - start, encoded - decoded, done - encoded)]
+    hits = [Hit(id=str(i), score=float(s), uri=u, image=f"/items/{i}/image")
+            for i, s, u in zip(found.ids, found.scores, uris)]
+    ms = [round(1000 * t, 3) for t in (done - encoded.started, encoded.decoded - encoded.started,
+                                       encoded.encoded - encoded.decoded, done - encoded.encoded)]
     return SearchResponse(mode=query.mode, answers=ANSWERS[query.mode], results=hits, k=query.k,
                           bundle_id=version.bundle_id, index_id=version.index_id, catalog=version.catalog,
                           took_ms=Timing(total=ms[0], decode=ms[1], encode=ms[2], search=ms[3]),
-                          partial=bool(missing), missing_shards=list(missing))
+                          partial=bool(found.missing), missing_shards=list(found.missing))
 
 
 def _allowed(version: Version, query: Query) -> np.ndarray | None:
@@ -381,24 +431,43 @@ def _allowed(version: Version, query: Query) -> np.ndarray | None:
     return allow
 
 
-def _top(index: Any, vector: np.ndarray, k: int, excluded: tuple[int, ...],
-         allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """The k best ids and scores of one query vector, excluded ids left out, faiss's -1 padding dropped, and the
-    shards of a sharded version that did not answer (the answer is then partial; none: whole)."""
-    missing: tuple[int, ...] = ()
+def _found(version: Version, encoded: Encoded, query: Query) -> Found:
+    """The search of an index in this process (a GPU index's searches take turns: Version.search_lock)."""
+    with version.searching():
+        try:
+            ids, scores = version.index.search(encoded.vector, *_search_args(query, encoded.allow))
+            missing: tuple[int, ...] = ()
+        except PartialAnswer as partial:
+            ids, scores, missing = partial.ids, partial.scores, partial.missing
+        except ShardsUnavailableError as e:
+            raise RequestError(503, str(e)) from e
+    return _top(ids, scores, missing, query, encoded.allow)
+
+
+async def _found_remote(index: Any, encoded: Encoded, query: Query) -> Found:
+    """The search of a remote index (service/ray_shards.py), awaited on the event loop."""
     try:
-        if allow is not None:  # the exclusions are already out of the allowed set
-            ids, scores = index.search(vector, k, allow_ids=allow)
-        else:
-            ids, scores = index.search(vector, k + len(excluded))
-    except PartialAnswer as partial:
-        ids, scores, missing = partial.ids, partial.scores, partial.missing
+        ids, scores, missing = await index.search_async(encoded.vector, *_search_args(query, encoded.allow))
     except ShardsUnavailableError as e:
         raise RequestError(503, str(e)) from e
-    if allow is None and excluded:
-        ids, scores = drop_excluded(ids, scores, np.asarray([excluded], dtype=np.int64), k)
-    found = ids[0][:k] >= 0
-    return ids[0][:k][found], scores[0][:k][found], missing
+    return _top(ids, scores, missing, query, encoded.allow)
+
+
+def _search_args(query: Query, allow: np.ndarray | None) -> tuple[int, None, np.ndarray | None]:
+    """(k, exclude_ids, allow_ids) for the index: the exclusions are already out of an allowed set; without one,
+    k more are asked for and the excluded dropped after (_top)."""
+    if allow is not None:
+        return query.k, None, allow
+    return query.k + len(query.exclude_ids), None, None
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, missing: tuple[int, ...], query: Query,
+         allow: np.ndarray | None) -> Found:
+    """The k best of one query's search, excluded ids left out and faiss's -1 padding dropped."""
+    if allow is None and query.exclude_ids:
+        ids, scores = drop_excluded(ids, scores, np.asarray([query.exclude_ids], dtype=np.int64), query.k)
+    found = ids[0][:query.k] >= 0
+    return Found(ids[0][:query.k][found], scores[0][:query.k][found], missing)
 
 
 def catalog_image(version: Version, item_id: int, limits: ImageLimits, role: str, status: int) -> tuple[bytes, str]:

@@ -18,12 +18,13 @@ not reach).
 Faults: each shard call has the request's deadline (`shard_timeout_s`). A call that fails (its replica died:
 Ray Serve starts another) or times out is sent again once if time remains, to whichever replica Serve picks.
 A shard still missing after that leaves the answer partial: the other shards' merged top-k, flagged
-`"partial": true` with the missing shards named (search.sharded.PartialAnswer), never a silently shorter list;
-no shard at all is a 503. The front's metrics count retries per shard and partial / unavailable answers.
+`"partial": true` with the missing shards named, never a silently shorter list; no shard at all is a 503. The
+front awaits its shard calls on its event loop: a request thread encodes, none waits on the network. The front's metrics count retries per shard and partial / unavailable answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -42,7 +43,7 @@ from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.search import index_store as store
 from cirflow.indexing.search.entries import Entries, SearchError
 from cirflow.indexing.search.placement import gpu_count, resolve_gpu
-from cirflow.indexing.search.sharded import FanoutStats, PartialAnswer, ShardedIndex, ShardsUnavailableError
+from cirflow.indexing.search.sharded import FanoutStats, ShardedIndex, ShardsUnavailableError
 from cirflow.indexing.search.vector_index import IndexVersion
 from cirflow.indexing.service.app import create_app
 from cirflow.indexing.service.state import Published, ServiceConfig, ServiceError
@@ -118,7 +119,10 @@ class ShardDeployment:
 
 
 class RemoteShards(IndexVersion):
-    """One sharded version as the front sees it: its manifest and entries here, its shards behind `handles`."""
+    """One sharded version as the front sees it: its manifest and entries here, its shards behind `handles`,
+    searched with `await search_async(...)` on the front's event loop (no request thread waits on the network)."""
+
+    remote = True
 
     def __init__(self, index_dir: Path, handles: list[DeploymentHandle], timeout_s: float, stats: FanoutStats,
                  verify: str = "size") -> None:
@@ -139,45 +143,53 @@ class RemoteShards(IndexVersion):
         if sum(counts) != len(ids):
             raise ServiceError(f"{index_dir}: the shards hold {sum(counts)} vectors, {store.URIS} lists {len(ids)}")
 
-    def search(self, queries: np.ndarray, k: int = 10,
-               exclude_ids: Sequence[int | None] | np.ndarray | None = None,
-               allow_ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """As ShardedIndex.search, each shard remote; raises PartialAnswer when shards stay missing (module
-        docstring), ShardsUnavailableError when none answered."""
+    async def search_async(self, queries: np.ndarray, k: int = 10,
+                           exclude_ids: Sequence[int | None] | np.ndarray | None = None,
+                           allow_ids: Sequence[int] | np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        """As ShardedIndex.search, each shard remote and awaited together: (ids, scores, the shards missing from
+        them; none: whole). Raises ShardsUnavailableError when no shard answered (module docstring)."""
         queries = self.check_queries(queries)
         self.check_k(k)
         allow = None if allow_ids is None else np.asarray(list(allow_ids) if isinstance(allow_ids, (set, frozenset))
                                                           else allow_ids)
         args = (self.index_dir.name, queries, int(k), exclude_ids, allow)
         deadline = time.monotonic() + self.timeout_s
-        calls = {part: handle.search.remote(*args) for part, handle in enumerate(self.handles)}
         answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        parts = list(range(len(self.handles)))
         for attempt in (0, 1):
+            outcomes = await asyncio.gather(*(self._call(part, args, deadline) for part in parts))
             failed = []
-            for part, call in calls.items():
-                try:
-                    answers[part] = call.result(timeout_s=max(0.0, deadline - time.monotonic()))
-                except SearchError:
-                    raise  # the request's own fault (a bad k or id list): every shard would say the same
-                except Exception as e:  # a dead replica, a timeout, an overloaded deployment
-                    call.cancel()  # a call still queued for a replica would run for nobody
-                    log.warning("shard %d: search failed (%s: %s)%s", part, type(e).__name__, e,
+            for part, outcome in zip(parts, outcomes):
+                if isinstance(outcome, SearchError):
+                    raise outcome  # the request's own fault (a bad k or id list): every shard would say the same
+                if isinstance(outcome, Exception):  # a dead replica, a timeout, an overloaded deployment
+                    log.warning("shard %d: search failed (%s: %s)%s", part, type(outcome).__name__, outcome,
                                 "" if attempt else "; sending it again")
                     failed.append(part)
+                else:
+                    answers[part] = outcome
             if not failed or attempt or time.monotonic() >= deadline:
                 break
             for part in failed:
                 self.fanout_stats.retried(part)
-            calls = {part: self.handles[part].search.remote(*args) for part in failed}
+            parts = failed
         missing = tuple(sorted(set(range(len(self.handles))) - set(answers)))
         self.fanout_stats.answered(len(missing), len(self.handles))
         if len(missing) == len(self.handles):
             raise ShardsUnavailableError(f"no shard of index {self.index_dir.name} answered within "
                                          f"{self.timeout_s:g} s")
         ids, scores = ShardedIndex.merge([answers[part] for part in sorted(answers)], min(int(k), self.ntotal))
-        if missing:
-            raise PartialAnswer(ids, scores, missing)
-        return ids, scores
+        return ids, scores, missing
+
+    async def _call(self, part: int, args: tuple, deadline: float) -> tuple[np.ndarray, np.ndarray] | Exception:
+        """Shard `part`'s answer by the deadline, or what went wrong."""
+        call = self.handles[part].search.remote(*args)
+        try:
+            return await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
+        except Exception as e:
+            call.cancel()  # a call still queued for a replica would run for nobody
+            return e
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)

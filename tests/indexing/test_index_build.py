@@ -112,6 +112,36 @@ def test_reranked_ivf_at_every_list_is_exact_to_float16_also_over_an_hnsw_quanti
         VectorIndex.load(built["ivf_pq"]).set_search("nprobe", 2, k_factor=4)
 
 
+def _resident_bytes(path: Path) -> int:
+    """This process's resident bytes of its memory maps of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split(" ", 1)[0]:  # a mapping's first line: "start-end perms ..."
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+def test_the_float16_store_is_written_shard_by_shard_without_staying_resident(tmp_path: Path) -> None:
+    """The store of a 10M x 512 catalog is 10 GB: its written pages must leave the build's memory as it goes."""
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(1, 100_001, dtype=np.int64) * 7919)
+    vectors = rng.standard_normal((len(ids), 64)).astype(np.float32)
+    path = tmp_path / "rerank.npy"
+    writer = index_build.RerankStoreWriter(path, np.sort(ids), 64)
+    try:
+        for part in np.array_split(np.arange(len(ids)), 4):
+            writer.write(ids[part], vectors[part])
+            assert _resident_bytes(path) < 1 << 20, "the written rows stayed in this process's memory"
+    finally:
+        writer.close()
+    stored = np.load(path, mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape == (len(ids), 64)
+    np.testing.assert_array_equal(stored, vectors[np.argsort(ids)].astype(np.float16))
+
+
 def test_unmerged_shards_search_like_the_merged_index(built: dict[str, Path], toy_snapshot: EmbeddingSnapshot,
                                                       toy_queries: np.ndarray, tmp_path: Path) -> None:
     sharded_dir = build_index(toy_snapshot, unreferenced(toy_queries), tmp_path,

@@ -6,6 +6,7 @@ the front's metrics count the retries and partial answers."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
@@ -127,7 +128,7 @@ class Stream:
 
 
 class FakeCall:
-    """A shard call as a DeploymentResponse answers it, run in this process."""
+    """A shard call as a DeploymentResponse answers it (awaited), run in this process."""
 
     def __init__(self, run: Any) -> None:
         self.run, self.cancelled = run, False
@@ -135,22 +136,40 @@ class FakeCall:
     def result(self, timeout_s: float | None = None) -> Any:
         return self.run()
 
+    def __await__(self) -> Any:
+        return self._answer().__await__()
+
+    async def _answer(self) -> Any:
+        return self.run()
+
     def cancel(self) -> None:
         self.cancelled = True
 
 
+class SlowCall(FakeCall):
+    """A shard call that answers after `delay` seconds on the awaiting event loop (a shard on another machine)."""
+
+    def __init__(self, run: Any, delay: float) -> None:
+        super().__init__(run)
+        self.delay = delay
+
+    async def _answer(self) -> Any:
+        await asyncio.sleep(self.delay)
+        return self.run()
+
+
 class FakeShard:
     """A DeploymentHandle of one shard in this process: a real ShardServer, whose searches fail as `failures`
-    says (one entry per call, None: answer)."""
+    says (one entry per call, None: answer), each after `delay` seconds."""
 
-    def __init__(self, server: ShardServer, failures: list[Exception | None]) -> None:
+    def __init__(self, server: ShardServer, failures: list[Exception | None], delay: float = 0.0) -> None:
         self.server, self.failures = server, failures
-        self.prepare = self._method(server.prepare)
-        self.search = self._method(self._search)
+        self.prepare = self._method(server.prepare, 0.0)
+        self.search = self._method(self._search, delay)
 
     @staticmethod
-    def _method(fn: Any) -> Any:
-        return type("Method", (), {"remote": staticmethod(lambda *args: FakeCall(lambda: fn(*args)))})()
+    def _method(fn: Any, delay: float) -> Any:
+        return type("Method", (), {"remote": staticmethod(lambda *args: SlowCall(lambda: fn(*args), delay))})()
 
     def _search(self, *args: Any) -> Any:
         failure = self.failures.pop(0) if self.failures else None
@@ -194,6 +213,32 @@ def test_the_front_retries_a_failed_shard_once_then_answers_partial_or_503(
         handles[0].server.search(flat.name, np.zeros((1, 32), np.float32), 0, None, None)
     with pytest.raises(SearchError, match="no index version 'nope'"):
         handles[0].server.index("nope")
+
+
+def test_the_front_awaits_its_shards_without_holding_a_request_thread(
+        sharded_shop: tuple[Shop, Path, Path, Path]) -> None:
+    """With one request thread and shards that take 0.5 s, eight concurrent requests are answered in about one
+    shard delay, not eight: the thread only encodes; the shard calls are awaited on the event loop."""
+    shop, _, flat, _ = sharded_shop
+    delay, concurrent = 0.5, 8
+    handles = [FakeShard(ShardServer(shop.indexes, part, verify="size"), [], delay) for part in (0, 1)]
+    config = ServiceConfig(index=shop.indexes, reload_seconds=0, providers="cpu", workers=1)
+    app = create_app(config, Published(config, lambda path: RemoteShards(path, handles, 5.0, FanoutStats())))
+    item = sorted(shop.images)[0]
+    with LiveServer(app) as live:
+        expected = httpx.post(f"{live.url}/search", json=body(shop, item, TEXTS[0]), timeout=60).json()["results"]
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(f"{live.url}/search", json=body(shop, item, TEXTS[0]))
+                                              for _ in range(concurrent)))
+
+        started = time.monotonic()
+        answers = asyncio.run(burst())
+        took = time.monotonic() - started
+    assert [a.status_code for a in answers] == [200] * concurrent
+    assert all(a.json()["results"] == expected and a.json()["partial"] is False for a in answers)
+    assert took < concurrent * delay / 2, f"{concurrent} requests took {took:.2f} s: the shard waits were serial"
 
 
 def test_the_sharded_front_answers_as_the_library_switches_whole_and_survives_a_killed_shard(
