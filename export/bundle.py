@@ -5,6 +5,10 @@
     image_encoder.onnx (+ .onnx.data)   pixel_values (B,3,H,W) f32 -> embedding (B, D) unit length
     text_encoder.onnx (+ .onnx.data)    input_ids (B,L) i64, attention_mask (B,L) i64 -> text (B, D) unit length
                                         (the text-only baseline: the text's vector alone, in the gallery space)
+    reranker.onnx (+ .onnx.data)        only for a composer whose exact score is not the query vector's cosine
+                                        (ARTEMIS, models/rerank.py): query_features (B,F,D) f32 (the query graph's
+                                        second output), candidates (B,N,D) f32 (their catalog vectors)
+                                        -> scores (B, N); the manifest's "reranker" says so, with the default N
     tokenizer.json, preprocess.json     the checkpoint's tokenizer and PreprocessConfig (training's code reads both)
     manifest.json                       bundle_id (hash of the files and the dims and limits), dims, versions,
                                         source checkpoint + metrics, sha256 of every file
@@ -30,6 +34,8 @@ from cirflow.export.manifest import (
     GRAPHS,
     MANIFEST,
     PREPROCESS,
+    QUERY_FEATURES,
+    RERANKER,
     TOKENIZER,
     BundleError,
     content_id,
@@ -38,13 +44,17 @@ from cirflow.export.manifest import (
 )
 from cirflow.export.onnx_export import (
     WRAPPERS,
+    Reranker,
     check_graph,
     example_inputs,
     export_graph,
     graph_versions,
     max_abs_diff,
 )
+from cirflow.models.artemis import FEATURES
 from cirflow.models.checkpoint import LoadedCheckpoint, load_checkpoint
+from cirflow.models.cir_model import CIRModel, needs_rerank
+from cirflow.models.rerank import DEFAULT_RERANK_N
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +114,8 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
         if not diff <= PARITY_ATOL:
             raise BundleError(f"exported {spec.file} differs from PyTorch by {diff:.2e} > {PARITY_ATOL:g}")
         versions[name] = graph_versions(path)
+    if needs_rerank(model.composer):
+        _export_reranker(model, out)
 
     (out / TOKENIZER).write_text(loaded.tokenizer.to_str())
     write_json_atomic(out / PREPROCESS, to_dict(config.preprocess), sort_keys=True)
@@ -123,6 +135,9 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
         "ir_version": versions["query_encoder"]["ir_version"],
         "graphs": {name: {"file": spec.file, "inputs": list(spec.inputs), "output": spec.output}
                    for name, spec in GRAPHS.items()},
+        **({"reranker": {"file": RERANKER.file, "inputs": list(RERANKER.inputs), "output": RERANKER.output,
+                         "query_output": QUERY_FEATURES, "features": FEATURES, "n": DEFAULT_RERANK_N}}
+           if needs_rerank(model.composer) else {}),
         "files": files,
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_sha,
                    "step": payload.get("step"), "metrics": payload.get("metrics")},
@@ -131,6 +146,21 @@ def _build(loaded: LoadedCheckpoint, checkpoint: Path, source_sha: str, out: Pat
     manifest["bundle_id"] = content_id(manifest)
     write_json_atomic(out / MANIFEST, manifest, sort_keys=True)
     return manifest
+
+
+def _export_reranker(model: CIRModel, out: Path) -> None:
+    """reranker.onnx: (query features, candidates' vectors) -> exact scores, checked against PyTorch at another
+    batch and candidate count than traced."""
+    module = Reranker(model)
+    path = export_graph(module, RERANKER, example_inputs(model, batch=2, length=5, candidates=7),
+                        model.config.text.max_length, out)
+    try:
+        session = check_graph(path)
+    except Exception as e:  # checker and ORT raise several unrelated types
+        raise BundleError(f"exported {RERANKER.file} is not a valid ONNX model: {e}") from e
+    diff = max_abs_diff(session, module, RERANKER, example_inputs(model, batch=3, length=5, seed=1, candidates=11))
+    if not diff <= PARITY_ATOL:
+        raise BundleError(f"exported {RERANKER.file} differs from PyTorch by {diff:.2e} > {PARITY_ATOL:g}")
 
 
 def _publish(tmp: Path, out_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -42,6 +42,12 @@ QUERY = GraphSpec("query_encoder.onnx", ("pixel_values", "input_ids", "attention
 IMAGE = GraphSpec("image_encoder.onnx", ("pixel_values",), "embedding")
 TEXT = GraphSpec("text_encoder.onnx", ("input_ids", "attention_mask"), "text")
 GRAPHS = {"query_encoder": QUERY, "image_encoder": IMAGE, "text_encoder": TEXT}
+# A bundle whose composer's exact score is not one dot product (ARTEMIS; models/rerank.py) also carries the
+# re-ranker, and its query graph a second output, each query's features for it: (B, F, D) float32.
+RERANKER = GraphSpec("reranker.onnx", ("query_features", "candidates"), "scores")  # (B,F,D), (B,N,D) -> (B,N)
+QUERY_FEATURES = "query_features"
+# Hashed into the bundle_id where present: a bundle without a re-ranker keeps the id it had before there were any.
+OPTIONAL_CONTRACT_KEYS = ("reranker",)
 
 
 class BundleError(ValueError):
@@ -57,6 +63,7 @@ def content_id(manifest: dict[str, Any]) -> str:
     for name in sorted(files):
         digest.update(f"{name}\t{files[name]['sha256']}\n".encode())
     contract = {key: manifest[key] for key in CONTRACT_KEYS}
+    contract.update({key: manifest[key] for key in OPTIONAL_CONTRACT_KEYS if key in manifest})
     digest.update(json.dumps(contract, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()[:ID_LENGTH]
 

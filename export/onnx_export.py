@@ -1,7 +1,8 @@
 """Export the inference surfaces of a CIRModel to ONNX with the dynamo exporter, then check the files.
 
 Only `CIRModel.compose`, `CIRModel.encode_image` and `CIRModel.encode_text` are traced (through the small
-wrappers below), so training-only parts (losses, logit scale, stage-2 copies) never reach the graph. The text
+wrappers below), and for a composer that re-ranks (ARTEMIS) its query features and exact score, so training-only
+parts (losses, logit scale, stage-2 copies, the methods' branches) never reach the graph. The text
 encoder is the evaluator's text-only baseline (q = t): what a text-only search can honestly answer.
 """
 
@@ -17,10 +18,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cirflow.export.manifest import GraphSpec
-from cirflow.models.cir_model import CIRModel
+from cirflow.export.manifest import QUERY_FEATURES, GraphSpec
+from cirflow.models.cir_model import CIRModel, needs_rerank
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +32,32 @@ OPSET = 20
 
 
 class QueryEncoder(nn.Module):
-    """(pixel_values (B,3,H,W), input_ids (B,L), attention_mask (B,L)) -> query (B, D), unit length."""
+    """(pixel_values (B,3,H,W), input_ids (B,L), attention_mask (B,L)) -> query (B, D), unit length; and, for a
+    composer that re-ranks (models/rerank.py), the query's features for the re-ranker (B, F, D) too."""
 
     def __init__(self, model: CIRModel) -> None:
         super().__init__()
         self.model = model
+        self.with_features = needs_rerank(model.composer)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.compose(pixel_values, input_ids, attention_mask)
+                attention_mask: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.with_features:
+            return self.model.compose(pixel_values, input_ids, attention_mask)
+        f = self.model.features(pixel_values, input_ids, attention_mask)
+        return self.model.compose_features(f), self.model.composer.query_features(f.v, f.t)
+
+
+class Reranker(nn.Module):
+    """(query_features (B,F,D), candidates (B,N,D): the candidates' catalog vectors) -> scores (B, N): the
+    composer's exact score (ARTEMIS: models/artemis.py)."""
+
+    def __init__(self, model: CIRModel) -> None:
+        super().__init__()
+        self.composer = model.composer
+
+    def forward(self, query_features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.composer.score(query_features, candidates)
 
 
 class ImageEncoder(nn.Module):
@@ -66,15 +85,22 @@ class TextEncoder(nn.Module):
 WRAPPERS = {"query_encoder": QueryEncoder, "image_encoder": ImageEncoder, "text_encoder": TextEncoder}
 
 
-def example_inputs(model: CIRModel, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random but valid encoder inputs: pixels, token ids in the vocabulary, a mask padding the first row."""
+def example_inputs(model: CIRModel, batch: int, length: int, seed: int = 0,
+                   candidates: int = 0) -> dict[str, torch.Tensor]:
+    """Random but valid encoder inputs: pixels, token ids in the vocabulary, a mask padding the first row; with
+    `candidates`, the re-ranker's too (the features of real queries, unit candidate vectors)."""
     g = torch.Generator().manual_seed(seed)
     size = model.config.image.image_size
     ids = torch.randint(0, model.config.text.vocab_size, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.int64)
     mask[0, max(1, length // 2):] = 0  # padding must be exercised, not only full rows
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids,
-            "attention_mask": mask}
+    inputs = {"pixel_values": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids,
+              "attention_mask": mask}
+    if candidates:
+        with torch.inference_mode():
+            inputs[QUERY_FEATURES] = QueryEncoder(model).eval()(inputs["pixel_values"], ids, mask)[1].clone()
+        inputs["candidates"] = F.normalize(torch.randn(batch, candidates, model.embed_dim, generator=g), dim=-1)
+    return inputs
 
 
 def export_graph(module: nn.Module, spec: GraphSpec, inputs: dict[str, torch.Tensor], max_length: int,
@@ -85,7 +111,8 @@ def export_graph(module: nn.Module, spec: GraphSpec, inputs: dict[str, torch.Ten
     # The text encoder slices its position table, so the sequence axis is bounded by the model's max_length.
     sequence = torch.export.Dim("sequence", min=1, max=max_length)
     axes = {"pixel_values": {0: batch}, "input_ids": {0: batch, 1: sequence},
-            "attention_mask": {0: batch, 1: sequence}}
+            "attention_mask": {0: batch, 1: sequence}, QUERY_FEATURES: {0: batch},
+            "candidates": {0: batch, 1: torch.export.Dim("candidates", min=1)}}
     args = tuple(inputs[name] for name in spec.inputs)
     path = out_dir / spec.file
     with warnings.catch_warnings(), _quiet_exporter_logs():
@@ -93,7 +120,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, inputs: dict[str, torch.Ten
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
-                                    input_names=list(spec.inputs), output_names=[spec.output],
+                                    input_names=list(spec.inputs), output_names=output_names(module, spec),
                                     dynamic_shapes={name: axes[name] for name in spec.inputs}, verbose=False)
     _strip_debug_metadata(program.model)
     program.save(str(path), external_data=True)
@@ -147,10 +174,17 @@ def graph_versions(path: Path) -> dict[str, int]:
     return {"ir_version": int(model.ir_version), "opset": int(opset)}
 
 
+def output_names(module: nn.Module, spec: GraphSpec) -> list[str]:
+    """The graph's outputs: spec.output, and the re-ranker's query features after it where the query encoder
+    gives them."""
+    return [spec.output, QUERY_FEATURES] if getattr(module, "with_features", False) else [spec.output]
+
+
 def max_abs_diff(session: ort.InferenceSession, module: nn.Module, spec: GraphSpec,
                  inputs: dict[str, torch.Tensor]) -> float:
-    """ORT against eager PyTorch on the same inputs."""
+    """ORT against eager PyTorch on the same inputs, the largest difference over every output."""
     with torch.inference_mode():
-        expected = module.eval()(*(inputs[name] for name in spec.inputs)).numpy()
-    got = session.run([spec.output], {name: inputs[name].numpy() for name in spec.inputs})[0]
-    return float(np.abs(got - expected).max())
+        expected = module.eval()(*(inputs[name] for name in spec.inputs))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session.run(output_names(module, spec), {name: inputs[name].numpy() for name in spec.inputs})
+    return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))

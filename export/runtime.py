@@ -24,6 +24,8 @@ from cirflow.core.config import check_choice
 from cirflow.export.manifest import (
     IMAGE,
     QUERY,
+    QUERY_FEATURES,
+    RERANKER,
     TEXT,
     TOKENIZER,
     BundleError,
@@ -76,6 +78,7 @@ class BundleRuntime:
     query_session: ort.InferenceSession
     image_session: ort.InferenceSession
     text_session: ort.InferenceSession
+    rerank_session: ort.InferenceSession | None = None  # the bundle's reranker.onnx, where it has one
 
     @classmethod
     def load(cls, bundle_dir: Path, providers: str = "auto", require_gpu: bool = False,
@@ -109,8 +112,9 @@ class BundleRuntime:
         # changed default cannot slow serving down unnoticed.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
+        specs = (QUERY, IMAGE, TEXT, *((RERANKER,) if "reranker" in manifest else ()))
         sessions = {spec.file: ort.InferenceSession(str(bundle_dir / spec.file), options, providers=chosen)
-                    for spec in (QUERY, IMAGE, TEXT)}
+                    for spec in specs}
         used = {name: session.get_providers() for name, session in sessions.items()}
         on_cpu = [name for name, providers in used.items() if not any(p in GPU_PROVIDERS for p in providers)]
         if require_gpu and on_cpu:
@@ -123,7 +127,7 @@ class BundleRuntime:
                                       "onnxruntime-gpu needs")
         log.info("bundle %s (bundle_id %s) on %s", bundle_dir, manifest["bundle_id"], used)
         return cls(bundle_dir, manifest, preprocess, tokenizer, sessions[QUERY.file], sessions[IMAGE.file],
-                   sessions[TEXT.file])
+                   sessions[TEXT.file], sessions.get(RERANKER.file))
 
     @property
     def bundle_id(self) -> str:
@@ -132,6 +136,17 @@ class BundleRuntime:
     @property
     def embed_dim(self) -> int:
         return int(self.manifest["embed_dim"])
+
+    @property
+    def reranks(self) -> bool:
+        """The bundle carries a re-ranker: its query vectors rank approximately, the re-ranker's scores exactly
+        (models/rerank.py); search re-scores the index's top candidates with it."""
+        return self.rerank_session is not None
+
+    @property
+    def rerank_n(self) -> int:
+        """Candidates re-scored per query unless a search says otherwise (the bundle's default)."""
+        return int(self.manifest["reranker"]["n"]) if self.reranks else 0
 
     @property
     def providers(self) -> list[str]:
@@ -148,14 +163,54 @@ class BundleRuntime:
 
     def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Reference pixels (B, 3, H, W) float32 + token ids and mask (B, L) int64 -> (B, D) unit query vectors."""
+        return self._run_query([QUERY.output], pixels, input_ids, attention_mask)[0]
+
+    def encode_queries_with_features(self, pixels: np.ndarray, input_ids: np.ndarray,
+                                     attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As encode_queries, with each query's features for the re-ranker (B, F, D), from the same run."""
+        self._check_reranks()
+        query, features = self._run_query([QUERY.output, QUERY_FEATURES], pixels, input_ids, attention_mask)
+        return query, features
+
+    def encode_query_features(self, pixels: np.ndarray, input_ids: np.ndarray,
+                              attention_mask: np.ndarray) -> np.ndarray:
+        """The re-ranker's features of each query (B, F, D)."""
+        self._check_reranks()
+        return self._run_query([QUERY_FEATURES], pixels, input_ids, attention_mask)[0]
+
+    def rescore(self, features: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """The exact scores (B, N) of each query's candidates: features (B, F, D) from the query graph, candidates
+        (B, N, D) their catalog vectors."""
+        self._check_reranks()
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        candidates = np.ascontiguousarray(candidates, dtype=np.float32)
+        spec = self.manifest["reranker"]
+        if features.ndim != 3 or features.shape[1:] != (int(spec["features"]), self.embed_dim):
+            raise InputError(f"query_features must be (B, {spec['features']}, {self.embed_dim}), got "
+                             f"{features.shape}")
+        if candidates.ndim != 3 or len(candidates) != len(features) or candidates.shape[2] != self.embed_dim:
+            raise InputError(f"candidates must be ({len(features)}, N, {self.embed_dim}), got {candidates.shape}")
+        if candidates.shape[1] == 0 or len(features) == 0:
+            return np.zeros(candidates.shape[:2], dtype=np.float32)
+        assert self.rerank_session is not None
+        return self.rerank_session.run([RERANKER.output], {RERANKER.inputs[0]: features,
+                                                           RERANKER.inputs[1]: candidates})[0]
+
+    def _run_query(self, outputs: list[str], pixels: np.ndarray, input_ids: np.ndarray,
+                   attention_mask: np.ndarray) -> list[np.ndarray]:
         pixels = self._check_pixels(pixels)
         ids, mask = self._check_tokens(input_ids, attention_mask)
         if len(pixels) != len(ids):
             raise InputError(f"batch mismatch: {len(pixels)} images but {len(ids)} token rows")
         if len(pixels) == 0:
-            return np.zeros((0, self.embed_dim), dtype=np.float32)
-        feeds = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
-        return self.query_session.run([QUERY.output], feeds)[0]
+            width = {QUERY.output: (self.embed_dim,)}
+            return [np.zeros((0, *width.get(name, (int(self.manifest["reranker"]["features"]), self.embed_dim))),
+                             dtype=np.float32) for name in outputs]
+        return self.query_session.run(outputs, {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})
+
+    def _check_reranks(self) -> None:
+        if not self.reranks:
+            raise InputError(f"bundle {self.bundle_id} has no re-ranker: its query vectors rank exactly")
 
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Token ids and mask (B, L) int64 -> (B, D) unit text vectors (the text-only baseline's queries)."""
@@ -176,6 +231,14 @@ class BundleRuntime:
             raise InputError(f"batch mismatch: {len(images)} images but {len(texts)} texts")
         ids, mask = self._tokenize(texts)
         return self.encode_queries(self._pixels(images), ids, mask)
+
+    def embed_queries_with_features(self, images: Sequence[ImageInput],
+                                    texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """As embed_queries, with each query's features for the re-ranker (encode_queries_with_features)."""
+        if len(images) != len(texts):
+            raise InputError(f"batch mismatch: {len(images)} images but {len(texts)} texts")
+        ids, mask = self._tokenize(texts)
+        return self.encode_queries_with_features(self._pixels(images), ids, mask)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts alone -> (N, D) unit vectors in the gallery space (text-only search)."""

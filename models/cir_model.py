@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cirflow.models.artemis import Artemis
 from cirflow.models.backbones.config import BackboneConfig
 from cirflow.models.backbones.registry import build_towers, load_arch
 from cirflow.models.composers import ComposerConfig, build_composer
@@ -116,9 +117,25 @@ class CIRModel(nn.Module):
         """Query vectors from features; `composer` overrides the model's (two-stage recipes use the sum)."""
         return (composer or self.composer)(f.v, f.t, f.image_tokens, f.text_tokens, f.text_mask)
 
+    def query_scores(self, f: Features, keys: torch.Tensor,
+                     composer: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (B, D), scores (B, K)): the query vectors of `f` and their scores of the unit vectors `keys` (K, D):
+        the composer's exact score where it has one (ARTEMIS, models/artemis.py), else the cosine q @ keys^T."""
+        composer = composer or self.composer
+        q = self.compose_features(f, composer)
+        if isinstance(composer, Artemis):
+            return q, composer.score(composer.query_features(f.v, f.t), keys[None])
+        return q, q @ keys.T
+
     def compose(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reference image + modification text -> (B, D) unit query vectors."""
         return self.compose_features(self.features(pixels, ids, mask))
+
+
+def needs_rerank(composer: nn.Module) -> bool:
+    """Whether the composer's exact score ranks otherwise than its query vector does: retrieval then re-ranks
+    the query vector's top candidates with the exact score (models/rerank.py; a bundle carries the re-ranker)."""
+    return isinstance(composer, Artemis) and not composer.folds_exactly
 
 
 def build_model(config: ModelConfig, arch: dict[str, Any] | None = None) -> CIRModel:

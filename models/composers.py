@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirflow.core.config import check_fraction, check_positive
+from cirflow.models.artemis import Artemis
 from cirflow.models.atf import AdaptiveTokenFusion
 
 
@@ -31,6 +32,9 @@ class ComposerConfig:
     atf_heads: int = 4  # the one pooling Block's attention heads (must divide the token width)
     atf_mlp_ratio: float = 2.0  # as the built-in encoders' blocks
     atf_dropout: float = 0.1  # light: the Block is small and sits after the (undropped) merge
+    # ARTEMIS (models/artemis.py): the attended target normalised as in the paper (True: the folded query vector
+    # ranks approximately and the bundle carries a re-ranker), or not (our variant: the score is one dot product)
+    artemis_target_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in COMPOSERS:
@@ -71,7 +75,8 @@ class Combiner(nn.Module):
         return F.normalize(self.out(self.hidden(both)) + lam * t + (1 - lam) * v, dim=-1)
 
 
-COMPOSERS: dict[str, type[nn.Module]] = {"sum": SumComposer, "combiner": Combiner, "atf": AdaptiveTokenFusion}
+COMPOSERS: dict[str, type[nn.Module]] = {"sum": SumComposer, "combiner": Combiner, "atf": AdaptiveTokenFusion,
+                                         "artemis": Artemis}
 
 
 def build_composer(embed_dim: int, token_dim: int, config: ComposerConfig) -> nn.Module:

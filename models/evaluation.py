@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from cirflow.models.cir_model import CIRModel
+from cirflow.models.cir_model import CIRModel, needs_rerank
 from cirflow.models.data.types import CIRSplit
 from cirflow.models.metrics import evaluate_scores, rank_gallery
 from cirflow.models.preprocess import PreprocessConfig, load_uint8_images, normalize_uint8
+from cirflow.models.rerank import DEFAULT_RERANK_N, Rescore, rerank_gallery
 from cirflow.models.stem_cache import EvalStems, kept_modes
 from cirflow.models.tokenizer import encode_texts
 
@@ -29,10 +30,20 @@ QUERY_MODES = ("composed", "image-only", "text-only")
 
 
 class Encoders(Protocol):
+    """A model's encoders. `reranks`: its exact score is not the cosine of the query vector (ARTEMIS): then
+    encode_query_features gives each query's features and rescore scores candidates exactly (models/rerank.py)."""
+
+    reranks: bool
+
     def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...  # (B, 3, H, W) -> (B, D) unit vectors
 
     def encode_queries(self, pixels: np.ndarray, input_ids: np.ndarray,
                        attention_mask: np.ndarray) -> np.ndarray: ...  # -> (B, D) unit query vectors
+
+    def encode_query_features(self, pixels: np.ndarray, input_ids: np.ndarray,
+                              attention_mask: np.ndarray) -> np.ndarray: ...  # -> (B, F, D)
+
+    def rescore(self, features: np.ndarray, candidates: np.ndarray) -> np.ndarray: ...  # (B, N, D) -> (B, N)
 
 
 class TorchEncoders:
@@ -47,6 +58,7 @@ class TorchEncoders:
         self.model = model
         self.device = next(model.parameters()).device
         self.stems = stems
+        self.reranks = needs_rerank(model.composer)
 
     def _tensors(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(a).to(self.device) for a in arrays]
@@ -69,6 +81,19 @@ class TorchEncoders:
         return model.compose_features(features).cpu().numpy()
 
     @torch.inference_mode()
+    def encode_query_features(self, pixels: np.ndarray, input_ids: np.ndarray,
+                              attention_mask: np.ndarray) -> np.ndarray:
+        model = self.model.eval()
+        f = model.features(*self._tensors(pixels, input_ids, attention_mask), self._image_stems(pixels),
+                           self._text_stems(input_ids, attention_mask))
+        return model.composer.query_features(f.v, f.t).cpu().numpy()
+
+    @torch.inference_mode()
+    def rescore(self, features: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        return self.model.eval().composer.score(*self._tensors(np.ascontiguousarray(features),
+                                                               np.ascontiguousarray(candidates))).cpu().numpy()
+
+    @torch.inference_mode()
     def encode_texts(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.model.eval().encode_text(*self._tensors(input_ids, attention_mask),
                                              self._text_stems(input_ids, attention_mask)).cpu().numpy()
@@ -88,6 +113,14 @@ class EvalSet:
 class Embeddings:
     gallery: np.ndarray  # (G, D)
     queries: dict[str, np.ndarray]  # mode -> (Q, D)
+    # Encoders that re-rank (Encoders.reranks): the composed queries' features (Q, F, D) and the exact scorer
+    features: np.ndarray | None = None
+    rescore: Rescore | None = None
+
+    def rows(self, rows: np.ndarray) -> Embeddings:
+        """The same gallery with the queries of `rows` only."""
+        return Embeddings(self.gallery, {m: v[rows] for m, v in self.queries.items()},
+                          None if self.features is None else self.features[rows], self.rescore)
 
 
 @dataclass
@@ -119,26 +152,35 @@ def embed_eval_set(encoders: Encoders, data: EvalSet, tokenizer: Tokenizer, prep
                for i in range(0, g, batch_size)]
     text_only = "text-only" in modes and hasattr(encoders, "encode_texts")
     out: dict[str, list[np.ndarray]] = {m: [] for m in modes if m != "text-only" or text_only}
+    reranks = "composed" in out and encoders.reranks
+    features = []
     queries = data.split.queries
     for i in range(0, len(queries), batch_size):
         ids, mask = encode_texts(tokenizer, [q.caption for q in queries[i:i + batch_size]])
         pixels = normalize_uint8(data.pixels[data.ref_rows[i:i + batch_size]], preprocess)
         if "composed" in out:
             out["composed"].append(encoders.encode_queries(pixels, ids, mask))
+        if reranks:
+            features.append(encoders.encode_query_features(pixels, ids, mask))
         if "image-only" in out:
             out["image-only"].append(encoders.encode_images(pixels))  # q = v: the reference's gallery vector
         if text_only:
             out["text-only"].append(encoders.encode_texts(ids, mask))  # type: ignore[attr-defined]
-    return Embeddings(np.concatenate(gallery), {m: np.concatenate(v) for m, v in out.items()})
+    return Embeddings(np.concatenate(gallery), {m: np.concatenate(v) for m, v in out.items()},
+                      np.concatenate(features) if reranks else None, encoders.rescore if reranks else None)
 
 
-def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QUERY_MODES,
-                     k: int = 50) -> EvalResult:
-    """Metrics per query mode, computed by the one evaluator in models.metrics."""
+def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QUERY_MODES, k: int = 50,
+                     rerank_n: int | None = DEFAULT_RERANK_N) -> EvalResult:
+    """Metrics per query mode, computed by the one evaluator in models.metrics. Composed queries of encoders
+    that re-rank are ranked in two stages (models/rerank.py): the top `rerank_n` of the query vector re-scored
+    exactly (None: the exact score of the whole gallery; 0: the query vector alone, no re-rank)."""
     metrics = {}
     top_k = np.zeros((0, k), dtype=np.int64)
     for mode in (m for m in modes if m in emb.queries):
         scores = emb.queries[mode] @ emb.gallery.T  # (Q, G) cosine: all vectors are unit length
+        if mode == "composed" and emb.features is not None and emb.rescore is not None and rerank_n != 0:
+            scores = rerank_gallery(scores, emb.features, emb.gallery, rerank_n, emb.rescore)
         metrics[mode] = evaluate_scores(scores, data.split, data.names)
         if mode == "composed":
             exclude = data.ref_rows if data.split.remove_reference else None
@@ -157,7 +199,7 @@ def metrics_by_group(emb: Embeddings, data: EvalSet, group_of: dict[int, str],
         rows = np.asarray([i for i, q in enumerate(queries) if group_of[q.pair_id] == group])
         sub = EvalSet(replace(data.split, queries=[queries[i] for i in rows]), data.names, data.pixels,
                       data.ref_rows[rows])
-        sub_emb = Embeddings(emb.gallery, {m: v[rows] for m, v in emb.queries.items()})
+        sub_emb = emb.rows(rows)
         out[group] = {**score_embeddings(sub_emb, sub, modes).metrics, "queries": {"count": float(len(rows))}}
     return out
 

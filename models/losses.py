@@ -30,18 +30,19 @@ class LogitScale(nn.Module):
         return self.log_scale.exp().clamp(max=self.maximum)
 
 
-def batch_contrastive(queries: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor,
-                      excluded: torch.Tensor, scale: torch.Tensor | float, symmetric: bool = False) -> torch.Tensor:
+def batch_contrastive(similarities: torch.Tensor, positive: torch.Tensor, excluded: torch.Tensor,
+                      scale: torch.Tensor | float, symmetric: bool = False) -> torch.Tensor:
     """InfoNCE of each query against every distinct image of the batch.
 
-    queries (B, D); keys (U, D); positive (B,) and excluded (B,) rows of `keys`. The excluded key (the query's
+    similarities (B, U): each query's score of each distinct image (q @ g^T, or a composer's exact score:
+    CIRModel.query_scores); positive (B,) and excluded (B,) columns. The excluded key (the query's
     own reference, which the CIRR protocol removes from rankings) is masked out; an image that is the target of
     several queries appears once in `keys`, so it is never a false negative.
     `symmetric` adds the target -> query direction: each query's target must pick its query among the batch's
     queries (those sharing the target masked), which asks the text side to tell siblings' captions apart.
     """
-    logits = scale * queries @ keys.T  # (B, U)
-    rows = torch.arange(queries.shape[0], device=queries.device)
+    logits = scale * similarities  # (B, U)
+    rows = torch.arange(similarities.shape[0], device=similarities.device)
     masked = (excluded != positive)  # a reference that is also the target stays the positive
     logits = logits.index_put((rows[masked], excluded[masked]), torch.tensor(float("-inf")))
     loss = F.cross_entropy(logits, positive)

@@ -84,11 +84,12 @@ def similarity_structure_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def qtm(model: CIRModel, f: BatchFeatures, composer: nn.Module | None, scale: torch.Tensor,
-        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query vectors q (B, D) and L_QTM: InfoNCE of q against every distinct batch image, own reference masked
-    (`symmetric`: averaged with the target -> query direction, see models.losses.batch_contrastive)."""
-    q = model.compose_features(f.ref, composer)
-    return q, batch_contrastive(q, f.g, f.target, f.reference, scale, symmetric)
+        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query vectors q (B, D), their scores of every distinct batch image (B, U; CIRModel.query_scores) and
+    L_QTM: InfoNCE over those scores, own reference masked (`symmetric`: averaged with the target -> query
+    direction, see models.losses.batch_contrastive)."""
+    q, scores = model.query_scores(f.ref, f.g, composer)
+    return q, scores, batch_contrastive(scores, f.target, f.reference, scale, symmetric)
 
 
 def token_projection(token_dim: int, embed_dim: int) -> nn.Module:
@@ -126,5 +127,5 @@ class BaseMethod(Method):
 
     def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
              scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        _, l_qtm = qtm(model, batch_features, composer, scale, self.symmetric)
+        _, _, l_qtm = qtm(model, batch_features, composer, scale, self.symmetric)
         return l_qtm, {"qtm": l_qtm.item()}

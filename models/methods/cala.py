@@ -6,10 +6,11 @@
 Two loss forms (methods.md):
 - "paper":    L = L_QTM + alpha * L_TBIA + beta * L_CTR
 - "official": L = w_hca * CE(S_TBIA) + (1 - w_hca) * CE(w_tac * S_CTR + (1 - w_tac) * S_QTM)
-  The logits are mixed, so they need one key set: S_QTM here is the B x B matrix scale * q @ g_target^T of
-  the queries against the batch's targets (positives on the diagonal), like S_TBIA = aux_scale * hca @ q^T
-  and S_CTR = aux_scale * t @ c^T. Unlike L_QTM it neither masks the query's own reference nor sees the
-  images that are no query's target, and two queries sharing a target are each other's false negative.
+  The logits are mixed, so they need one key set: S_QTM here is the B x B matrix of the scale times the
+  queries' scores of the batch's targets (q @ g_target^T, or the composer's exact score: ARTEMIS; positives on
+  the diagonal), like S_TBIA = aux_scale * hca @ q^T and S_CTR = aux_scale * t @ c^T. Unlike L_QTM it neither
+  masks the query's own reference nor sees the images that are no query's target, and two queries sharing a
+  target are each other's false negative.
 A disabled branch has no parameters; with both disabled, either form returns L_QTM exactly. With one branch
 disabled, the official form drops that branch's term: no TBIA -> CE(mix); no CTR -> the mix is L_QTM itself.
 """
@@ -60,7 +61,7 @@ class CaLa(Method):
     def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
              scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         f = batch_features
-        q, l_qtm = qtm(model, f, composer, scale, self.symmetric)
+        q, s_all, l_qtm = qtm(model, f, composer, scale, self.symmetric)
         terms = {"qtm": l_qtm}
         p = c = None
         if self.hca is not None:
@@ -80,7 +81,7 @@ class CaLa(Method):
             main = l_qtm
             if c is not None:
                 s_ctr = self.aux_scale * f.ref.t @ c.T  # (B, B) text i vs image pair j
-                s_qtm = scale * q @ f.g[f.target].T  # (B, B) query i vs target j, see the module docstring
+                s_qtm = scale * s_all[:, f.target]  # (B, B) query i vs target j, see the module docstring
                 main = diagonal_ce(self.w_tac * s_ctr + (1 - self.w_tac) * s_qtm)
             total = main if p is None else self.w_hca * terms["tbia"] + (1 - self.w_hca) * main
         return total, {k: v.item() for k, v in terms.items()}

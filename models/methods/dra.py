@@ -40,10 +40,10 @@ class DRA(Method):
     def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
              scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         f = batch_features
-        _, l_qtm = qtm(model, f, composer, scale, self.symmetric)
+        _, _, l_qtm = qtm(model, f, composer, scale, self.symmetric)
         c = self.pair_vector(f)
         l_imp = info_nce(f.ref.t, c, self.aux_scale)
-        q_aug = model.compose_features(replace(f.ref, t=F.normalize(f.ref.t + c, dim=-1)), composer)
-        l_aug = batch_contrastive(q_aug, f.g, f.target, f.reference, scale, self.symmetric)
+        _, s_aug = model.query_scores(replace(f.ref, t=F.normalize(f.ref.t + c, dim=-1)), f.g, composer)
+        l_aug = batch_contrastive(s_aug, f.target, f.reference, scale, self.symmetric)
         total = l_qtm + self.lambda_imp * l_imp + self.lambda_aug * l_aug
         return total, {"qtm": l_qtm.item(), "imp": l_imp.item(), "aug": l_aug.item()}

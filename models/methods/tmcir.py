@@ -68,7 +68,7 @@ class TMCIR(Method):
     def loss(self, model: CIRModel, batch_features: BatchFeatures, composer: nn.Module | None,
              scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The ATF phase trains with plain QTM."""
-        _, l_qtm = qtm(model, batch_features, composer, scale, self.symmetric)
+        _, _, l_qtm = qtm(model, batch_features, composer, scale, self.symmetric)
         return l_qtm, {"qtm": l_qtm.item()}
 
     def iacma_loss(self, model: CIRModel, images: torch.Tensor, reference: torch.Tensor, target: torch.Tensor,

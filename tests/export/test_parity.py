@@ -51,6 +51,27 @@ def test_encoders_match_pytorch(composer: str, bundle_for) -> None:
                 expected = model.encode_text(*(torch.from_numpy(a) for a in (ids, mask))).numpy()
             np.testing.assert_allclose(runtime.encode_texts(ids, mask), expected, atol=ATOL, rtol=0,
                                        err_msg=f"text encoder B={batch} L={length}")
+            if runtime.reranks:
+                check_reranker(model, runtime, pixels, ids, mask)
+    assert runtime.reranks == (composer == "artemis")  # ARTEMIS's normalised target: the one that re-ranks
+
+
+def check_reranker(model: torch.nn.Module, runtime: BundleRuntime, pixels: np.ndarray, ids: np.ndarray,
+                   mask: np.ndarray) -> None:
+    """The query graph's features and the re-ranker's scores against PyTorch, for a few candidate counts."""
+    with torch.inference_mode():
+        f = model.features(*(torch.from_numpy(a) for a in (pixels, ids, mask)))
+        features = model.composer.query_features(f.v, f.t).numpy()
+    query, got = runtime.encode_queries_with_features(pixels, ids, mask)
+    np.testing.assert_allclose(got, features, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(query, runtime.encode_queries(pixels, ids, mask), atol=0, rtol=0)
+    rng = np.random.default_rng(len(pixels))
+    for n in (1, 10, 200):
+        candidates = rng.standard_normal((len(pixels), n, model.embed_dim)).astype(np.float32)
+        candidates /= np.linalg.norm(candidates, axis=2, keepdims=True)
+        with torch.inference_mode():
+            expected = model.composer.score(torch.from_numpy(features), torch.from_numpy(candidates)).numpy()
+        np.testing.assert_allclose(runtime.rescore(features, candidates), expected, atol=ATOL, rtol=0)
 
 
 def test_atf_parity_covers_the_fusion_branch(bundle_for) -> None:

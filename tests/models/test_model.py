@@ -80,7 +80,7 @@ def test_batch_contrastive_masks_own_reference_and_dedupes() -> None:
     # Query 1: reference row 0 (masked), target row 1 -> logits over rows 1, 2: [1, 0.8].
     row0 = -math.log(math.exp(0.6) / (1 + math.exp(0.6)))
     row1 = -math.log(math.exp(1.0) / (math.exp(1.0) + math.exp(0.8)))
-    loss = batch_contrastive(q, keys, torch.tensor([2, 1]), torch.tensor([0, 0]), 1.0)
+    loss = batch_contrastive(q @ keys.T, torch.tensor([2, 1]), torch.tensor([0, 0]), 1.0)
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
 
 
@@ -90,11 +90,11 @@ def test_symmetric_contrastive_adds_reverse_direction() -> None:
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     positive, excluded = torch.tensor([2, 1]), torch.tensor([0, 0])
-    forward = batch_contrastive(q, keys, positive, excluded, 1.0)
+    forward = batch_contrastive(q @ keys.T, positive, excluded, 1.0)
     # Reverse: key 2 against queries [0.6, 0.8] -> label 0; key 1 against queries [0, 1] -> label 1.
     rev0 = -math.log(math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)))
     rev1 = -math.log(math.exp(1.0) / (1 + math.exp(1.0)))
-    both = batch_contrastive(q, keys, positive, excluded, 1.0, symmetric=True)
+    both = batch_contrastive(q @ keys.T, positive, excluded, 1.0, symmetric=True)
     assert both.item() == pytest.approx((forward.item() + (rev0 + rev1) / 2) / 2, rel=1e-6)
 
 

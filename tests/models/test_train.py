@@ -121,7 +121,9 @@ def test_bad_inputs_give_clear_errors(tiny_overrides: list[str], tmp_path: Path)
     ("cala", ["method.loss_form=official"]),
     ("dra", ["recipe=two_stage", "stage2.max_steps=2", "stage2.max_minutes=0", "stage2.batch_size=16"]),
     ("tmcir", ["model.composer.name=atf", "model.composer.atf_heads=2", "method.iacma_steps=2"]),
-])
+    ("cala", ["model.composer.name=artemis", "method.loss_form=official"]),  # CaLa on ARTEMIS, the paper's base
+    ("dra", ["model.composer.name=artemis"]),
+], ids=["cala", "dra", "tmcir", "cala-artemis", "dra-artemis"])
 def test_methods_train_through_the_recipe(method: str, extra: list[str], tiny_overrides: list[str],
                                           tmp_path: Path) -> None:
     cfg = config(tiny_overrides, f"method.name={method}", "optim.max_steps=3", "log_every_steps=1", *extra)
