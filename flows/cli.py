@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--text", required=True, help="modification text")
     search.add_argument("-k", type=int, default=10, help="results to return (at most the index size)")
     search.add_argument("--exclude-id", type=int, help="catalog id to leave out (the reference's own)")
+    search.add_argument("--rerank-n", type=int, help="a bundle with a re-ranker: the index's candidates re-scored "
+                        "exactly (default: the bundle's; 0: none); other bundles ignore it")
 
     serve = sub.add_parser("serve", help="the search service and page over HTTP (FastAPI + uvicorn)")
     serve.add_argument("--index", type=Path, required=True,
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--verify", default="sha256", choices=["sha256", "size"],
                        help="index file check at each load (size: fast start on huge indexes)")
     serve.add_argument("--max-k", type=int, default=100)
+    serve.add_argument("--max-rerank-n", type=int, default=1000,
+                       help="a bundle with a re-ranker: the most candidates a request may have re-scored")
     serve.add_argument("--api-key-file", type=Path, help="a file holding the API key that search and the items "
                        "then need as `Authorization: Bearer <key>` (else CIRFLOW_API_KEY; neither: no key)")
     serve.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes,
@@ -207,7 +211,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                              formats=tuple(f.strip() for f in args.image_formats.split(",") if f.strip()))
         config = ServiceConfig(args.index, args.bundle, providers=args.providers, verify=args.verify,
                                reload_seconds=args.reload_seconds, workers=args.workers,
-                               ort_threads=args.ort_threads, max_k=args.max_k, images=images,
+                               ort_threads=args.ort_threads, max_k=args.max_k,
+                               max_rerank_n=args.max_rerank_n, images=images,
                                api_key=read_api_key(args.api_key_file, os.environ))
         serve(config, args.host, args.port)
     elif args.command == "demo":
@@ -270,7 +275,8 @@ def _index(args: argparse.Namespace) -> int:
     elif args.index_command == "search":
         from cirflow.indexing.search import Searcher
 
-        result = Searcher.load(args.index, args.bundle).search(args.image, args.text, args.k, args.exclude_id)
+        result = Searcher.load(args.index, args.bundle).search(args.image, args.text, args.k, args.exclude_id,
+                                                               rerank_n=args.rerank_n)
         for rank, (i, score, uri) in enumerate(zip(result.ids, result.scores, result.uris), 1):
             print(f"{rank}\t{i}\t{score:.4f}\t{uri}")
     return 0

@@ -68,17 +68,21 @@ class Artemis(nn.Module):
 
     def forward(self, v: torch.Tensor, t: torch.Tensor, image_tokens: torch.Tensor,
                 text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        em, a_em, is_, a_is = self.query_features(v, t).unbind(1)
+        em, a_em, is_, a_is = self._parts(v, t)
         if not self.target_norm:
             return F.normalize(em + is_, dim=-1)
-        return F.normalize(em / a_em.sum(-1, keepdim=True).sqrt() + is_ / a_is.sum(-1, keepdim=True).sqrt(), dim=-1)
+        return F.normalize(em / a_em.norm(dim=-1, keepdim=True) + is_ / a_is.norm(dim=-1, keepdim=True), dim=-1)
 
     def query_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, 4, D): the EM numerator Tr(m) * a_em, a_em^2, the IS numerator normalize(a_is * r) * a_is, a_is^2."""
-        a_em, a_is = self.attention_em(t), self.attention_is(t)
-        em = F.normalize(self.transform(t), dim=-1) * a_em
-        is_ = F.normalize(a_is * v, dim=-1) * a_is
+        em, a_em, is_, a_is = self._parts(v, t)
         return torch.stack([em, a_em * a_em, is_, a_is * a_is], dim=1)
+
+    def _parts(self, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The EM numerator, a_em, the IS numerator, a_is (each (B, D)); m is the text vector t here, r the
+        reference's v."""
+        a_em, a_is = self.attention_em(t), self.attention_is(t)
+        return F.normalize(self.transform(t), dim=-1) * a_em, a_em, F.normalize(a_is * v, dim=-1) * a_is, a_is
 
     def score(self, features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B, N) exact scores of each query's candidates: features (B, 4, D), candidates (B, N, D), or (1, N, D)

@@ -22,6 +22,7 @@ from cirflow.models.evaluation import (
     QUERY_MODES,
     TorchEncoders,
     build_eval_set,
+    composed_scores,
     embed_eval_set,
     metrics_by_group,
     score_embeddings,
@@ -72,8 +73,7 @@ def run_eval(config: EvalJobConfig) -> dict[str, dict[str, dict[str, float]]]:
             if stems is not None:
                 stems.save()
             if not split.has_targets:
-                _write_submission(split.name, emb.queries["composed"] @ emb.gallery.T, split, data.names,
-                                  config.out_dir)
+                _write_submission(split.name, composed_scores(emb), split, data.names, config.out_dir)
                 continue
             result = score_embeddings(emb, data)
             results[split.name] = result.metrics

@@ -178,15 +178,22 @@ def score_embeddings(emb: Embeddings, data: EvalSet, modes: tuple[str, ...] = QU
     metrics = {}
     top_k = np.zeros((0, k), dtype=np.int64)
     for mode in (m for m in modes if m in emb.queries):
-        scores = emb.queries[mode] @ emb.gallery.T  # (Q, G) cosine: all vectors are unit length
-        if mode == "composed" and emb.features is not None and emb.rescore is not None and rerank_n != 0:
-            scores = rerank_gallery(scores, emb.features, emb.gallery, rerank_n, emb.rescore)
+        scores = composed_scores(emb, rerank_n) if mode == "composed" else emb.queries[mode] @ emb.gallery.T
         metrics[mode] = evaluate_scores(scores, data.split, data.names)
         if mode == "composed":
             exclude = data.ref_rows if data.split.remove_reference else None
             available = len(data.names) - (exclude is not None)  # a gallery smaller than k keeps them all
             top_k = rank_gallery(scores, exclude, min(k, available))
     return EvalResult(metrics, top_k)
+
+
+def composed_scores(emb: Embeddings, rerank_n: int | None = DEFAULT_RERANK_N) -> np.ndarray:
+    """(Q, G) scores of the composed queries whose ranking is the model's: the cosine of the query vectors (all
+    unit length), or for encoders that re-rank the two-stage ranking at rerank_n (score_embeddings)."""
+    scores = emb.queries["composed"] @ emb.gallery.T
+    if emb.features is None or emb.rescore is None or rerank_n == 0:
+        return scores
+    return rerank_gallery(scores, emb.features, emb.gallery, rerank_n, emb.rescore)
 
 
 def metrics_by_group(emb: Embeddings, data: EvalSet, group_of: dict[int, str],

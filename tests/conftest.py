@@ -63,6 +63,15 @@ def tiny_combiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 
 
 @pytest.fixture(scope="session")
+def tiny_artemis(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported untrained tiny ARTEMIS bundle (seed 0): a bundle with a re-ranker."""
+    from cirflow.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("tiny-artemis")
+    return export_bundle(make_checkpoint(root / "model.pt", "artemis"), root / "bundle")
+
+
+@pytest.fixture(scope="session")
 def effnet_minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, bundle) of an untrained effnet-minilm model (pretrained towers, tiny joint layers): its
     export takes about a minute, so the export and embedding tests share one."""

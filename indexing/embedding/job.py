@@ -339,7 +339,7 @@ def _resume_or_start(snapshot_dir: Location, bundle: dict[str, Any], catalog: di
         # One row group per shard: a worker reads its shard's entries alone (shards.read_rows).
         catalog_file = shards.write_parquet_atomic(table, snapshot_dir / shards.CATALOG, row_group_size=rows_per_shard)
         manifest = shards.new_manifest(bundle["bundle_id"], int(bundle["embed_dim"]), catalog, rows_per_shard,
-                                       num_shards)
+                                       num_shards, reranks="reranker" in bundle)
         manifest["catalog_file"] = {shards.CATALOG: catalog_file}
         manifest["changes_file"] = {shards.CHANGES: shards.write_parquet_atomic(reuse.changes,
                                                                                snapshot_dir / shards.CHANGES)}

@@ -128,11 +128,13 @@ def write_parquet_atomic(table: pa.Table, path: Location, row_group_size: int | 
 
 
 def new_manifest(bundle_id: str, dim: int, catalog: dict[str, Any], rows_per_shard: int,
-                 num_shards: int) -> dict[str, Any]:
-    """The manifest of a run that has not finished a shard. `catalog`: name, source, entries, fingerprint."""
+                 num_shards: int, reranks: bool = False) -> dict[str, Any]:
+    """The manifest of a run that has not finished a shard. `catalog`: name, source, entries, fingerprint.
+    reranks: the bundle carries a re-ranker, which scores candidates from their catalog vectors: the run's
+    indexes keep them (indexing/index/build.py)."""
     return {"format": FORMAT, "bundle_id": bundle_id, "embed_dim": dim, "catalog": catalog,
             "rows_per_shard": rows_per_shard, "num_shards": num_shards, "shards": {}, "rows": 0, "errors": 0,
-            "transient_errors": 0, "complete": False}
+            "transient_errors": 0, "complete": False, **({"reranks": True} if reranks else {})}
 
 
 def record_shard(manifest: dict[str, Any], name: str, info: dict[str, Any],
@@ -159,15 +161,16 @@ def _count_rows(manifest: dict[str, Any]) -> None:
 
 
 def write_snapshot(snapshot_dir: Location, parts: Iterable[tuple[np.ndarray, np.ndarray, list[str]]], bundle_id: str,
-              catalog: dict[str, Any], rows_per_shard: int) -> "EmbeddingSnapshot":
+              catalog: dict[str, Any], rows_per_shard: int, reranks: bool = False) -> "EmbeddingSnapshot":
     """A complete run from vectors already in memory, one shard per (ids, vectors, uris) part: vectors made
-    elsewhere (benchmark catalogs, tests). The manifest, written last, marks it complete; ids must be unique."""
+    elsewhere (benchmark catalogs, tests). The manifest, written last, marks it complete; ids must be unique.
+    reranks: as new_manifest's."""
     manifest = None
     seen: set[int] = set()
     for k, (ids, vectors, uris) in enumerate(parts):
         seen.update(ids.tolist())
         if manifest is None:
-            manifest = new_manifest(bundle_id, vectors.shape[1], catalog, rows_per_shard, 0)
+            manifest = new_manifest(bundle_id, vectors.shape[1], catalog, rows_per_shard, 0, reranks)
         info = write_parquet_atomic(embedding_table(ids, uris, vectors, bundle_id), snapshot_dir / shard_name(k))
         record_shard(manifest, shard_name(k), info, None)
     if manifest is None:
@@ -229,6 +232,11 @@ class EmbeddingSnapshot:
     @property
     def dim(self) -> int:
         return int(self.manifest["embed_dim"])
+
+    @property
+    def reranks(self) -> bool:
+        """Its bundle re-ranks search results from the catalog vectors: indexes keep them (new_manifest)."""
+        return bool(self.manifest.get("reranks", False))
 
     @property
     def rows(self) -> int:

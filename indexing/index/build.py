@@ -109,14 +109,17 @@ def build_index(run: EmbeddingSnapshot, queries: Queries, indexes_root: Path,
                     "estimated_bytes": plan.estimated_bytes}
         if plan.index_type in RERANK_TYPES:
             manifest["rerank"] = {"file": store.RERANK_FILE, "dtype": np.dtype(STORE_DTYPE).name}
+        if run.reranks:
+            manifest["vectors"] = {"file": store.VECTORS_FILE, "dtype": "float32"}
         record_metadata_fields(manifest, tmp)
         tuning = tune_index(tmp, manifest, plan, run, queries, config, on_gpu)
         tuned_at = time.perf_counter()
         index_bytes = sum((tmp / name).stat().st_size for name in files)
         if layout == "ondisk":
             index_bytes += (tmp / store.IVFDATA).stat().st_size
-        if "rerank" in manifest:
-            index_bytes += (tmp / store.RERANK_FILE).stat().st_size
+        for section in ("rerank", "vectors"):
+            if section in manifest:
+                index_bytes += (tmp / manifest[section]["file"]).stat().st_size
         manifest.update({
             "embeddings": {"snapshot_dir": str(run.snapshot_dir), "shards": len(run.shard_files), "rows": run.rows},
             "counts": {"vectors": int(len(ids)), "shards": len(run.shard_files), "index_files": len(files)},
@@ -275,21 +278,25 @@ def _sample(run: EmbeddingSnapshot, count: int, seed: int) -> np.ndarray:
 def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Path, merge: bool,
          on_gpu: bool) -> tuple[str, list[str], np.ndarray]:
     """Add the shards with their catalog ids; returns (layout, FAISS file names, all ids). Writes uris.parquet
-    (with each image's format and sha256 and the snapshot's metadata), and a re-ranked type's float16 store."""
+    (with each image's format and sha256 and the snapshot's metadata), a re-ranked type's float16 store, and the
+    float32 catalog vectors when the snapshot's bundle re-ranks (EmbeddingSnapshot.reranks)."""
     ondisk = plan.index_type in ONDISK_TYPES
     whole = trained if merge and not ondisk else None  # Flat/HNSW/fast-scan merged: one index grows by shard
     parts_dir = out / "_parts" if merge and ondisk else out
     parts_dir.mkdir(exist_ok=True)
     sources = run.read_sources()
-    rerank = _rerank_store(out, sources, run.dim) if plan.index_type in RERANK_TYPES else None
+    sorted_ids = np.sort(sources.column("id").to_numpy())
+    stores = [RowStoreWriter(out / name, sorted_ids, run.dim, dtype) for name, dtype, wanted in (
+        (store.RERANK_FILE, STORE_DTYPE, plan.index_type in RERANK_TYPES),  # the index's own float16 re-rank
+        (store.VECTORS_FILE, np.float32, run.reranks)) if wanted]  # the bundle's re-ranker's candidates
     files, all_ids, offset = [], [], 0
     for shard, (ids, vectors, _) in enumerate(run.iter_shards()):
         offset += len(ids)
         if len(ids) == 0:
             continue
         all_ids.append(ids)
-        if rerank is not None:
-            rerank.write(ids, vectors)
+        for row_store in stores:
+            row_store.write(ids, vectors)
         if whole is not None:
             whole.add_with_ids(vectors, ids)
             continue
@@ -306,8 +313,8 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
     if offset != run.rows:
         raise IndexBuildError(f"{run.snapshot_dir}: the shards hold {offset} rows, the manifest says {run.rows}")
     ids = np.concatenate(all_ids)
-    if rerank is not None:
-        rerank.close()  # the file is complete and closed before the manifest hashes it
+    for row_store in stores:
+        row_store.close()  # the file is complete and closed before the manifest hashes it
     store.write_uris(out, sources, run.read_metadata())
     if whole is not None:
         faiss.write_index(whole, str(out / store.INDEX_FILE))
@@ -321,31 +328,27 @@ def _add(plan: IndexPlan, trained: faiss.Index, run: EmbeddingSnapshot, out: Pat
     return "ondisk", [store.INDEX_FILE], ids
 
 
-def _rerank_store(out: Path, sources: Any, dim: int) -> RerankStoreWriter:
-    sorted_ids = np.sort(sources.column("id").to_numpy())
-    return RerankStoreWriter(out / store.RERANK_FILE, sorted_ids, dim)
+class RowStoreWriter:
+    """Fills an .npy of one row per catalog id, in sorted id order, shard by shard: a re-ranked index's float16
+    store, or the float32 catalog vectors a bundle's re-ranker scores. Through a shared memory map, whose written
+    pages are flushed and dropped from this process after each shard: a catalog larger than memory streams
+    through it, and the build's resident memory does not grow by the store's size (10M x 512 dims: 10 GB in
+    float16) as it would with the pages kept mapped until the end."""
 
-
-class RerankStoreWriter:
-    """Fills a re-ranked index's float16 store (an .npy of one row per catalog id, in sorted id order) shard by
-    shard. Through a shared memory map, whose written pages are flushed and dropped from this process after each
-    shard: a catalog larger than memory streams through it, and the build's resident memory does not grow by the
-    store's size (10M x 512 dims: 10 GB) as it would with the pages kept mapped until the end."""
-
-    def __init__(self, path: Path, sorted_ids: np.ndarray, dim: int) -> None:
-        self.sorted_ids = sorted_ids
+    def __init__(self, path: Path, sorted_ids: np.ndarray, dim: int, dtype: Any) -> None:
+        self.sorted_ids, self.dtype = sorted_ids, np.dtype(dtype)
         shape = (len(sorted_ids), dim)
         with open(path, "wb") as f:  # the .npy header, then the rows' bytes (zeros until written)
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(STORE_DTYPE)),
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
                                                      "fortran_order": False, "shape": shape})
             header = f.tell()
-            f.truncate(header + len(sorted_ids) * dim * np.dtype(STORE_DTYPE).itemsize)
+            f.truncate(header + len(sorted_ids) * dim * self.dtype.itemsize)
         self._file = open(path, "r+b")
         self._map = mmap.mmap(self._file.fileno(), 0)
         self._header, self._shape = header, shape
 
     def write(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        rows = np.ndarray(self._shape, STORE_DTYPE, buffer=self._map, offset=self._header)
+        rows = np.ndarray(self._shape, self.dtype, buffer=self._map, offset=self._header)
         rows[np.searchsorted(self.sorted_ids, ids)] = vectors
         del rows  # no view may outlive the map
         self._map.flush()

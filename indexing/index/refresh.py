@@ -106,7 +106,8 @@ def refresh_index(run: shards.EmbeddingSnapshot, queries: Queries, previous: Pat
     started = time.perf_counter()
     with temp_dir_beside(final) as tmp:
         base_files = (list(manifest["index_files"]) + ([store.IVFDATA] if manifest["layout"] == "ondisk" else [])
-                      + ([store.RERANK_FILE] if manifest.get("rerank") else []))
+                      + ([store.RERANK_FILE] if manifest.get("rerank") else [])
+                      + ([manifest["vectors"]["file"]] if manifest.get("vectors") else []))
         for name in base_files:  # immutable: versions share them at no cost
             link_or_copy(previous / name, tmp / name)
         delta_vectors = _vectors_of(run, delta_ids)
@@ -114,6 +115,8 @@ def refresh_index(run: shards.EmbeddingSnapshot, queries: Queries, previous: Pat
         delta.add_with_ids(base_reconstruction(_base_part(previous, manifest), delta_vectors,
                                                bool(manifest.get("rerank"))), delta_ids)
         faiss.write_index(delta, str(tmp / store.DELTA_FILE))
+        if manifest.get("vectors"):  # the re-ranker's candidates: exact, in the delta's sorted id order
+            np.save(tmp / store.DELTA_VECTORS_FILE, delta_vectors)
         np.save(tmp / store.DEAD_FILE, dead)
         np.save(tmp / store.BASE_IDS_FILE, base_ids)
         store.write_uris(tmp, sources, run.read_metadata())
@@ -121,7 +124,7 @@ def refresh_index(run: shards.EmbeddingSnapshot, queries: Queries, previous: Pat
         kept = {key: manifest[key] for key in ("catalog", "embed_dim", "metric", "type", "factory", "params",
                                                "reason", "plan_warnings", "layout", "index_files",
                                                "estimated_bytes", "config", "faiss_version")}
-        kept.update({key: manifest[key] for key in ("rerank",) if key in manifest})
+        kept.update({key: manifest[key] for key in ("rerank", "vectors") if key in manifest})
         new = {**kept, "format": store.FORMAT, "index_id": final.name, "bundle_id": run.bundle_id,
                "overlay": {"base": base, "previous": manifest["index_id"], "dead": int(len(dead)),
                            "delta": int(len(delta_ids)), "base_vectors": int(len(base_ids)),

@@ -48,12 +48,15 @@ from cirflow.indexing.embedding.catalog import SOURCE_COLUMNS, metadata_columns
 from cirflow.indexing.embedding.shards import read_columns, write_parquet_atomic
 from cirflow.indexing.search.placement import to_gpu
 from cirflow.indexing.search.rerank import STORE_DTYPE
+from cirflow.indexing.search.vector_store import VectorStore
 
 FORMAT = "cirflow-index-v1"
 MANIFEST, URIS = "manifest.json", "uris.parquet"
 INDEX_FILE, IVFDATA = "index.faiss", "index.ivfdata"
 DELTA_FILE, DEAD_FILE, BASE_IDS_FILE = "delta.faiss", "dead.npy", "base_ids.npy"
 RERANK_FILE = "rerank.npy"  # search/rerank.py
+VECTORS_FILE = "vectors.npy"  # the catalog vectors, for a bundle's re-ranker (search/vector_store.py)
+DELTA_VECTORS_FILE = "delta-vectors.npy"  # an overlay's new and changed ones
 TRUTH_FILE = "truth.npz"  # the tuning queries' exact top lists over the catalog (build.tune_index)
 URIS_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), *((name, pa.string()) for name in SOURCE_COLUMNS)])
 
@@ -204,6 +207,36 @@ def open_rerank_store(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray |
         raise IndexFormatError(f"{path}: holds {vectors.dtype} {vectors.shape}, not float16 (N, "
                                f"{manifest['embed_dim']})")
     return vectors
+
+
+def open_vector_store(index_dir: Path, manifest: dict[str, Any]) -> VectorStore | None:
+    """The catalog vectors kept for a bundle's re-ranker (the manifest's "vectors"), memory-mapped read-only:
+    the base's rows, and an overlay's delta rows before them; None when the index keeps none."""
+    section = manifest.get("vectors")
+    if not section:
+        return None
+    dim = int(manifest["embed_dim"])
+    parts = []
+    if manifest.get("overlay"):
+        delta = open_delta(index_dir, manifest)
+        assert delta is not None
+        parts.append((np.sort(faiss.vector_to_array(delta.id_map)),
+                      _float32_rows(Path(index_dir) / DELTA_VECTORS_FILE, dim)))
+    parts.append((read_base_ids(index_dir, manifest), _float32_rows(Path(index_dir) / section["file"], dim)))
+    for ids, rows in parts:
+        if len(ids) != len(rows):
+            raise IndexFormatError(f"{index_dir}: a vector store holds {len(rows)} rows for {len(ids)} ids")
+    return VectorStore(parts)
+
+
+def _float32_rows(path: Path, dim: int) -> np.ndarray:
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{path}: not a readable .npy file ({e})") from e
+    if rows.dtype != np.float32 or rows.ndim != 2 or rows.shape[1] != dim:
+        raise IndexFormatError(f"{path}: holds {rows.dtype} {rows.shape}, not float32 (N, {dim})")
+    return rows
 
 
 def read_base_ids(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray:

@@ -4,6 +4,11 @@
     result = searcher.search(Path("ref.jpg"), "make it red", k=10, exclude_id=ref_id)
 
 A Searcher refuses an index built from another bundle's vectors: the scores would be meaningless.
+
+A bundle with a re-ranker (ARTEMIS: its exact score is not the query vector's cosine; models/rerank.py) searches
+in two stages: the index's top N by the query vector, then those N re-scored exactly (`rescore_candidates`: the
+re-ranker over the query's features and the candidates' stored catalog vectors) and the best k kept. A bundle
+without one searches as it always did.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from typing import Sequence
 import numpy as np
 
 from cirflow.export.runtime import BundleRuntime, ImageInput
+from cirflow.indexing.search.entries import SearchError
 from cirflow.indexing.search.sharded import ShardedIndex, load_index
-from cirflow.indexing.search.vector_index import SearchResult, VectorIndex
+from cirflow.indexing.search.vector_index import IndexVersion, SearchResult, VectorIndex
+
+PAD_SCORE = -np.finfo(np.float32).max  # faiss's score of a -1 padding slot (inner product)
 
 
 class IndexMismatchError(ValueError):
@@ -34,6 +42,10 @@ class Searcher:
         if index.dim != runtime.embed_dim:  # same bundle_id implies the same dim; a hand-edited manifest does not
             raise IndexMismatchError(f"index {index.index_dir} has dimension {index.dim}, bundle "
                                      f"{runtime.bundle_dir} encodes {runtime.embed_dim}")
+        if runtime.reranks and index.vector_store is None:
+            raise IndexMismatchError(f"bundle {runtime.bundle_dir} re-ranks from the catalog vectors, but index "
+                                     f"{index.index_dir} keeps none (built before its snapshot said so); rebuild "
+                                     "it from this bundle's embeddings")
         self.index = index
         self.runtime = runtime
 
@@ -46,21 +58,60 @@ class Searcher:
         return cls(index, BundleRuntime.load(bundle_dir, providers=providers))
 
     def search(self, reference_image: ImageInput, text: str, k: int = 10, exclude_id: int | None = None,
-               allow_ids: Sequence[int] | np.ndarray | None = None) -> SearchResult:
+               allow_ids: Sequence[int] | np.ndarray | None = None, rerank_n: int | None = None) -> SearchResult:
         """The k catalog images that best match the reference image modified by `text` (among allow_ids)."""
         return self.search_batch([reference_image], [text], k, None if exclude_id is None else [exclude_id],
-                                 allow_ids)[0]
+                                 allow_ids, rerank_n)[0]
 
     def search_batch(self, images: Sequence[ImageInput], texts: Sequence[str], k: int = 10,
                      exclude_ids: Sequence[int | None] | None = None,
-                     allow_ids: Sequence[int] | np.ndarray | None = None) -> list[SearchResult]:
+                     allow_ids: Sequence[int] | np.ndarray | None = None,
+                     rerank_n: int | None = None) -> list[SearchResult]:
         """Images: PIL RGB, encoded bytes, Paths or (H, W, 3) uint8 arrays (BundleRuntime.embed_queries).
-        allow_ids: catalog ids all queries are restricted to (VectorIndex.search)."""
-        return self.search_vectors(self.runtime.embed_queries(images, texts), k, exclude_ids, allow_ids)
+        allow_ids: catalog ids all queries are restricted to (VectorIndex.search). rerank_n: for a bundle with a
+        re-ranker, the index's candidates re-scored exactly per query (None: the bundle's default; 0: none, the
+        query vector's ranking); a bundle without one ignores it."""
+        if not self.reranks(rerank_n):
+            return self.search_vectors(self.runtime.embed_queries(images, texts), k, exclude_ids, allow_ids)
+        queries, features = self.runtime.embed_queries_with_features(images, texts)
+        return self.search_vectors(queries, k, exclude_ids, allow_ids, features, rerank_n)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10,
                        exclude_ids: Sequence[int | None] | np.ndarray | None = None,
-                       allow_ids: Sequence[int] | np.ndarray | None = None) -> list[SearchResult]:
-        """Already encoded (Q, D) query vectors, e.g. a batch encoded elsewhere."""
-        ids, scores = self.index.search(queries, k, exclude_ids, allow_ids)
+                       allow_ids: Sequence[int] | np.ndarray | None = None, features: np.ndarray | None = None,
+                       rerank_n: int | None = None) -> list[SearchResult]:
+        """Already encoded (Q, D) query vectors, e.g. a batch encoded elsewhere; with their re-ranker `features`
+        (Q, F, D), the index's top max(k, rerank_n) re-scored exactly (search_batch)."""
+        if features is None or not self.reranks(rerank_n):
+            ids, scores = self.index.search(queries, k, exclude_ids, allow_ids)
+        else:
+            ids, _ = self.index.search(queries, self.candidates(k, rerank_n), exclude_ids, allow_ids)
+            ids, scores = rescore_candidates(self.index, self.runtime, features, ids, k)
         return self.index.results(ids, scores)
+
+    def reranks(self, rerank_n: int | None) -> bool:
+        """Whether a search with this rerank_n re-scores candidates (a bundle with a re-ranker, n not 0)."""
+        check_rerank_n(rerank_n)
+        return self.runtime.reranks and rerank_n != 0
+
+    def candidates(self, k: int, rerank_n: int | None) -> int:
+        """How many of the index's results a search of k re-scores."""
+        return max(k, self.runtime.rerank_n if rerank_n is None else rerank_n)
+
+
+def check_rerank_n(rerank_n: int | None) -> None:
+    if rerank_n is not None and (isinstance(rerank_n, bool) or not isinstance(rerank_n, (int, np.integer))
+                                 or rerank_n < 0):
+        raise SearchError(f"rerank_n must be a non-negative integer or None, got {rerank_n!r}")
+
+
+def rescore_candidates(index: IndexVersion, runtime: BundleRuntime, features: np.ndarray, ids: np.ndarray,
+                       k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The re-rank stage: the index's candidates `ids` (Q, N; -1 padded) scored exactly by the bundle's re-ranker
+    from each query's `features` (Q, F, D) and the candidates' stored catalog vectors, best first; the top k
+    (ids (Q, min(k, N)), scores), padded as faiss pads."""
+    exact = runtime.rescore(features, index.vectors_of(ids))
+    exact = np.where(ids >= 0, exact, -np.inf)
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(exact, order, 1)
+    return ids, np.where(ids >= 0, scores, PAD_SCORE).astype(np.float32)

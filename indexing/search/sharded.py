@@ -24,6 +24,7 @@ from cirflow.indexing.search import topk
 from cirflow.indexing.search.entries import Entries
 from cirflow.indexing.search.placement import resolve_gpu
 from cirflow.indexing.search.vector_index import VERIFY, IndexVersion, VectorIndex
+from cirflow.indexing.search.vector_store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class ShardedIndex(IndexVersion):
             raise store.IndexFormatError(f"{index_dir}: {store.URIS} lists {len(ids)} ids, its shards hold "
                                          f"{sum(shard.ntotal for shard in shards)}")
         entries = Entries(index_dir.name, ids, uris, store.read_metadata(index_dir), store.read_sources(index_dir))
-        return cls(index_dir, manifest, shards, entries)
+        loaded = cls(index_dir, manifest, shards, entries)
+        loaded.vector_store = joined_store([shard.vector_store for shard in shards])
+        return loaded
 
     def search(self, queries: np.ndarray, k: int = 10,
                exclude_ids: Sequence[int | None] | np.ndarray | None = None,
@@ -105,6 +108,22 @@ class ShardedIndex(IndexVersion):
         """(ids, scores) of the k best of the shards' (ids, scores) answers, padded as faiss pads."""
         scores, ids = topk.merge([(scores, ids) for ids, scores in answers], len(answers[0][0]), k)
         return ids, scores
+
+
+def joined_store(stores: list[VectorStore | None]) -> VectorStore | None:
+    """One store over the shards' (their ids are disjoint); None when they keep no vectors."""
+    if not stores or any(part is None for part in stores):
+        return None
+    return VectorStore([part for shard_store in stores if shard_store is not None for part in shard_store.parts])
+
+
+def shard_vector_store(index_dir: Path, manifest: dict[str, Any]) -> VectorStore | None:
+    """The vectors of a sharded version's shards, read from their directories (a front that holds no shard)."""
+    stores = []
+    for shard in manifest["shards"]:
+        shard_path = index_dir / shard["dir"]
+        stores.append(store.open_vector_store(shard_path, store.read_manifest(shard_path)))
+    return joined_store(stores)
 
 
 def load_index(index_dir: Path, use_gpu: str = "auto", verify: str = "sha256",

@@ -29,6 +29,7 @@ from cirflow.indexing.search.overlay import Overlay
 from cirflow.indexing.search.placement import GPU_MAX_K, resolve_gpu, set_search_param
 from cirflow.indexing.search.rerank import Reranked
 from cirflow.indexing.search.topk import drop_excluded
+from cirflow.indexing.search.vector_store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,15 @@ class IndexVersion:
     # True where the vectors are searched in other processes (service/ray_shards.py): `await search_async(...)`
     # on the event loop, the request thread not held while they answer; False: search() in this process.
     remote = False
+    # The catalog vectors by id, kept where the snapshot's bundle re-ranks (search/vector_store.py); None: none.
+    vector_store: VectorStore | None = None
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The stored catalog vectors of `ids` (any shape; -1 padding gives zero rows): the re-ranker's input."""
+        if self.vector_store is None:
+            raise SearchError(f"index {self.index_dir.name} keeps no catalog vectors to re-rank from: it was built "
+                              "from a snapshot whose bundle has no re-ranker")
+        return self.vector_store.vectors_of(ids)
 
     @property
     def bundle_id(self) -> str:
@@ -116,7 +126,9 @@ class VectorIndex(IndexVersion):
                                          f"{live} live vectors")
         entries = Entries(index_dir.name, ids, uris, store.read_metadata(index_dir), store.read_sources(index_dir))
         overlay = None if delta is None else Overlay(index_dir.name, index, on_gpu, dead, delta)
-        return cls(index_dir, manifest, index, on_gpu, entries, overlay)
+        loaded = cls(index_dir, manifest, index, on_gpu, entries, overlay)
+        loaded.vector_store = store.open_vector_store(index_dir, manifest)
+        return loaded
 
     @classmethod
     def load(cls, index_dir: Path, use_gpu: str = "auto", verify: str = "sha256", mmap: bool = True) -> VectorIndex:

@@ -45,6 +45,7 @@ from cirflow.export.runtime import InputError
 from cirflow.indexing.embedding.catalog import read_bytes
 from cirflow.indexing.search import SearchError, UnknownIdError
 from cirflow.indexing.search import index_store as store
+from cirflow.indexing.search.searcher import rescore_candidates
 from cirflow.indexing.search.sharded import PartialAnswer, ShardsUnavailableError
 from cirflow.indexing.search.topk import drop_excluded
 from cirflow.indexing.service.access import AccessLogMiddleware
@@ -174,8 +175,8 @@ def create_app(config: ServiceConfig, published: Published | None = None, access
         if version.index.remote:  # shards on other machines: the request thread is not held while they answer
             started = time.perf_counter()
             query, encoded = await run(encode_query, version, body, upload, config, started)
-            found = await _found_remote(version.index, encoded, query)
-            json = response_json(version, query, encoded, found, metrics)
+            found = await _found_remote(version, encoded, query)
+            json = await run(finish, version, query, encoded, found, metrics)
         else:
             json = await run(search_json, version, body, upload, config, metrics)
         # The JSON comes back ready: FastAPI passes a Response through, where it would validate a returned model
@@ -215,7 +216,10 @@ def create_app(config: ServiceConfig, published: Published | None = None, access
                 "limits": {"max_k": config.max_k, "max_body_bytes": config.max_body_bytes,
                            "max_image_bytes": config.images.max_bytes, "max_image_pixels": config.images.max_pixels,
                            "image_formats": list(config.images.formats), "max_text_chars": config.max_text_chars,
-                           "max_ids": config.max_ids}}
+                           "max_ids": config.max_ids},
+                # Where the model re-ranks (POST /search's rerank_n); absent otherwise, as before there were any.
+                **({"reranker": {"default_n": runtime.rerank_n, "max_n": config.max_rerank_n}}
+                   if (runtime := version.searcher.runtime).reranks else {})}
 
     @app.get("/healthz", summary="Liveness: the process answers (503 once the first load has failed)")
     async def healthz() -> JSONResponse:
@@ -321,23 +325,27 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Encoded:
     """A checked query's vector, the ids its results may have (None: any), and when each stage before the search
-    began and ended (perf_counter)."""
+    began and ended (perf_counter). features: the re-ranker's, where this query re-ranks (None: it does not)."""
 
     vector: np.ndarray
     allow: np.ndarray | None
     started: float
     decoded: float
     encoded: float
+    features: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class Found:
-    """A search's k best ids and scores, and the shards of a sharded version that did not answer (the answer is
-    then partial; none: whole)."""
+    """A search's best ids and scores (k of them; a re-ranked query's index stage: its candidates), the shards of
+    a sharded version that did not answer (the answer is then partial; none: whole), and the re-rank stage's
+    candidate count and end (perf_counter), where it ran."""
 
     ids: np.ndarray
     scores: np.ndarray
     missing: tuple[int, ...] = ()
+    reranked: int = 0
+    searched: float = 0.0
 
 
 def search_json(version: Version, request: SearchRequest, upload: bytes | None, config: ServiceConfig,
@@ -345,13 +353,18 @@ def search_json(version: Version, request: SearchRequest, upload: bytes | None, 
     """POST /search's work in one trip to the thread pool (a trip cost the event loop ~0.15 ms of CPU on the 2-core
     bench machine): the checks (which decode an uploaded image), the search, the stage metrics and the JSON."""
     query, encoded = encode_query(version, request, upload, config, time.perf_counter())
-    return response_json(version, query, encoded, _found(version, encoded, query), metrics)
+    return finish(version, query, encoded, _found(version, encoded, query), metrics)
+
+
+def finish(version: Version, query: Query, encoded: Encoded, found: Found, metrics: ServiceMetrics) -> str:
+    """After the index's search: the re-rank stage where the query re-ranks, then the response's JSON."""
+    return response_json(version, query, encoded, _rerank(version, encoded, found, query), metrics)
 
 
 def answer(version: Version, query: Query, limits: ImageLimits) -> SearchResponse:
     """Encode and search one checked query against one version of an index in this process."""
     encoded = encode(version, query, limits, time.perf_counter())
-    return response(version, query, encoded, _found(version, encoded, query))
+    return response(version, query, encoded, _rerank(version, encoded, _found(version, encoded, query), query))
 
 
 def encode_query(version: Version, request: SearchRequest, upload: bytes | None, config: ServiceConfig,
@@ -375,8 +388,11 @@ def encode(version: Version, query: Query, limits: ImageLimits, started: float) 
         except ImageError as e:
             raise RequestError(422, field_message(e, "reference_id")) from e
     decoded = time.perf_counter()
+    features = None
     try:
-        if query.mode == "composed":
+        if query.mode == "composed" and version.searcher.reranks(query.rerank_n):
+            vector, features = runtime.embed_queries_with_features([image], [query.text])
+        elif query.mode == "composed":
             vector = runtime.embed_queries([image], [query.text])
         elif query.mode == "image-only":
             vector = runtime.embed_images([image])
@@ -384,15 +400,18 @@ def encode(version: Version, query: Query, limits: ImageLimits, started: float) 
             vector = runtime.embed_texts([query.text])
     except InputError as e:  # a text with no tokens the tokenizer keeps
         raise RequestError(422, f"text: {e}") from e
-    return Encoded(vector, allow, started, decoded, time.perf_counter())
+    return Encoded(vector, allow, started, decoded, time.perf_counter(), features)
 
 
 def response_json(version: Version, query: Query, encoded: Encoded, found: Found, metrics: ServiceMetrics) -> str:
     """The response's JSON, its stages observed in the metrics."""
     answered = response(version, query, encoded, found)
-    for stage in ("decode", "encode", "search"):
-        metrics.stages.labels(stage).observe(getattr(answered.took_ms, stage) / 1000)
-    return answered.model_dump_json()
+    for stage in ("decode", "encode", "search", "rerank"):
+        took = getattr(answered.took_ms, stage)
+        if took is not None:
+            metrics.stages.labels(stage).observe(took / 1000)
+    # Without None: a request that did not re-rank answers exactly as before there were re-rankers.
+    return answered.model_dump_json(exclude_none=True)
 
 
 def response(version: Version, query: Query, encoded: Encoded, found: Found) -> SearchResponse:
@@ -400,12 +419,16 @@ def response(version: Version, query: Query, encoded: Encoded, found: Found) -> 
     done = time.perf_counter()
     hits = [Hit(id=str(i), score=float(s), uri=u, image=f"/items/{i}/image")
             for i, s, u in zip(found.ids, found.scores, uris)]
+    searched = found.searched if found.reranked else done  # a re-ranked query's search ended before its re-rank
     ms = [round(1000 * t, 3) for t in (done - encoded.started, encoded.decoded - encoded.started,
-                                       encoded.encoded - encoded.decoded, done - encoded.encoded)]
+                                       encoded.encoded - encoded.decoded, searched - encoded.encoded,
+                                       done - searched)]
+    rerank = {"rerank": ms[4]} if found.reranked else {}
     return SearchResponse(mode=query.mode, answers=ANSWERS[query.mode], results=hits, k=query.k,
                           bundle_id=version.bundle_id, index_id=version.index_id, catalog=version.catalog,
-                          took_ms=Timing(total=ms[0], decode=ms[1], encode=ms[2], search=ms[3]),
-                          partial=bool(found.missing), missing_shards=list(found.missing))
+                          took_ms=Timing(total=ms[0], decode=ms[1], encode=ms[2], search=ms[3], **rerank),
+                          partial=bool(found.missing), missing_shards=list(found.missing),
+                          rerank_n=found.reranked or None)
 
 
 def _allowed(version: Version, query: Query) -> np.ndarray | None:
@@ -435,39 +458,57 @@ def _found(version: Version, encoded: Encoded, query: Query) -> Found:
     """The search of an index in this process (a GPU index's searches take turns: Version.search_lock)."""
     with version.searching():
         try:
-            ids, scores = version.index.search(encoded.vector, *_search_args(query, encoded.allow))
+            ids, scores = version.index.search(encoded.vector, *_search_args(version, encoded, query))
             missing: tuple[int, ...] = ()
         except PartialAnswer as partial:
             ids, scores, missing = partial.ids, partial.scores, partial.missing
         except ShardsUnavailableError as e:
             raise RequestError(503, str(e)) from e
-    return _top(ids, scores, missing, query, encoded.allow)
+    return _top(ids, scores, missing, query, encoded.allow, _wanted(version, encoded, query))
 
 
-async def _found_remote(index: Any, encoded: Encoded, query: Query) -> Found:
+async def _found_remote(version: Version, encoded: Encoded, query: Query) -> Found:
     """The search of a remote index (service/ray_shards.py), awaited on the event loop."""
     try:
-        ids, scores, missing = await index.search_async(encoded.vector, *_search_args(query, encoded.allow))
+        ids, scores, missing = await version.index.search_async(encoded.vector,
+                                                                *_search_args(version, encoded, query))
     except ShardsUnavailableError as e:
         raise RequestError(503, str(e)) from e
-    return _top(ids, scores, missing, query, encoded.allow)
+    return _top(ids, scores, missing, query, encoded.allow, _wanted(version, encoded, query))
 
 
-def _search_args(query: Query, allow: np.ndarray | None) -> tuple[int, None, np.ndarray | None]:
+def _wanted(version: Version, encoded: Encoded, query: Query) -> int:
+    """Results the index stage keeps: k, or a re-ranked query's candidates."""
+    return query.k if encoded.features is None else version.searcher.candidates(query.k, query.rerank_n)
+
+
+def _search_args(version: Version, encoded: Encoded, query: Query) -> tuple[int, None, np.ndarray | None]:
     """(k, exclude_ids, allow_ids) for the index: the exclusions are already out of an allowed set; without one,
-    k more are asked for and the excluded dropped after (_top)."""
-    if allow is not None:
-        return query.k, None, allow
-    return query.k + len(query.exclude_ids), None, None
+    as many more are asked for and the excluded dropped after (_top)."""
+    wanted = _wanted(version, encoded, query)
+    if encoded.allow is not None:
+        return wanted, None, encoded.allow
+    return wanted + len(query.exclude_ids), None, None
 
 
-def _top(ids: np.ndarray, scores: np.ndarray, missing: tuple[int, ...], query: Query,
-         allow: np.ndarray | None) -> Found:
-    """The k best of one query's search, excluded ids left out and faiss's -1 padding dropped."""
+def _top(ids: np.ndarray, scores: np.ndarray, missing: tuple[int, ...], query: Query, allow: np.ndarray | None,
+         wanted: int) -> Found:
+    """The `wanted` best of one query's search, excluded ids left out and faiss's -1 padding dropped."""
     if allow is None and query.exclude_ids:
-        ids, scores = drop_excluded(ids, scores, np.asarray([query.exclude_ids], dtype=np.int64), query.k)
-    found = ids[0][:query.k] >= 0
-    return Found(ids[0][:query.k][found], scores[0][:query.k][found], missing)
+        ids, scores = drop_excluded(ids, scores, np.asarray([query.exclude_ids], dtype=np.int64), wanted)
+    found = ids[0][:wanted] >= 0
+    return Found(ids[0][:wanted][found], scores[0][:wanted][found], missing)
+
+
+def _rerank(version: Version, encoded: Encoded, found: Found, query: Query) -> Found:
+    """The re-rank stage of a query that re-ranks (the search library's rescore_candidates): its candidates
+    scored exactly, the best k kept; any other query's search as it was."""
+    if encoded.features is None:
+        return found
+    searched = time.perf_counter()
+    ids, scores = rescore_candidates(version.index, version.searcher.runtime, encoded.features, found.ids[None],
+                                     query.k)
+    return Found(ids[0], scores[0], found.missing, len(found.ids), searched)
 
 
 def catalog_image(version: Version, item_id: int, limits: ImageLimits, role: str, status: int) -> tuple[bytes, str]:

@@ -64,7 +64,8 @@ class ServiceMetrics:
                                 ["route", "method", "status", "outcome"], registry=self.registry)
         self.latency = Histogram("cirflow_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.stages = Histogram("cirflow_search_stage_seconds", "POST /search time by stage (decode, encode, search)",
+        self.stages = Histogram("cirflow_search_stage_seconds",
+                                "POST /search time by stage (decode, encode, search; rerank where a model re-ranks)",
                                 ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_VersionCollector(published))
 

@@ -43,7 +43,7 @@ from cirflow.indexing.search import VectorIndex
 from cirflow.indexing.search import index_store as store
 from cirflow.indexing.search.entries import Entries, SearchError
 from cirflow.indexing.search.placement import gpu_count, resolve_gpu
-from cirflow.indexing.search.sharded import FanoutStats, ShardedIndex, ShardsUnavailableError
+from cirflow.indexing.search.sharded import FanoutStats, ShardedIndex, ShardsUnavailableError, shard_vector_store
 from cirflow.indexing.search.vector_index import IndexVersion
 from cirflow.indexing.service.app import create_app
 from cirflow.indexing.service.state import Published, ServiceConfig, ServiceError
@@ -136,6 +136,7 @@ class RemoteShards(IndexVersion):
                                f"{len(handles)}; deploy it with shards={len(self.manifest['shards'])}")
         ids, uris = store.read_uris(index_dir)
         self.entries = Entries(index_dir.name, ids, uris, store.read_metadata(index_dir), store.read_sources(index_dir))
+        self.vector_store = shard_vector_store(index_dir, self.manifest)  # the re-ranker's, read here
         self.on_gpu = False  # the front holds no FAISS index: nothing to take turns on
         # All or none: every shard deployment holds its shard of this version before it is served.
         loads = [handle.prepare.remote(index_dir.name) for handle in handles]

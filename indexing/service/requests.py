@@ -81,6 +81,9 @@ class SearchRequest(BaseModel):
     filter: dict[str, Scalar | list[Scalar]] | None = Field(
         None, description="metadata filter: field -> value or list of values (any of them); fields AND together")
     exclude_reference: StrictBool = Field(True, description="leave the reference_id item out of its own results")
+    rerank_n: Count | None = Field(
+        None, description="composed queries of a model with a re-ranker (GET /api/info): the index's candidates "
+                          "re-scored exactly (0: none; default: the model's); ignored by models without one")
 
 
 class Hit(BaseModel):
@@ -95,6 +98,7 @@ class Timing(BaseModel):
     decode: float  # the request checks, with an upload's base64 and image gate, or a catalog image read and checked
     encode: float
     search: float
+    rerank: float | None = None  # the re-rank stage, where the request re-ranked (absent otherwise)
 
 
 class SearchResponse(BaseModel):
@@ -109,6 +113,8 @@ class SearchResponse(BaseModel):
     partial: bool = Field(False, description="some index shards did not answer in time: results are the best of "
                                              "the others")
     missing_shards: list[int] = Field(default_factory=list, description="the shards missing from a partial answer")
+    rerank_n: int | None = Field(None, description="candidates re-scored exactly by the model's re-ranker (present "
+                                                   "only where the request re-ranked)")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class Query:
     exclude_ids: tuple[int, ...]
     allow_ids: tuple[int, ...] | None
     filter: dict[str, list[Any]] | None
+    rerank_n: int | None = None  # as SearchRequest's
 
 
 def validation_message(error: ValidationError) -> str:
@@ -219,6 +226,8 @@ def check(request: SearchRequest, upload: bytes | None, config: ServiceConfig) -
     mode: Mode = "composed" if has_image and text is not None else "image-only" if has_image else "text-only"
     if not 1 <= request.k <= config.max_k:
         raise RequestError(422, f"k: must be between 1 and {config.max_k}, got {request.k}")
+    if request.rerank_n is not None and not 0 <= request.rerank_n <= config.max_rerank_n:
+        raise RequestError(422, f"rerank_n: must be between 0 and {config.max_rerank_n}, got {request.rerank_n}")
     for name in ("exclude_ids", "allow_ids"):
         ids = getattr(request, name)
         if ids is not None and len(ids) > config.max_ids:
@@ -229,7 +238,7 @@ def check(request: SearchRequest, upload: bytes | None, config: ServiceConfig) -
     filters = None if request.filter is None else {
         field: value if isinstance(value, list) else [value] for field, value in request.filter.items()}
     return Query(mode, text, picture, request.reference_id, request.k, tuple(sorted(excluded)),
-                 None if request.allow_ids is None else tuple(request.allow_ids), filters)
+                 None if request.allow_ids is None else tuple(request.allow_ids), filters, request.rerank_n)
 
 
 def _base64(value: str) -> bytes:

@@ -50,6 +50,7 @@ class ServiceConfig:
     workers: int = 0  # threads that decode, encode and search; 0 = one per core
     ort_threads: int = 1  # ONNX Runtime intra-op threads per request (requests run side by side)
     max_k: int = 100
+    max_rerank_n: int = 1000  # a request's rerank_n (a bundle with a re-ranker): candidates re-scored per query
     max_body_bytes: int = 16 * 2**20
     # Uploads and catalog images pass the image gate with these: bytes, pixels (from the header, before anything
     # is decoded) and the format allow-list.
@@ -61,7 +62,7 @@ class ServiceConfig:
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        limits = ("max_k", "max_body_bytes", "max_text_chars", "max_ids", "ort_threads")
+        limits = ("max_k", "max_rerank_n", "max_body_bytes", "max_text_chars", "max_ids", "ort_threads")
         check_integer(self, *limits, "workers", error=ServiceError)
         check_positive(self, *limits, error=ServiceError)
         check_non_negative(self, "workers", "reload_seconds", error=ServiceError)

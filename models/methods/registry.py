@@ -73,8 +73,9 @@ def _dra(config: MethodConfig, model: CIRModel) -> Method:
 
 def _tmcir(config: MethodConfig, model: CIRModel) -> Method:
     if model.config.composer.name != "atf":
-        log.warning("method tmcir with composer %r: TMCIR's composer is atf (model.composer.name=atf)",
-                    model.config.composer.name)
+        # IACMA aligns the towers whatever the composer; ATF is TMCIR's composer, so another one replaces it.
+        log.warning("method tmcir with composer %r: the IACMA stage applies, TMCIR's ATF composer is not in use "
+                    "(model.composer.name=atf for it)", model.config.composer.name)
     # A generator is only built when there is an IACMA stage to feed (a real one would be a whole model).
     generator = GENERATORS[config.generator]() if config.iacma_steps > 0 else None
     return TMCIR(generator, config.iacma_logit_scale, config.iacma_max_logit_scale)

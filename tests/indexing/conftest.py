@@ -42,7 +42,8 @@ def query_like(catalog_seed: int, count: int, dim: int, clusters: int = 64, spre
 
 
 def write_snapshot(snapshot_dir: Path, vectors: np.ndarray, rows_per_shard: int, ids: np.ndarray | None = None,
-              uris: list[str] | None = None, bundle_id: str = BUNDLE_ID, catalog: str = "toys") -> EmbeddingSnapshot:
+              uris: list[str] | None = None, bundle_id: str = BUNDLE_ID, catalog: str = "toys",
+              reranks: bool = False) -> EmbeddingSnapshot:
     """A complete embedding snapshot of `vectors` (ids default to 10*row + 3: sparse, not row numbers)."""
     n = len(vectors)
     ids = np.arange(n, dtype=np.int64) * 10 + 3 if ids is None else ids
@@ -50,7 +51,7 @@ def write_snapshot(snapshot_dir: Path, vectors: np.ndarray, rows_per_shard: int,
     starts = range(0, max(n, 1), rows_per_shard)  # an empty catalog still gets its one (empty) shard
     parts = ((ids[i:i + rows_per_shard], vectors[i:i + rows_per_shard], uris[i:i + rows_per_shard]) for i in starts)
     catalog_info = {"name": catalog, "source": "test", "entries": n, "fingerprint": "test"}
-    return shards.write_snapshot(snapshot_dir, parts, bundle_id, catalog_info, rows_per_shard)
+    return shards.write_snapshot(snapshot_dir, parts, bundle_id, catalog_info, rows_per_shard, reranks)
 
 
 @pytest.fixture(scope="session")

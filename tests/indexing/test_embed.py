@@ -29,6 +29,10 @@ from cirflow.flows.cli import main
 from cirflow.indexing.embedding import shards
 from cirflow.indexing.embedding.catalog import CatalogConfig, folder_entries, load_catalog, read_bytes
 from cirflow.indexing.embedding.job import EmbedConfig, EmbedError, actor_providers, run_embed
+from cirflow.indexing.index.build import build_index
+from cirflow.indexing.index.plan import IndexConfig
+from cirflow.indexing.index.queries import Queries
+from cirflow.indexing.search import load_index
 from tests.export.conftest import random_images
 from tests.indexing.held_store import held_entry
 from tests.models.test_tokenizer_preprocess import decompression_bomb_png
@@ -324,3 +328,21 @@ def test_a_pretrained_backbone_bundle_embeds_through_the_ray_job(cluster: str, t
     assert run.manifest["complete"] and run.rows == 7 and run.manifest["last_run"]["embedded_by"] == "ray"
     ids, vectors, uris = run.read_all()
     np.testing.assert_allclose(vectors, BundleRuntime.load(bundle).embed_images([Path(u) for u in uris]), atol=1e-5)
+
+
+def test_a_snapshot_of_a_bundle_with_a_reranker_says_so_and_its_index_keeps_the_vectors(
+        tiny_artemis: Path, bundle: Path, tmp_path: Path) -> None:
+    """The embedding job records that its bundle re-ranks (in process here: local_below above the catalog), and
+    only then: a bundle without a re-ranker writes the manifest it always wrote."""
+    folder = tmp_path / "catalog"
+    write_images(folder, 5, seed=6)
+    job = replace(config("rerank", tiny_artemis, tmp_path / "work", folder=str(folder)), local_below=100)
+    run = shards.open_snapshot(run_embed(job))
+    assert run.reranks and run.manifest["reranks"] is True
+    plain = shards.open_snapshot(run_embed(replace(job, bundle=str(bundle), workdir=str(tmp_path / "plain"))))
+    assert not plain.reranks and "reranks" not in plain.manifest
+    queries = Queries.unreferenced(BundleRuntime.load(tiny_artemis).embed_queries(
+        [Path(u) for u in run.read_all()[2][:2]], ["make it red", "add a square"]))
+    index_dir = build_index(run, queries, tmp_path / "indexes", IndexConfig(index_type="flat"))
+    ids, vectors, _ = run.read_all()
+    np.testing.assert_array_equal(load_index(index_dir).vectors_of(ids), vectors)

@@ -130,7 +130,7 @@ def test_the_float16_store_is_written_shard_by_shard_without_staying_resident(tm
     ids = rng.permutation(np.arange(1, 100_001, dtype=np.int64) * 7919)
     vectors = rng.standard_normal((len(ids), 64)).astype(np.float32)
     path = tmp_path / "rerank.npy"
-    writer = index_build.RerankStoreWriter(path, np.sort(ids), 64)
+    writer = index_build.RowStoreWriter(path, np.sort(ids), 64, np.float16)
     try:
         for part in np.array_split(np.arange(len(ids)), 4):
             writer.write(ids[part], vectors[part])

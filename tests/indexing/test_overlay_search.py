@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -28,9 +29,10 @@ TUNING = Queries.unreferenced(query_like(SEED, 40, DIM))
 
 
 def snapshot(previous: EmbeddingSnapshot, snapshot_dir: Path, removed: np.ndarray = np.zeros(0, np.int64),
-             changed: dict[int, np.ndarray] | None = None, added: dict[int, np.ndarray] | None = None
-             ) -> EmbeddingSnapshot:
-    """The next snapshot of `previous` as the embedding job records it: its vectors, and changes against it."""
+             changed: dict[int, np.ndarray] | None = None, added: dict[int, np.ndarray] | None = None,
+             **written: Any) -> EmbeddingSnapshot:
+    """The next snapshot of `previous` as the embedding job records it: its vectors, and changes against it
+    (`written`: conftest.write_snapshot's keywords, e.g. its bundle)."""
     changed, added = changed or {}, added or {}
     ids, vectors, _ = previous.read_all()
     keep = ~np.isin(ids, removed)
@@ -38,9 +40,9 @@ def snapshot(previous: EmbeddingSnapshot, snapshot_dir: Path, removed: np.ndarra
     for i, vector in changed.items():
         vectors[np.searchsorted(ids, i)] = vector
     ids = np.concatenate([ids, np.array(list(added), np.int64)])
-    vectors = np.concatenate([vectors, np.array(list(added.values()), np.float32).reshape(-1, DIM)])
+    vectors = np.concatenate([vectors, np.array(list(added.values()), np.float32).reshape(-1, vectors.shape[1])])
     order = np.argsort(ids, kind="stable")
-    write_snapshot(snapshot_dir, vectors[order], ROWS_PER_SHARD, ids[order])
+    write_snapshot(snapshot_dir, vectors[order], ROWS_PER_SHARD, ids[order], **written)
     kinds = {**{i: "removed" for i in removed.tolist()}, **{i: "changed" for i in changed},
              **{i: "added" for i in added}}
     table = pa.table({"id": pa.array(list(kinds), pa.int64()), "change": pa.array(list(kinds.values()))})

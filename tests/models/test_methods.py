@@ -44,7 +44,7 @@ def features(model: CIRModel) -> BatchFeatures:
 
 
 def base_loss(model: CIRModel, f: BatchFeatures, scale: float) -> torch.Tensor:
-    return batch_contrastive(model.compose_features(f.ref), f.g, f.target, f.reference, scale)
+    return batch_contrastive(model.compose_features(f.ref) @ f.g.T, f.target, f.reference, scale)
 
 
 def test_unknown_names_list_the_choices() -> None:
@@ -236,13 +236,13 @@ def test_dra_loss_terms() -> None:
     c = method.pair_vector(f)
     assert logs["imp"] == pytest.approx(info_nce(f.ref.t, c, 10.0).item(), rel=1e-6)
     q_aug = model.compose_features(replace(f.ref, t=F.normalize(f.ref.t + c, dim=-1)))
-    assert logs["aug"] == pytest.approx(batch_contrastive(q_aug, f.g, f.target, f.reference, 5.0).item(), rel=1e-6)
+    assert logs["aug"] == pytest.approx(batch_contrastive(q_aug @ f.g.T, f.target, f.reference, 5.0).item(), rel=1e-6)
     assert logs["qtm"] == pytest.approx(base_loss(model, f, 5.0).item(), rel=1e-6)
     assert loss.item() == pytest.approx(logs["qtm"] + 0.5 * logs["imp"] + 2.0 * logs["aug"], rel=1e-6)
     # Two-stage recipe, stage 1: the sum composer passed as `composer` composes both q and q_aug.
     _, logs_sum = method.loss(model, f, SumComposer(EMBED, DIM, ComposerConfig(name="sum")), torch.tensor(5.0))
     q_aug_sum = F.normalize(f.ref.v + F.normalize(f.ref.t + c, dim=-1), dim=-1)
-    assert logs_sum["aug"] == pytest.approx(batch_contrastive(q_aug_sum, f.g, f.target, f.reference, 5.0).item(),
+    assert logs_sum["aug"] == pytest.approx(batch_contrastive(q_aug_sum @ f.g.T, f.target, f.reference, 5.0).item(),
                                             rel=1e-6)
 
 

@@ -48,7 +48,7 @@ def test_sum_composer_is_normalised_sum() -> None:
 
 
 def test_unknown_composer_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown composer 'concat'; choose one of \['atf', 'combiner', 'sum'\]"):
+    with pytest.raises(ValueError, match=r"unknown composer 'concat'; choose one of \['artemis', 'atf', 'combiner', 'sum'\]"):
         build_composer(8, 8, ComposerConfig(name="concat"))
 
 

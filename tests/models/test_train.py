@@ -123,7 +123,8 @@ def test_bad_inputs_give_clear_errors(tiny_overrides: list[str], tmp_path: Path)
     ("tmcir", ["model.composer.name=atf", "model.composer.atf_heads=2", "method.iacma_steps=2"]),
     ("cala", ["model.composer.name=artemis", "method.loss_form=official"]),  # CaLa on ARTEMIS, the paper's base
     ("dra", ["model.composer.name=artemis"]),
-], ids=["cala", "dra", "tmcir", "cala-artemis", "dra-artemis"])
+    ("tmcir", ["model.composer.name=artemis", "method.iacma_steps=2"]),  # IACMA, then ARTEMIS instead of ATF
+], ids=["cala", "dra", "tmcir", "cala-artemis", "dra-artemis", "tmcir-artemis"])
 def test_methods_train_through_the_recipe(method: str, extra: list[str], tiny_overrides: list[str],
                                           tmp_path: Path) -> None:
     cfg = config(tiny_overrides, f"method.name={method}", "optim.max_steps=3", "log_every_steps=1", *extra)
