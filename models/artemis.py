@@ -26,14 +26,18 @@ that depends on t:  EM = <Tr(m) * a_em, t> / ||a_em * t||,  IS = <normalize(a_is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from cirflow.models.composers import ComposerConfig
+
+class ArtemisConfig(Protocol):
+    """What ARTEMIS reads of models.composers.ComposerConfig (named here: composers imports this module)."""
+
+    artemis_target_norm: bool
+
 
 FEATURES = 4  # rows of query_features: em numerator, a_em^2, is numerator, a_is^2
 EPS = 1e-12  # F.normalize's floor on a norm: the exact score divides as normalize does
@@ -54,7 +58,7 @@ class Artemis(nn.Module):
     """The ARTEMIS composer (module docstring). forward: the folded query vector; query_features and score: the
     exact score of candidates, for training and for the re-rank."""
 
-    def __init__(self, embed_dim: int, token_dim: int, config: ComposerConfig) -> None:
+    def __init__(self, embed_dim: int, token_dim: int, config: ArtemisConfig) -> None:
         super().__init__()
         self.transform = nn.Linear(embed_dim, embed_dim)
         self.attention_em = TextAttention(embed_dim)

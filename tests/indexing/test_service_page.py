@@ -35,10 +35,17 @@ if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
                 "on Debian or Ubuntu, as root or with password-less sudo)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402  (after the check: the message above is the useful one)
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def waiting(browser: webdriver.Chrome) -> WebDriverWait:
+    """A 30 s wait whose conditions may find an element the page re-renders before they read it: stale means
+    "not yet" there (a loaded run once failed on it), not an error."""
+    return WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,7 @@ def test_upload_type_search_and_refine_from_a_result(shop: Shop, browser: webdri
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     reference = tmp_path / "my reference.png"
     reference.write_bytes(shop.images[1004])
-    wait = WebDriverWait(browser, 30)
+    wait = waiting(browser)
     with LiveServer(create_app(ServiceConfig(index=shop.indexes, reload_seconds=0))) as live:
         browser.get(live.url + "/")
         wait.until(lambda d: "items" in d.find_element(By.ID, "served").text)
@@ -115,7 +122,7 @@ def test_upload_type_search_and_refine_from_a_result(shop: Shop, browser: webdri
 
 
 def test_browsing_the_catalog_picks_a_reference(shop: Shop, browser: webdriver.Chrome) -> None:
-    wait = WebDriverWait(browser, 30)
+    wait = waiting(browser)
     with LiveServer(create_app(ServiceConfig(index=shop.indexes, reload_seconds=0))) as live:
         browser.get(live.url + "/")
         browser.find_element(By.CSS_SELECTOR, "#browse summary").click()
@@ -151,7 +158,7 @@ def test_a_catalog_image_named_html_runs_no_script_on_the_origin(hostile_shop: S
 def test_the_page_and_the_api_docs_run_under_the_csp_offline(shop: Shop, browser: webdriver.Chrome) -> None:
     """The page and Swagger UI load from the service alone (Chromium runs with no route to another host) and
     break no rule of the Content-Security-Policy (a violation is a console error)."""
-    wait = WebDriverWait(browser, 30)
+    wait = waiting(browser)
     browser.get_log("browser")
     with LiveServer(create_app(ServiceConfig(index=shop.indexes, reload_seconds=0))) as live:
         browser.get(live.url + "/docs")
@@ -166,7 +173,7 @@ def test_the_page_and_the_api_docs_run_under_the_csp_offline(shop: Shop, browser
 
 def test_the_page_asks_for_the_api_key_and_uses_it(shop: Shop, browser: webdriver.Chrome, tmp_path: Path) -> None:
     key = "page-key-0123456789abcdef"
-    wait = WebDriverWait(browser, 30)
+    wait = waiting(browser)
     with LiveServer(create_app(ServiceConfig(index=shop.indexes, reload_seconds=0, api_key=key))) as live:
         browser.get(live.url + "/")
         wait.until(ec.visibility_of_element_located((By.ID, "key-form")))
