@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 
+from cirflow.export.evaluate_bundle import evaluate_bundle
 from cirflow.export.runtime import BundleRuntime
 from cirflow.indexing.index.build import build_index
 from cirflow.indexing.index.plan import IndexConfig
@@ -28,6 +29,9 @@ from cirflow.indexing.search.sharded import FanoutStats, shard_vector_store
 from cirflow.indexing.service.app import create_app
 from cirflow.indexing.service.ray_shards import RemoteShards, ShardServer
 from cirflow.indexing.service.state import Published, ServiceConfig
+from cirflow.models.checkpoint import load_checkpoint
+from cirflow.models.data.loaders import load_split
+from cirflow.models.evaluation import TorchEncoders, build_eval_set, embed_eval_set, score_embeddings
 from tests.export.conftest import random_images
 from tests.indexing.conftest import clustered, write_snapshot
 from tests.indexing.service_setup import LiveServer
@@ -199,3 +203,16 @@ def _png(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
+
+
+def test_the_bundle_evaluator_reranks_as_the_pytorch_model_does(tiny_artemis: Path, tiny_shapes: Path) -> None:
+    """The bundle's evaluation (ONNX Runtime: the query graph's features, reranker.onnx) ranks in the same two
+    stages as the PyTorch model's (models/rerank.py at the default N): the same metrics."""
+    ckpt = load_checkpoint(tiny_artemis.parent / "model.pt")
+    data = build_eval_set(load_split("shapes", tiny_shapes, "test"), ckpt.config.preprocess)
+    encoders = TorchEncoders(ckpt.model)
+    assert encoders.reranks
+    emb = embed_eval_set(encoders, data, ckpt.tokenizer, ckpt.config.preprocess, ("composed",))
+    ours = score_embeddings(emb, data, ("composed",)).metrics["composed"]
+    theirs = evaluate_bundle(tiny_artemis, "shapes", tiny_shapes, ("test",), providers="cpu")["shapes/test"]
+    assert theirs["composed"] == pytest.approx(ours, abs=1e-9)
