@@ -203,9 +203,10 @@ class BundleRuntime:
         if len(pixels) != len(ids):
             raise InputError(f"batch mismatch: {len(pixels)} images but {len(ids)} token rows")
         if len(pixels) == 0:
-            width = {QUERY.output: (self.embed_dim,)}
-            return [np.zeros((0, *width.get(name, (int(self.manifest["reranker"]["features"]), self.embed_dim))),
-                             dtype=np.float32) for name in outputs]
+            shapes = {QUERY.output: (0, self.embed_dim)}
+            if self.reranks:
+                shapes[QUERY_FEATURES] = (0, int(self.manifest["reranker"]["features"]), self.embed_dim)
+            return [np.zeros(shapes[name], dtype=np.float32) for name in outputs]
         return self.query_session.run(outputs, {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})
 
     def _check_reranks(self) -> None:

@@ -21,9 +21,8 @@ import numpy as np
 from cirflow.export.runtime import BundleRuntime, ImageInput
 from cirflow.indexing.search.entries import SearchError
 from cirflow.indexing.search.sharded import ShardedIndex, load_index
+from cirflow.indexing.search.topk import PAD_SCORE
 from cirflow.indexing.search.vector_index import IndexVersion, SearchResult, VectorIndex
-
-PAD_SCORE = -np.finfo(np.float32).max  # faiss's score of a -1 padding slot (inner product)
 
 
 class IndexMismatchError(ValueError):

@@ -14,6 +14,8 @@ from typing import Any
 
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from cirflow.indexing.service.metrics import StatusOf
+
 log = logging.getLogger(__name__)
 
 
@@ -28,16 +30,9 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500  # an exception before the response started: the error middleware outside answers it with a 500
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sent = StatusOf(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, sent)
         finally:
             log.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), scope["method"],
-                     get_path_with_query_string(scope), scope["http_version"], status)
+                     get_path_with_query_string(scope), scope["http_version"], sent.status)

@@ -78,6 +78,20 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
+class StatusOf:
+    """An ASGI `send` that passes every message on and keeps the response's status: what the middlewares that
+    record a request after it (metrics, access log) read. 500 until a response starts: an exception before it is
+    answered with a 500 by the error middleware outside."""
+
+    def __init__(self, send: Any) -> None:
+        self.send, self.status = send, 500
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class MetricsMiddleware:
     """ASGI middleware timing every HTTP request (a plain ASGI class: BaseHTTPMiddleware would add its own
     task and stream copies to every request)."""
@@ -93,18 +107,11 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # an exception before the response started is a server error
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sent = StatusOf(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, sent)
         finally:
-            self.metrics.observe(self._template(scope), scope["method"], status, time.perf_counter() - start)
+            self.metrics.observe(self._template(scope), scope["method"], sent.status, time.perf_counter() - start)
 
     def _template(self, scope: dict) -> str:
         """The matched route's path template; for a request refused before routing (a 413 from the body limit),
