@@ -180,6 +180,10 @@ def test_the_service_reranks_as_the_library_and_times_the_stage(setup: dict[str,
         too_many = httpx.post(f"{live.url}/search", json={"image_base64": encoded[0][1], "text": TEXTS[0],
                                                           "rerank_n": N + 1}, timeout=60)
         assert too_many.status_code == 422 and f"rerank_n: must be between 0 and {N}" in too_many.text
+        for careless in (-1, True, 2.5, "ten"):
+            bad = httpx.post(f"{live.url}/search", json={"image_base64": encoded[0][1], "text": TEXTS[0],
+                                                         "rerank_n": careless}, timeout=60)
+            assert bad.status_code == 422 and "rerank_n" in bad.text, (careless, bad.text)
         metrics = httpx.get(f"{live.url}/metrics", timeout=30).text
     assert 'cirflow_search_stage_seconds_count{stage="rerank"}' in metrics
 
