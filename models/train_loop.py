@@ -46,14 +46,13 @@ class Run:
 
 def run_stage(config: TrainConfig, stage: Stage, model: CIRModel, scale: LogitScale,
               optimizer: torch.optim.Optimizer, batches: TripletBatches,
-              val: tuple[EvalSet | None, EvalStems | None], tokenizer: Tokenizer, state: dict, index: int,
+              val: tuple[EvalSet | None, EvalStems | None], tokenizer: Tokenizer, state: dict,
               run: Run) -> None:
-    """Train `stage` (the run's `index`-th) from `state` to the end of its budget, then validate (the leader)
-    and checkpoint."""
+    """Train `stage` from `state` to the end of its budget, then validate (the leader) and checkpoint."""
     optim, worker, leader = stage.optim, run.worker, run.worker.leader
     if len(batches) < optim.batch_size:
         raise ValueError(f"batch_size={optim.batch_size} exceeds the {len(batches)} training triplets")
-    enter_stage(stage, index, model, scale, config.loss.learn_logit_scale)
+    enter_stage(stage, model, scale, config.loss.learn_logit_scale)
     objective = worker.parallel(Objective(model, scale, stage, config.loss, worker))
     last_val = last_ckpt = time.monotonic()
     steps = StepLog(run.dir / "train_log.jsonl", stage.name, state["step"], config.log_every_steps, leader)

@@ -79,7 +79,7 @@ def run_recipe(config: TrainConfig, tokenizer: Tokenizer, train_split: CIRSplit,
         optimizer = build_optimizer(stage, model.lr_scales())
         if resume is not None and i == resume["state"]["stage"]:  # the stage the checkpoint was taken in
             optimizer.load_state_dict(resume["optimizer"])
-        run_stage(config, stage, model, scale, optimizer, batches, (val, val_stems), tokenizer, state, i, run)
+        run_stage(config, stage, model, scale, optimizer, batches, (val, val_stems), tokenizer, state, run)
         state.update(stage=i + 1, step=0, epoch=0, batch=0, elapsed=0.0)
 
     files = []

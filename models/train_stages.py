@@ -53,17 +53,19 @@ def build_stages(config: TrainConfig, model: CIRModel, method: Method, scale: Lo
               build_method(MethodConfig(), model, symmetric=config.loss.symmetric))]
 
 
-def enter_stage(stage: Stage, index: int, model: CIRModel, scale: LogitScale, learn_logit_scale: bool) -> None:
-    """Let exactly what `stage` (the run's `index`-th) trains have gradients, and set the training modes."""
+def enter_stage(stage: Stage, model: CIRModel, scale: LogitScale, learn_logit_scale: bool) -> None:
+    """Let exactly what `stage` trains have gradients, and set the training modes."""
     trainable = {id(p) for p in stage.trainable}
     for p in [*model.parameters(), *stage.method.parameters(), *scale.parameters()]:
         p.requires_grad_(id(p) in trainable and (p is not scale.log_scale or learn_logit_scale))
     model.train()
     stage.method.train()
-    if stage.composer is None and index > 0:
-        # Frozen encoders: eval mode keeps BatchNorm statistics fixed; only the composer trains.
-        model.image_encoder.eval()
-        model.text_encoder.eval()
+    for tower in (model.image_encoder, model.text_encoder):
+        # A tower that nothing in this stage trains (CLIP4Cir's stage 2) runs in eval mode: BatchNorm statistics
+        # stay fixed and dropout is off. Decided by its parameters, not the stage's place in the run: the
+        # one-stage recipe after TMCIR's IACMA stage trains the towers in its second stage.
+        if not any(id(p) in trainable for p in tower.parameters()):
+            tower.eval()
 
 
 def build_optimizer(stage: Stage, lr_scales: dict[int, float]) -> torch.optim.Optimizer:

@@ -11,8 +11,12 @@ import yaml
 import cirflow.models.train_loop as train_loop
 from cirflow.core.config import ConfigError, load_config
 from cirflow.models.checkpoint import CheckpointError, load_checkpoint
+from cirflow.models.cir_model import build_model
+from cirflow.models.losses import LogitScale
+from cirflow.models.methods.registry import build_method
 from cirflow.models.train import train
 from cirflow.models.train_config import TrainConfig
+from cirflow.models.train_stages import build_stages, enter_stage
 
 
 def config(overrides: list[str], *extra: str) -> TrainConfig:
@@ -105,6 +109,25 @@ def test_two_stage_freezes_encoders_in_stage_two(tiny_overrides: list[str], tmp_
     b = load_checkpoint(train(stage1_only, tmp_path / "stage1")).model
     for (name, pa), pb in zip(a.image_encoder.state_dict().items(), b.image_encoder.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("extra, modes", [
+    # TMCIR's IACMA stage, then the one-stage recipe: both stages train the towers.
+    (["method.name=tmcir", "model.composer.name=atf", "model.composer.atf_heads=2", "method.iacma_steps=2"],
+     {"iacma": True, "train": True}),
+    (["recipe=two_stage"], {"stage1": True, "stage2": False}),  # CLIP4Cir's stage 2 trains the composer alone
+], ids=["tmcir-iacma", "two_stage"])
+def test_a_stage_runs_the_towers_it_trains_in_train_mode(extra: list[str], modes: dict[str, bool],
+                                                         tiny_overrides: list[str]) -> None:
+    cfg = config(tiny_overrides, "optim.max_steps=2", *extra)
+    model = build_model(cfg.model)
+    scale = LogitScale(cfg.loss.logit_scale, cfg.loss.learn_logit_scale, cfg.loss.max_logit_scale)
+    stages = build_stages(cfg, model, build_method(cfg.method, model, cfg.loss.symmetric), scale)
+    assert [s.name for s in stages] == list(modes)
+    for stage in stages:
+        enter_stage(stage, model, scale, cfg.loss.learn_logit_scale)
+        assert (model.image_encoder.training, model.text_encoder.training) == (modes[stage.name],) * 2, stage.name
+        assert model.composer.training
 
 
 def test_bad_inputs_give_clear_errors(tiny_overrides: list[str], tmp_path: Path) -> None:
