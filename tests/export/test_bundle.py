@@ -30,6 +30,7 @@ def test_bundle_layout_and_manifest(bundle_for) -> None:
     assert manifest["format"] == FORMAT
     assert set(manifest["files"]) == FILES - {"manifest.json"}
     assert manifest["bundle_id"] == content_id(manifest)
+    assert "reranker" not in manifest  # a composer whose query vector is exact: no re-rank stage, no new key
     assert manifest["embed_dim"] == loaded.model.embed_dim == 32
     assert manifest["max_text_length"] == loaded.config.tokenizer.max_length
     assert manifest["max_sequence_length"] == loaded.config.model.text.max_length
