@@ -111,7 +111,8 @@ def evaluate(checkpoint: Path, args: argparse.Namespace, cache: dict[str, EvalSe
 def latency(checkpoint: Path, args: argparse.Namespace, data: EvalSet, queries: int) -> dict[str, Any]:
     """Per-query timings (ms) of the exported bundle on one ORT thread: encode with and without the features,
     and the re-rank stage at each N (stored vectors by id + the re-ranker)."""
-    bundle = export_bundle(checkpoint, args.workdir / "bundle-artemis")
+    # One bundle directory per run: a bench at other --steps must not meet an earlier run's bundle there.
+    bundle = export_bundle(checkpoint, args.workdir / f"bundle-{checkpoint.parent.parent.name}")
     runtime = BundleRuntime.load(bundle, providers="cpu", intra_op_threads=1)
     pre = runtime.preprocess
     gallery = runtime.encode_images(normalize_uint8(data.pixels, pre))
