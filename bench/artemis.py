@@ -14,7 +14,7 @@ Every row trains for --steps optimiser steps (no time limit: rows compare at equ
 per-step cost, and a busy machine changes the wall time, not the result), one `cirflow train` process per run,
 named by its config hash under --workdir so that an interrupted bench resumes. The demo trains for 8.5 minutes
 (~1,600 steps on 2 quiet cores); the default 400 steps is a quarter of that, so that 4 rows x 3 seeds fit an
-hour: `--steps 1600` is the demo's budget.
+hour: `--steps 1600` is the demo's budget (about 2 hours on 2 quiet cores).
 
 Evaluation, in this process for each run: the test and novel-phrasing splits of the shapes data, every gallery
 image and query embedded once (models/evaluation.py), then ranked
