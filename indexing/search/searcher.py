@@ -19,9 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from cirflow.export.runtime import BundleRuntime, ImageInput
+from cirflow.indexing.search import topk
 from cirflow.indexing.search.entries import SearchError
 from cirflow.indexing.search.sharded import ShardedIndex, load_index
-from cirflow.indexing.search.topk import PAD_SCORE
 from cirflow.indexing.search.vector_index import IndexVersion, SearchResult, VectorIndex
 
 
@@ -110,7 +110,5 @@ def rescore_candidates(index: IndexVersion, runtime: BundleRuntime, features: np
     from each query's `features` (Q, F, D) and the candidates' stored catalog vectors, best first; the top k
     (ids (Q, min(k, N)), scores), padded as faiss pads."""
     exact = runtime.rescore(features, index.vectors_of(ids))
-    exact = np.where(ids >= 0, exact, -np.inf)
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(exact, order, 1)
-    return ids, np.where(ids >= 0, scores, PAD_SCORE).astype(np.float32)
+    scores, ids = topk.merge([(exact, ids)], len(ids), min(k, ids.shape[1]))
+    return ids, scores
