@@ -456,25 +456,27 @@ def _allowed(version: Version, query: Query) -> np.ndarray | None:
 
 def _found(version: Version, encoded: Encoded, query: Query) -> Found:
     """The search of an index in this process (a GPU index's searches take turns: Version.search_lock)."""
+    wanted = _wanted(version, encoded, query)
     with version.searching():
         try:
-            ids, scores = version.index.search(encoded.vector, *_search_args(version, encoded, query))
+            ids, scores = version.index.search(encoded.vector, *_search_args(wanted, encoded.allow, query))
             missing: tuple[int, ...] = ()
         except PartialAnswer as partial:
             ids, scores, missing = partial.ids, partial.scores, partial.missing
         except ShardsUnavailableError as e:
             raise RequestError(503, str(e)) from e
-    return _top(ids, scores, missing, query, encoded.allow, _wanted(version, encoded, query))
+    return _top(ids, scores, missing, query, encoded.allow, wanted)
 
 
 async def _found_remote(version: Version, encoded: Encoded, query: Query) -> Found:
     """The search of a remote index (service/ray_shards.py), awaited on the event loop."""
+    wanted = _wanted(version, encoded, query)
     try:
         ids, scores, missing = await version.index.search_async(encoded.vector,
-                                                                *_search_args(version, encoded, query))
+                                                                *_search_args(wanted, encoded.allow, query))
     except ShardsUnavailableError as e:
         raise RequestError(503, str(e)) from e
-    return _top(ids, scores, missing, query, encoded.allow, _wanted(version, encoded, query))
+    return _top(ids, scores, missing, query, encoded.allow, wanted)
 
 
 def _wanted(version: Version, encoded: Encoded, query: Query) -> int:
@@ -482,12 +484,11 @@ def _wanted(version: Version, encoded: Encoded, query: Query) -> int:
     return query.k if encoded.features is None else version.searcher.candidates(query.k, query.rerank_n)
 
 
-def _search_args(version: Version, encoded: Encoded, query: Query) -> tuple[int, None, np.ndarray | None]:
-    """(k, exclude_ids, allow_ids) for the index: the exclusions are already out of an allowed set; without one,
-    as many more are asked for and the excluded dropped after (_top)."""
-    wanted = _wanted(version, encoded, query)
-    if encoded.allow is not None:
-        return wanted, None, encoded.allow
+def _search_args(wanted: int, allow: np.ndarray | None, query: Query) -> tuple[int, None, np.ndarray | None]:
+    """(k, exclude_ids, allow_ids) for the index to find the `wanted` best: the exclusions are already out of an
+    allowed set; without one, as many more are asked for and the excluded dropped after (_top)."""
+    if allow is not None:
+        return wanted, None, allow
     return wanted + len(query.exclude_ids), None, None
 
 
