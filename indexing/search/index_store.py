@@ -198,15 +198,7 @@ def open_rerank_store(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray |
     """The float16 re-rank store of a re-ranked index, memory-mapped read-only; None for other types."""
     if not manifest.get("rerank"):
         return None
-    path = Path(index_dir) / RERANK_FILE
-    try:
-        vectors = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise IndexFormatError(f"{path}: not a readable .npy file ({e})") from e
-    if vectors.dtype != STORE_DTYPE or vectors.ndim != 2 or vectors.shape[1] != int(manifest["embed_dim"]):
-        raise IndexFormatError(f"{path}: holds {vectors.dtype} {vectors.shape}, not float16 (N, "
-                               f"{manifest['embed_dim']})")
-    return vectors
+    return _stored_rows(Path(index_dir) / RERANK_FILE, int(manifest["embed_dim"]), STORE_DTYPE)
 
 
 def open_vector_store(index_dir: Path, manifest: dict[str, Any]) -> VectorStore | None:
@@ -221,21 +213,22 @@ def open_vector_store(index_dir: Path, manifest: dict[str, Any]) -> VectorStore 
         delta = open_delta(index_dir, manifest)
         assert delta is not None
         parts.append((np.sort(faiss.vector_to_array(delta.id_map)),
-                      _float32_rows(Path(index_dir) / DELTA_VECTORS_FILE, dim)))
-    parts.append((read_base_ids(index_dir, manifest), _float32_rows(Path(index_dir) / section["file"], dim)))
+                      _stored_rows(Path(index_dir) / DELTA_VECTORS_FILE, dim, np.float32)))
+    parts.append((read_base_ids(index_dir, manifest), _stored_rows(Path(index_dir) / section["file"], dim, np.float32)))
     for ids, rows in parts:
         if len(ids) != len(rows):
             raise IndexFormatError(f"{index_dir}: a vector store holds {len(rows)} rows for {len(ids)} ids")
     return VectorStore(parts)
 
 
-def _float32_rows(path: Path, dim: int) -> np.ndarray:
+def _stored_rows(path: Path, dim: int, dtype: Any) -> np.ndarray:
+    """An (N, dim) .npy of `dtype` (a row store: build.RowStoreWriter), memory-mapped read-only."""
     try:
         rows = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{path}: not a readable .npy file ({e})") from e
-    if rows.dtype != np.float32 or rows.ndim != 2 or rows.shape[1] != dim:
-        raise IndexFormatError(f"{path}: holds {rows.dtype} {rows.shape}, not float32 (N, {dim})")
+    if rows.dtype != dtype or rows.ndim != 2 or rows.shape[1] != dim:
+        raise IndexFormatError(f"{path}: holds {rows.dtype} {rows.shape}, not {np.dtype(dtype).name} (N, {dim})")
     return rows
 
 
