@@ -44,12 +44,13 @@ Protocol, one step after the other:
    CPU: the server process's and this process's CPU time over the level (/proc), in cores: the client shares the
    cores with the server, and this says how much it took.
 4. Hot reload under load: concurrency 8 with the same bounds; when 1/3 and 2/3 of the run are done (of the requests
-   or of the duration, whichever is further), the catalog's CURRENT is switched (core.files.publish_current) to the
-   hnsw version and back. Reported: the same numbers, responses per index_id, whether every response came from one
-   of the two versions, and for each switch the time until the first request sent after it was answered by the new
-   version (the server polls CURRENT every 0.5 s, then loads the version beside the served one). The bench exits
-   non-zero (after writing the section) when the reload run had an error, a response of another version, or never
-   served the hnsw version.
+   or of the duration, whichever is further, and not before the switch before it showed in the answers), the
+   catalog's CURRENT is switched (core.files.publish_current) to the hnsw version and back; the run goes on past its
+   bounds until the last switch showed (SWITCH_TIMEOUT_S at most each). Reported: the same numbers, responses per
+   index_id, whether every response came from one of the two versions, and for each switch the time until the
+   first request sent after it was answered by the new version (the server polls CURRENT every 0.5 s, then loads
+   the version beside the served one). The bench exits non-zero (after writing the section) when the reload run had
+   an error, a response of another version, or never served the hnsw version.
 5. The service's own cost: its p50 at concurrency 1 minus the library's p50 in-process with the service's thread
    settings (ms, and as a ratio), over the same queries; and the ratio to the library with its defaults.
 
@@ -108,6 +109,7 @@ CATEGORIES = ("hat", "shoe", "bag")
 SECOND_INDEX = IndexConfig(index_type="hnsw")  # another version of the same snapshot, for the reload run
 RELOAD_SECONDS = 0.5
 SWITCHES = (1 / 3, 2 / 3)
+SWITCH_TIMEOUT_S = 60.0  # for a switch to show in the answers; the reload run ends no later
 BASELINE_WARMUP = 5  # library calls before timing: session and allocator warm-up
 WARMUP_PER_WORKER = 2  # requests per worker before a level: connections opened, server threads warm
 WARMUP_MAX_S = 10.0
@@ -341,40 +343,61 @@ class Run:
     switched: list[float] = field(default_factory=list)  # perf_counter of each switch made
 
 
+@dataclass(frozen=True)
+class Switch:
+    """An action run once `at` (a fraction) of the run is done, and the index_id the answers carry once it shows."""
+
+    at: float
+    action: Callable[[], Any]
+    shows_as: str
+
+
 async def drive(connections: Sequence[Connection], bodies: Sequence[bytes], max_requests: int, duration: float,
-                switches: Sequence[tuple[float, Callable[[], Any]]] = ()) -> Run:
+                switches: Sequence[Switch] = ()) -> Run:
     """A closed-loop worker per connection until `max_requests` were sent or `duration` passed; each switch's action
-    runs once that fraction of the run is done (of the requests or of the duration, whichever is further)."""
+    runs once its fraction of the run is done (of the requests or of the duration, whichever is further) and once
+    the switch before it shows in the answers, and the run goes on until the last one shows too (SWITCH_TIMEOUT_S
+    at most each). A switch made on time lets the server's load take whatever it takes: on a busy machine the
+    reload can outlast the run's last third, and the check that the new version served would then fail for no
+    fault of the server's."""
     run, sent = Run(), 0
     started = time.perf_counter()
     deadline = started + duration
+    switching_done = asyncio.Event()
 
     async def worker(connection: Connection) -> None:
         nonlocal sent
-        while sent < max_requests and time.perf_counter() < deadline:
+        while (sent < max_requests and time.perf_counter() < deadline) or (switches and not switching_done.is_set()):
             body = bodies[sent % len(bodies)]
             sent += 1
             run.records.append(await send(connection, body))
 
+    def shown(switch: Switch, at: float, since: int) -> bool:
+        return any(r.start >= at and r.index_id == switch.shows_as for r in run.records[since:])
+
     async def switcher() -> None:
-        for fraction, action in switches:
-            while max(sent / max_requests, (time.perf_counter() - started) / duration) < fraction:
-                await asyncio.sleep(0.01)
-            action()
-            run.switched.append(time.perf_counter())
+        try:
+            for switch in switches:
+                while max(sent / max_requests, (time.perf_counter() - started) / duration) < switch.at:
+                    await asyncio.sleep(0.01)
+                switch.action()
+                at, since = time.perf_counter(), len(run.records)
+                run.switched.append(at)
+                while not shown(switch, at, since) and time.perf_counter() - at < SWITCH_TIMEOUT_S:
+                    await asyncio.sleep(0.01)
+        finally:
+            switching_done.set()
 
     switching = asyncio.create_task(switcher()) if switches else None
     await asyncio.gather(*(worker(connection) for connection in connections))
     run.seconds = time.perf_counter() - started
     if switching is not None:
-        switching.cancel()
-        await asyncio.gather(switching, return_exceptions=True)
+        await switching
     return run
 
 
 async def level(port: int, bodies: Sequence[bytes], concurrency: int, requests: int, duration: float,
-                server_pid: int, switches: Sequence[tuple[float, Callable[[], Any]]] = ()
-                ) -> tuple[Run, float | None, float]:
+                server_pid: int, switches: Sequence[Switch] = ()) -> tuple[Run, float | None, float]:
     """A warm-up, then the measured run on the same connections; with the CPU seconds of the server and of this
     process over the measured run."""
     connections = [Connection(port) for _ in range(concurrency)]
@@ -391,7 +414,7 @@ async def level(port: int, bodies: Sequence[bytes], concurrency: int, requests: 
 
 
 def measure(port: int, bodies: Sequence[bytes], concurrency: int, requests: int, duration: float, server_pid: int,
-            switches: Sequence[tuple[float, Callable[[], Any]]] = ()) -> tuple[dict[str, Any], Run]:
+            switches: Sequence[Switch] = ()) -> tuple[dict[str, Any], Run]:
     """One level: its summary, with the server's and this process's CPU in cores over the run."""
     run, server_cpu, client_cpu = asyncio.run(level(port, bodies, concurrency, requests, duration, server_pid,
                                                     switches))
@@ -649,8 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             levels.append(row)
             say(f"concurrency {concurrency}: {row['requests']} requests in {row['seconds']:.1f} s, "
                 f"{row['rps']:.1f} req/s, p50 {row['p50']:.1f} ms, p99 {row['p99']:.1f} ms, errors {row['errors']}")
-        switches = [(SWITCHES[0], lambda: publish_current(setup.second)),
-                    (SWITCHES[1], lambda: publish_current(setup.first))]
+        switches = [Switch(SWITCHES[0], lambda: publish_current(setup.second), setup.second.name),
+                    Switch(SWITCHES[1], lambda: publish_current(setup.first), setup.first.name)]
         try:
             reload, run = measure(server.port, queries.bodies, reload_at, args.requests, args.duration, server.process.pid,
                                   switches)

@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,54 @@ def test_the_client_reads_answers_records_failures_and_reconnects() -> None:
         (0, "IncompleteReadError"), (200, None), (0, "ProtocolError"), (200, None), (200, "bad response body")]
     assert (records[0].server_ms, records[0].index_id) == (4.5, "v1") and records[0].ms > 0
     assert len(connections) == 5  # reopened after the chunked answer, connection: close, the cut body and junk
+
+
+def test_a_switch_slower_than_the_run_still_shows_before_the_run_ends() -> None:
+    """The CI failure of stop 30: on a busy machine the service's reload outlasted the quick run's last third and
+    the hnsw version never served. A stand-in server answers with the version CURRENT names only 0.5 s after each
+    switch (a slow load), longer than the whole 0.3 s run: the run waits for each switch to show, and the second
+    switch is made only after the first one showed."""
+    current, served = ["v1"], ["v1", 0.0]  # what CURRENT names; what is served and since when it was asked for
+
+    def answer() -> bytes:
+        if served[0] != current[0] and time.perf_counter() - served[1] >= 0.5:
+            served[0] = current[0]
+        body = json.dumps({"took_ms": {"total": 1.0}, "index_id": served[0]}).encode()
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    def publish(version: str) -> None:
+        current[0], served[1] = version, time.perf_counter()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+                await asyncio.sleep(0.005)
+                writer.write(answer())
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    async def run() -> object:
+        server = await asyncio.start_server(handle, bench.HOST, 0)
+        connections = [bench.Connection(server.sockets[0].getsockname()[1]) for _ in range(2)]
+        try:
+            return await bench.drive(connections, [b"{}"], 1000, 0.3,
+                                     [bench.Switch(1 / 3, lambda: publish("v2"), "v2"),
+                                      bench.Switch(2 / 3, lambda: publish("v1"), "v1")])
+        finally:
+            for connection in connections:
+                connection.close()
+            server.close()
+
+    result = asyncio.run(run())
+    checks = bench.reload_checks(result, "v1", "v2")
+    assert checks["second_served"] and checks["only_two"] and checks["switches"] == 2
+    assert all(delay is not None and delay >= 0.5 for delay in checks["delays"])
+    assert result.switched[1] - result.switched[0] >= 0.5 and result.seconds >= 1.0
+    assert result.records[-1].index_id == "v1"
 
 
 def test_quick_defaults_keep_the_real_section_untouched(tmp_path: Path) -> None:
