@@ -144,12 +144,11 @@ def _kind(mode: int) -> str:
     return next((text for test, text in kinds if test(mode)), f"file type {stat.S_IFMT(mode):#o}")
 
 
-def read_file(path: str | os.PathLike, limits: ImageLimits, name: str | None = None) -> bytes:
-    """A regular file's bytes, at most limits.max_bytes. ImageError for anything else; the OSErrors of opening and
-    reading (not found, permission, EIO, ...) propagate unchanged for the caller to classify."""
-    label = shown(name if name is not None else os.fsdecode(path))
+def open_regular(path: str | os.PathLike, label: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of a regular file, with its stat; the caller closes it. ImageError for a path no file
+    can have and for anything but a regular file; the OSErrors of opening propagate unchanged."""
     # O_NONBLOCK: opening a FIFO without it waits for a writer, and one in a catalog would hang the job. Regular
-    # files ignore the flag (POSIX), so the reads below behave as usual.
+    # files ignore the flag (POSIX), so reads behave as usual.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except ValueError as e:  # a NUL in the path: no file can have this name
@@ -158,6 +157,18 @@ def read_file(path: str | os.PathLike, limits: ImageLimits, name: str | None = N
         info = os.fstat(fd)  # of what was opened: the path may have been swapped since any earlier stat
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"image {label}: not a regular file ({_kind(info.st_mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def read_file(path: str | os.PathLike, limits: ImageLimits, name: str | None = None) -> bytes:
+    """A regular file's bytes, at most limits.max_bytes. ImageError for anything else; the OSErrors of opening and
+    reading (not found, permission, EIO, ...) propagate unchanged for the caller to classify."""
+    label = shown(name if name is not None else os.fsdecode(path))
+    fd, info = open_regular(path, label)
+    try:
         if info.st_size > limits.max_bytes:
             raise ImageTooLarge(f"image {label}: {info.st_size} bytes, over the limit of {limits.max_bytes}")
         # One read of the whole file; the extra byte tells a file that grew while read, which stays capped.

@@ -63,7 +63,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cirflow.core.config import check_choice
-from cirflow.models.images import ImageLimits, read_file, read_stream
+from cirflow.models.images import ImageLimits, open_regular, read_file, read_stream, shown
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,7 @@ def _open_entry(uri: str) -> BinaryIO:
     path = local_path(uri)
     if path is None:
         return _open_fsspec(uri)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path!r} is not a regular file")
+    fd, _ = open_regular(path, shown(uri))
     return os.fdopen(fd, "rb")
 
 
