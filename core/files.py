@@ -21,7 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
+import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -33,6 +36,11 @@ if TYPE_CHECKING:  # universal_pathlib is imported only when a URI is given (not
     Location = Path | UPath  # a local path, or a URI's UPath
 
 
+# A temp directory of another host (or of a name without one) untouched this long is taken for abandoned: no
+# build takes a week, and its directory's time moves with each file it adds.
+ABANDONED_AFTER_S = 7 * 24 * 3600
+
+
 class FileFormatError(ValueError):
     """A file cannot be read or is not what it should be; the message names the file."""
 
@@ -42,8 +50,16 @@ class LocationError(ValueError):
 
 
 def temp_path_beside(path: Path) -> Path:
-    """A hidden name next to `path` (same filesystem, so a rename can publish it), unique per call."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    """A hidden name next to `path` (same filesystem, so a rename can publish it), unique per call. It names the
+    process and its host (`.NAME.tmp-PID@HOST-TOKEN`), so that a sweep of temp directories left by killed
+    processes judges only its own host's (a pid says nothing about a process on another node of the cluster that
+    shares the storage)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{_host()}-{secrets.token_hex(4)}")
+
+
+def _host() -> str:
+    """This machine's name as a temp name holds it: only letters, digits, dots and dashes, at most 63 of them."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:63] or "host"
 
 
 def location(path: str | Location) -> Location:
@@ -142,13 +158,14 @@ def fsync_dir(directory: Path) -> None:
 def temp_dir_beside(final: Path) -> Iterator[Path]:
     """A fresh hidden directory next to `final` for assembling a directory that is then renamed into place;
     removed on exit (after a successful rename there is nothing left to remove). Temp directories of `final`
-    left by processes that were killed are removed first: nothing else would ever find them."""
+    left by processes that were killed are removed first: nothing else would ever find them. A process of this
+    host is judged by its pid; another host's temp directory (the storage is shared by a cluster), or one whose
+    name does not say, only once untouched for ABANDONED_AFTER_S."""
     import shutil
 
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = stale.name.removeprefix(f".{final.name}.tmp-").split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if _abandoned(stale, stale.name.removeprefix(f".{final.name}.tmp-")):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_path_beside(final)
     tmp.mkdir()
@@ -156,6 +173,19 @@ def temp_dir_beside(final: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _abandoned(path: Path, suffix: str) -> bool:
+    """Whether the temp directory `path` (`suffix`: its name after `.NAME.tmp-`) was left by a process that is
+    gone: one of this host whose pid names no process, or anyone's untouched for ABANDONED_AFTER_S."""
+    pid, _, rest = suffix.partition("@")
+    if rest and rest.rsplit("-", 1)[0] == _host() and pid.isdigit() and int(pid) != os.getpid():
+        if not _process_alive(int(pid)):
+            return True
+    try:
+        return time.time() - path.stat().st_mtime > ABANDONED_AFTER_S
+    except OSError:  # removed meanwhile by its owner or another sweep
+        return False
 
 
 def _process_alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cirflow.core.files import (
+    ABANDONED_AFTER_S,
     CURRENT,
     FileFormatError,
     LocationError,
@@ -22,6 +23,7 @@ from cirflow.core.files import (
     read_json,
     sha256_file,
     temp_dir_beside,
+    temp_path_beside,
     write_atomic,
     write_json_atomic,
 )
@@ -151,14 +153,40 @@ def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path) -> None:
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid names no process now
-    left = tmp_path / f".v1.tmp-{dead.pid}-0000"
-    ours = tmp_path / f".v1.tmp-{os.getpid()}-1111"
-    other = tmp_path / f".v2.tmp-{dead.pid}-2222"  # another target's: not ours to judge
+    host = temp_path_beside(tmp_path / "v1").name.split("@", 1)[1].rsplit("-", 1)[0]
+    left = tmp_path / f".v1.tmp-{dead.pid}@{host}-0000"
+    ours = tmp_path / f".v1.tmp-{os.getpid()}@{host}-1111"
+    other = tmp_path / f".v2.tmp-{dead.pid}@{host}-2222"  # another target's: not ours to judge
     for d in (left, ours, other):
         d.mkdir()
+    with temp_dir_beside(tmp_path / "v1") as tmp:
+        assert tmp.name.startswith(f".v1.tmp-{os.getpid()}@{host}-")
+    assert not left.exists() and ours.exists() and other.exists()
+
+
+def test_another_hosts_temp_dirs_are_swept_only_once_abandoned(tmp_path: Path) -> None:
+    """On storage a cluster shares, a pid of another node says nothing here: its build may be writing now. Its
+    temp directory (and one named the old way, without a host) is removed only once untouched for a week."""
+    import os
+    import subprocess
+    import time
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    busy = tmp_path / f".v1.tmp-{dead.pid}@worker-7.cluster.local-0000"  # no such pid here; alive over there
+    gone = tmp_path / f".v1.tmp-{dead.pid}@worker-8-1111"
+    unnamed = tmp_path / f".v1.tmp-{dead.pid}-2222"  # an older cirflow's name: whose host is unknown
+    for d in (busy, gone, unnamed):
+        d.mkdir()
+    week_ago = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(gone, (week_ago, week_ago))
     with temp_dir_beside(tmp_path / "v1"):
         pass
-    assert not left.exists() and ours.exists() and other.exists()
+    assert busy.exists() and unnamed.exists() and not gone.exists()
+    os.utime(unnamed, (week_ago, week_ago))
+    with temp_dir_beside(tmp_path / "v1"):
+        pass
+    assert busy.exists() and not unnamed.exists()
 
 
 def test_a_crash_before_the_rename_leaves_a_temp_dir_that_the_rerun_sweeps(tmp_path: Path) -> None:
@@ -172,7 +200,8 @@ def test_a_crash_before_the_rename_leaves_a_temp_dir_that_the_rerun_sweeps(tmp_p
     assert list(tmp_path.iterdir()) == []
     killed = subprocess.Popen(["true"])
     killed.wait()
-    left = tmp_path / f".v1.tmp-{killed.pid}-0000"  # what a process killed before its rename leaves
+    # what a process of this host killed before its rename leaves
+    left = final.with_name(temp_path_beside(final).name.replace(f"-{os.getpid()}@", f"-{killed.pid}@"))
     left.mkdir()
     (left / "half").write_text("")
     assert not final.exists()  # readers never see the half-written directory
