@@ -409,7 +409,7 @@ def per_query_split_recall(index_dir: Path, run: EmbeddingSnapshot, queries: Que
     one by one (a reference's queries on both sides) and no reference left out. Tuning runs again on its own
     split, as it did then; the report sets its result beside the current protocol's."""
     manifest = verify_index(index_dir, checksums=False)
-    plan = plan_index(run.rows, run.dim, config)
+    plan = plan_index(run.rows, run.dim, config, vector_store=run.reranks)
     return tune_index(index_dir, manifest, plan, run, Queries.unreferenced(queries.vectors), config,
                       on_gpu=False)["held_out"]
 

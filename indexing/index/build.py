@@ -91,7 +91,7 @@ def build_index(run: EmbeddingSnapshot, queries: Queries, indexes_root: Path,
         log.info("index %s is up to date (same shards, configuration and queries)", final)
         return final
 
-    plan = plan_index(run.rows, run.dim, config)
+    plan = plan_index(run.rows, run.dim, config, vector_store=run.reranks)
     log.info("index plan for %s: %s", catalog, plan.reason)
     for warning in plan.warnings:
         log.warning("index plan: %s", warning)
@@ -164,7 +164,7 @@ def index_id(run: EmbeddingSnapshot, queries: Queries, config: IndexConfig) -> s
     """Hash of the shards' sha256s, the catalog's metadata, the configuration (all but where it runs), the plan
     it makes (a planner that chooses differently for the same configuration makes another index) and the tuning
     queries."""
-    plan = plan_index(run.rows, run.dim, config)
+    plan = plan_index(run.rows, run.dim, config, vector_store=run.reranks)
     recipe = {"format": store.FORMAT, "bundle_id": run.bundle_id, "catalog": run.manifest["catalog"].get("name"),
               "shards": {name: info["sha256"] for name, info in sorted(run.manifest["shards"].items())},
               "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "use_gpu"},

@@ -18,6 +18,10 @@ The order of preference, by catalog size:
   page cache to be fast. Fast build, no recall cap: tuning sets k_factor and nprobe together.
 - IVF-PQ (8-bit codes, no re-rank) when not even that fits: its recall is capped by its codes.
 
+An index kept for a re-ranking bundle (ARTEMIS) also holds its float32 catalog vectors (search/vector_store.py),
+read at random by every query's re-rank: they come out of the budget first, and the choice above is made for the
+rest.
+
 IVF-Flat (exact distances inside the probed lists, on-disk merge, a GPU version) is never chosen by size: at
 every size where it fits, the re-ranked IVF-PQ scans less memory per probed vector for the same recall and
 needs less of it. Force it (index_type="ivf_flat") for GPU search: the re-ranked types run on the CPU.
@@ -107,17 +111,30 @@ class IndexPlan:
     warnings: tuple[str, ...] = field(default=())
 
 
-def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
-    """The index for `n` vectors of `dim` dimensions under `config` (forced type, or chosen by size and budget)."""
+def plan_index(n: int, dim: int, config: IndexConfig, vector_store: bool = False) -> IndexPlan:
+    """The index for `n` vectors of `dim` dimensions under `config` (forced type, or chosen by size and budget).
+
+    vector_store: the index keeps its catalog vectors beside it for a bundle's re-ranker (search/vector_store.py;
+    the snapshot's bundle re-ranks). The re-rank reads the rows of its candidates at random on every query, so
+    like the float16 store of ivf_pq_rerank they must stay in the page cache: they come out of the budget first,
+    and the index gets what is left."""
     if n <= 0:
         raise IndexConfigError(f"cannot plan an index for {n} vectors; the catalog is empty")
     if dim <= 0:
         raise IndexConfigError(f"dimension must be positive, got {dim}")
-    budget = config.memory_budget_mb * MB
     raw = n * dim * 4
     size = f"{n:,} vectors x {dim} dims = {_mb(raw)} raw"
+    budget = config.memory_budget_mb * MB
+    if vector_store:
+        stored = n * (dim * 4 + ID_BYTES)
+        if stored >= budget:
+            raise IndexConfigError(f"{size}: the re-ranker's float32 vector store alone needs ~{_mb(stored)}, over "
+                                   f"memory_budget_mb={config.memory_budget_mb}; raise the budget, or build the "
+                                   f"catalog as several index shards (one per machine)")
+        budget -= stored
+        size += f"; the re-ranker's float32 vector store (~{_mb(stored)}) leaves {_mb(budget)} of the budget"
     if config.index_type != "auto":
-        plan = _build_plan(config.index_type, n, dim, config)
+        plan = _build_plan(config.index_type, n, dim, config, budget)
         reason = f"index_type={config.index_type!r} forced by the configuration; {size}; {plan.reason}"
         warnings = plan.warnings
         if plan.estimated_bytes > budget:
@@ -126,14 +143,14 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
         return replace(plan, reason=reason, warnings=warnings)
 
     if raw <= config.flat_max_mb * MB and raw + n * ID_BYTES <= budget:
-        plan = _build_plan("flat", n, dim, config)
+        plan = _build_plan("flat", n, dim, config, budget)
         return replace(plan, reason=f"{size} <= flat limit {_mb(config.flat_max_mb * MB)}: an exact scan "
                                     f"(~1 ms/query per 16 MB) needs no training or tuning and is exact")
     why_not = [f"{size} > flat limit {_mb(config.flat_max_mb * MB)}" if raw > config.flat_max_mb * MB
                else f"{size} + ids > memory budget {_mb(budget)}"]
     if n <= config.hnsw_max_vectors:
         for kind in ("hnsw", "hnsw_sq"):
-            plan = _build_plan(kind, n, dim, config)
+            plan = _build_plan(kind, n, dim, config, budget)
             if plan.estimated_bytes <= budget:
                 return replace(plan, reason=f"{'; '.join(why_not)}; {plan.reason}, ~{_mb(plan.estimated_bytes)} "
                                             f"with the graph, fits the memory budget {_mb(budget)} and {n:,} <= "
@@ -142,13 +159,13 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
             why_not.append(f"{plan.reason} would need ~{_mb(plan.estimated_bytes)} > memory budget {_mb(budget)}")
     else:
         why_not.append(f"{n:,} > {config.hnsw_max_vectors:,} vectors for HNSW (a long sequential build)")
-    rerank = _build_plan("ivf_pq_rerank", n, dim, config)
+    rerank = _build_plan("ivf_pq_rerank", n, dim, config, budget)
     if rerank.estimated_bytes <= budget:
         return replace(rerank, reason=f"{'; '.join(why_not)}; {rerank.reason}, ~{_mb(rerank.estimated_bytes)} "
                                       f"with the float16 store, fits the memory budget {_mb(budget)}: a fast "
                                       f"build and exact scores for the candidates")
     why_not.append(f"{rerank.reason} would need ~{_mb(rerank.estimated_bytes)} > memory budget {_mb(budget)}")
-    ivf_pq = _build_plan("ivf_pq", n, dim, config)
+    ivf_pq = _build_plan("ivf_pq", n, dim, config, budget)
     if ivf_pq.estimated_bytes > budget:
         raise IndexConfigError(f"{size}: even IVF-PQ ({ivf_pq.reason}) needs ~{_mb(ivf_pq.estimated_bytes)}, "
                                f"over memory_budget_mb={config.memory_budget_mb}; raise the budget, or build "
@@ -173,8 +190,9 @@ def train_points(n: int, config: IndexConfig) -> int:
     return min(n, max(MIN_TRAIN_SAMPLE, MIN_POINTS_PER_CENTROID * auto_nlist(n, n)))
 
 
-def _build_plan(index_type: str, n: int, dim: int, config: IndexConfig) -> IndexPlan:
-    """Parameters, factory string and size of one index type; `reason` describes the parameters only."""
+def _build_plan(index_type: str, n: int, dim: int, config: IndexConfig, budget: float) -> IndexPlan:
+    """Parameters, factory string and size of one index type; `reason` describes the parameters only. `budget`:
+    the bytes the index may take (ivf_pq's automatic pq_m fits its codes into it)."""
     if index_type == "flat":
         return IndexPlan("flat", "IDMap,Flat", {}, None, n * (dim * 4 + ID_BYTES), 0, "Flat (exact)")
     m = config.hnsw_m
@@ -225,8 +243,7 @@ def _build_plan(index_type: str, n: int, dim: int, config: IndexConfig) -> Index
     if nbits < config.pq_nbits:
         warnings += (f"pq_nbits lowered from {config.pq_nbits} to {nbits}: {points:,} training vectors are "
                      f"too few for {2 ** config.pq_nbits} centroids per sub-quantizer",)
-    m = config.pq_m if config.pq_m is not None else _auto_pq_m(n, dim, nbits, config.memory_budget_mb * MB
-                                                                 - centroids)
+    m = config.pq_m if config.pq_m is not None else _auto_pq_m(n, dim, nbits, budget - centroids)
     if dim % m:
         raise IndexConfigError(f"pq_m={m} must divide the dimension {dim}")
     code_bytes = math.ceil(m * nbits / 8)

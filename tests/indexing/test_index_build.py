@@ -184,8 +184,8 @@ def test_a_planner_that_chooses_otherwise_makes_another_index(built: dict[str, P
     assert index_id(toy_snapshot, queries, config) == index_dir.name
     planned = index_build.plan_index
 
-    def other_codes(n: int, dim: int, cfg: IndexConfig) -> Any:
-        return planned(n, dim, replace(cfg, pq_m=dim // 4))
+    def other_codes(n: int, dim: int, cfg: IndexConfig, vector_store: bool = False) -> Any:
+        return planned(n, dim, replace(cfg, pq_m=dim // 4), vector_store)
 
     monkeypatch.setattr(index_build, "plan_index", other_codes)
     assert index_id(toy_snapshot, queries, config) != index_dir.name

@@ -47,6 +47,23 @@ def test_budget_too_small_for_any_index_is_an_error() -> None:
         plan_index(0, 128, IndexConfig())
 
 
+def test_a_re_rankers_vector_store_comes_out_of_the_budget_first() -> None:
+    """An index kept for a re-ranking bundle holds its float32 vectors beside it (vectors.npy), read at random by
+    every query's re-rank: at 4096 MB, 2M x 256 dims fit HNSW alone (~2.6 GB) but not beside the 2 GB store."""
+    alone = plan_index(2_000_000, 256, IndexConfig(memory_budget_mb=4096))
+    assert alone.index_type == "hnsw"
+    beside = plan_index(2_000_000, 256, IndexConfig(memory_budget_mb=4096), vector_store=True)
+    assert beside.index_type == "hnsw_sq"
+    store = 2_000_000 * (256 * 4 + 8)
+    assert beside.estimated_bytes + store <= 4096 * 2**20
+    assert "the re-ranker's float32 vector store (~1,968.4 MB) leaves 2,127.6 MB of the budget" in beside.reason
+    forced = plan_index(2_000_000, 256, IndexConfig(index_type="hnsw", memory_budget_mb=4096), vector_store=True)
+    assert any("over the memory budget 2,127.6 MB" in w for w in forced.warnings)
+    with pytest.raises(IndexConfigError, match=r"the re-ranker's float32 vector store alone needs ~1,968.4 MB, "
+                                               r"over memory_budget_mb=1000; raise the budget, or build the catalog"):
+        plan_index(2_000_000, 256, IndexConfig(memory_budget_mb=1000), vector_store=True)
+
+
 def test_training_sample_grows_with_the_lists() -> None:
     assert train_points(50_000, IndexConfig()) == 50_000  # never more than the catalog
     assert train_points(1_000_000, IndexConfig()) == 39 * 4096  # 4 * sqrt(1M) = 4000 lists of 39 points

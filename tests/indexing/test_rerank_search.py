@@ -69,6 +69,7 @@ def test_rerank_over_the_whole_catalog_is_the_exact_ranking(setup: dict[str, Any
     runtime, run = setup["runtime"], setup["run"]
     searcher = Searcher(load_index(setup["index_dir"]), runtime)
     assert searcher.index.manifest["vectors"] == {"file": "vectors.npy", "dtype": "float32"}
+    assert "the re-ranker's float32 vector store" in searcher.index.manifest["reason"]  # planned within the budget
     ids, vectors, _ = run.read_all()
     np.testing.assert_array_equal(searcher.index.vectors_of(ids[::7]), vectors[::7])
     want_ids, want_scores = exact(runtime, setup["features"], ids, vectors, K)
