@@ -157,15 +157,14 @@ def fsync_dir(directory: Path) -> None:
 @contextlib.contextmanager
 def temp_dir_beside(final: Path) -> Iterator[Path]:
     """A fresh hidden directory next to `final` for assembling a directory that is then renamed into place;
-    removed on exit (after a successful rename there is nothing left to remove). Temp directories of `final`
-    left by processes that were killed are removed first: nothing else would ever find them. A process of this
-    host is judged by its pid; another host's temp directory (the storage is shared by a cluster), or one whose
-    name does not say, only once untouched for ABANDONED_AFTER_S."""
+    removed on exit (after a successful rename there is nothing left to remove). Temp directories beside it left
+    by processes that were killed, for any target, are removed first: versions are content-addressed, so a killed
+    build's target may never be built again, and nothing else would ever find them (_abandoned says which)."""
     import shutil
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        if _abandoned(stale, stale.name.removeprefix(f".{final.name}.tmp-")):
+    for stale in final.parent.glob(".*.tmp-*"):
+        if _abandoned(stale, final.name):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_path_beside(final)
     tmp.mkdir()
@@ -175,12 +174,22 @@ def temp_dir_beside(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _abandoned(path: Path, suffix: str) -> bool:
-    """Whether the temp directory `path` (`suffix`: its name after `.NAME.tmp-`) was left by a process that is
-    gone: one of this host whose pid names no process, or anyone's untouched for ABANDONED_AFTER_S."""
-    pid, _, rest = suffix.partition("@")
-    if rest and rest.rsplit("-", 1)[0] == _host() and pid.isdigit() and int(pid) != os.getpid():
-        if not _process_alive(int(pid)):
+# temp_path_beside's names: .NAME.tmp-PID@HOST-TOKEN
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)@(?P<host>[A-Za-z0-9._-]+)-[0-9a-f]{8}")
+
+
+def _abandoned(path: Path, final_name: str) -> bool:
+    """Whether `path`, a temp directory beside `final_name`'s place, was left by a process that is gone: one of
+    this host whose pid names no process, or anyone's (another host's, on storage a cluster shares) untouched for
+    ABANDONED_AFTER_S. Besides temp_path_beside's names, only `final_name`'s own in the older form without a host
+    (.NAME.tmp-PID-TOKEN) is judged, by its age: whatever else is hidden there is not ours to remove."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    found = _TEMP_NAME.fullmatch(path.name)
+    if found is None and not path.name.startswith(f".{final_name}.tmp-"):
+        return False
+    if found is not None and found["host"] == _host() and int(found["pid"]) != os.getpid():
+        if not _process_alive(int(found["pid"])):
             return True
     try:
         return time.time() - path.stat().st_mtime > ABANDONED_AFTER_S

@@ -148,20 +148,26 @@ def test_publish_dir_keeps_a_twin_that_the_caller_accepts(tmp_path: Path) -> Non
 
 
 def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path) -> None:
+    """Any target's: a content-addressed version a killed build was making may never be built again."""
     import os
     import subprocess
 
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid names no process now
     host = temp_path_beside(tmp_path / "v1").name.split("@", 1)[1].rsplit("-", 1)[0]
-    left = tmp_path / f".v1.tmp-{dead.pid}@{host}-0000"
-    ours = tmp_path / f".v1.tmp-{os.getpid()}@{host}-1111"
-    other = tmp_path / f".v2.tmp-{dead.pid}@{host}-2222"  # another target's: not ours to judge
-    for d in (left, ours, other):
+    left = tmp_path / f".v1.tmp-{dead.pid}@{host}-0000abcd"
+    ours = tmp_path / f".v1.tmp-{os.getpid()}@{host}-1111abcd"
+    other = tmp_path / f".v2.tmp-{dead.pid}@{host}-2222abcd"  # another version's, never to be built again
+    alive = tmp_path / f".v3.tmp-{os.getppid()}@{host}-3333abcd"  # a live process's, building now
+    foreign = tmp_path / f".notes.tmp-{dead.pid}-4444"  # hidden, not a name of ours: not ours to remove
+    as_file = tmp_path / f".v4.tmp-{dead.pid}@{host}-5555abcd"  # a file: write_atomic's, not a directory
+    for d in (left, ours, other, alive, foreign):
         d.mkdir()
+    as_file.write_text("")
     with temp_dir_beside(tmp_path / "v1") as tmp:
         assert tmp.name.startswith(f".v1.tmp-{os.getpid()}@{host}-")
-    assert not left.exists() and ours.exists() and other.exists()
+    assert not left.exists() and not other.exists()
+    assert ours.exists() and alive.exists() and foreign.exists() and as_file.exists()
 
 
 def test_another_hosts_temp_dirs_are_swept_only_once_abandoned(tmp_path: Path) -> None:
@@ -173,8 +179,8 @@ def test_another_hosts_temp_dirs_are_swept_only_once_abandoned(tmp_path: Path) -
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    busy = tmp_path / f".v1.tmp-{dead.pid}@worker-7.cluster.local-0000"  # no such pid here; alive over there
-    gone = tmp_path / f".v1.tmp-{dead.pid}@worker-8-1111"
+    busy = tmp_path / f".v1.tmp-{dead.pid}@worker-7.cluster.local-0000abcd"  # no such pid here; alive there
+    gone = tmp_path / f".v1.tmp-{dead.pid}@worker-8-1111abcd"
     unnamed = tmp_path / f".v1.tmp-{dead.pid}-2222"  # an older cirflow's name: whose host is unknown
     for d in (busy, gone, unnamed):
         d.mkdir()
