@@ -151,8 +151,9 @@ def test_a_switch_slower_than_the_run_still_shows_before_the_run_ends() -> None:
     result = asyncio.run(run())
     checks = bench.reload_checks(result, "v1", "v2")
     assert checks["second_served"] and checks["only_two"] and checks["switches"] == 2
-    assert all(delay is not None and delay >= 0.5 for delay in checks["delays"])
-    assert result.switched[1] - result.switched[0] >= 0.5 and result.seconds >= 1.0
+    # 0.5 s after each publish, which came a moment before the switch's time was taken
+    assert all(delay is not None and delay >= 0.45 for delay in checks["delays"])
+    assert result.switched[1] - result.switched[0] >= 0.45 and result.seconds >= 0.95
     assert result.records[-1].index_id == "v1"
 
 
