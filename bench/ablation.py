@@ -13,11 +13,11 @@ composer (combiner); TMCIR rows use ATF. IACMA runs with the oracle generator (t
 pseudo-target), so every TMCIR row is an UPPER BOUND, labelled so wherever it appears.
 
 Regime: the demo's budget nearly saturates shapes (base val R@1 ~0.78 after ~460 steps), which hides the
-differences between methods; at the default `--steps 200` (~1.9 min per base run on 2 quiet cores) base
+differences between methods; at the default `--steps 200` (~1 min per base run on 2 quiet cores) base
 val R@1 is ~0.60, inside the 0.4-0.7 band where methods can move it either way. `--max-train-queries` shrinks
-the training set instead (the same for every row). The default bench is 9 rows x 3 seeds = 27 runs, about 85-90
-minutes on 2 quiet cores (from the 2026-11-23 run's least disturbed rates; an estimate is printed at the
-start and refined after each run).
+the training set instead (the same for every row). The default bench is 9 rows x 3 seeds = 27 runs, about 40
+minutes on 2 quiet cores (39 measured on 2026-12-06; an estimate is printed at the start and refined after each
+run).
 
 `--backbone effnet-minilm` runs the same rows on the pretrained backbone (ImageNet EfficientNet-Lite0, frozen as
 BLIP2Cir freezes its ViT, and all-MiniLM-L6-v2, frozen under a trainable two-block neck: BACKBONE_OVERRIDES) into
@@ -65,7 +65,7 @@ METRICS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", 
 UPPER_BOUND = "UPPER BOUND (oracle IACMA)"
 # Time estimate only: base speed of the default model on 2 quiet cores, per-run decoding/validation/eval time,
 # and guessed per-step slowdowns of the methods' extra branches (HCA, TAC x4 x2, ATF); refined as runs finish.
-BASE_SAMPLES_PER_S = 470.0
+BASE_SAMPLES_PER_S = 1300.0  # measured on 2026-12-06
 OVERHEAD_S = {"full": 40.0, "quick": 8.0}
 # The pretrained regime of `--backbone effnet-minilm`: both pretrained networks frozen (their outputs computed once
 # per run, models/stem_cache.py), the new layers over them trained: the image tower's GridNeck, two transformer
