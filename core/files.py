@@ -175,7 +175,7 @@ def temp_dir_beside(final: Path) -> Iterator[Path]:
 
 
 # temp_path_beside's names: .NAME.tmp-PID@HOST-TOKEN
-_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)@(?P<host>[A-Za-z0-9._-]+)-[0-9a-f]{8}")
+_TEMP_NAME = re.compile(r"\..+\.tmp-(?P<pid>[0-9]+)@(?P<host>[A-Za-z0-9._-]+)-[0-9a-f]{8}")
 
 
 def _abandoned(path: Path, final_name: str) -> bool:
